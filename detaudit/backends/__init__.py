@@ -1,0 +1,1 @@
+"""Where requests go: remote OpenAI-compatible APIs or the bundled local engine."""
