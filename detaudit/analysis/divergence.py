@@ -1,0 +1,97 @@
+"""Multi-token completions: unique texts, distinct logprob vectors, first divergence.
+
+The reference is the most common token sequence. A completion diverges at the first
+position where its token differs from the reference's (or where the shorter of the
+two ends); a completion equal to the reference does not diverge. Among completions
+with the reference's tokens, the logprob divergence is the first position whose
+chosen-token logprob differs bitwise from the most common logprob vector's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Divergence:
+    completions: int  # successful samples considered
+    unique_completions: int  # distinct output texts
+    distinct_token_sequences: int
+    distinct_logprob_vectors: int  # distinct (tokens, chosen-token logprobs) pairs
+    reference_count: int  # samples equal to the most common token sequence
+    diverged: int
+    positions: dict[int, int] = field(default_factory=dict)  # first divergence -> count
+    min_position: int | None = None
+    median_position: float | None = None
+    logprob_positions: dict[int, int] = field(default_factory=dict)
+    reference_length: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "completions": self.completions,
+            "unique_completions": self.unique_completions,
+            "distinct_token_sequences": self.distinct_token_sequences,
+            "distinct_logprob_vectors": self.distinct_logprob_vectors,
+            "reference_length": self.reference_length,
+            "reference_count": self.reference_count,
+            "diverged": self.diverged,
+            "first_divergence": {
+                "histogram": {str(k): v for k, v in sorted(self.positions.items())},
+                "min": self.min_position, "median": self.median_position,
+            },
+            "first_logprob_divergence": {
+                "histogram": {str(k): v for k, v in sorted(self.logprob_positions.items())},
+            },
+        }
+
+
+def first_divergence(tokens: tuple, reference: tuple) -> int | None:
+    """The first position where ``tokens`` departs from ``reference``; None if equal."""
+    for i, (a, b) in enumerate(zip(tokens, reference)):
+        if a != b:
+            return i
+    return None if len(tokens) == len(reference) else min(len(tokens), len(reference))
+
+
+def _bits(logprobs: tuple) -> bytes:
+    return np.asarray(logprobs, dtype=np.float64).tobytes()
+
+
+def divergence(samples: pd.DataFrame) -> Divergence:
+    """Analyse the successful rows of a samples frame."""
+    ok = samples[samples["status"] == "ok"]
+    token_counts = Counter(ok["tokens"])
+    vector_counts = Counter(zip(ok["tokens"], (_bits(v) for v in ok["logprobs"])))
+    result = Divergence(
+        completions=len(ok), unique_completions=int(ok["output"].nunique(dropna=False)),
+        distinct_token_sequences=len(token_counts),
+        distinct_logprob_vectors=len(vector_counts), reference_count=0, diverged=0)
+    if not token_counts:
+        return result
+    reference, result.reference_count = max(token_counts.items(),
+                                            key=lambda kv: (kv[1], kv[0]))
+    result.reference_length = len(reference)
+    # first divergence of each distinct sequence, weighted by how often it occurs
+    for tokens, n in token_counts.items():
+        at = first_divergence(tokens, reference)
+        if at is not None:
+            result.positions[at] = result.positions.get(at, 0) + n
+    result.diverged = sum(result.positions.values())
+    if result.positions:
+        positions = np.repeat(list(result.positions), list(result.positions.values()))
+        result.min_position = int(positions.min())
+        result.median_position = float(np.median(positions))
+    same = {bits: n for (tokens, bits), n in vector_counts.items() if tokens == reference}
+    ref_bits = max(same.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    ref_values = np.frombuffer(ref_bits, dtype=np.int64)
+    for bits, n in same.items():
+        differs = np.flatnonzero(np.frombuffer(bits, dtype=np.int64) != ref_values)
+        if differs.size:
+            at = int(differs[0])
+            result.logprob_positions[at] = result.logprob_positions.get(at, 0) + n
+    return result

@@ -1,0 +1,187 @@
+"""Samples -> the two analysis frames (see docs/ARCHITECTURE.md, "Analysis frames").
+
+Everything after this module works on pandas columns, so this is the only place that
+walks ``Sample`` objects one by one. The logprob of a tracked token is the float64
+parsed from ``logprob_text`` (the number as the server sent it), because bitwise
+distinctness must be judged on what was received.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from detaudit.records import Position, Sample
+
+SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
+                  "system_fingerprint", "model", "group", "attempts", "latency_s",
+                  "tokens", "logprobs"]
+TRACKED_COLUMNS = ["index", "slot", "label", "token", "position", "logprob",
+                   "logprob_text", "system_fingerprint", "output", "group"]
+
+
+@dataclass
+class Frames:
+    """The samples frame, the tracked frame, and the tracked tokens as resolved.
+
+    ``tracked_tokens`` has one dict per tracked slot, in report order:
+    ``{"label", "token", "position"}``; ``token`` is None when it could not be
+    resolved from the data (every row of that slot is then missing).
+    """
+
+    samples: pd.DataFrame
+    tracked: pd.DataFrame
+    tracked_tokens: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_logprob_text(text: str) -> float:
+    """The float64 a logprob text stands for: a JSON number, or ``float.hex`` output."""
+    try:
+        return float(text)
+    except ValueError:
+        return float.fromhex(text)
+
+
+def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
+                 all_positions: bool = False) -> Frames:
+    """Build the frames for a run.
+
+    ``tracked`` is the manifest's list (``label``, ``token``, ``position``). For
+    ``positions = "all"`` probes pass ``all_positions=True`` (or a tracked entry whose
+    position is ``"all"``): every generated position then tracks its most common
+    chosen token.
+    """
+    samples = sorted(samples, key=lambda s: s.index)
+    all_positions = all_positions or any(t.get("position") == "all" for t in tracked)
+    if all_positions:
+        slots = _most_common_chosen(samples)
+    else:
+        slots = [_resolve(t, samples) for t in tracked]
+    return Frames(samples=_samples_frame(samples), tracked=_tracked_frame(samples, slots),
+                  tracked_tokens=slots)
+
+
+def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
+    rows: dict[str, list[Any]] = {c: [] for c in SAMPLE_COLUMNS}
+    for s in samples:
+        c = s.completion
+        rows["index"].append(s.index)
+        rows["status"].append(s.status)
+        rows["error_kind"].append(s.error_kind)
+        rows["output"].append(c.text if c else None)
+        rows["finish_reason"].append(c.finish_reason if c else None)
+        rows["system_fingerprint"].append(c.system_fingerprint if c else None)
+        rows["model"].append(c.model if c else None)
+        rows["group"].append(s.group)
+        rows["attempts"].append(s.attempts)
+        rows["latency_s"].append(s.latency_s)
+        positions = c.positions if c else []
+        rows["tokens"].append(tuple(p.token for p in positions))
+        rows["logprobs"].append(tuple(p.logprob for p in positions))
+    frame = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+    frame["index"] = frame["index"].astype("int64")
+    frame["latency_s"] = frame["latency_s"].astype("float64")
+    return frame
+
+
+def _tracked_frame(samples: list[Sample], slots: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (successful sample, tracked slot); NaN where the token is absent."""
+    rows: dict[str, list[Any]] = {c: [] for c in TRACKED_COLUMNS}
+    parsed: dict[str, float] = {}  # few distinct texts, many samples: parse each once
+    for s in samples:
+        c = s.completion
+        if s.status != "ok" or c is None:
+            continue
+        for slot, t in enumerate(slots):
+            text = _find(c.positions, t["position"], t["token"])
+            if text is None:
+                value = math.nan
+            else:
+                value = parsed.get(text)
+                if value is None:
+                    value = parsed[text] = parse_logprob_text(text)
+            rows["index"].append(s.index)
+            rows["slot"].append(slot)
+            rows["label"].append(t["label"])
+            rows["token"].append(t["token"])
+            rows["position"].append(t["position"])
+            rows["logprob"].append(value)
+            rows["logprob_text"].append(text)
+            rows["system_fingerprint"].append(c.system_fingerprint)
+            rows["output"].append(c.text)
+            rows["group"].append(s.group)
+    frame = pd.DataFrame(rows, columns=TRACKED_COLUMNS)
+    return frame.astype({"index": "int64", "slot": "int64", "position": "int64",
+                         "logprob": "float64"})
+
+
+def _find(positions: list[Position], position: int, token: str | None) -> str | None:
+    """The logprob text of ``token`` at ``position``: from the top-k, else the chosen token."""
+    if token is None or position >= len(positions):
+        return None
+    p = positions[position]
+    for candidate in p.top:
+        if candidate.token == token:
+            return candidate.logprob_text
+    return p.logprob_text if p.token == token else None
+
+
+def _resolve(entry: dict[str, Any], samples: Iterable[Sample]) -> dict[str, Any]:
+    """Fill in a null ``token``: the most frequent top-k token at the position that is
+    a non-empty prefix of the label (whitespace stripped), as the contract says."""
+    label = str(entry.get("label") or entry.get("token") or "")
+    position = int(entry.get("position", 0) or 0)
+    token = entry.get("token")
+    if token is None:
+        wanted = label.strip()
+        counts: Counter[str] = Counter()
+        for s in samples:
+            if s.status != "ok" or s.completion is None or position >= len(s.completion.positions):
+                continue
+            p = s.completion.positions[position]
+            for candidate in {c.token for c in p.top} | {p.token}:
+                stripped = candidate.strip()
+                if stripped and wanted.startswith(stripped):
+                    counts[candidate] += 1
+        if counts:
+            # most frequent; among equals the longer (more specific) prefix, then by text
+            token = max(counts, key=lambda t: (counts[t], len(t.strip()), t))
+    return {"label": label, "token": token, "position": position}
+
+
+def _most_common_chosen(samples: list[Sample]) -> list[dict[str, Any]]:
+    """``positions = "all"``: one slot per position, tracking its most common chosen token."""
+    per_position: list[Counter[str]] = []
+    for s in samples:
+        if s.status != "ok" or s.completion is None:
+            continue
+        for i, p in enumerate(s.completion.positions):
+            if i == len(per_position):
+                per_position.append(Counter())
+            per_position[i][p.token] += 1
+    slots = []
+    for i, counts in enumerate(per_position):
+        token = max(counts, key=lambda t: (counts[t], t))
+        slots.append({"label": f"pos {i}", "token": token, "position": i})
+    return slots
+
+
+def empty_tracked_frame() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c == "logprob" else
+                                      "int64" if c in ("index", "slot", "position") else "object")
+                         for c in TRACKED_COLUMNS})
+
+
+def natural_key(value: Any) -> tuple:
+    """Sort key that puts group "4" before "16" and None last."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return (2, 0, "")
+    try:
+        return (0, float(value), str(value))
+    except (TypeError, ValueError):
+        return (1, 0, str(value))

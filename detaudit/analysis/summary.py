@@ -1,0 +1,256 @@
+"""analyze(frames) -> Analysis: every figure the report, JSON summary and CSVs show.
+
+Pure: frames in, dataclasses out, no I/O. Probabilities in the token spreads are
+fractions (0..1); cluster centres, bounds and widths are in percent, as the
+threshold is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detaudit.analysis.clusters import cluster_table, distinct_values
+from detaudit.analysis.divergence import Divergence, divergence
+from detaudit.analysis.frame import Frames, natural_key
+from detaudit.analysis.stats import Spread, spread, wilson_interval
+
+DEFAULT_THRESHOLD_PCT = 0.01
+COMPLETION_KINDS = ("fixed-seed", "greedy-divergence", "top-logprobs")
+OUTCOME_KINDS = ("outcome", "load-sweep")
+VALUES_CAP = 100  # distinct values listed per token in the JSON summary
+OUTPUTS_CAP = 20  # top outputs listed
+NO_FINGERPRINT = "(none)"
+
+
+@dataclass
+class TokenResult:
+    """All figures for one tracked token."""
+
+    label: str
+    token: str | None
+    position: int
+    n: int  # successful samples
+    missing: int  # samples whose top-k lacked the token
+    distinct_logprobs: int
+    logprob: Spread
+    prob: Spread
+    clusters: pd.DataFrame  # see clusters.cluster_table
+    values: pd.DataFrame  # logprob_text, logprob, prob, count; most frequent first
+    by_fingerprint: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self, threshold_pct: float) -> dict[str, Any]:
+        clusters = [{"cluster": int(r.cluster), "centre_pct": r.centre, "min_pct": r.min,
+                     "max_pct": r.max, "width_pct": r.width, "count": int(r.count),
+                     "share": r.share, "distinct_values": int(r.distinct_values),
+                     "fingerprints": r.fingerprints}
+                    for r in self.clusters.itertuples()]
+        values = [{"logprob_text": r.logprob_text, "logprob": r.logprob, "prob": r.prob,
+                   "count": int(r.count)} for r in self.values.head(VALUES_CAP).itertuples()]
+        return {
+            "label": self.label, "token": self.token, "position": self.position,
+            "n": self.n, "missing": self.missing,
+            "distinct_logprobs": self.distinct_logprobs, "clusters": len(self.clusters),
+            "threshold_pct": threshold_pct,
+            "prob": self.prob.to_dict(), "logprob": self.logprob.to_dict(),
+            "cluster_list": clusters,
+            "distinct_values": values,
+            "distinct_values_truncated": self.distinct_logprobs > VALUES_CAP,
+            "by_fingerprint": self.by_fingerprint,
+        }
+
+
+@dataclass
+class Outcome:
+    """P(output starts with the label), with its Wilson 95% interval, beside the mean
+    probability the model reported for the label's tracked token."""
+
+    label: str
+    count: int
+    n: int
+    share: float
+    ci_low: float
+    ci_high: float
+    mean_reported_prob: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Analysis:
+    n: int
+    ok: int
+    errors: int
+    errors_by_kind: dict[str, int]
+    threshold_pct: float
+    probe_kind: str | None
+    tokens: list[TokenResult]
+    outcomes: list[Outcome]
+    outputs_distinct: int
+    outputs_top: list[tuple[str | None, int]]
+    fingerprints: dict[str, int]
+    groups: list[dict[str, Any]]
+    divergence: Divergence | None
+    frames: Frames | None = field(default=None, repr=False)
+
+    @property
+    def deterministic(self) -> bool:
+        """One distinct value for every tracked token and one distinct output."""
+        return (self.ok > 0 and self.outputs_distinct <= 1
+                and all(t.distinct_logprobs <= 1 for t in self.tokens))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary: plain types only, NaN and inf as null."""
+        return json_safe({
+            "n": self.n, "ok": self.ok, "errors": self.errors,
+            "errors_by_kind": self.errors_by_kind,
+            "probe_kind": self.probe_kind, "threshold_pct": self.threshold_pct,
+            "deterministic": self.deterministic,
+            "tokens": [t.to_dict(self.threshold_pct) for t in self.tokens],
+            "outcomes": [o.to_dict() for o in self.outcomes],
+            "outputs": {"distinct": self.outputs_distinct,
+                        "top": [[text, count] for text, count in self.outputs_top]},
+            "fingerprints": self.fingerprints,
+            "groups": self.groups,
+            "divergence": self.divergence.to_dict() if self.divergence else None,
+        })
+
+
+def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
+            probe_kind: str | None = "outcome") -> Analysis:
+    samples, tracked = frames.samples, frames.tracked
+    ok = samples[samples["status"] == "ok"]
+    errors = samples[samples["status"] != "ok"]
+    outputs = ok["output"].value_counts(dropna=False)
+    fingerprints = ok["system_fingerprint"].fillna(NO_FINGERPRINT).value_counts()
+    slots = _slots(frames)
+    tokens = [_token_result(tracked[tracked["slot"] == slot], t, threshold_pct)
+              for slot, t in enumerate(slots)]
+    multi_token = bool(len(ok)) and int(ok["tokens"].map(len).max()) > 1
+    completions = multi_token or (probe_kind in COMPLETION_KINDS and len(ok) > 0)
+    return Analysis(
+        n=len(samples), ok=len(ok), errors=len(errors),
+        errors_by_kind={str(k): int(v) for k, v in
+                        errors["error_kind"].fillna("unknown").value_counts().items()},
+        threshold_pct=threshold_pct, probe_kind=probe_kind, tokens=tokens,
+        outcomes=_outcomes(ok, tokens) if probe_kind in OUTCOME_KINDS else [],
+        outputs_distinct=len(outputs),
+        outputs_top=[(None if _isnull(k) else str(k), int(v))
+                     for k, v in outputs.head(OUTPUTS_CAP).items()],
+        fingerprints={str(k): int(v) for k, v in fingerprints.items()},
+        groups=_groups(samples, tracked, slots, threshold_pct),
+        divergence=divergence(samples) if completions else None,
+        frames=frames,
+    )
+
+
+def _slots(frames: Frames) -> list[dict[str, Any]]:
+    if frames.tracked_tokens:
+        return frames.tracked_tokens
+    first = frames.tracked.drop_duplicates("slot").sort_values("slot")
+    return [{"label": r.label, "token": r.token, "position": int(r.position)}
+            for r in first.itertuples()]
+
+
+def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float) -> TokenResult:
+    present = rows[rows["logprob"].notna()]
+    logprob = present["logprob"].to_numpy(dtype=np.float64)
+    distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
+    fps = present["system_fingerprint"].to_numpy()
+    values = pd.DataFrame({"logprob_text": distinct.text, "logprob": distinct.logprob,
+                           "prob": np.exp(distinct.logprob), "count": distinct.count})
+    values = values.sort_values(["count", "logprob"], ascending=[False, False], kind="stable")
+    return TokenResult(
+        label=slot["label"], token=slot["token"], position=int(slot["position"]),
+        n=len(rows), missing=len(rows) - len(present),
+        distinct_logprobs=len(distinct.count), logprob=spread(logprob),
+        prob=spread(np.exp(logprob)),
+        clusters=cluster_table(distinct, threshold_pct, fps), values=values,
+        by_fingerprint=_by_fingerprint(present),
+    )
+
+
+def _by_fingerprint(present: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per system_fingerprint: samples with the token, distinct values, mean probability."""
+    if present.empty:
+        return {}
+    frame = pd.DataFrame({"fp": present["system_fingerprint"].fillna(NO_FINGERPRINT),
+                          "bits": present["logprob"].to_numpy(np.float64).view(np.int64),
+                          "prob": np.exp(present["logprob"].to_numpy(np.float64))})
+    table = frame.groupby("fp").agg(n=("prob", "size"), distinct=("bits", "nunique"),
+                                    mean_prob=("prob", "mean"))
+    table = table.sort_values("n", ascending=False)
+    return {str(fp): {"n": int(r.n), "distinct_logprobs": int(r.distinct),
+                      "mean_prob": float(r.mean_prob)} for fp, r in table.iterrows()}
+
+
+def _outcomes(ok: pd.DataFrame, tokens: list[TokenResult]) -> list[Outcome]:
+    """For each label: the share of outputs starting with it (leading whitespace ignored)."""
+    n = len(ok)
+    stripped = ok["output"].fillna("").str.lstrip()
+    result = []
+    seen: set[str] = set()
+    for t in tokens:
+        if t.label in seen or not t.label:
+            continue
+        seen.add(t.label)
+        count = int(stripped.str.startswith(t.label).sum())
+        low, high = wilson_interval(count, n)
+        result.append(Outcome(label=t.label, count=count, n=n,
+                              share=count / n if n else math.nan, ci_low=low, ci_high=high,
+                              mean_reported_prob=t.prob.mean))
+    return result
+
+
+def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, Any]],
+            threshold_pct: float) -> list[dict[str, Any]]:
+    """Per group (load level, batch size): distinct outputs and logprobs of each token."""
+    if samples["group"].isna().all():
+        return []
+    result = []
+    keys = sorted(samples["group"].dropna().unique(), key=natural_key)
+    for key in keys:
+        rows = samples[samples["group"] == key]
+        ok = rows[rows["status"] == "ok"]
+        entry: dict[str, Any] = {"group": str(key), "n": len(rows),
+                                 "errors": int((rows["status"] != "ok").sum()),
+                                 "distinct_outputs": int(ok["output"].nunique(dropna=False)),
+                                 "tokens": []}
+        for slot, t in enumerate(slots):
+            sub = tracked[(tracked["slot"] == slot) & (tracked["group"] == key)]
+            present = sub[sub["logprob"].notna()]
+            logprob = present["logprob"].to_numpy(np.float64)
+            distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
+            entry["tokens"].append({
+                "label": t["label"], "missing": len(sub) - len(present),
+                "distinct_logprobs": len(distinct.count),
+                "clusters": len(cluster_table(distinct, threshold_pct)),
+                "mean_prob": float(np.exp(logprob).mean()) if logprob.size else math.nan,
+            })
+        result.append(entry)
+    return result
+
+
+def _isnull(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy scalars unwrapped, NaN/inf -> None, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
