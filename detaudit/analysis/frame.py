@@ -171,12 +171,6 @@ def _most_common_chosen(samples: list[Sample]) -> list[dict[str, Any]]:
     return slots
 
 
-def empty_tracked_frame() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype="float64" if c == "logprob" else
-                                      "int64" if c in ("index", "slot", "position") else "object")
-                         for c in TRACKED_COLUMNS})
-
-
 def natural_key(value: Any) -> tuple:
     """Sort key that puts group "4" before "16" and None last."""
     if value is None or (isinstance(value, float) and np.isnan(value)):

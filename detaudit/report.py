@@ -1,0 +1,216 @@
+"""The terminal report: a verdict line, then one compact table per question.
+
+The JSON summary is ``Analysis.to_dict()``; this module only draws. It prints to the
+console it is given, so the CLI decides between stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from detaudit.analysis import Analysis, TokenResult
+
+MAX_CLUSTER_ROWS = 12  # per token; the CSV export has them all
+MAX_OUTPUT_ROWS = 10
+MAX_TEXT = 60
+MAX_TOKEN_COLUMNS = 4  # tokens shown side by side in the fingerprint and group tables
+
+
+def render_report(result: Analysis, console: Console, title: str | None = None) -> None:
+    if title:
+        console.rule(f"[bold]{title}")
+    console.print(_verdict(result))
+    console.print(_overview(result))
+    if result.tokens:
+        console.print(_tokens_table(result))
+    if result.outcomes:
+        console.print(_outcomes_table(result))
+    for token in result.tokens:
+        if len(token.clusters) > 1 or token.distinct_logprobs > 1:
+            console.print(_clusters_table(token, result.threshold_pct))
+    if result.ok:
+        console.print(_outputs_table(result))
+    if result.errors:
+        console.print(_errors_table(result))
+    if len(result.fingerprints) > 1 or any(len(t.by_fingerprint) > 1 for t in result.tokens):
+        console.print(_fingerprints_table(result))
+    if result.groups:
+        console.print(_groups_table(result))
+    if result.divergence is not None:
+        console.print(_divergence_table(result))
+
+
+def _verdict(result: Analysis) -> Text:
+    if result.ok == 0:
+        return Text("No successful samples: nothing to measure.", style="bold red")
+    if result.deterministic:
+        return Text(f"Deterministic: {result.ok:,} successful samples, one output, "
+                    "one logprob value per tracked token.", style="bold green")
+    worst = max(result.tokens, key=lambda t: t.distinct_logprobs, default=None)
+    parts = [f"{result.outputs_distinct:,} distinct output(s)"]
+    if worst is not None:
+        parts.insert(0, f"{worst.distinct_logprobs:,} distinct logprob(s) of "
+                        f"{_plain_name(worst)} in {len(worst.clusters):,} cluster(s)")
+    return Text(f"Nondeterministic: {', '.join(parts)} over {result.ok:,} successful samples.",
+                style="bold yellow")
+
+
+def _overview(result: Analysis) -> Text:
+    text = Text()
+    text.append(f"samples {result.n:,}  ok {result.ok:,}  ")
+    text.append(f"errors {result.errors:,}", style="red" if result.errors else "")
+    text.append(f"  fingerprints {len(result.fingerprints):,}"
+                f"  cluster threshold {result.threshold_pct:g} pp")
+    return text
+
+
+def _tokens_table(result: Analysis) -> Table:
+    table = _table("Tracked tokens", ["token", "pos", "n", "missing", "distinct", "clusters",
+                                      "mean P %", "sd P %", "range P %", "min logprob",
+                                      "max logprob"])
+    for t in result.tokens:
+        table.add_row(_name(t), str(t.position), f"{t.n:,}", f"{t.missing:,}",
+                      _count(t.distinct_logprobs), f"{len(t.clusters):,}",
+                      _pct(t.prob.mean), _pct(t.prob.std), _pct(t.prob.range),
+                      _num(t.logprob.min), _num(t.logprob.max))
+    return table
+
+
+def _outcomes_table(result: Analysis) -> Table:
+    table = _table("Outcomes (share of outputs; Wilson 95% CI) vs the model's reported probability",
+                   ["outcome", "count", "share %", "95% CI %", "mean reported P %"])
+    for o in result.outcomes:
+        table.add_row(escape(o.label), f"{o.count:,}", _pct(o.share),
+                      f"{_pct(o.ci_low)} - {_pct(o.ci_high)}", _pct(o.mean_reported_prob))
+    return table
+
+
+def _clusters_table(t: TokenResult, threshold_pct: float) -> Table:
+    table = _table(f"Clusters of P({_name(t)}) (gap > {threshold_pct:g} pp splits)",
+                   ["#", "centre %", "min %", "max %", "width", "count", "share %",
+                    "values", "fingerprints"])
+    ordered = t.clusters.sort_values("count", ascending=False, kind="stable")
+    for r in ordered.head(MAX_CLUSTER_ROWS).itertuples():
+        table.add_row(str(r.cluster), f"{r.centre:.6f}", f"{r.min:.6f}", f"{r.max:.6f}",
+                      f"{r.width:.2e}", f"{r.count:,}", f"{100 * r.share:.2f}",
+                      f"{r.distinct_values:,}", _fingerprints(r.fingerprints))
+    if len(t.clusters) > MAX_CLUSTER_ROWS:
+        table.caption = f"{len(t.clusters) - MAX_CLUSTER_ROWS:,} smaller cluster(s) not shown"
+    return table
+
+
+def _outputs_table(result: Analysis) -> Table:
+    table = _table(f"Outputs ({result.outputs_distinct:,} distinct)", ["count", "share %", "output"])
+    for text, count in result.outputs_top[:MAX_OUTPUT_ROWS]:
+        table.add_row(f"{count:,}", f"{100 * count / result.ok:.2f}", _short(text))
+    if result.outputs_distinct > MAX_OUTPUT_ROWS:
+        table.caption = f"{result.outputs_distinct - MAX_OUTPUT_ROWS:,} more not shown"
+    return table
+
+
+def _errors_table(result: Analysis) -> Table:
+    table = _table("Errors", ["kind", "count"])
+    for kind, count in result.errors_by_kind.items():
+        table.add_row(escape(kind), f"{count:,}")
+    return table
+
+
+def _fingerprints_table(result: Analysis) -> Table:
+    columns = ["system_fingerprint", "samples"]
+    for t in result.tokens[:MAX_TOKEN_COLUMNS]:
+        columns += [f"{_name(t)} distinct", f"{_name(t)} mean P %"]
+    table = _table("By system_fingerprint", columns)
+    for fp, count in result.fingerprints.items():
+        row = [escape(fp), f"{count:,}"]
+        for t in result.tokens[:MAX_TOKEN_COLUMNS]:
+            entry = t.by_fingerprint.get(fp)
+            row += [_count(entry["distinct_logprobs"]), _pct(entry["mean_prob"])] if entry \
+                else ["-", "-"]
+        table.add_row(*row)
+    return table
+
+
+def _groups_table(result: Analysis) -> Table:
+    columns = ["group", "n", "errors", "outputs"]
+    for t in result.tokens[:MAX_TOKEN_COLUMNS]:
+        columns += [f"{_name(t)} distinct", f"{_name(t)} mean P %"]
+    table = _table("By group (load level / batch size)", columns)
+    for g in result.groups:
+        row = [escape(g["group"]), f"{g['n']:,}", f"{g['errors']:,}", _count(g["distinct_outputs"])]
+        for entry in g["tokens"][:MAX_TOKEN_COLUMNS]:
+            row += [_count(entry["distinct_logprobs"]), _pct(entry["mean_prob"])]
+        table.add_row(*row)
+    return table
+
+
+def _divergence_table(result: Analysis) -> Table:
+    d = result.divergence
+    assert d is not None
+    table = _table("Completions", ["measure", "value"])
+    table.add_row("completions", f"{d.completions:,}")
+    table.add_row("unique completions", _count(d.unique_completions))
+    table.add_row("distinct token sequences", _count(d.distinct_token_sequences))
+    table.add_row("distinct logprob vectors", _count(d.distinct_logprob_vectors))
+    table.add_row("most common sequence", f"{d.reference_count:,} samples, "
+                  f"{d.reference_length} tokens")
+    table.add_row("diverged from it", f"{d.diverged:,}")
+    if d.min_position is not None:
+        table.add_row("first divergence: min / median", f"{d.min_position} / {d.median_position:g}")
+        hist = ", ".join(f"{p}: {n}" for p, n in sorted(d.positions.items())[:12])
+        table.add_row("first divergence: position: count", hist)
+    if d.logprob_positions:
+        hist = ", ".join(f"{p}: {n}" for p, n in sorted(d.logprob_positions.items())[:12])
+        table.add_row("same tokens, first logprob difference", hist)
+    return table
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 or name in ("output", "fingerprints")
+                         else "right", overflow="fold")
+    return table
+
+
+def _name(t: TokenResult) -> str:
+    """Escaped for rich markup: model text is data, not markup."""
+    return escape(_plain_name(t))
+
+
+def _plain_name(t: TokenResult) -> str:
+    """The label, with the token when they differ."""
+    if t.token is None:
+        return f"{t.label} (unresolved)"
+    return t.label if t.token == t.label else f"{t.label} {t.token!r}"
+
+
+def _count(n: int) -> str:
+    return f"[green]{n:,}[/]" if n <= 1 else f"[yellow]{n:,}[/]"
+
+
+def _pct(p: float) -> str:
+    return "-" if p is None or not math.isfinite(p) else f"{100 * p:.4f}"
+
+
+def _num(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.8g}"
+
+
+def _fingerprints(fps: Any) -> str:
+    if not isinstance(fps, dict):
+        return ""
+    return escape(", ".join(f"{fp} x{n:,}" for fp, n in fps.items()))
+
+
+def _short(text: str | None) -> str:
+    if text is None:
+        return "(none)"
+    shown = text.replace("\n", "\\n")
+    return escape(shown if len(shown) <= MAX_TEXT else shown[:MAX_TEXT - 1] + "…")
