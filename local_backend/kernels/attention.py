@@ -1,0 +1,166 @@
+"""Batch-invariant causal attention over a KV cache, prefill and decode in one kernel.
+
+Query token t attends to k_cache[slots[t], 0 .. positions[t]] (its own K/V is
+already in the cache). The host groups the batch's tokens into tiles of at
+most BLOCK_M tokens of one sequence; one program handles one tile for one KV
+head, with the whole GQA group of query heads as extra rows.
+
+Why it is batch-invariant:
+  * KV is swept in chunks of a fixed BLOCK_N, always from position 0 upwards,
+    with an fp32 online softmax. A token sees the same chunks in the same order
+    whether it is decoded alone, prefilled with its prompt, or batched with
+    other sequences.
+  * Every tile has the same fixed shape, and each query row of tl.dot depends
+    only on that row, so a token's neighbours in the tile do not matter.
+  * A tile sweeps up to its furthest token; for a row whose position lies
+    before a chunk, that chunk is all -inf, so the update is an exact no-op:
+    the max is unchanged, the rescale factor is exp2(0) = 1 and every
+    probability is exp2(-inf) = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from local_backend.kernels._triton import INTERPRET, check_same_device, tl, triton
+
+BLOCK_M = 16   # query tokens of one sequence per tile
+BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
+MAX_HEAD_DIM = 256
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr,
+    tile_tokens_ptr, slots_ptr, positions_ptr,
+    scale_log2e, D,
+    stride_qt, stride_qh, stride_qd,
+    stride_ks, stride_kl, stride_kh, stride_kd,
+    stride_vs, stride_vl, stride_vh, stride_vd,
+    stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
+
+    # Row r of the tile is query head (kv_head * GROUP + r % GROUP_PAD) of token r // GROUP_PAD.
+    r = tl.arange(0, ROWS)
+    group_idx = r % GROUP_PAD
+    tok = tl.load(tile_tokens_ptr + tile * BLOCK_M + r // GROUP_PAD)
+    first_tok = tl.load(tile_tokens_ptr + tile * BLOCK_M)
+    row_ok = (tok >= 0) & (group_idx < GROUP)
+    tok = tl.where(tok >= 0, tok, first_tok)  # padding rows copy a real token, so they stay finite
+    pos = tl.load(positions_ptr + tok)
+    slot = tl.load(slots_ptr + first_tok)
+    kv_len = tl.max(pos, axis=0) + 1
+    head = kv_head * GROUP + tl.where(group_idx < GROUP, group_idx, 0)
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
+    v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+
+    row_max = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, kv_len, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_len
+        k = tl.load(k_base + n[None, :] * stride_kl + d[:, None] * stride_kd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, k, input_precision="ieee") * scale_log2e
+        scores = tl.where(n[None, :] <= pos[:, None], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _build_tiles(slots: torch.Tensor) -> torch.Tensor:
+    """[num_tiles, BLOCK_M] token indices, each row from one sequence, -1 as padding.
+
+    Tokens keep their batch order inside a sequence; which tile or row a token
+    lands in does not change its result (see the module docstring).
+    """
+    T = slots.numel()
+    order = torch.argsort(slots, stable=True)
+    _, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    seq_of = torch.repeat_interleave(torch.arange(counts.numel(), device=slots.device), counts)
+    seq_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(T, device=slots.device) - seq_start[seq_of]
+    tiles_per_seq = (counts + BLOCK_M - 1) // BLOCK_M
+    first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
+    num_tiles = int(tiles_per_seq.sum().item())
+    tiles = torch.full((num_tiles * BLOCK_M,), -1, dtype=torch.int64, device=slots.device)
+    tiles[(first_tile[seq_of] + rank // BLOCK_M) * BLOCK_M + rank % BLOCK_M] = order
+    return tiles.view(num_tiles, BLOCK_M)
+
+
+def _check(q, k_cache, v_cache, slots, positions) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"attention: expected q[T, Hq, D] and k_cache = v_cache shape [S, L, Hkv, D], got "
+                         f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    T, Hq, D = q.shape
+    S, L, Hkv, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"attention: head_dim of q ({D}) and of the cache ({Dk}) differ")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head_dim {D} is over the supported {MAX_HEAD_DIM}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention: query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"attention: q, k_cache and v_cache must share a dtype, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if slots.shape != (T,) or positions.shape != (T,):
+        raise ValueError(f"attention: slots and positions must have shape ({T},), got "
+                         f"{tuple(slots.shape)} and {tuple(positions.shape)}")
+    check_same_device(q, k_cache, v_cache, slots, positions)
+    if T:
+        lo_slot, hi_slot, lo_pos, hi_pos = torch.stack(
+            [slots.min(), slots.max(), positions.min(), positions.max()]).tolist()
+        if lo_slot < 0 or hi_slot >= S:
+            raise ValueError(f"attention: slots must lie in [0, {S}), got {lo_slot}..{hi_slot}")
+        if lo_pos < 0 or hi_pos >= L:
+            raise ValueError(f"attention: positions must lie in [0, {L}), got {lo_pos}..{hi_pos}")
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slots: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q[T, Hq, D] over k/v_cache[S, L, Hkv, D] -> [T, Hq, D]."""
+    _check(q, k_cache, v_cache, slots, positions)
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if T == 0 or Hq == 0 or D == 0:
+        return out
+    slots = slots.to(torch.int64).contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    tiles = _build_tiles(slots)
+    group = Hq // Hkv
+    _attention_kernel[(tiles.shape[0], Hkv)](
+        q, k_cache, v_cache, out, tiles, slots, positions,
+        float(scale) * LOG2_E, D,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), DOT_FP32=INTERPRET,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        num_warps=4,
+    )
+    return out

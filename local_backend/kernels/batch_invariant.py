@@ -1,0 +1,29 @@
+"""The ``batch-invariant`` kernels: Triton kernels whose reduction order is
+fixed per row, so a row's result is the same bits at any batch size and at any
+position in the batch (Thinking Machines, "Defeating Nondeterminism in LLM
+Inference", 2025). On a machine without CUDA they run under Triton's
+interpreter: slow, but the same kernels and the same guarantees.
+"""
+
+from __future__ import annotations
+
+from local_backend.kernels import activation, attention, matmul, rmsnorm, softmax
+
+
+class BatchInvariantOps:
+    name = "batch-invariant"
+
+    def linear(self, x, weight, bias=None):
+        return matmul.linear(x, weight, bias)
+
+    def rms_norm(self, x, weight, eps):
+        return rmsnorm.rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate, up):
+        return activation.silu_mul(gate, up)
+
+    def log_softmax(self, x):
+        return softmax.log_softmax(x)
+
+    def attention(self, q, k_cache, v_cache, slots, positions, scale):
+        return attention.attention(q, k_cache, v_cache, slots, positions, scale)

@@ -1,0 +1,63 @@
+"""Batch-invariant RMSNorm, in Hugging Face ``LlamaRMSNorm`` order:
+normalise in fp32, cast to the input dtype, then multiply by the weight.
+
+Why it is batch-invariant: one program per row; the sum of squares runs over
+fixed-size chunks in one order, so a row's result never depends on its
+neighbours or on how many rows there are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from local_backend.kernels._triton import check_same_device, tl, triton
+
+MAX_BLOCK = 8192  # wider rows are reduced in chunks of this size
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, D, eps,
+    stride_xm, stride_om,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    out_row = out_ptr + row * stride_om
+    offs = tl.arange(0, BLOCK)
+
+    sum_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + offs
+        x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
+        sum_sq += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / D + eps)
+
+    for d0 in range(0, D, BLOCK):
+        d = d0 + offs
+        mask = d < D
+        x = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_row + d, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x[..., D] normalised over D and scaled by weight[D] -> x's shape and dtype."""
+    D = x.shape[-1] if x.dim() else 0
+    if x.dim() < 1 or tuple(weight.shape) != (D,):
+        raise ValueError(f"rms_norm: weight must have shape ({D},) to match x {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"rms_norm: x must be a floating tensor, got {x.dtype}")
+    check_same_device(x, weight)
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0] and D:
+        BLOCK = min(triton.next_power_of_2(D), MAX_BLOCK)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, D, float(eps),
+                                         x2.stride(0), out.stride(0), BLOCK=BLOCK)
+    return out.reshape(x.shape)
