@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from detaudit.records import Position, Sample
+from detaudit.records import Position, Sample, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
@@ -98,13 +98,14 @@ def _tracked_frame(samples: list[Sample], slots: list[dict[str, Any]]) -> pd.Dat
         if s.status != "ok" or c is None:
             continue
         for slot, t in enumerate(slots):
-            text = _find(c.positions, t["position"], t["token"])
-            if text is None:
+            found = _find(c.positions, t["position"], t["token"])
+            text = found.logprob_text if found is not None else None
+            if found is None:
                 value = math.nan
             else:
                 value = parsed.get(text)
                 if value is None:
-                    value = parsed[text] = parse_logprob_text(text)
+                    value = parsed[text] = _parse_or(text, found.logprob)
             rows["index"].append(s.index)
             rows["slot"].append(slot)
             rows["label"].append(t["label"])
@@ -120,15 +121,24 @@ def _tracked_frame(samples: list[Sample], slots: list[dict[str, Any]]) -> pd.Dat
                          "logprob": "float64"})
 
 
-def _find(positions: list[Position], position: int, token: str | None) -> str | None:
-    """The logprob text of ``token`` at ``position``: from the top-k, else the chosen token."""
+def _find(positions: list[Position], position: int,
+          token: str | None) -> TokenLogprob | Position | None:
+    """``token`` at ``position``: its top-k entry, else the chosen token if it is that one."""
     if token is None or position >= len(positions):
         return None
     p = positions[position]
     for candidate in p.top:
         if candidate.token == token:
-            return candidate.logprob_text
-    return p.logprob_text if p.token == token else None
+            return candidate
+    return p if p.token == token else None
+
+
+def _parse_or(text: str, fallback: float) -> float:
+    """The value of the text; the record's float if a backend stored text that is no number."""
+    try:
+        return parse_logprob_text(text)
+    except (TypeError, ValueError):
+        return float(fallback)
 
 
 def _resolve(entry: dict[str, Any], samples: Iterable[Sample]) -> dict[str, Any]:
