@@ -1,0 +1,327 @@
+"""The engine: continuous batching over a preallocated KV cache, greedy and seeded
+sampling, and OpenAI-style logprobs.
+
+``add_request`` queues a request; each ``step`` runs ONE forward pass over the
+prompt tokens of newly admitted requests plus one decode token of every running
+request, samples one token per request, and returns the requests that finished
+(their slots are freed for the next step). ``generate`` is that loop, run to the end.
+A server drives ``step`` from one background thread while other threads call
+``add_request``; both take the engine's lock.
+
+Logprobs are ``ops.log_softmax`` in fp32 of the logits the token was sampled from,
+before temperature (as OpenAI reports them).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resolve_model_dir
+from local_backend.kernels import MODES, Ops, get_ops
+from local_backend.kv_cache import KVCache
+from local_backend.loader import load_model
+from local_backend.model import RotaryTable, Transformer
+from local_backend.sampler import sample
+from local_backend.tokenizer import TemplateError, Tokenizer
+
+MAX_TOP_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run (too long, bad parameter); the message says why."""
+
+
+@dataclass
+class Request:
+    """Exactly one of prompt_ids, messages (chat template) or prompt (text) is given."""
+
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+    ignore_eos: bool = False  # fillers and benchmarks: always run max_tokens steps
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class GeneratedToken:
+    token_id: int
+    text: str
+    logprob: float  # fp32 value, exact as a Python float
+    top: list[tuple[int, str, float]]  # (token id, text, logprob), most probable first
+
+
+@dataclass
+class Result:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    tokens: list[GeneratedToken]
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    prompt_ids: list[int]
+    slot: int = -1
+    cached: int = 0  # tokens whose K/V are in the cache
+    generated: list[int] = field(default_factory=list)
+    tokens: list[GeneratedToken] = field(default_factory=list)
+    finish_reason: str = ""
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
+                 device: torch.device, dtype: torch.dtype, weights_sha256: str,
+                 max_slots: int, max_len: int, path: Path | None = None):
+        self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
+        self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
+        self.max_slots, self.max_len = max_slots, max_len
+        if model.rope is None:
+            model.rope = RotaryTable(config, max_len, dtype, device)
+        self.cache = KVCache(config.num_layers, max_slots, max_len, config.num_kv_heads,
+                             config.head_dim, dtype, device)
+        eos = set(config.eos_token_ids)
+        if tokenizer is not None and (eos_id := tokenizer.token_id(tokenizer.eos_token)) is not None:
+            eos.add(eos_id)
+        self.eos_ids = eos
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._lock = threading.RLock()
+
+    @classmethod
+    def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
+             device: str | None = None, dtype: str | torch.dtype | None = None,
+             max_slots: int = 8, max_len: int = 2048) -> "Engine":
+        """A model folder (or "tiny") on a device, with one kernel mode for every op."""
+        if kernels not in MODES:
+            raise ValueError(f"unknown kernels {kernels!r}; use one of: {', '.join(MODES)}")
+        folder = resolve_model_dir(model)
+        config = ModelConfig.from_folder(folder)
+        torch_device = _pick_device(device)
+        torch_dtype = parse_dtype(dtype, "dtype") if dtype is not None else config.dtype
+        if torch_device.type == "cpu" and kernels == "batch-invariant":
+            # Triton kernels run on a CPU only under the interpreter, chosen at import time.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        ops = get_ops(kernels)
+        tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+        max_len = min(max_len, config.max_position_embeddings)
+        if config.sliding_window:  # within the window, full attention is exact
+            max_len = min(max_len, config.sliding_window)
+        net, sha = load_model(folder, config, torch_dtype, torch_device)
+        return cls(net, config, ops, tokenizer, torch_device, torch_dtype, sha,
+                   max_slots=max_slots, max_len=max_len, path=folder)
+
+    # ---- requests -------------------------------------------------------------
+
+    def encode(self, request: Request) -> list[int]:
+        """The prompt token ids of a request (chat template for messages)."""
+        given = [x is not None for x in (request.prompt_ids, request.messages, request.prompt)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt_ids, messages or prompt")
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        if self.tokenizer is None:
+            raise RequestError(f"{self.config.name} has no tokenizer.json; send prompt_ids")
+        try:
+            if request.messages is not None:
+                return self.tokenizer.encode_chat(request.messages)
+        except TemplateError as exc:
+            raise RequestError(str(exc)) from None
+        return self.tokenizer.encode(request.prompt, add_special_tokens=True)
+
+    def add_request(self, request: Request) -> str:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        ids = self.encode(request)
+        self._validate(request, ids)
+        with self._lock:
+            self._waiting.append(_Sequence(request, ids))
+        return request.request_id
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running)
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run requests to completion, batched; results in the order given."""
+        ids = [self.add_request(r) for r in requests]
+        done: dict[str, Result] = {}
+        while len(done) < len(ids):
+            for result in self.step():
+                done[result.request_id] = result
+        return [done[i] for i in ids]
+
+    # ---- one step -------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Result]:
+        """One forward pass over every running request; returns those that finished."""
+        with self._lock:
+            while self._waiting and self.cache.free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = self.cache.allocate()
+                self._running.append(seq)
+            if not self._running:
+                return []
+            token_ids, slots, positions, last_rows = [], [], [], []
+            for seq in self._running:
+                new = seq.all_ids[seq.cached:]  # the whole prompt, or the last sampled token
+                token_ids += new
+                slots += [seq.slot] * len(new)
+                positions += range(seq.cached, seq.cached + len(new))
+                last_rows.append(len(token_ids) - 1)
+                seq.cached += len(new)
+            logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
+            finished = []
+            for row, seq in enumerate(self._running):
+                if self._advance(seq, logits[row], logprobs[row]):
+                    finished.append(seq)
+            for seq in finished:
+                self._running.remove(seq)
+                self.cache.free(seq.slot)
+            return [self._result(seq) for seq in finished]
+
+    def _forward(self, token_ids, slots, positions, rows):
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        hidden = self.model(as_tensor(token_ids), as_tensor(slots), as_tensor(positions), self.cache, self.ops)
+        logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
+        return logits, self.ops.log_softmax(logits)
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, logprobs: torch.Tensor) -> bool:
+        """Sample the next token of ``seq``; True when it has finished."""
+        req = seq.request
+        token = sample(logits, logprobs, self.ops, req.temperature, req.top_p, req.seed,
+                       position=len(seq.generated))
+        if token in self.eos_ids and not req.ignore_eos:
+            seq.finish_reason = "stop"  # EOS ends the text and is not reported
+            return True
+        row = logprobs.cpu()
+        top: list[tuple[int, str, float]] = []
+        if req.top_logprobs:
+            values, ids = torch.sort(row, descending=True, stable=True)
+            top = [(int(i), self._text(int(i)), float(v))
+                   for v, i in zip(values[:req.top_logprobs], ids[:req.top_logprobs])]
+        seq.generated.append(token)
+        seq.tokens.append(GeneratedToken(token, self._text(token), float(row[token]), top))
+        if req.stop and self._stop_index(seq) is not None:
+            seq.finish_reason = "stop"
+            return True
+        if len(seq.generated) >= req.max_tokens:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _stop_index(self, seq: _Sequence) -> int | None:
+        text = self.tokenizer.decode(seq.generated)
+        hits = [i for s in seq.request.stop if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def _result(self, seq: _Sequence) -> Result:
+        text = self.tokenizer.decode(seq.generated) if self.tokenizer else ""
+        if seq.request.stop and (cut := self._stop_index(seq)) is not None:
+            text = text[:cut]
+        return Result(seq.request.request_id, seq.prompt_ids, list(seq.generated), text,
+                      seq.finish_reason, seq.tokens)
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id) if self.tokenizer else ""
+
+    def _validate(self, request: Request, ids: list[int]) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if not all(0 <= i < self.config.vocab_size for i in ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+        if len(ids) + request.max_tokens > self.max_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({request.max_tokens}) "
+                               f"exceeds the engine's max_len {self.max_len}; shorten the prompt, "
+                               "lower max_tokens, or load the engine with a larger max_len")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be 0..{MAX_TOP_LOGPROBS}, got {request.top_logprobs}")
+        if request.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {request.temperature}")
+        if not 0 < request.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {request.top_p}")
+        if request.stop and self.tokenizer is None:
+            raise RequestError("stop strings need the model's tokenizer.json")
+
+    # ---- whole-sequence scoring (tests, echo) ------------------------------------
+
+    @torch.inference_mode()
+    def forward_logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Logits [len, vocab] (fp32) at every position of each sequence, all of them
+        packed into one forward pass, as a prefill of that batch would compute them."""
+        with self._lock:
+            if len(sequences) > self.cache.free_slots:
+                raise RequestError(f"{len(sequences)} sequences but {self.cache.free_slots} free slots")
+            for ids in sequences:
+                if not 0 < len(ids) <= self.max_len:
+                    raise RequestError(f"sequence length {len(ids)} not in 1..{self.max_len}")
+            held = [self.cache.allocate() for _ in sequences]
+            try:
+                token_ids = [t for ids in sequences for t in ids]
+                slots = [s for s, ids in zip(held, sequences) for _ in ids]
+                positions = [p for ids in sequences for p in range(len(ids))]
+                logits, _ = self._forward(token_ids, slots, positions, list(range(len(token_ids))))
+            finally:
+                for slot in held:
+                    self.cache.free(slot)
+            return list(logits.split([len(ids) for ids in sequences]))
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log_softmax rows [len, vocab]: row i is the distribution of token i + 1."""
+        return self.ops.log_softmax(self.forward_logits([token_ids])[0])
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        return {
+            "engine": "local_backend",
+            "model": self.config.name,
+            "architecture": self.config.architecture,
+            "model_path": str(self.path) if self.path else None,
+            "weights_sha256": self.weights_sha256,
+            "kernels": self.ops.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+            "max_slots": self.max_slots,
+            "max_len": self.max_len,
+        }
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda'") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
+    return chosen
