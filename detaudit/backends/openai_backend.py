@@ -1,0 +1,309 @@
+"""Any OpenAI-compatible API (OpenAI, vLLM, SGLang, llama.cpp, Ollama, hosted providers).
+
+Requests go through the official SDK (``AsyncOpenAI``) with its retries off: the
+runner retries, and counts attempts. Responses are read raw (``with_raw_response``)
+and parsed here with ``json.loads``, keeping every number's JSON text as received,
+so two logprobs are "distinct" only if the server really sent distinct numbers, and
+so no pydantic model is built per response (the runner is meant to keep up with a
+bare SDK loop). Nothing is cached: every call is a new request.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import inspect
+import ipaddress
+import json
+import os
+import re
+import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+from detaudit import tokenization
+from detaudit.backends.base import BackendError
+from detaudit.probes import Probe
+from detaudit.records import Completion, Position, TokenLogprob
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+NO_KEY = "not-needed"  # what local servers get when no key is set; they ignore it
+SENTINEL_LOGPROB = -9999.0  # OpenAI's stand-in for some tokens outside the top 20
+
+
+class OpenAIBackend:
+    """One model behind one OpenAI-compatible base URL, via chat or legacy completions."""
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None = None, *, api: str = "chat",
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
+        if api not in ("chat", "completions"):
+            raise ValueError(f"api must be 'chat' or 'completions', not {api!r}")
+        self.model = model
+        self.api = api
+        url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = _without_userinfo(url)  # what messages and the manifest show
+        self.timeout = timeout
+        self._key = _api_key(api_key_env, self.base_url)
+        self._client = openai.AsyncOpenAI(base_url=url, api_key=self._key,
+                                          max_retries=0, timeout=timeout)
+        resource = self._client.chat.completions if api == "chat" else self._client.completions
+        self._create = resource.with_raw_response.create
+        self._sdk_params = set(inspect.signature(resource.create).parameters)
+
+    # -- Backend -------------------------------------------------------------------------
+
+    async def complete(self, probe: Probe, index: int) -> Completion:
+        params, wants_logprobs = self._params(probe)
+        try:
+            response = await self._create(**params)
+        except openai.APITimeoutError:
+            raise BackendError("timeout", f"no answer from {self.base_url} within "
+                               f"{self.timeout:g} s", retryable=True) from None
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            raise BackendError("connection", self._redact(
+                f"could not reach {self.base_url}: {type(cause).__name__}: {cause}"),
+                retryable=True) from None
+        except openai.APIStatusError as exc:
+            raise self._status_error(exc) from None
+        except openai.OpenAIError as exc:
+            raise BackendError("bad_response", self._redact(
+                f"{self.base_url}: {type(exc).__name__}: {exc}")) from None
+        return parse_body(response.content, self.api, wants_logprobs, self.base_url)
+
+    def first_token(self, text: str) -> str | None:
+        return tokenization.first_token(text, self.model)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "openai", "base_url": self.base_url, "api": self.api,
+                "model": self.model, "sdk_version": openai.__version__}
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _params(self, probe: Probe) -> tuple[dict[str, Any], bool]:
+        """The SDK call's keyword arguments, and whether logprobs were asked for.
+
+        Parameters the SDK does not name (e.g. vLLM's ``top_k``) go in ``extra_body``.
+        Legacy completions take ``logprobs`` as the top-k count, so a probe's
+        ``logprobs = true, top_logprobs = k`` becomes ``logprobs = k`` there."""
+        request = dict(probe.request)
+        if self.api == "completions":
+            top = request.pop("top_logprobs", None)
+            if request.get("logprobs") is True:
+                request["logprobs"] = int(top or 0)
+            elif request.get("logprobs") is False:
+                del request["logprobs"]
+            wants_logprobs = request.get("logprobs") is not None
+        else:
+            wants_logprobs = bool(request.get("logprobs"))
+        params: dict[str, Any] = {"model": self.model}
+        extra = {k: request.pop(k) for k in list(request) if k not in self._sdk_params}
+        params.update(request)
+        if extra:
+            params["extra_body"] = extra
+        return params, wants_logprobs
+
+    def _status_error(self, exc: openai.APIStatusError) -> BackendError:
+        status = exc.status_code
+        server_says, code = _server_message(exc.response)
+        where = f"HTTP {status} from {self.base_url}"
+        retry_after = retry_after_seconds(exc.response.headers)
+        if status == 429:
+            if code == "insufficient_quota":
+                return self._error("rate_limit", f"{where}: quota exhausted ({server_says}); "
+                                   "check the account's billing", status=status)
+            return self._error("rate_limit", f"{where}: rate limited ({server_says})",
+                               retryable=True, retry_after=retry_after, status=status)
+        if status in (408, 409) or status >= 500:
+            return self._error("server_error", f"{where}: {server_says}", retryable=True,
+                               retry_after=retry_after, status=status)
+        if status in (401, 403):
+            return self._error("auth", f"{where}: {server_says}; check the API key "
+                               "(or that this key may use this model)", status=status)
+        if status == 404:
+            if code == "model_not_found" or "model" in server_says.lower():
+                hint = (f"model {self.model!r} is not served there "
+                        f"(GET {self.base_url}/models lists the ones that are)")
+            else:
+                hint = "is the base URL right? OpenAI-compatible servers usually end in /v1"
+            return self._error("not_found", f"{where}: {server_says}; {hint}", status=status)
+        return self._error("bad_request", f"{where}: {server_says}; the server rejected the "
+                           "request parameters (check the probe's [request] table)", status=status)
+
+    def _error(self, kind: str, message: str, **kwargs: Any) -> BackendError:
+        return BackendError(kind, self._redact(message), **kwargs)
+
+    def _redact(self, message: str) -> str:
+        """Servers sometimes echo the key they got; it must not reach logs or the store."""
+        if self._key and self._key != NO_KEY:
+            message = message.replace(self._key, "***")
+        return message
+
+
+# -- responses -----------------------------------------------------------------------------
+
+
+class _NumberText(str):
+    """A JSON number, kept as the exact text the server sent."""
+
+
+def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str) -> Completion:
+    """A response body -> Completion; BackendError("bad_response") if it is not a
+    completion (HTML page, truncated JSON, no choices, no logprobs when asked)."""
+    raw = content.decode("utf-8", errors="replace")
+    try:
+        body = json.loads(content, parse_float=_NumberText, parse_int=_NumberText,
+                          parse_constant=_NumberText)
+    except ValueError:
+        raise _bad(source, f"the body is not JSON: {_snippet(raw)!r}") from None
+    if not isinstance(body, dict):
+        raise _bad(source, f"the body is not a JSON object: {_snippet(raw)!r}")
+    if "error" in body and "choices" not in body:
+        raise _bad(source, f"an error came back with status 200: {_snippet(raw)!r}")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _bad(source, "the response has no choices")
+    choice = choices[0]
+    try:
+        if api == "chat":
+            text = (choice.get("message") or {}).get("content") or ""
+            positions = _chat_positions(choice.get("logprobs"), wants_logprobs, source)
+        else:
+            text = choice.get("text") or ""
+            positions = _completions_positions(choice.get("logprobs"), wants_logprobs, source)
+    except (AttributeError, KeyError, TypeError, IndexError) as exc:
+        raise _bad(source, f"unexpected response shape ({type(exc).__name__}: {exc})") from None
+    extra: dict[str, Any] = {}
+    floor = sum(p.logprob == SENTINEL_LOGPROB for pos in positions for p in pos.top)
+    if floor:
+        extra["sentinel_logprobs"] = floor  # top-k entries sent as -9999.0, not real values
+    return Completion(text=text, finish_reason=choice.get("finish_reason"), positions=positions,
+                      model=body.get("model"), system_fingerprint=body.get("system_fingerprint"),
+                      extra=extra, raw=raw)
+
+
+def _chat_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if content is None:
+        if wanted:
+            raise _missing_logprobs(source)
+        return []
+    return [Position(token=item["token"], **_number(item["logprob"], source),
+                     bytes=item.get("bytes"),
+                     top=[TokenLogprob(token=t["token"], **_number(t["logprob"], source),
+                                       bytes=t.get("bytes"))
+                          for t in item.get("top_logprobs") or []])
+            for item in content]
+
+
+def _completions_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
+    if not isinstance(logprobs, dict) or logprobs.get("tokens") is None:
+        if wanted:
+            raise _missing_logprobs(source)
+        return []
+    tops = logprobs.get("top_logprobs") or []
+    positions = []
+    for i, (token, value) in enumerate(zip(logprobs["tokens"], logprobs["token_logprobs"])):
+        top = tops[i] if i < len(tops) and tops[i] else {}
+        positions.append(Position(token=token, **_number(value, source), top=[
+            TokenLogprob(token=t, **_number(v, source)) for t, v in top.items()]))
+    return positions
+
+
+def _number(value: Any, source: str) -> dict[str, Any]:
+    if not isinstance(value, _NumberText):
+        raise _bad(source, f"a logprob is {value!r}, not a JSON number")
+    return {"logprob": float(value), "logprob_text": str(value)}
+
+
+def _missing_logprobs(source: str) -> BackendError:
+    return _bad(source, "the request asked for logprobs but the response has none; "
+                "does this server (or model) support logprobs?")
+
+
+def _bad(source: str, message: str) -> BackendError:
+    return BackendError("bad_response", f"bad response from {source}: {message}")
+
+
+def _snippet(text: str, limit: int = 160) -> str:
+    text = re.sub(r"<[^>]*>", " ", text)  # an HTML error page reads better as its text
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _server_message(response: Any) -> tuple[str, str | None]:
+    """What the server said went wrong (OpenAI error body, or the page's text), and its code."""
+    try:
+        error = json.loads(response.content).get("error")
+        if isinstance(error, dict):
+            return str(error.get("message") or "(no message)"), error.get("code")
+        if isinstance(error, str):
+            return error, None
+    except (ValueError, AttributeError):
+        pass
+    return _snippet(response.text) or "(empty body)", None
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """The server's wait hint: ``retry-after-ms``, or ``Retry-After`` in seconds or as
+    an HTTP date; None if absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def _api_key(env_name: str, base_url: str) -> str:
+    key = os.environ.get(env_name, "").strip()
+    if key:
+        return key
+    if is_local(base_url):
+        return NO_KEY
+    raise BackendError("auth", f"no API key for {base_url}: the environment variable "
+                       f"{env_name} is not set. Set it (export {env_name}=...) or name "
+                       "another variable that holds the key.")
+
+
+def is_local(base_url: str) -> bool:
+    """Loopback, private-network or single-label hosts: servers that need no key."""
+    host = urlsplit(base_url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost") or "." not in host and ":" not in host:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.endswith(".local")
+    return address.is_loopback or address.is_private or address.is_unspecified
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
