@@ -41,10 +41,9 @@ class Frames:
 
 def parse_logprob_text(text: str) -> float:
     """The float64 a logprob text stands for: a JSON number, or ``float.hex`` output."""
-    try:
-        return float(text)
-    except ValueError:
+    if "0x" in text.lower():  # fromhex alone would also read "abc" as 2748.0
         return float.fromhex(text)
+    return float(text)
 
 
 def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
