@@ -177,7 +177,7 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str) -> C
         else:
             text = choice.get("text") or ""
             positions = _completions_positions(choice.get("logprobs"), wants_logprobs, source)
-    except (AttributeError, KeyError, TypeError, IndexError) as exc:
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise _bad(source, f"unexpected response shape ({type(exc).__name__}: {exc})") from None
     extra: dict[str, Any] = {}
     floor = sum(p.logprob == SENTINEL_LOGPROB for pos in positions for p in pos.top)
@@ -195,9 +195,9 @@ def _chat_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
             raise _missing_logprobs(source)
         return []
     return [Position(token=item["token"], **_number(item["logprob"], source),
-                     bytes=item.get("bytes"),
+                     bytes=_bytes(item.get("bytes")),
                      top=[TokenLogprob(token=t["token"], **_number(t["logprob"], source),
-                                       bytes=t.get("bytes"))
+                                       bytes=_bytes(t.get("bytes")))
                           for t in item.get("top_logprobs") or []])
             for item in content]
 
@@ -220,6 +220,11 @@ def _number(value: Any, source: str) -> dict[str, Any]:
     if not isinstance(value, _NumberText):
         raise _bad(source, f"a logprob is {value!r}, not a JSON number")
     return {"logprob": float(value), "logprob_text": str(value)}
+
+
+def _bytes(value: Any) -> list[int] | None:
+    """A token's UTF-8 bytes (every JSON number was read as text, these included)."""
+    return None if value is None else [int(b) for b in value]
 
 
 def _missing_logprobs(source: str) -> BackendError:
