@@ -233,3 +233,22 @@ class _ProgressBar:
             self._timer.cancel()
             self.update(*self._counts())
         self.progress.stop()
+
+
+def resolve_tracked(probe: Probe, backend: Backend) -> list[dict]:
+    """The manifest's ``tracked`` list, resolved once at run start.
+
+    Explicit ``track.tokens`` win (paired with the outcome labels when there are as
+    many); otherwise each outcome label is tracked by its first token under the
+    backend's tokenizer, or ``None`` for the analysis to resolve from the data.
+    ``positions = "all"`` probes get one entry that says so.
+    """
+    if probe.track_all_positions:
+        return [{"label": "all positions", "token": None, "position": "all"}]
+    position = probe.track_position
+    if probe.track_tokens:
+        labels = probe.outcomes if len(probe.outcomes) == len(probe.track_tokens) else probe.track_tokens
+        return [{"label": label, "token": token, "position": position}
+                for label, token in zip(labels, probe.track_tokens)]
+    return [{"label": label, "token": backend.first_token(label), "position": position}
+            for label in probe.outcomes]

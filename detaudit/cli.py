@@ -1,0 +1,483 @@
+"""The ``detaudit`` command line: every command, nothing else.
+
+Conventions: logs, progress and errors go to stderr; results (the report, JSON, file
+paths) go to stdout. ``--json`` prints exactly one JSON object on stdout. Exit codes:
+0 ok, 1 the run failed, 2 usage error (bad flag, malformed probe or input file,
+unreadable run folder), 130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from detaudit import __version__
+from detaudit.analysis import Analysis, analyze, build_frames
+from detaudit.backends.base import BackendError
+from detaudit.ingest import IngestError
+from detaudit.probes import Probe, ProbeError, builtin_names, load_probe
+from detaudit.runner import RunFailed, RunResult, resolve_tracked
+from detaudit.runner import run as run_probe
+from detaudit.store import RunStore, StoreError, new_run_id, utc_now
+
+DEFAULT_PROBE = "coin-flip"
+DEFAULT_THRESHOLD_PCT = 0.01
+LOCAL_MODEL = "tiny"
+
+app = typer.Typer(
+    name="detaudit", add_completion=False, no_args_is_help=True,
+    pretty_exceptions_enable=False, rich_markup_mode="rich",
+    help="Does an LLM give the same answer twice? Send one request many times, store "
+         "every answer, and count the distinct logprobs and outputs.")
+
+stderr = Console(stderr=True, highlight=False)
+
+
+class Api(str, Enum):
+    chat = "chat"
+    completions = "completions"
+
+
+class BackendKind(str, Enum):
+    openai = "openai"
+    local = "local"
+
+
+class Kernels(str, Enum):
+    batch_invariant = "batch-invariant"
+    default = "default"
+
+
+class UsageProblem(Exception):
+    """Bad input from the user: printed in red, exit code 2."""
+
+
+def _cli_errors(command: Callable) -> Callable:
+    """Turn expected errors into one red line and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (UsageProblem, ProbeError, IngestError, StoreError, BackendError) as exc:
+            _fail(str(exc), 2)
+        except RunFailed as exc:
+            _fail(str(exc), 1)
+        except KeyboardInterrupt:
+            stderr.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if type(exc).__name__ == "ModelLoadError":  # local_backend, imported lazily
+                _fail(str(exc), 2)
+            raise
+
+    return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    stderr.print("[bold red]error:[/] ", end="")
+    stderr.print(message, markup=False, style="red", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, allow_nan=False, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# --- run -------------------------------------------------------------------------------
+
+RUN_EXAMPLES = """\
+[bold]Examples[/]
+
+  detaudit run                           [dim]# bundled local engine, no key[/]
+  detaudit run --model gpt-4o --n 10000  [dim]# key in $OPENAI_API_KEY[/]
+  detaudit run --model qwen --base-url http://localhost:8000/v1
+  detaudit run --probe my-probe.toml --model gpt-4o-mini --json
+  detaudit run --resume results/<run-id>
+"""
+
+# Flags that define what is measured: a resumed run takes them from its manifest.
+_MEASUREMENT_FLAGS = ("model", "n", "probe", "base_url", "api", "backend", "kernels",
+                      "batch_sizes", "prompt", "max_tokens", "temperature", "seed",
+                      "top_logprobs", "out")
+
+
+@app.command(epilog=RUN_EXAMPLES)
+@_cli_errors
+def run(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(
+        None, help="Model name (remote) or local model folder; 'tiny' or none: the bundled engine."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="How many times to send the request \\[default: the probe's]."),
+    probe: Optional[str] = typer.Option(
+        None, help=f"Built-in probe ({', '.join(builtin_names())}) or a .toml file \\[default: {DEFAULT_PROBE}]."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1."),
+    api: Optional[Api] = typer.Option(None, case_sensitive=False,
+                                      help="Endpoint: chat completions or legacy completions \\[default: the probe's]."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key (the key itself is never stored)."),
+    backend: Optional[BackendKind] = typer.Option(None, case_sensitive=False,
+                                          help="Where requests go \\[default: local without --model, else openai]."),
+    kernels: Optional[Kernels] = typer.Option(None, case_sensitive=False,
+                                          help="Local engine kernels \\[default: batch-invariant]."),
+    batch_sizes: Optional[str] = typer.Option(None, help="Local engine: batch sizes the repeats cycle through \\[default: 1,3,8,32]."),
+    concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight \\[default: the probe's]."),
+    prompt: Optional[str] = typer.Option(None, help="Replace the probe's prompt (one user message for chat)."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="Override the probe's max_tokens."),
+    temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Override the probe's temperature."),
+    seed: Optional[int] = typer.Option(None, help="Override the probe's seed."),
+    top_logprobs: Optional[int] = typer.Option(None, min=0, max=20, help="Override how many top logprobs to ask for (0-20)."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
+    resume: Optional[Path] = typer.Option(None, help="Finish an interrupted run: results/<run-id>.", metavar="RUN_DIR"),
+    max_attempts: int = typer.Option(5, min=1, help="Tries per request before it is stored as an error."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (run facts + summary) on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Send a probe N times, store every answer, and report the distinct logprobs and outputs.
+
+    The report goes to stdout (with --json: one JSON object); progress and logs go to stderr.
+
+    Every sample lands in results/<run-id>/ as it arrives, so an interrupted run can be finished with --resume.
+    """
+    api, backend, kernels = (e.value if e is not None else None for e in (api, backend, kernels))
+    if resume is not None:
+        given = [f"--{name.replace('_', '-')}" for name in _MEASUREMENT_FLAGS
+                 if ctx.params.get(name) is not None]
+        if given:
+            raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
+                               f"manifest; drop {', '.join(given)}")
+        store, probe_obj, backend_obj, n = _reopen(resume, api_key_env)
+        run_concurrency = concurrency or store.manifest["concurrency"]
+        store.update_manifest(resumed_at=store.manifest.get("resumed_at", []) + [utc_now()],
+                              concurrency=run_concurrency)
+    else:
+        probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
+                                 temperature=temperature, seed=seed, top_logprobs=top_logprobs)
+        config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes)
+        backend_obj = _make_backend(config, probe_obj)
+        n = n or probe_obj.default_n
+        run_concurrency = concurrency or probe_obj.default_concurrency
+        manifest = {
+            "tool_version": __version__, "probe": probe_obj.to_dict(), "n": n,
+            "concurrency": run_concurrency, "backend": backend_obj.describe(),
+            "backend_config": config,
+            "tracked": resolve_tracked(probe_obj, backend_obj), "status": "running",
+            "started_at": utc_now(), "ended_at": None,
+            "command": _command_line(ctx, api_key_env),
+        }
+        run_id = new_run_id(probe_obj.name, config["model"])
+        store = RunStore.create(out or Path("results"), run_id, manifest)
+
+    if not quiet:
+        stderr.print(f"[bold]{store.manifest['run_id']}[/]: {probe_obj.name} x {n:,} -> "
+                     f"{_backend_name(store.manifest)}, concurrency {run_concurrency}",
+                     highlight=False, soft_wrap=True)
+    progress = stderr if not quiet and stderr.is_terminal else None
+    try:
+        result = asyncio.run(_session(probe_obj, backend_obj, store, n, run_concurrency,
+                                      max_attempts, progress))
+    except KeyboardInterrupt:
+        done = len(store.done_indices())
+        store.close()
+        stderr.print(f"[yellow]interrupted[/]: {done:,} of {n:,} samples stored. Finish with:\n"
+                     f"  detaudit run --resume {store.path}", highlight=False)
+        raise typer.Exit(130) from None
+
+    analysis = _analyze_store(store, threshold_pct)
+    info = _run_info(store, result)
+    store.close()
+    if json_out:
+        _print_json({"run": info, **analysis.to_dict()})
+    else:
+        if analysis.ok:
+            _render(analysis, store.manifest)
+        typer.echo(f"Run folder: {store.path}")
+    if result.status == "failed":
+        raise RunFailed(f"{result.reason}. Fix it, then finish the run with: "
+                        f"detaudit run --resume {store.path}")
+    if result.ok == 0:
+        raise RunFailed(f"no request succeeded ({result.errors:,} errors); see "
+                        f"detaudit report {store.path}")
+
+
+async def _session(probe: Probe, backend: Any, store: RunStore, n: int, concurrency: int,
+                   max_attempts: int, progress: Console | None) -> RunResult:
+    try:
+        return await run_probe(probe, backend, store, n, concurrency,
+                               max_attempts=max_attempts, progress=progress)
+    finally:
+        await backend.aclose()
+
+
+def _build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **overrides: Any) -> Probe:
+    probe = load_probe(name_or_path)
+    if api is not None and api != probe.api:
+        probe = _switch_api(probe, api)
+    top = overrides.get("top_logprobs")
+    if top is not None:
+        overrides["logprobs"] = top > 0 or probe.request.get("logprobs", False)
+    return probe.with_overrides(prompt=prompt, **overrides)
+
+
+def _switch_api(probe: Probe, api: str) -> Probe:
+    """Chat -> completions sends the last user message as the prompt; back, one user message."""
+    request = dict(probe.request)
+    if api == "completions":
+        users = [m["content"] for m in request.pop("messages", []) if m.get("role") == "user"]
+        if not users:
+            raise UsageProblem(f"{probe.source}: --api completions needs a user message to use "
+                               "as the prompt; give --prompt TEXT")
+        request["prompt"] = users[-1]
+    else:
+        request["messages"] = [{"role": "user", "content": request.pop("prompt")}]
+    data = probe.to_dict()
+    data.update(api=api, request=request)
+    return Probe.from_dict(data, source=probe.source)
+
+
+def _backend_config(backend: str | None, model: str | None, base_url: str | None,
+                    api_key_env: str, kernels: str | None, batch_sizes: str | None) -> dict[str, Any]:
+    """Which backend, with the arguments that rebuild it on --resume (no secrets)."""
+    local = backend == "local" or (backend is None and (
+        model is None or model == LOCAL_MODEL or Path(model).is_dir()))
+    if local:
+        if base_url is not None:
+            raise UsageProblem("--base-url is for remote models; give --model NAME "
+                               "(without --model the bundled local engine runs)")
+        return {"backend": "local", "model": model or LOCAL_MODEL,
+                "kernels": kernels or "batch-invariant",
+                "batch_sizes": _parse_batch_sizes(batch_sizes) if batch_sizes else [1, 3, 8, 32]}
+    if model is None:
+        raise UsageProblem("--backend openai needs --model NAME (e.g. --model gpt-4o)")
+    for flag, value in (("--kernels", kernels), ("--batch-sizes", batch_sizes)):
+        if value is not None:
+            raise UsageProblem(f"{flag} is for the local engine (--backend local); "
+                               f"it does not apply to {model}")
+    return {"backend": "openai", "model": model,
+            "base_url": _without_userinfo(base_url) if base_url else None,
+            "api_key_env": api_key_env}
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(size < 1 for size in sizes):
+        raise UsageProblem(f"--batch-sizes {text!r}: give positive integers separated by commas, "
+                           "e.g. 1,3,8,32")
+    return sizes
+
+
+def _make_backend(config: dict[str, Any], probe: Probe) -> Any:
+    if config["backend"] == "local":
+        try:
+            from detaudit.backends.local import LocalBackend
+        except ImportError as exc:
+            raise UsageProblem(f"the local engine needs its extras ({exc.name} is missing): "
+                               "pip install 'detaudit[local]'") from None
+        return LocalBackend(config["model"], kernels=config["kernels"],
+                            batch_sizes=config["batch_sizes"])
+    from detaudit.backends.openai_backend import OpenAIBackend
+    return OpenAIBackend(config["model"], config.get("base_url"), api=probe.api,
+                         api_key_env=config["api_key_env"])
+
+
+def _reopen(path: Path, api_key_env: str) -> tuple[RunStore, Probe, Any, int]:
+    store = RunStore.open(path)
+    manifest = store.manifest
+    try:
+        probe = Probe.from_dict(manifest["probe"], source=f"{path}/manifest.json")
+        config = dict(manifest["backend_config"])
+        n = int(manifest["n"])
+    except KeyError as exc:
+        store.close()
+        raise StoreError(f"{path}: the manifest lacks {exc}; this run cannot be resumed") from None
+    if config["backend"] == "openai":
+        config["api_key_env"] = api_key_env
+    return store, probe, _make_backend(config, probe), n
+
+
+def _command_line(ctx: typer.Context, api_key_env: str) -> list[str]:
+    """The command as typed, rebuilt from the parsed flags; secrets are never flags, and
+    a key pasted into a value (or a URL's user:password) is blanked anyway."""
+    key = os.environ.get(api_key_env)
+    words = ["detaudit", ctx.info_name or "run"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value is False:
+            continue
+        flag = param.opts[0]
+        if value is True:
+            words.append(flag)
+            continue
+        text = str(value)
+        if param.name == "base_url":
+            text = _without_userinfo(text)
+        if key and key in text:
+            text = text.replace(key, "***")
+        words += [flag, text]
+    return words
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _backend_name(manifest: dict[str, Any]) -> str:
+    config = manifest.get("backend_config") or {}
+    name = config.get("model") or manifest.get("backend", {}).get("model", "?")
+    if config.get("backend") == "local":
+        return f"local {name} ({config.get('kernels')} kernels)"
+    return f"{name} at {config.get('base_url') or 'the OpenAI API'}"
+
+
+def _run_info(store: RunStore, result: RunResult | None = None) -> dict[str, Any]:
+    m = store.manifest
+    info = {"id": m["run_id"], "dir": str(store.path), "status": m.get("status"),
+            "probe": m["probe"]["name"], "n": m["n"], "backend": m.get("backend"),
+            "started_at": m.get("started_at"), "ended_at": m.get("ended_at")}
+    if result is not None:
+        info.update(sent=result.sent, elapsed_s=round(result.elapsed_s, 3),
+                    requests_per_s=round(result.sent / result.elapsed_s, 1) if result.elapsed_s else None,
+                    failure=result.reason)
+    return info
+
+
+def _analyze_store(store: RunStore, threshold_pct: float) -> Analysis:
+    m = store.manifest
+    frames = build_frames(store.samples(), m.get("tracked") or [])
+    return analyze(frames, threshold_pct=threshold_pct, probe_kind=m["probe"].get("kind"))
+
+
+def _render(analysis: Analysis, manifest: dict[str, Any] | None, title: str | None = None) -> None:
+    from detaudit.report import render_report
+
+    if title is None and manifest is not None:
+        title = f"{manifest['probe']['name']} x {manifest['n']:,} on {_backend_name(manifest)}"
+    render_report(analysis, Console(highlight=False), title=title)
+
+
+# --- report, export, analyze, probes ----------------------------------------------------
+
+@app.command(epilog="[bold]Examples[/]\n\n  detaudit report results/<run-id>\n"
+                    "  detaudit report results/<run-id> --threshold-pct 0.001 --json")
+@_cli_errors
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Re-analyse a stored run (any threshold, no requests sent)."""
+    with RunStore.open(run_dir) as store:
+        analysis = _analyze_store(store, threshold_pct)
+        info = _run_info(store)
+    if info["status"] != "complete":
+        stderr.print(f"[yellow]note:[/] this run is {info['status']}; finish it with "
+                     f"detaudit run --resume {run_dir}", highlight=False)
+    if json_out:
+        _print_json({"run": info, **analysis.to_dict()})
+    else:
+        _render(analysis, store.manifest)
+
+
+@app.command(epilog="[bold]Example[/]\n\n  detaudit export results/<run-id> --clusters clusters.csv --samples samples.csv")
+@_cli_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
+    clusters: Optional[Path] = typer.Option(None, help="Write one row per logprob cluster here."),
+    samples: Optional[Path] = typer.Option(None, help="Write one row per sample here."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+) -> None:
+    """Write a stored run as CSV files: clusters and/or samples."""
+    if clusters is None and samples is None:
+        raise UsageProblem("nothing to export: give --clusters FILE.csv and/or --samples FILE.csv")
+    with RunStore.open(run_dir) as store:
+        analysis = _analyze_store(store, threshold_pct)
+    _write_csvs(analysis, clusters, samples)
+
+
+@app.command("analyze", epilog="[bold]Examples[/]\n\n  detaudit analyze gpt4o-heads.csv\n"
+                    "  detaudit analyze logprobs.jsonl --token Heads --json\n"
+                    "  detaudit analyze logprobs.csv --clusters clusters.csv")
+@_cli_errors
+def analyze_file(
+    file: Path = typer.Argument(..., help="CSV or JSONL, one row per sample, with a 'logprob' column."),
+    token: Optional[str] = typer.Option(None, help="Analyse only the rows of this token."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    clusters: Optional[Path] = typer.Option(None, help="Also write the clusters CSV here."),
+    samples: Optional[Path] = typer.Option(None, help="Also write the samples CSV here."),
+) -> None:
+    """Analyse logprobs recorded elsewhere (CSV or JSONL) like a stored run."""
+    from detaudit.ingest import load_table
+
+    frames = load_table(file, token=token)
+    kind = "outcome" if frames.samples["output"].notna().any() else None
+    analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=kind)
+    if json_out:
+        _print_json({"file": str(file), **analysis.to_dict()})
+    else:
+        _render(analysis, None, title=str(file))
+    _write_csvs(analysis, clusters, samples, quiet=json_out)
+
+
+def _write_csvs(analysis: Analysis, clusters: Path | None, samples: Path | None,
+                quiet: bool = False) -> None:
+    from detaudit.export import write_clusters_csv, write_samples_csv
+
+    for path, write in ((clusters, write_clusters_csv), (samples, write_samples_csv)):
+        if path is None:
+            continue
+        try:
+            write(analysis, path)
+        except OSError as exc:
+            raise UsageProblem(f"{path}: cannot write ({exc.strerror})") from None
+        if quiet:
+            stderr.print(f"wrote {path}", highlight=False)
+        else:
+            typer.echo(str(path))
+
+
+@app.command(epilog="[bold]Example[/]\n\n  detaudit probes --json")
+@_cli_errors
+def probes(json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout.")) -> None:
+    """List the built-in probes: name, kind, defaults and what each measures."""
+    rows = []
+    for name in builtin_names():
+        p = load_probe(name)
+        rows.append({"name": p.name, "kind": p.kind, "api": p.api, "n": p.default_n,
+                     "concurrency": p.default_concurrency, "description": p.description})
+    if json_out:
+        _print_json({"probes": rows})
+        return
+    table = Table("probe", "kind", "n", "description", title="Built-in probes", title_justify="left")
+    for r in rows:
+        table.add_row(r["name"], r["kind"], f"{r['n']:,}", r["description"])
+    Console().print(table)
+    typer.echo("Use one with: detaudit run --probe NAME (or --probe FILE.toml)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
