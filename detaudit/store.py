@@ -177,8 +177,9 @@ class RunStore:
     # --- manifest ------------------------------------------------------------
 
     def update_manifest(self, **fields: Any) -> None:
-        self.manifest.update(fields)
-        _write_json_atomic(self.path / MANIFEST, self.manifest)
+        updated = {**self.manifest, **fields}
+        _write_json_atomic(self.path / MANIFEST, updated)
+        self.manifest = updated
 
     def close(self) -> None:
         if self._conn is not None:
