@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
 
 MAX_BLOCK = 4096
 
@@ -20,7 +20,7 @@ MAX_BLOCK = 4096
 def _silu_mul_kernel(
     gate_ptr, up_ptr, out_ptr, F,
     stride_gm, stride_um, stride_om,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -29,8 +29,8 @@ def _silu_mul_kernel(
         mask = f < F
         g = tl.load(gate_ptr + row * stride_gm + f, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + row * stride_um + f, mask=mask, other=0.0).to(tl.float32)
-        silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + f, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
+        silu = cast_to(g / (1.0 + tl.exp(-g)), out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + f, cast_to(silu * u, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -51,5 +51,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if g2.shape[0] and F:
         BLOCK = min(triton.next_power_of_2(F), MAX_BLOCK)
         _silu_mul_kernel[(g2.shape[0],)](g2, u2, out, F, g2.stride(0), u2.stride(0), out.stride(0),
-                                         BLOCK=BLOCK)
+                                         BLOCK=BLOCK, INTERPRETED=INTERPRET)
     return out.reshape(gate.shape)

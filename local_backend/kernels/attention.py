@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
 
 BLOCK_M = 16   # query tokens of one sequence per tile
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
@@ -39,7 +39,7 @@ def _attention_kernel(
     stride_ks, stride_kl, stride_kh, stride_kd,
     stride_vs, stride_vl, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -62,7 +62,7 @@ def _attention_kernel(
     d_ok = d < D
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if DOT_FP32:
+    if INTERPRETED:
         q = q.to(tl.float32)
     k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
@@ -77,7 +77,7 @@ def _attention_kernel(
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_FP32:
+        if INTERPRETED:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         scores = tl.dot(q, k, input_precision="ieee") * scale_log2e
@@ -91,7 +91,7 @@ def _attention_kernel(
 
     out = acc / row_sum[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+             cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _build_tiles(slots: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         q, k_cache, v_cache, out, tiles, slots, positions,
         float(scale) * LOG2_E, D,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), DOT_FP32=INTERPRET,
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
         num_warps=4,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -21,7 +21,7 @@ def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -40,7 +40,7 @@ def _linear_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if DOT_FP32:
+        if INTERPRETED:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -49,7 +49,7 @@ def _linear_kernel(
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+             cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -98,7 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2, weight, bias if bias is not None else x2, out,
         M, N, K,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, DOT_FP32=INTERPRET,
+        HAS_BIAS=bias is not None, INTERPRETED=INTERPRET,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps,
     )
     return out.reshape(*lead, N)

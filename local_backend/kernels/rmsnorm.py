@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
 
 MAX_BLOCK = 8192  # wider rows are reduced in chunks of this size
 
@@ -19,7 +19,7 @@ MAX_BLOCK = 8192  # wider rows are reduced in chunks of this size
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, D, eps,
     stride_xm, stride_om,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
@@ -38,8 +38,8 @@ def _rms_norm_kernel(
         mask = d < D
         x = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
-        normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_row + d, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+        normed = cast_to(x * rstd, out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+        tl.store(out_row + d, cast_to(normed * w, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,5 +59,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.shape[0] and D:
         BLOCK = min(triton.next_power_of_2(D), MAX_BLOCK)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, D, float(eps),
-                                         x2.stride(0), out.stride(0), BLOCK=BLOCK)
+                                         x2.stride(0), out.stride(0), BLOCK=BLOCK, INTERPRETED=INTERPRET)
     return out.reshape(x.shape)

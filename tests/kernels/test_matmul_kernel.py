@@ -1,0 +1,59 @@
+"""linear: correct, and a row's output is the same bits at any batch size and position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_checks import DTYPES, EXTRA_ROWS, assert_close_to, batches_with_needle, randn
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 80), (70, 130, 200)])
+def test_linear_matches_float64_reference(bi, gen, dtype, M, N, K):
+    x, w, b = randn(M, K, gen=gen, dtype=dtype), randn(N, K, gen=gen, dtype=dtype), randn(N, gen=gen, dtype=dtype)
+    out = bi.linear(x, w, b)
+    assert out.dtype == dtype
+    assert_close_to(out, x.double() @ w.double().T + b.double(), dtype)
+    assert_close_to(bi.linear(x, w), x.double() @ w.double().T, dtype)
+
+
+def test_fp32_is_ieee_not_tf32(bi, gen):
+    """TF32 keeps 10 mantissa bits (error ~1e-3); IEEE fp32 must be far closer."""
+    x, w = randn(16, 256, gen=gen), randn(64, 256, gen=gen)
+    err = (bi.linear(x, w).double() - x.double() @ w.double().T).abs().max().item()
+    assert err < 1e-4
+
+
+def test_linear_accepts_strided_and_batched_inputs(bi, gen):
+    x = randn(40, 24, gen=gen).T  # [24, 40], not contiguous
+    w = randn(50, 40, gen=gen)
+    assert torch.allclose(bi.linear(x, w), F.linear(x, w), atol=1e-5)
+    x3 = randn(2, 3, 40, gen=gen)
+    assert bi.linear(x3, w).shape == (2, 3, 50)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_is_batch_invariant(bi, gen, dtype):
+    N, K = 150, 200
+    w, b = randn(N, K, gen=gen, dtype=dtype), randn(N, gen=gen, dtype=dtype)
+    needle = randn(K, gen=gen, dtype=dtype)
+    others = randn(max(EXTRA_ROWS), K, gen=gen, dtype=dtype)
+    alone = bi.linear(needle[None], w, b)[0]
+    for batch, at in batches_with_needle(needle, others, gen):
+        assert torch.equal(bi.linear(batch, w, b)[at], alone), f"row differs in a batch of {len(batch)}"
+
+
+def test_negative_control_default_linear_is_not_batch_invariant(default_ops, gen):
+    """CPU torch takes another BLAS path for one row than for many; the check must see it."""
+    x, w = randn(64, 128, gen=gen), randn(256, 128, gen=gen)
+    assert not torch.equal(default_ops.linear(x[:1], w)[0], default_ops.linear(x, w)[0])
+
+
+def test_linear_rejects_bad_input_clearly(bi, gen):
+    w = randn(8, 16, gen=gen)
+    with pytest.raises(ValueError, match="weight's K=16"):
+        bi.linear(randn(2, 15, gen=gen), w)
+    with pytest.raises(ValueError, match="cast one to match"):
+        bi.linear(randn(2, 16, gen=gen, dtype=torch.bfloat16), w)
