@@ -47,6 +47,26 @@ def load_reference(folder: Path):
     return model.eval()
 
 
+def pytest_generate_tests(metafunc):
+    """A test that takes ``family`` runs once per model family."""
+    if "family" in metafunc.fixturenames:
+        metafunc.parametrize("family", list(FAMILIES))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """transformers' own model for a folder: the reference forward pass."""
+    return load_reference
+
+
+@pytest.fixture
+def make_model(tmp_path):
+    """save_random_model into a fresh folder: make_model(family, **config overrides)."""
+    def make(family: str = "llama", name: str = "model", **overrides) -> Path:
+        return save_random_model(tmp_path / name, family, **overrides)
+    return make
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
