@@ -66,58 +66,61 @@ def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
 
 
 def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
-    rows: dict[str, list[Any]] = {c: [] for c in SAMPLE_COLUMNS}
-    for s in samples:
-        c = s.completion
-        rows["index"].append(s.index)
-        rows["status"].append(s.status)
-        rows["error_kind"].append(s.error_kind)
-        rows["output"].append(c.text if c else None)
-        rows["finish_reason"].append(c.finish_reason if c else None)
-        rows["system_fingerprint"].append(c.system_fingerprint if c else None)
-        rows["model"].append(c.model if c else None)
-        rows["group"].append(s.group)
-        rows["attempts"].append(s.attempts)
-        rows["latency_s"].append(s.latency_s)
-        positions = c.positions if c else []
-        rows["tokens"].append(tuple(p.token for p in positions))
-        rows["logprobs"].append(tuple(p.logprob for p in positions))
-    frame = pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
-    frame["index"] = frame["index"].astype("int64")
-    frame["latency_s"] = frame["latency_s"].astype("float64")
-    return frame
+    completions = [s.completion for s in samples]
+    positions = [c.positions if c else () for c in completions]
+    columns = {
+        "index": np.fromiter((s.index for s in samples), dtype=np.int64, count=len(samples)),
+        "status": [s.status for s in samples],
+        "error_kind": [s.error_kind for s in samples],
+        "output": [c.text if c else None for c in completions],
+        "finish_reason": [c.finish_reason if c else None for c in completions],
+        "system_fingerprint": [c.system_fingerprint if c else None for c in completions],
+        "model": [c.model if c else None for c in completions],
+        "group": [s.group for s in samples],
+        "attempts": [s.attempts for s in samples],
+        "latency_s": np.array([s.latency_s for s in samples], dtype=np.float64),
+        "tokens": [tuple([p.token for p in ps]) for ps in positions],
+        "logprobs": [tuple([p.logprob for p in ps]) for ps in positions],
+    }
+    return pd.DataFrame(columns, columns=SAMPLE_COLUMNS)
 
 
 def _tracked_frame(samples: list[Sample], slots: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (successful sample, tracked slot); NaN where the token is absent."""
-    rows: dict[str, list[Any]] = {c: [] for c in TRACKED_COLUMNS}
+    """One row per (successful sample, tracked slot), sample-major; NaN where the token
+    is absent. Per-slot and per-sample columns are filled by numpy, not row by row."""
+    ok = [s for s in samples if s.status == "ok" and s.completion is not None]
+    texts: list[str | None] = []
+    values: list[float] = []
     parsed: dict[str, float] = {}  # few distinct texts, many samples: parse each once
-    for s in samples:
-        c = s.completion
-        if s.status != "ok" or c is None:
-            continue
-        for slot, t in enumerate(slots):
-            found = _find(c.positions, t["position"], t["token"])
-            text = found.logprob_text if found is not None else None
+    for s in ok:
+        positions = s.completion.positions
+        for t in slots:
+            found = _find(positions, t["position"], t["token"])
             if found is None:
-                value = math.nan
-            else:
-                value = parsed.get(text)
-                if value is None:
-                    value = parsed[text] = _parse_or(text, found.logprob)
-            rows["index"].append(s.index)
-            rows["slot"].append(slot)
-            rows["label"].append(t["label"])
-            rows["token"].append(t["token"])
-            rows["position"].append(t["position"])
-            rows["logprob"].append(value)
-            rows["logprob_text"].append(text)
-            rows["system_fingerprint"].append(c.system_fingerprint)
-            rows["output"].append(c.text)
-            rows["group"].append(s.group)
-    frame = pd.DataFrame(rows, columns=TRACKED_COLUMNS)
-    return frame.astype({"index": "int64", "slot": "int64", "position": "int64",
-                         "logprob": "float64"})
+                texts.append(None)
+                values.append(math.nan)
+                continue
+            text = found.logprob_text
+            value = parsed.get(text)
+            if value is None:
+                value = parsed[text] = _parse_or(text, found.logprob)
+            texts.append(text)
+            values.append(value)
+    k = len(slots)
+    per_sample = lambda values: np.repeat(np.array(values, dtype=object), k)  # noqa: E731
+    per_slot = lambda key: np.tile(np.array([t[key] for t in slots], dtype=object), len(ok))  # noqa: E731
+    return pd.DataFrame({
+        "index": np.repeat(np.array([s.index for s in ok], dtype=np.int64), k),
+        "slot": np.tile(np.arange(k, dtype=np.int64), len(ok)),
+        "label": per_slot("label"),
+        "token": per_slot("token"),
+        "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), len(ok)),
+        "logprob": np.array(values, dtype=np.float64),
+        "logprob_text": np.array(texts, dtype=object),
+        "system_fingerprint": per_sample([s.completion.system_fingerprint for s in ok]),
+        "output": per_sample([s.completion.text for s in ok]),
+        "group": per_sample([s.group for s in ok]),
+    }, columns=TRACKED_COLUMNS)
 
 
 def _find(positions: list[Position], position: int,

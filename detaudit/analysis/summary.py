@@ -138,7 +138,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         errors_by_kind={str(k): int(v) for k, v in
                         errors["error_kind"].fillna("unknown").value_counts().items()},
         threshold_pct=threshold_pct, probe_kind=probe_kind, tokens=tokens,
-        outcomes=_outcomes(ok, tokens) if probe_kind in OUTCOME_KINDS else [],
+        outcomes=_outcomes(outputs, len(ok), tokens) if probe_kind in OUTCOME_KINDS else [],
         outputs_distinct=len(outputs),
         outputs_top=[(None if _isnull(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
@@ -189,17 +189,18 @@ def _by_fingerprint(present: pd.DataFrame) -> dict[str, dict[str, Any]]:
                       "mean_prob": float(r.mean_prob)} for fp, r in table.iterrows()}
 
 
-def _outcomes(ok: pd.DataFrame, tokens: list[TokenResult]) -> list[Outcome]:
-    """For each label: the share of outputs starting with it (leading whitespace ignored)."""
-    n = len(ok)
-    stripped = ok["output"].fillna("").str.lstrip()
+def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult]) -> list[Outcome]:
+    """For each label: the share of outputs starting with it (leading whitespace ignored).
+    ``outputs`` are the distinct outputs with their counts, so this is cheap at any n."""
+    texts = ["" if _isnull(t) else str(t).lstrip() for t in outputs.index]
+    counts = outputs.to_numpy()
     result = []
     seen: set[str] = set()
     for t in tokens:
         if t.label in seen or not t.label:
             continue
         seen.add(t.label)
-        count = int(stripped.str.startswith(t.label).sum())
+        count = int(sum(c for text, c in zip(texts, counts) if text.startswith(t.label)))
         low, high = wilson_interval(count, n)
         result.append(Outcome(label=t.label, count=count, n=n,
                               share=count / n if n else math.nan, ci_low=low, ci_high=high,
