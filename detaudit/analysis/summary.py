@@ -123,6 +123,10 @@ class Analysis:
 
 def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
             probe_kind: str | None = "outcome") -> Analysis:
+    if not (isinstance(threshold_pct, (int, float)) and math.isfinite(threshold_pct)
+            and threshold_pct >= 0):
+        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a number of "
+                         "percentage points >= 0, e.g. 0.01")
     samples, tracked = frames.samples, frames.tracked
     ok = samples[samples["status"] == "ok"]
     errors = samples[samples["status"] != "ok"]

@@ -99,3 +99,11 @@ def test_clusters_partition_the_values_by_their_gaps(values, threshold):
     same = np.diff(ids) == 0
     assert np.all(gaps[same] <= threshold + GAP_TOLERANCE_PCT)  # internal gaps
     assert np.all(gaps[~same] > threshold)  # gaps between clusters
+
+
+@pytest.mark.parametrize("bad", [-0.01, math.nan, math.inf])
+def test_a_bad_threshold_is_refused_with_a_clear_message(make, bad):
+    frames = build_frames([make.coin(0, "Heads", "-0.5")],
+                          [{"label": "Heads", "token": "Heads", "position": 0}])
+    with pytest.raises(ValueError, match="percentage points >= 0"):
+        analyze(frames, threshold_pct=bad)
