@@ -83,6 +83,9 @@ class Outcome:
 
 @dataclass
 class Analysis:
+    """The result of ``analyze``; ``to_dict()`` is the JSON summary. Keeps its frames
+    so the samples CSV can be written from it."""
+
     n: int
     ok: int
     errors: int
@@ -123,6 +126,9 @@ class Analysis:
 
 def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
             probe_kind: str | None = "outcome") -> Analysis:
+    """Every figure of a run. ``probe_kind`` switches on the outcome shares (outcome,
+    load-sweep) and the completion analysis (fixed-seed, greedy-divergence,
+    top-logprobs; also any run with multi-token answers). None: data from a file."""
     if not (isinstance(threshold_pct, (int, float)) and math.isfinite(threshold_pct)
             and threshold_pct >= 0):
         raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a number of "
