@@ -56,6 +56,10 @@ class OpenAIBackend:
     # -- Backend -------------------------------------------------------------------------
 
     async def complete(self, probe: Probe, index: int) -> Completion:
+        if probe.api != self.api:
+            raise BackendError("bad_request", f"probe {probe.name!r} uses the {probe.api} API "
+                               f"but this backend was set up for {self.api}; create the "
+                               "backend with api=probe.api")
         params, wants_logprobs = self._params(probe)
         try:
             response = await self._create(**params)
@@ -102,9 +106,11 @@ class OpenAIBackend:
             wants_logprobs = request.get("logprobs") is not None
         else:
             wants_logprobs = bool(request.get("logprobs"))
-        params: dict[str, Any] = {"model": self.model}
+        if request.get("stream"):
+            raise BackendError("bad_request", f"probe {probe.name!r} sets stream = true; "
+                               "detaudit reads whole responses, remove stream from [request]")
         extra = {k: request.pop(k) for k in list(request) if k not in self._sdk_params}
-        params.update(request)
+        params: dict[str, Any] = {**request, "model": self.model}  # the backend's model wins
         if extra:
             params["extra_body"] = extra
         return params, wants_logprobs

@@ -330,3 +330,9 @@ def test_fake_server_lists_its_models(fake_openai):
 
     fake_openai.configure(models=["a-model", "b-model"])
     assert asyncio.run(go()) == ["a-model", "b-model"]
+
+
+def test_probe_for_another_api_is_refused_before_sending(fake_openai):
+    [error] = run_backend(fake_openai.url, parse_probe(COMPLETIONS_PROBE, "legacy.toml"), api="chat")
+    assert error.kind == "bad_request" and "completions" in error.message
+    assert fake_openai.received == []
