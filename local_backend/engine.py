@@ -6,7 +6,7 @@ prompt tokens of newly admitted requests plus one decode token of every running
 request, samples one token per request, and returns the requests that finished
 (their slots are freed for the next step). ``generate`` is that loop, run to the end.
 A server drives ``step`` from one background thread while other threads call
-``add_request``; both take the engine's lock.
+``add_request``: the queue has its own lock, so adding never waits for a forward pass.
 
 Logprobs are ``ops.log_softmax`` in fp32 of the logits the token was sampled from,
 before temperature (as OpenAI reports them).
@@ -106,7 +106,8 @@ class Engine:
         self.eos_ids = eos
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the running batch and the cache
+        self._queue_lock = threading.Lock()  # the waiting queue
 
     @classmethod
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
@@ -153,16 +154,17 @@ class Engine:
         """Queue a request; it joins the batch at the next step with a free slot."""
         ids = self.encode(request)
         self._validate(request, ids)
-        with self._lock:
+        with self._queue_lock:
             self._waiting.append(_Sequence(request, ids))
         return request.request_id
 
     def has_unfinished(self) -> bool:
-        with self._lock:
+        with self._queue_lock:
             return bool(self._waiting or self._running)
 
     def generate(self, requests: list[Request]) -> list[Result]:
-        """Run requests to completion, batched; results in the order given."""
+        """Run requests to completion, batched; results in the order given. For
+        callers that own the engine; a server calls ``step`` from its own loop instead."""
         ids = [self.add_request(r) for r in requests]
         done: dict[str, Result] = {}
         while len(done) < len(ids):
@@ -176,10 +178,11 @@ class Engine:
     def step(self) -> list[Result]:
         """One forward pass over every running request; returns those that finished."""
         with self._lock:
-            while self._waiting and self.cache.free_slots:
-                seq = self._waiting.popleft()
-                seq.slot = self.cache.allocate()
-                self._running.append(seq)
+            with self._queue_lock:
+                while self._waiting and self.cache.free_slots:
+                    seq = self._waiting.popleft()
+                    seq.slot = self.cache.allocate()
+                    self._running.append(seq)
             if not self._running:
                 return []
             token_ids, slots, positions, last_rows = [], [], [], []
@@ -195,9 +198,10 @@ class Engine:
             for row, seq in enumerate(self._running):
                 if self._advance(seq, logits[row], logprobs[row]):
                     finished.append(seq)
-            for seq in finished:
-                self._running.remove(seq)
-                self.cache.free(seq.slot)
+            with self._queue_lock:
+                for seq in finished:
+                    self._running.remove(seq)
+                    self.cache.free(seq.slot)
             return [self._result(seq) for seq in finished]
 
     def _forward(self, token_ids, slots, positions, rows):
