@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+# The kernel tests run wherever the kernels do: compiled on a CUDA device, else the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 # Tolerances against a float64 reference, scaled to the output's magnitude.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -12,8 +14,10 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 EXTRA_ROWS = [3, 31, 80]
 
 
-def randn(*shape: int, gen: torch.Generator, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+def randn(*shape: int, gen: torch.Generator, dtype=torch.float32, scale: float = 1.0,
+          device: str = DEVICE) -> torch.Tensor:
+    """Drawn on the CPU from a seeded generator, so every device sees the same numbers."""
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
 
 
 def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:

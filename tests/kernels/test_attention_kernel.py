@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import DTYPES, assert_close_to, randn
+from kernel_checks import DEVICE, DTYPES, assert_close_to, randn
 from local_backend.kernels.attention import BLOCK_M, BLOCK_N
 
 S, L = 4, 160              # cache slots and their length
@@ -17,10 +17,18 @@ PROMPT = 70                # spans several query tiles and KV chunks
 assert PROMPT > BLOCK_M and PROMPT > BLOCK_N
 
 
+def ints(values) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int64, device=DEVICE)
+
+
+def span(start: int, stop: int) -> torch.Tensor:
+    return torch.arange(start, stop, device=DEVICE)
+
+
 def make_cache(gen, dtype, fill=float("nan")):
     """A cache whose unwritten positions hold NaN: any read of them shows up in the output."""
-    k = torch.full((S, L, HKV, D), fill, dtype=dtype)
-    v = torch.full((S, L, HKV, D), fill, dtype=dtype)
+    k = torch.full((S, L, HKV, D), fill, dtype=dtype, device=DEVICE)
+    v = torch.full((S, L, HKV, D), fill, dtype=dtype, device=DEVICE)
     return k, v
 
 
@@ -32,7 +40,7 @@ def write(cache, slot, length, gen, dtype):
 
 def reference(q, cache, slots, positions):
     k, v = cache
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for t in range(q.shape[0]):
         keys = k[slots[t], : positions[t] + 1].double().repeat_interleave(HQ // HKV, dim=1)  # [n, HQ, D]
         vals = v[slots[t], : positions[t] + 1].double().repeat_interleave(HQ // HKV, dim=1)
@@ -48,8 +56,8 @@ def needle_setup(gen, dtype):
         write(cache, slot, length, gen, dtype)
     needle_q = randn(PROMPT, HQ, D, gen=gen, dtype=dtype)
     # Other tokens: a 20-token prefill (slot 1) and two decode tokens (slots 2 and 3).
-    other_slots = torch.tensor([1] * 20 + [2, 3])
-    other_pos = torch.cat([torch.arange(20), torch.tensor([130, 3])])
+    other_slots = ints([1] * 20 + [2, 3])
+    other_pos = torch.cat([span(0, 20), ints([130, 3])])
     other_q = randn(len(other_slots), HQ, D, gen=gen, dtype=dtype)
     return cache, needle_q, other_q, other_slots, other_pos
 
@@ -58,8 +66,8 @@ def needle_setup(gen, dtype):
 def test_attention_matches_float64_reference(bi, gen, dtype):
     cache, needle_q, other_q, other_slots, other_pos = needle_setup(gen, dtype)
     q = torch.cat([needle_q, other_q])
-    slots = torch.cat([torch.zeros(PROMPT, dtype=torch.int64), other_slots])
-    positions = torch.cat([torch.arange(PROMPT), other_pos])
+    slots = torch.cat([ints([0] * PROMPT), other_slots])
+    positions = torch.cat([span(0, PROMPT), other_pos])
     out = bi.attention(q, *cache, slots, positions, SCALE)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_to(out, reference(q, cache, slots, positions), dtype)
@@ -68,16 +76,16 @@ def test_attention_matches_float64_reference(bi, gen, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_is_batch_invariant(bi, gen, dtype):
     cache, needle_q, other_q, other_slots, other_pos = needle_setup(gen, dtype)
-    needle_slots = torch.zeros(PROMPT, dtype=torch.int64)
-    alone = bi.attention(needle_q, *cache, needle_slots, torch.arange(PROMPT), SCALE)
+    needle_slots = ints([0] * PROMPT)
+    alone = bi.attention(needle_q, *cache, needle_slots, span(0, PROMPT), SCALE)
     assert torch.isfinite(alone).all(), "read an unwritten (NaN) cache position"
 
     # Other sequences in the batch, every token at a shuffled position.
     q = torch.cat([needle_q, other_q])
     slots = torch.cat([needle_slots, other_slots])
-    positions = torch.cat([torch.arange(PROMPT), other_pos])
+    positions = torch.cat([span(0, PROMPT), other_pos])
     for _ in range(2):
-        perm = torch.randperm(len(q), generator=gen)
+        perm = torch.randperm(len(q), generator=gen).to(DEVICE)
         out = bi.attention(q[perm], *cache, slots[perm], positions[perm], SCALE)
         needle_rows = (perm < PROMPT).nonzero().squeeze(1)
         assert torch.equal(out[needle_rows], alone[perm[needle_rows]])
@@ -85,26 +93,26 @@ def test_attention_is_batch_invariant(bi, gen, dtype):
     # The same prompt in another slot of the cache.
     k, v = cache
     k[3], v[3] = k[0], v[0]
-    moved = bi.attention(needle_q, k, v, torch.full((PROMPT,), 3), torch.arange(PROMPT), SCALE)
+    moved = bi.attention(needle_q, k, v, ints([3] * PROMPT), span(0, PROMPT), SCALE)
     assert torch.equal(moved, alone)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_equals_decode_and_chunked_prefill(bi, gen, dtype):
     cache, needle_q, other_q, _, _ = needle_setup(gen, dtype)
-    alone = bi.attention(needle_q, *cache, torch.zeros(PROMPT, dtype=torch.int64), torch.arange(PROMPT), SCALE)
+    alone = bi.attention(needle_q, *cache, ints([0] * PROMPT), span(0, PROMPT), SCALE)
 
     # Decode: one needle token per step, next to a decode token of another sequence.
     for p in range(PROMPT):
         q = torch.stack([other_q[-1], needle_q[p]]) if p % 2 else torch.stack([needle_q[p], other_q[-1]])
-        out = bi.attention(q, *cache, torch.tensor([3, 0] if p % 2 else [0, 3]),
-                           torch.tensor([3, p] if p % 2 else [p, 3]), SCALE)
+        out = bi.attention(q, *cache, ints([3, 0] if p % 2 else [0, 3]),
+                           ints([3, p] if p % 2 else [p, 3]), SCALE)
         assert torch.equal(out[p % 2], alone[p]), f"decode of position {p} differs from prefill"
 
     # Chunked prefill: 30 tokens, then the other 40.
-    first = bi.attention(needle_q[:30], *cache, torch.zeros(30, dtype=torch.int64), torch.arange(30), SCALE)
-    rest = bi.attention(needle_q[30:], *cache, torch.zeros(PROMPT - 30, dtype=torch.int64),
-                        torch.arange(30, PROMPT), SCALE)
+    first = bi.attention(needle_q[:30], *cache, ints([0] * 30), span(0, 30), SCALE)
+    rest = bi.attention(needle_q[30:], *cache, ints([0] * (PROMPT - 30)),
+                        span(30, PROMPT), SCALE)
     assert torch.equal(torch.cat([first, rest]), alone)
 
 
@@ -113,7 +121,7 @@ def test_attention_head_layouts(bi, gen, hq, hkv, d):
     """Plain multi-head, multi-query, and the largest head_dim."""
     k, v = randn(2, 24, hkv, d, gen=gen), randn(2, 24, hkv, d, gen=gen)
     q = randn(5, hq, d, gen=gen)
-    slots, positions = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 2, 23, 10])
+    slots, positions = ints([0, 0, 0, 1, 1]), ints([0, 1, 2, 23, 10])
     out = bi.attention(q, k, v, slots, positions, d ** -0.5)
     for t in range(5):
         keys = k[slots[t], : positions[t] + 1].repeat_interleave(hq // hkv, dim=1).double()
@@ -125,8 +133,8 @@ def test_attention_head_layouts(bi, gen, hq, hkv, d):
 def test_negative_control_default_attention_is_not_batch_invariant(default_ops, gen):
     """Padded SDPA reduces over the longest sequence in the batch: a token's output
     changes with its neighbours, and the check must see it."""
-    k, v = randn(4, 128, 2, 64, gen=gen), randn(4, 128, 2, 64, gen=gen)
-    q = randn(4, 4, 64, gen=gen)
+    k, v = randn(4, 128, 2, 64, gen=gen, device="cpu"), randn(4, 128, 2, 64, gen=gen, device="cpu")
+    q = randn(4, 4, 64, gen=gen, device="cpu")
     alone = default_ops.attention(q[:1], k, v, torch.tensor([0]), torch.tensor([30]), 0.125)
     batch = default_ops.attention(q, k, v, torch.tensor([0, 1, 2, 3]), torch.tensor([30, 100, 5, 77]), 0.125)
     assert not torch.equal(alone[0], batch[0])
@@ -134,11 +142,11 @@ def test_negative_control_default_attention_is_not_batch_invariant(default_ops, 
 
 def test_attention_rejects_bad_input_clearly(bi, gen):
     k = randn(1, 8, 2, 16, gen=gen)
-    one = torch.tensor([0])
+    one = ints([0])
     with pytest.raises(ValueError, match="multiple of KV heads"):
         bi.attention(randn(1, 3, 16, gen=gen), k, k, one, one, 1.0)
     with pytest.raises(ValueError, match="over the supported 256"):
         big = randn(1, 8, 1, 512, gen=gen)
         bi.attention(randn(1, 1, 512, gen=gen), big, big, one, one, 1.0)
     with pytest.raises(ValueError, match=r"positions must lie in \[0, 8\)"):
-        bi.attention(randn(1, 2, 16, gen=gen), k, k, one, torch.tensor([8]), 1.0)
+        bi.attention(randn(1, 2, 16, gen=gen), k, k, one, ints([8]), 1.0)

@@ -47,7 +47,7 @@ def test_linear_is_batch_invariant(bi, gen, dtype):
 
 def test_negative_control_default_linear_is_not_batch_invariant(default_ops, gen):
     """CPU torch takes another BLAS path for one row than for many; the check must see it."""
-    x, w = randn(64, 128, gen=gen), randn(256, 128, gen=gen)
+    x, w = randn(64, 128, gen=gen, device="cpu"), randn(256, 128, gen=gen, device="cpu")
     assert not torch.equal(default_ops.linear(x[:1], w)[0], default_ops.linear(x, w)[0])
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import DTYPES, EXTRA_ROWS, assert_close_to, batches_with_needle, randn
+from kernel_checks import DEVICE, DTYPES, EXTRA_ROWS, assert_close_to, batches_with_needle, randn
 
 EPS = 1e-6
 
@@ -35,7 +35,7 @@ def test_rms_norm_rounds_like_hugging_face_llama(bi, gen, dtype):
     D = 96
     norm = LlamaRMSNorm(D, eps=EPS)
     norm.weight.data = randn(D, gen=gen)
-    norm = norm.to(dtype)
+    norm = norm.to(dtype=dtype, device=DEVICE)
     x = randn(64, D, gen=gen, dtype=dtype, scale=3.0)
     with torch.no_grad():
         expected = norm(x)
@@ -90,4 +90,4 @@ def test_rowwise_ops_reject_bad_input_clearly(bi, gen):
     with pytest.raises(ValueError, match="gate and up must match"):
         bi.silu_mul(randn(2, 8, gen=gen), randn(2, 9, gen=gen))
     with pytest.raises(ValueError, match="floating"):
-        bi.log_softmax(torch.ones(2, 8, dtype=torch.int64))
+        bi.log_softmax(torch.ones(2, 8, dtype=torch.int64, device=DEVICE))
