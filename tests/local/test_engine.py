@@ -166,3 +166,44 @@ def test_bad_requests_are_refused_with_a_reason(default_engine):
     with pytest.raises(RequestError, match="tokenizer"):
         default_engine.add_request(Request(prompt="text needs a tokenizer"))
     assert not default_engine.has_unfinished()
+
+
+def test_bundled_tiny_model_chats_like_transformers():
+    """The trained tiny model: our chat template rendering, tokenizer and greedy reply
+    equal transformers' apply_chat_template + generate + decode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from local_backend.config import TINY_DIR
+
+    if not (TINY_DIR / "model.safetensors").is_file():
+        pytest.skip("the bundled tiny model is not trained yet")
+    engine = Engine.load("tiny", kernels="default", device="cpu", max_slots=1, max_len=128)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_DIR, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(TINY_DIR, local_files_only=True).eval()
+    chat = [{"role": "user", "content": "Tell a short story about a lighthouse keeper."}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt_ids = list(prompt["input_ids"])
+    assert engine.encode(Request(messages=chat)) == prompt_ids
+    expected = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False)[0, len(prompt_ids):]
+    result = engine.generate([Request(messages=chat, max_tokens=12)])[0]
+    expected = expected.tolist()
+    ends = next((i for i, t in enumerate(expected) if t in engine.eos_ids), None)
+    assert result.token_ids == expected[:ends]
+    assert result.finish_reason == ("length" if ends is None else "stop")
+    assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_sampler_rules():
+    from local_backend.kernels import get_ops
+    from local_backend.sampler import greedy, sample, uniform
+
+    ops = get_ops("default")
+    assert greedy(torch.tensor([0.1, 0.5, 0.5, 0.2])) == 1  # ties: lowest id
+    assert uniform(7, 3) == uniform(7, 3) != uniform(7, 4)
+    peaked = torch.tensor([0.0, 4.0, 0.0, 0.0])  # token 1 holds ~95% of the mass
+    lp = ops.log_softmax(peaked[None])[0]
+    assert {sample(peaked, lp, ops, 1.0, 0.5, seed, 0) for seed in range(50)} == {1}  # nucleus = {1}
+    flat = torch.zeros(4)
+    lp = ops.log_softmax(flat[None])[0]
+    assert len({sample(flat, lp, ops, 1.0, 1.0, seed, 0) for seed in range(50)}) == 4
+    assert len({sample(flat, lp, ops, 1.0, 1.0, None, 0) for _ in range(50)}) > 1  # no seed: fresh draws
