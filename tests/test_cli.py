@@ -283,3 +283,46 @@ def test_completions_api_sends_the_prompt(fake_openai, tmp_path):
     assert received["path"] == "/v1/completions"
     assert received["body"]["prompt"] == "Flip a coin. Return Heads or Tails only."
     assert received["body"]["logprobs"] == 20
+
+
+def test_without_a_model_the_bundled_engine_runs_and_resumes(tmp_path):
+    """Wiring of the local backend: chosen without --model, batch size as the group,
+    tracked tokens from its tokenizer, rebuilt from the manifest on --resume."""
+    out = tmp_path / "results"
+    result = cli("run", "--n", "4", "--kernels", "default", "--batch-sizes", "1,3",
+                 "--out", out, "--quiet", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["run"]["backend"]["type"] == "local"
+    assert (summary["n"], summary["ok"]) == (4, 4)
+    assert sorted(g["group"] for g in summary["groups"]) == ["1", "3"]
+    run_dir = only_run(out)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["backend_config"] == {"backend": "local", "model": "tiny",
+                                          "kernels": "default", "batch_sizes": [1, 3]}
+    assert [t["label"] for t in manifest["tracked"]] == ["Heads", "Tails"]
+    assert all(t["token"] for t in manifest["tracked"])
+
+    # drop two samples, as a crash would, and let --resume rebuild the engine and finish
+    conn = sqlite3.connect(run_dir / "samples.sqlite")
+    with conn:
+        conn.execute("DELETE FROM samples WHERE idx IN (1, 2)")
+    conn.close()
+    resumed = cli("run", "--resume", run_dir, "--quiet", "--json")
+    assert resumed.exit_code == 0, resumed.stderr
+    again = json.loads(resumed.stdout)
+    assert (again["n"], again["ok"], again["run"]["sent"]) == (4, 4, 2)
+    # each index runs in the same batch on resume, so the numbers are the same
+    assert again["tokens"] == summary["tokens"]
+
+
+@pytest.mark.slow
+def test_batch_invariant_kernels_give_one_value_where_default_kernels_give_several(tmp_path):
+    counts = {}
+    for kernels in ("default", "batch-invariant"):
+        result = cli("run", "--n", "4", "--kernels", kernels, "--batch-sizes", "1,3",
+                     "--out", tmp_path / kernels, "--quiet", "--json")
+        assert result.exit_code == 0, result.stderr
+        counts[kernels] = json.loads(result.stdout)["tokens"][0]["distinct_logprobs"]
+    assert counts["batch-invariant"] == 1
+    assert counts["default"] > 1
