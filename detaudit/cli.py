@@ -195,6 +195,13 @@ def run(
                      f"  detaudit run --resume {store.path}", highlight=False)
         raise typer.Exit(130) from None
 
+    if not quiet:
+        rate = f"{result.sent / result.elapsed_s:,.0f} req/s" if result.elapsed_s > 0 else "-"
+        stderr.print(f"{result.sent:,} samples in {result.elapsed_s:.1f} s ({rate}); "
+                     f"{result.ok:,} of {n:,} ok, {result.errors:,} errors", highlight=False)
+        if result.errors and result.status == "complete":
+            stderr.print(f"[yellow]note:[/] {result.errors:,} samples failed after {max_attempts} "
+                         f"attempts; detaudit run --resume {store.path} retries them", highlight=False)
     analysis = _analyze_store(store, threshold_pct)
     info = _run_info(store, result)
     store.close()
