@@ -18,6 +18,9 @@ from typing import Any
 from detaudit.backends.base import BackendError
 from detaudit.probes import Probe
 from detaudit.records import Completion, Position, TokenLogprob
+# torch and friends are the optional [local] extras: importing this module without
+# them raises ImportError, which the CLI turns into an install hint.
+from local_backend.engine import Engine, Request, RequestError
 
 DEFAULT_BATCH_SIZES = (1, 3, 8, 32)
 FILLER_TOKENS = (4, 64)  # filler prompt lengths when the probe names none
@@ -30,8 +33,6 @@ class LocalBackend:
                  batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BATCH_SIZES,
                  device: str | None = None, seed: int = 0, dtype: str | None = None,
                  max_len: int = 2048):
-        from local_backend.engine import Engine  # torch is an optional dependency
-
         sizes = list(batch_sizes)
         if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
             raise ValueError(f"batch_sizes must be a non-empty list of positive integers, got {batch_sizes!r}")
@@ -70,8 +71,6 @@ class LocalBackend:
     # -- one repeat ----------------------------------------------------------------------
 
     def _complete(self, probe: Probe, index: int) -> Completion:
-        from local_backend.engine import RequestError
-
         size = self.batch_sizes[index % len(self.batch_sizes)]
         rng = random.Random(f"detaudit-batch:{self.seed}:{index}")
         try:
@@ -98,10 +97,8 @@ class LocalBackend:
                           extra={"batch_size": size, "batch_position": position,
                                  "prompt_tokens": prompt_len})
 
-    def _request(self, probe: Probe):
+    def _request(self, probe: Probe) -> Request:
         """The probe's OpenAI-style request as an engine Request."""
-        from local_backend.engine import Request
-
         req = probe.request
         stop = req.get("stop") or []
         top = req.get("top_logprobs", 0) if req.get("logprobs") is True else req.get("logprobs") or 0
@@ -116,11 +113,9 @@ class LocalBackend:
             top_logprobs=int(top or 0),
         )
 
-    def _filler(self, rng: random.Random, probe: Probe, max_tokens: int):
+    def _filler(self, rng: random.Random, probe: Probe, max_tokens: int) -> Request:
         """Random tokens of a random length, generating as long as the probe so the batch
         keeps its size for the probe's whole life."""
-        from local_backend.engine import Request
-
         low, high = FILLER_TOKENS
         if probe.load is not None:
             low, high = probe.load.filler_min_tokens, probe.load.filler_max_tokens
