@@ -59,6 +59,18 @@ class Kernels(str, Enum):
     default = "default"
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"detaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Does an LLM give the same answer twice? Send one request many times, store every answer, and count the distinct logprobs and outputs."""
+
+
 class UsageProblem(Exception):
     """Bad input from the user: printed in red, exit code 2."""
 
@@ -180,6 +192,9 @@ def run(
         run_id = new_run_id(probe_obj.name, config["model"])
         store = RunStore.create(out or Path("results"), run_id, manifest)
 
+    if probe_obj.kind == "load-sweep":
+        stderr.print("[yellow]note:[/] this version sends load-sweep probes as plain repeats; "
+                     "the load levels are not applied yet", highlight=False)
     if not quiet:
         stderr.print(f"[bold]{store.manifest['run_id']}[/]: {probe_obj.name} x {n:,} -> "
                      f"{_backend_name(store.manifest)}, concurrency {run_concurrency}",
