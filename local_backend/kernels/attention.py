@@ -2,8 +2,9 @@
 
 Query token t attends to k_cache[slots[t], 0 .. positions[t]] (its own K/V is
 already in the cache). The host groups the batch's tokens into tiles of at
-most BLOCK_M tokens of one sequence; one program handles one tile for one KV
-head, with the whole GQA group of query heads as extra rows.
+most BLOCK_M tokens of one sequence (BLOCK_M fixed per model: tile_config);
+one program handles one tile for one KV head, with the whole GQA group of
+query heads as extra rows.
 
 Why it is batch-invariant:
   * KV is swept in chunks of a fixed BLOCK_N, always from position 0 upwards,
@@ -24,9 +25,9 @@ import torch
 
 from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
 
-BLOCK_M = 16   # query tokens of one sequence per tile
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
 MAX_HEAD_DIM = 256
+SHARED_MEMORY_FOR_KV = 128 * 1024  # bytes of K/V chunks in flight on a GPU (H100: 227 KiB in all)
 LOG2_E = 1.4426950408889634
 
 
@@ -94,8 +95,28 @@ def _attention_kernel(
              cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _build_tiles(slots: torch.Tensor) -> torch.Tensor:
-    """[num_tiles, BLOCK_M] token indices, each row from one sequence, -1 as padding.
+def tile_config(group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M query tokens per tile, BLOCK_D, num_stages) for one model's shapes.
+
+    They depend only on the model (GQA group, head_dim, dtype), never on the
+    batch, and BLOCK_N is the same everywhere. num_stages only pipelines loads
+    and does not touch the numbers. On a GPU a tile holds about 64 query rows
+    (16 for wide heads), so it fits in shared memory; under the interpreter big
+    tiles mean fewer (slow) programs.
+    """
+    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if INTERPRET:
+        return 16, block_d, 1
+    elem = torch.finfo(dtype).bits // 8
+    rows = 64 if block_d * elem <= 256 else 16
+    kv_bytes_per_stage = 2 * BLOCK_N * block_d * elem
+    return max(1, rows // group_pad), block_d, max(1, min(3, SHARED_MEMORY_FOR_KV // kv_bytes_per_stage))
+
+
+def _build_tiles(slots: torch.Tensor, BLOCK_M: int) -> torch.Tensor:
+    """[num_tiles, BLOCK_M] token indices, each row from one sequence, -1 as padding
+    (on the CPU, from a CPU copy of slots).
 
     Tokens keep their batch order inside a sequence; which tile or row a token
     lands in does not change its result (see the module docstring).
@@ -103,13 +124,13 @@ def _build_tiles(slots: torch.Tensor) -> torch.Tensor:
     T = slots.numel()
     order = torch.argsort(slots, stable=True)
     _, counts = torch.unique_consecutive(slots[order], return_counts=True)
-    seq_of = torch.repeat_interleave(torch.arange(counts.numel(), device=slots.device), counts)
+    seq_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
     seq_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(T, device=slots.device) - seq_start[seq_of]
+    rank = torch.arange(T) - seq_start[seq_of]
     tiles_per_seq = (counts + BLOCK_M - 1) // BLOCK_M
     first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
     num_tiles = int(tiles_per_seq.sum().item())
-    tiles = torch.full((num_tiles * BLOCK_M,), -1, dtype=torch.int64, device=slots.device)
+    tiles = torch.full((num_tiles * BLOCK_M,), -1, dtype=torch.int64)
     tiles[(first_tile[seq_of] + rank // BLOCK_M) * BLOCK_M + rank % BLOCK_M] = order
     return tiles.view(num_tiles, BLOCK_M)
 
@@ -133,13 +154,15 @@ def _check(q, k_cache, v_cache, slots, positions) -> None:
         raise ValueError(f"attention: slots and positions must have shape ({T},), got "
                          f"{tuple(slots.shape)} and {tuple(positions.shape)}")
     check_same_device(q, k_cache, v_cache, slots, positions)
-    if T:
-        lo_slot, hi_slot, lo_pos, hi_pos = torch.stack(
-            [slots.min(), slots.max(), positions.min(), positions.max()]).tolist()
-        if lo_slot < 0 or hi_slot >= S:
-            raise ValueError(f"attention: slots must lie in [0, {S}), got {lo_slot}..{hi_slot}")
-        if lo_pos < 0 or hi_pos >= L:
-            raise ValueError(f"attention: positions must lie in [0, {L}), got {lo_pos}..{hi_pos}")
+
+
+def _check_indices(slots: torch.Tensor, positions: torch.Tensor, S: int, L: int) -> None:
+    """On host copies: an index outside the cache would read or write out of bounds."""
+    lo_slot, hi_slot, lo_pos, hi_pos = (int(slots.min()), int(slots.max()), int(positions.min()), int(positions.max()))
+    if lo_slot < 0 or hi_slot >= S:
+        raise ValueError(f"attention: slots must lie in [0, {S}), got {lo_slot}..{hi_slot}")
+    if lo_pos < 0 or hi_pos >= L:
+        raise ValueError(f"attention: positions must lie in [0, {L}), got {lo_pos}..{hi_pos}")
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -153,14 +176,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return out
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
-    tiles = _build_tiles(slots)
+    # The one device -> host copy: tiles are planned on the host, where small
+    # index work costs microseconds instead of a chain of synchronising kernels.
+    host_slots, host_positions = torch.stack([slots, positions]).cpu()
+    _check_indices(host_slots, host_positions, k_cache.shape[0], k_cache.shape[1])
     group = Hq // Hkv
+    BLOCK_M, BLOCK_D, num_stages = tile_config(group, D, q.dtype)
+    tiles = _build_tiles(host_slots, BLOCK_M).to(q.device)
     _attention_kernel[(tiles.shape[0], Hkv)](
         q, k_cache, v_cache, out, tiles, slots, positions,
         float(scale) * LOG2_E, D,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        num_warps=4,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=4, num_stages=num_stages,
     )
     return out

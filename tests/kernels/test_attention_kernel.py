@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, DTYPES, assert_close_to, randn
-from local_backend.kernels.attention import BLOCK_M, BLOCK_N
+from local_backend.kernels.attention import BLOCK_N, tile_config
 
 S, L = 4, 160              # cache slots and their length
 HQ, HKV, D = 6, 2, 40      # GQA group of 3 (not a power of two), head_dim not a power of two
 SCALE = D ** -0.5
 PROMPT = 70                # spans several query tiles and KV chunks
-assert PROMPT > BLOCK_M and PROMPT > BLOCK_N
+assert PROMPT > tile_config(HQ // HKV, D, torch.float32)[0] and PROMPT > BLOCK_N
 
 
 def ints(values) -> torch.Tensor:
