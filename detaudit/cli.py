@@ -348,7 +348,7 @@ def _command_line(ctx: typer.Context, api_key_env: str) -> list[str]:
         if value is True:
             words.append(flag)
             continue
-        text = str(value)
+        text = str(value.value if isinstance(value, Enum) else value)
         if param.name == "base_url":
             text = _without_userinfo(text)
         if key and key in text:

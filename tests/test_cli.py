@@ -69,7 +69,7 @@ def test_manifest_records_the_run_and_never_the_key(fake_openai, tmp_path, monke
     monkeypatch.setenv("DETAUDIT_TEST_KEY", secret)
     fake_openai.configure(api_key=secret)
     result = remote(fake_openai, tmp_path, "--n", "5", "--api-key-env", "DETAUDIT_TEST_KEY",
-                    "--seed", "7", "--prompt", "Pick heads or tails.")
+                    "--seed", "7", "--prompt", "Pick heads or tails.", "--api", "chat")
     assert result.exit_code == 0, result.stderr
     run_dir = only_run(tmp_path)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -80,7 +80,11 @@ def test_manifest_records_the_run_and_never_the_key(fake_openai, tmp_path, monke
     assert manifest["probe"]["request"]["messages"] == [{"role": "user", "content": "Pick heads or tails."}]
     assert manifest["backend"]["model"] == MODEL
     assert manifest["backend_config"]["api_key_env"] == "DETAUDIT_TEST_KEY"
-    assert manifest["command"][:2] == ["detaudit", "run"] and "--seed" in manifest["command"]
+    command = manifest["command"]
+    assert command[:2] == ["detaudit", "run"]
+    assert command[command.index("--seed") + 1] == "7"
+    assert command[command.index("--api") + 1] == "chat"
+    assert "--api-key-env" in command
     for file in run_dir.iterdir():
         assert secret.encode() not in file.read_bytes(), file.name
     assert secret not in result.stdout + result.stderr
