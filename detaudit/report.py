@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from detaudit.analysis import Analysis, TokenResult
+from detaudit.analysis.logit_grid import log_odds_of_pct
 
 MAX_CLUSTER_ROWS = 12  # per token; the CSV export has them all
 MAX_OUTPUT_ROWS = 10
@@ -45,6 +46,10 @@ def render_report(result: Analysis, console: Console, title: str | None = None) 
         console.print(_groups_table(result))
     if result.divergence is not None:
         console.print(_divergence_table(result))
+    if result.insight is not None:
+        from detaudit.report_insight import render_insight
+
+        render_insight(result.insight, console)
 
 
 def _verdict(result: Analysis) -> Text:
@@ -94,11 +99,12 @@ def _outcomes_table(result: Analysis) -> Table:
 
 def _clusters_table(t: TokenResult, threshold_pct: float) -> Table:
     table = _table(f"Clusters of P({_name(t)}) (gap > {threshold_pct:g} pp splits)",
-                   ["#", "centre %", "min %", "max %", "width", "count", "share %",
+                   ["#", "centre %", "log-odds", "min %", "max %", "width", "count", "share %",
                     "values", "fingerprints"])
     ordered = t.clusters.sort_values("count", ascending=False, kind="stable")
     for r in ordered.head(MAX_CLUSTER_ROWS).itertuples():
-        table.add_row(str(r.cluster), f"{r.centre:.6f}", f"{r.min:.6f}", f"{r.max:.6f}",
+        table.add_row(str(r.cluster), f"{r.centre:.6f}", _num(float(log_odds_of_pct(r.centre))),
+                      f"{r.min:.6f}", f"{r.max:.6f}",
                       f"{r.width:.2e}", f"{r.count:,}", f"{100 * r.share:.2f}",
                       f"{r.distinct_values:,}", _fingerprints(r.fingerprints))
     if len(t.clusters) > MAX_CLUSTER_ROWS:

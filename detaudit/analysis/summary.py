@@ -17,6 +17,7 @@ import pandas as pd
 from detaudit.analysis.clusters import cluster_table, distinct_values
 from detaudit.analysis.divergence import Divergence, divergence
 from detaudit.analysis.frame import Frames, natural_key
+from detaudit.analysis.logit_grid import log_odds_of_pct
 from detaudit.analysis.stats import Spread, spread, wilson_interval
 
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -45,7 +46,10 @@ class TokenResult:
 
     def to_dict(self, threshold_pct: float) -> dict[str, Any]:
         clusters = [{"cluster": int(r.cluster), "centre_pct": r.centre, "min_pct": r.min,
-                     "max_pct": r.max, "width_pct": r.width, "count": int(r.count),
+                     "max_pct": r.max, "width_pct": r.width,
+                     "centre_log_odds": float(log_odds_of_pct(r.centre)),
+                     "min_log_odds": float(log_odds_of_pct(r.min)),
+                     "max_log_odds": float(log_odds_of_pct(r.max)), "count": int(r.count),
                      "share": r.share, "distinct_values": int(r.distinct_values),
                      "fingerprints": r.fingerprints}
                     for r in self.clusters.itertuples()]
@@ -100,6 +104,9 @@ class Analysis:
     groups: list[dict[str, Any]]
     divergence: Divergence | None
     frames: Frames | None = field(default=None, repr=False)
+    # Logit grid and top-k entropy (detaudit.analysis.insight), attached by the caller
+    # when the samples' top-k lists are at hand; in the JSON as "insight".
+    insight: Any = field(default=None, repr=False)
 
     @property
     def deterministic(self) -> bool:
@@ -121,6 +128,7 @@ class Analysis:
             "fingerprints": self.fingerprints,
             "groups": self.groups,
             "divergence": self.divergence.to_dict() if self.divergence else None,
+            **({"insight": self.insight.to_dict()} if self.insight is not None else {}),
         })
 
 

@@ -1,0 +1,285 @@
+"""``detaudit compare``, ``plot`` and ``tokens``, plus the dry run and cost cap of ``run``.
+
+The command functions live here and ``detaudit.cli`` registers them with
+``register(app, guard)``, where ``guard`` is its error wrapper (expected errors become
+one red line and an exit code). Exit codes: 0 ok; 1 failed; 2 usage;
+``compare`` exits ``EXIT_DIFFER`` (4) when the runs differ significantly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from detaudit.analysis import Analysis, Frames, analyze, build_frames
+from detaudit.analysis.summary import OUTCOME_KINDS
+from detaudit.records import Sample
+
+EXIT_DIFFER = 4
+DEFAULT_THRESHOLD_PCT = 0.01
+
+stderr = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int) -> None:
+    """One red line on stderr, then exit (the CLI's convention)."""
+    stderr.print("[bold red]error:[/] ", end="")
+    stderr.print(message, markup=False, style="red", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, allow_nan=False, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# --- loading a run folder or an analysed file -----------------------------------------------
+
+@dataclass
+class Source:
+    """A stored run or a CSV/JSONL file, as frames (and samples, for a run)."""
+
+    path: Path
+    frames: Frames
+    samples: list[Sample] | None
+    manifest: dict[str, Any] | None
+
+    @property
+    def probe_kind(self) -> str | None:
+        if self.manifest is not None:
+            return self.manifest.get("probe", {}).get("kind")
+        return "outcome" if self.frames.samples["output"].notna().any() else None
+
+    @property
+    def outcome_labels(self) -> list[str]:
+        if self.manifest is not None:
+            if self.probe_kind not in OUTCOME_KINDS:
+                return []
+            return list(self.manifest.get("probe", {}).get("track", {}).get("outcomes") or
+                        [t["label"] for t in self.manifest.get("tracked") or []])
+        return [t["label"] for t in self.frames.tracked_tokens] or \
+            list(dict.fromkeys(self.frames.tracked["label"].astype(str)))
+
+    def analyze(self, threshold_pct: float) -> Analysis:
+        return analyze(self.frames, threshold_pct=threshold_pct, probe_kind=self.probe_kind)
+
+
+def load_source(path: Path) -> Source:
+    """A run folder (results/<run-id>) or a CSV/JSONL file for ``detaudit analyze``."""
+    from detaudit.ingest import load_table
+    from detaudit.store import RunStore
+
+    if path.is_file():
+        return Source(path, load_table(path), None, None)
+    with RunStore.open(path) as store:
+        samples = store.samples()
+        manifest = dict(store.manifest)
+    return Source(path, build_frames(samples, manifest.get("tracked") or []), samples, manifest)
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+COMPARE_EXAMPLES = """\
+[bold]Examples[/]
+
+  detaudit compare results/<monday> results/<tuesday>
+  detaudit compare results/<run-id> gpt4o-2024.csv --alpha 0.01 --json
+
+Exit codes: 0 no significant difference, 4 the runs differ, 1 failed, 2 usage error.
+"""
+
+
+def compare(
+    run_a: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL): A."),
+    run_b: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL): B."),
+    alpha: float = typer.Option(0.05, min=0.0, max=1.0, min_open=True, max_open=True,
+                                help="Significance level, after Holm's correction across the tests."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Did the outputs or the tracked-token logprobs change between two runs?
+
+    Outputs: chi-square (Fisher's exact test for small 2x2 tables, a permutation test for
+    other sparse tables). Logprobs: two-sample Kolmogorov-Smirnov per tracked token.
+    Holm-corrected together. Outcome shares: difference B - A with a 95% interval.
+    Exits 4 when the runs differ significantly, 0 when they do not.
+    """
+    from detaudit.analysis.compare import compare as compare_frames
+    from detaudit.report_insight import render_comparison
+
+    a, b = load_source(run_a), load_source(run_b)
+    labels = [label for label in a.outcome_labels if label in b.outcome_labels]
+    result = compare_frames(a.frames, b.frames, alpha=alpha, outcome_labels=labels)
+    if result.n_a == 0 or result.n_b == 0:
+        empty = run_a if result.n_a == 0 else run_b
+        fail(f"{empty}: no successful samples to compare; see detaudit report {empty}", 1)
+    if json_out:
+        _print_json({"a": str(run_a), "b": str(run_b), **result.to_dict()})
+    else:
+        render_comparison(result, Console(highlight=False), str(run_a), str(run_b))
+    if result.differ:
+        raise typer.Exit(EXIT_DIFFER)
+
+
+# --- plot ------------------------------------------------------------------------------------
+
+PLOT_EXAMPLES = """\
+[bold]Examples[/]
+
+  detaudit plot results/<run-id> -o coin-flip.png
+  detaudit plot gpt4o-heads.csv -o clusters.svg --threshold-pct 0.001
+"""
+
+
+def plot(
+    run: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Picture to write: .png, .svg or .pdf."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0,
+                                        help="Cluster gap, in percentage points of probability."),
+    title: Optional[str] = typer.Option(None, help="Title above the picture [default: probe x n]."),
+    json_out: bool = typer.Option(False, "--json", help="Print {\"plot\": PATH} on stdout."),
+) -> None:
+    """Draw the distinct probabilities of each tracked token (clusters shaded, fingerprints
+    coloured) and, for completion probes, where completions first diverge."""
+    from detaudit.plot import PlotError, plot_analysis
+
+    source = load_source(run)
+    analysis = source.analyze(threshold_pct)
+    if title is None:
+        m = source.manifest
+        title = f"{m['probe']['name']} x {m['n']:,}: {m.get('backend', {}).get('model', '')}" \
+            if m else str(run)
+    try:
+        written = plot_analysis(analysis, output, title=title)
+    except PlotError as exc:
+        fail(str(exc), 2)
+    if json_out:
+        _print_json({"plot": str(written)})
+    else:
+        typer.echo(f"Plot written to {written}")
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+TOKENS_EXAMPLES = """\
+[bold]Examples[/]
+
+  detaudit tokens Tails --model gpt-4o      [dim]# T + ails[/]
+  detaudit tokens " Heads" --model gpt-3.5-turbo --json
+  detaudit tokens Tails --model tiny        [dim]# the bundled engine's tokenizer[/]
+"""
+
+
+@dataclass
+class Split:
+    tokenizer: str
+    ids: list[int]
+    tokens: list[str]
+    first_token: str | None  # what a run tracks for an outcome label ``text``
+
+
+def split_text(text: str, model: str) -> Split:
+    """How ``model``'s tokenizer splits ``text``, and the first token a run would track
+    for it (the very function the runner calls: ``Backend.first_token``'s logic)."""
+    from detaudit import tokenization
+
+    if model == "tiny" or Path(model).expanduser().is_dir():
+        return _split_local(text, model)
+    name = tokenization.encoding_name(model)
+    encoding = tokenization.load_encoding(name) if name else None
+    if encoding is None:
+        fail(f"no tokenizer is known for {model!r}: tiktoken knows OpenAI models (gpt-4o, "
+             "gpt-4o-mini, gpt-3.5-turbo...), and 'tiny' or a model folder uses the local "
+             "engine's tokenizer", 2)
+    ids = encoding.encode(text, disallowed_special=())
+    tokens = [encoding.decode_single_token_bytes(i).decode("utf-8", errors="replace") for i in ids]
+    return Split(encoding.name, ids, tokens, tokenization.first_token(text, model))
+
+
+def _split_local(text: str, model: str) -> Split:
+    from local_backend.config import resolve_model_dir
+    from local_backend.tokenizer import Tokenizer
+
+    folder = resolve_model_dir(model)
+    if not (folder / "tokenizer.json").is_file():
+        fail(f"{folder}: no tokenizer.json, so text cannot be split for this model", 2)
+    tokenizer = Tokenizer(folder)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    first = tokenizer.first_generated_token(text)  # what LocalBackend.first_token tracks
+    return Split(f"{model} (tokenizer.json)", ids, [tokenizer.token_text(i) for i in ids],
+                 None if first is None else tokenizer.token_text(first))
+
+
+def tokens(
+    text: str = typer.Argument(..., help="Text to split, e.g. an outcome label such as Tails."),
+    model: str = typer.Option("gpt-4o", help="OpenAI model name (tiktoken), or 'tiny' / a model "
+                                             "folder for the local engine."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Show how a model's tokenizer splits TEXT, and which first token a run tracks for it."""
+    split = split_text(text, model)
+    if json_out:
+        _print_json({"text": text, "model": model, "tokenizer": split.tokenizer,
+                     "tokens": [{"id": i, "text": t} for i, t in zip(split.ids, split.tokens)],
+                     "first_token": split.first_token})
+        return
+    console = Console(highlight=False)
+    table = Table("#", "id", "token", title=f"{text!r} under {split.tokenizer}: "
+                  f"{len(split.ids)} token(s)", title_justify="left")
+    for i, (token_id, token) in enumerate(zip(split.ids, split.tokens)):
+        table.add_row(str(i), str(token_id), repr(token))
+    console.print(table, markup=False)
+    typer.echo(" + ".join(split.tokens) if split.tokens else "(no tokens)")
+    typer.echo(f"A run tracks an outcome labelled {text!r} by its first token: "
+               f"{split.first_token!r}")
+
+
+# --- run: dry run and cost cap ----------------------------------------------------------------
+
+def cost_plan(probe: Any, config: dict[str, Any], requests: int, prices: Path | None):
+    """The cost estimate of a run; a bad price file is a usage error (exit 2)."""
+    from detaudit.cost import PriceError, plan_run
+
+    try:
+        return plan_run(probe, config, requests, prices)
+    except PriceError as exc:
+        fail(str(exc), 2)
+
+
+def dry_run(plan: Any, request: dict[str, Any], json_out: bool) -> None:
+    """Print what ``run`` would send and what it would cost; send nothing."""
+    from detaudit.report_insight import render_plan
+
+    if json_out:
+        _print_json({"dry_run": True, "request": request, **plan.to_dict()})
+        return
+    typer.echo(f"Request (sent {plan.requests:,} times):")
+    typer.echo(json.dumps(request, indent=2, ensure_ascii=False))
+    render_plan(plan, Console(highlight=False))
+
+
+def affordable(plan: Any, max_cost: float) -> int:
+    """How many requests fit under --max-cost; exit 2 when not even one does."""
+    from detaudit.cost import PriceError
+
+    try:
+        count = plan.affordable(max_cost)
+    except PriceError as exc:
+        fail(str(exc), 2)
+    if count == 0 and plan.requests > 0:
+        fail(f"--max-cost {max_cost:g} USD does not cover one request (at most "
+             f"{plan.per_request_usd:.6g} USD each); raise --max-cost", 2)
+    return count
+
+
+def register(app: typer.Typer, guard: Callable[[Callable], Callable]) -> None:
+    """Add compare, plot and tokens to the CLI app, wrapped in its error guard."""
+    app.command(epilog=COMPARE_EXAMPLES)(guard(compare))
+    app.command(epilog=PLOT_EXAMPLES)(guard(plot))
+    app.command(epilog=TOKENS_EXAMPLES)(guard(tokens))
