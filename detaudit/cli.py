@@ -23,7 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from detaudit import __version__
+from detaudit import commands_insight as insight
 from detaudit.analysis import Analysis, analyze, build_frames
+from detaudit.analysis.insight import build_insight
 from detaudit.backends.base import BackendError
 from detaudit.ingest import IngestError
 from detaudit.probes import Probe, ProbeError, builtin_names, load_probe
@@ -156,6 +158,9 @@ def run(
     max_attempts: int = typer.Option(5, min=1, help="Tries per request before it is stored as an error."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (run facts + summary) on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the request, its prompt and completion tokens and the estimated cost; send nothing."),
+    max_cost: Optional[float] = typer.Option(None, min=0.0, help="Budget in USD: stop before the estimated spend (at max_tokens per request) would exceed it."),
+    prices: Optional[Path] = typer.Option(None, help="TOML price table (USD per 1M tokens) that overrides the built-in prices.", metavar="FILE"),
 ) -> None:
     """Send a probe N times, store every answer, and report the distinct logprobs and outputs.
 
@@ -171,6 +176,12 @@ def run(
             raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
                                f"manifest; drop {', '.join(given)}")
         store, probe_obj, backend_obj, n = _reopen(resume, api_key_env)
+        if dry_run:  # what finishing the run would send
+            plan = insight.cost_plan(probe_obj, store.manifest["backend_config"],
+                                     len(store.missing_indices(n)), prices)
+            store.close()
+            asyncio.run(backend_obj.aclose())
+            return insight.dry_run(plan, probe_obj.request, json_out)
         run_concurrency = concurrency or store.manifest["concurrency"]
         store.update_manifest(resumed_at=store.manifest.get("resumed_at", []) + [utc_now()],
                               concurrency=run_concurrency)
@@ -178,8 +189,13 @@ def run(
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
         config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes)
-        backend_obj = _make_backend(config, probe_obj)
         n = n or probe_obj.default_n
+        if dry_run or max_cost is not None:  # before a backend or a run folder exists
+            plan = insight.cost_plan(probe_obj, config, n, prices)
+            if dry_run:
+                return insight.dry_run(plan, probe_obj.request, json_out)
+            insight.affordable(plan, max_cost)
+        backend_obj = _make_backend(config, probe_obj)
         run_concurrency = concurrency or probe_obj.default_concurrency
         manifest = {
             "tool_version": __version__, "probe": probe_obj.to_dict(), "n": n,
@@ -199,9 +215,10 @@ def run(
         stderr.print(f"[bold]{store.manifest['run_id']}[/]: {probe_obj.name} x {n:,} -> "
                      f"{_backend_name(store.manifest)}, concurrency {run_concurrency}",
                      highlight=False, soft_wrap=True)
+    session_n = n if max_cost is None else _within_budget(store, probe_obj, n, max_cost, prices)
     progress = stderr if not quiet and stderr.is_terminal else None
     try:
-        result = asyncio.run(_session(probe_obj, backend_obj, store, n, run_concurrency,
+        result = asyncio.run(_session(probe_obj, backend_obj, store, session_n, run_concurrency,
                                       max_attempts, progress))
     except KeyboardInterrupt:
         done = len(store.done_indices())
@@ -217,6 +234,9 @@ def run(
         if result.errors and result.status == "complete":
             stderr.print(f"[yellow]note:[/] {result.errors:,} samples failed after {max_attempts} "
                          f"attempts; detaudit run --resume {store.path} retries them", highlight=False)
+    stopped_by_budget = session_n < n and result.status == "complete"
+    if stopped_by_budget:
+        store.update_manifest(status="interrupted", stopped_by="max-cost")
     analysis = _analyze_store(store, threshold_pct)
     info = _run_info(store, result)
     store.close()
@@ -232,6 +252,24 @@ def run(
     if result.ok == 0:
         raise RunFailed(f"no request succeeded ({result.errors:,} errors); see "
                         f"detaudit report {store.path}")
+    if stopped_by_budget:
+        raise RunFailed(f"stopped by --max-cost {max_cost:g} USD after {result.ok + result.errors:,} "
+                        f"of {n:,} samples; finish with: detaudit run --resume {store.path} "
+                        "--max-cost USD")
+
+
+def _within_budget(store: RunStore, probe: Probe, n: int, max_cost: float,
+                   prices: Path | None) -> int:
+    """The n to give the runner so that at most the affordable missing indices are sent."""
+    missing = store.missing_indices(n)
+    plan = insight.cost_plan(probe, store.manifest["backend_config"], len(missing), prices)
+    allowed = insight.affordable(plan, max_cost)
+    if allowed >= len(missing):
+        return n
+    stderr.print(f"[yellow]--max-cost {max_cost:g} USD[/]: sending {allowed:,} of the "
+                 f"{len(missing):,} requests left (at most {plan.per_request_usd:.6g} USD each)",
+                 highlight=False)
+    return missing[allowed - 1] + 1
 
 
 async def _session(probe: Probe, backend: Any, store: RunStore, n: int, concurrency: int,
@@ -388,8 +426,11 @@ def _run_info(store: RunStore, result: RunResult | None = None) -> dict[str, Any
 
 def _analyze_store(store: RunStore, threshold_pct: float) -> Analysis:
     m = store.manifest
-    frames = build_frames(store.samples(), m.get("tracked") or [])
-    return analyze(frames, threshold_pct=threshold_pct, probe_kind=m["probe"].get("kind"))
+    samples = store.samples()
+    frames = build_frames(samples, m.get("tracked") or [])
+    analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=m["probe"].get("kind"))
+    analysis.insight = build_insight(frames, samples)  # logit grid, top-k entropy
+    return analysis
 
 
 def _render(analysis: Analysis, manifest: dict[str, Any] | None, title: str | None = None) -> None:
@@ -498,6 +539,9 @@ def probes(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
         table.add_row(r["name"], r["kind"], f"{r['n']:,}", r["description"])
     Console().print(table)
     typer.echo("Use one with: detaudit run --probe NAME (or --probe FILE.toml)")
+
+
+insight.register(app, _cli_errors)  # compare, plot, tokens
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -99,8 +100,8 @@ Exit codes: 0 no significant difference, 4 the runs differ, 1 failed, 2 usage er
 def compare(
     run_a: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL): A."),
     run_b: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL): B."),
-    alpha: float = typer.Option(0.05, min=0.0, max=1.0, min_open=True, max_open=True,
-                                help="Significance level, after Holm's correction across the tests."),
+    alpha: float = typer.Option(0.05, help="Significance level (0 < alpha < 1), after Holm's "
+                                           "correction across the tests."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Did the outputs or the tracked-token logprobs change between two runs?
@@ -113,6 +114,8 @@ def compare(
     from detaudit.analysis.compare import compare as compare_frames
     from detaudit.report_insight import render_comparison
 
+    if not 0.0 < alpha < 1.0:
+        fail(f"--alpha {alpha:g}: give a significance level between 0 and 1, e.g. 0.05", 2)
     a, b = load_source(run_a), load_source(run_b)
     labels = [label for label in a.outcome_labels if label in b.outcome_labels]
     result = compare_frames(a.frames, b.frames, alpha=alpha, outcome_labels=labels)
@@ -145,8 +148,12 @@ def plot(
     title: Optional[str] = typer.Option(None, help="Title above the picture [default: probe x n]."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"plot\": PATH} on stdout."),
 ) -> None:
-    """Draw the distinct probabilities of each tracked token (clusters shaded, fingerprints
-    coloured) and, for completion probes, where completions first diverge."""
+    """Draw a run: each tracked token's distinct probabilities, and where completions diverge.
+
+    Stems at every distinct probability (height: count), stacked by system_fingerprint,
+    clusters shaded, a log-odds axis on top; completion probes add a histogram of
+    first-divergence positions. The path of the picture is printed on stdout.
+    """
     from detaudit.plot import PlotError, plot_analysis
 
     source = load_source(run)
@@ -230,8 +237,8 @@ def tokens(
                      "first_token": split.first_token})
         return
     console = Console(highlight=False)
-    table = Table("#", "id", "token", title=f"{text!r} under {split.tokenizer}: "
-                  f"{len(split.ids)} token(s)", title_justify="left")
+    typer.echo(f"{text!r} under {split.tokenizer}: {len(split.ids)} token(s)")
+    table = Table("#", "id", "token", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, (token_id, token) in enumerate(zip(split.ids, split.tokens)):
         table.add_row(str(i), str(token_id), repr(token))
     console.print(table, markup=False)
