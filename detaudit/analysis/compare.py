@@ -35,7 +35,7 @@ MIN_EXPECTED = 5.0
 
 
 @dataclass
-class Test:
+class StatTest:
     """One hypothesis test of "A and B come from the same distribution"."""
 
     name: str  # "outputs" or "logprob of <label>"
@@ -72,7 +72,7 @@ class Comparison:
     alpha: float
     n_a: int  # successful samples
     n_b: int
-    tests: list[Test]
+    tests: list[StatTest]
     outcomes: list[OutcomeDiff]
     fingerprints_a: dict[str, int]
     fingerprints_b: dict[str, int]
@@ -116,23 +116,23 @@ def compare(a: Frames, b: Frames, alpha: float = DEFAULT_ALPHA,
         only_in_b=[_name(k) for k in keys_b if k not in keys_a])
 
 
-def outputs_test(a: pd.Series, b: pd.Series, seed: int = 0) -> Test:
+def outputs_test(a: pd.Series, b: pd.Series, seed: int = 0) -> StatTest:
     """Are the outputs distributed alike? ``a``, ``b``: one output text per sample."""
     if a.empty or b.empty:
-        return Test("outputs", "none", None, None, detail={"reason": "a run has no successful samples"})
+        return StatTest("outputs", "none", None, None, detail={"reason": "a run has no successful samples"})
     table = contingency(a, b)
     if table.shape[1] == 1:  # one and the same output everywhere: nothing differs
-        return Test("outputs", "identical", 0.0, 1.0, detail={"distinct_outputs": 1})
+        return StatTest("outputs", "identical", 0.0, 1.0, detail={"distinct_outputs": 1})
     expected = stats.contingency.expected_freq(table)
     detail = {"distinct_outputs": int(table.shape[1]), "min_expected": float(expected.min())}
     if expected.min() >= MIN_EXPECTED:
         chi2, p, dof, _ = stats.chi2_contingency(table)
-        return Test("outputs", "chi-square", float(chi2), float(p), detail={**detail, "dof": int(dof)})
+        return StatTest("outputs", "chi-square", float(chi2), float(p), detail={**detail, "dof": int(dof)})
     if table.shape == (2, 2):
         odds, p = stats.fisher_exact(table)
-        return Test("outputs", "fisher-exact", float(odds), float(p), detail=detail)
+        return StatTest("outputs", "fisher-exact", float(odds), float(p), detail=detail)
     chi2, p = permutation_chi2(table, seed=seed)
-    return Test("outputs", "chi-square-permutation", chi2, p,
+    return StatTest("outputs", "chi-square-permutation", chi2, p,
                 detail={**detail, "permutations": PERMUTATIONS})
 
 
@@ -162,7 +162,7 @@ def _chi2(table: np.ndarray) -> float:
     return float(((table - expected) ** 2 / expected).sum())
 
 
-def logprob_test(key: tuple[str, int], a: np.ndarray, b: np.ndarray) -> Test:
+def logprob_test(key: tuple[str, int], a: np.ndarray, b: np.ndarray) -> StatTest:
     """Kolmogorov-Smirnov on the logprobs of one tracked token."""
     name = f"logprob of {_name(key)}"
     detail = {"n_a": int(a.size), "n_b": int(b.size),
@@ -171,12 +171,12 @@ def logprob_test(key: tuple[str, int], a: np.ndarray, b: np.ndarray) -> Test:
               "mean_a": float(a.mean()) if a.size else math.nan,
               "mean_b": float(b.mean()) if b.size else math.nan}
     if a.size == 0 or b.size == 0:
-        return Test(name, "none", None, None, detail={**detail, "reason": "absent from a run's top-k"})
+        return StatTest(name, "none", None, None, detail={**detail, "reason": "absent from a run's top-k"})
     result = stats.ks_2samp(a, b)
-    return Test(name, "kolmogorov-smirnov", float(result.statistic), float(result.pvalue), detail=detail)
+    return StatTest(name, "kolmogorov-smirnov", float(result.statistic), float(result.pvalue), detail=detail)
 
 
-def holm(tests: list[Test], alpha: float) -> None:
+def holm(tests: list[StatTest], alpha: float) -> None:
     """Holm's step-down adjustment over the tests that have a p-value (in place)."""
     tested = sorted((t for t in tests if t.p_value is not None), key=lambda t: t.p_value)
     m = len(tested)
