@@ -23,6 +23,7 @@ MAX_FINGERPRINTS = 8  # coloured individually; the rest share one colour
 PANEL_HEIGHT_IN = 3.0
 WIDTH_IN = 9.0
 DPI = 120
+MIN_SHADE_FRACTION = 0.006  # of the value range, each side of a cluster
 
 
 class PlotError(ValueError):
@@ -96,10 +97,15 @@ def _token_panel(ax, token: TokenResult, counts: pd.DataFrame, threshold_pct: fl
         ax.vlines(part["pct"], low, low + part["count"].to_numpy(), colors=colours[i % len(colours)],
                   linewidth=2.0, label=f"{fp} ({int(totals.get(fp, part['count'].sum())):,})")
         bottom.loc[part["pct"]] += part["count"].to_numpy()
+    span = float(counts["pct"].max() - counts["pct"].min())
+    if span == 0:  # one value: show it in a window of one percentage point
+        span = 1.0
+        ax.set_xlim(float(counts["pct"].iloc[0]) - 0.5, float(counts["pct"].iloc[0]) + 0.5)
+    pad = MIN_SHADE_FRACTION * span  # a cluster narrower than a pixel still shows
     for r in token.clusters.itertuples():
-        ax.axvspan(r.min, r.max, color="0.5", alpha=0.15, linewidth=0)
-        ax.annotate(f"{int(r.count):,}", (r.centre, 1.0), xycoords=("data", "axes fraction"),
-                    ha="center", va="bottom", fontsize=7, color="0.3")
+        ax.axvspan(r.min - pad, r.max + pad, color="0.5", alpha=0.2, linewidth=0)
+        ax.annotate(f"{int(r.count):,} in cluster", (r.centre, 0.97), xycoords=("data", "axes fraction"),
+                    ha="center", va="top", fontsize=7, color="0.3")
     ax.set_xlabel(f"P({token.label}) %  (shaded: clusters, gap > {threshold_pct:g} pp splits)")
     ax.set_ylabel("samples")
     ax.set_ylim(0, float(bottom.max()) * 1.15 or 1.0)
@@ -110,7 +116,7 @@ def _token_panel(ax, token: TokenResult, counts: pd.DataFrame, threshold_pct: fl
     top = ax.secondary_xaxis("top", functions=(_pct_to_log_odds, _log_odds_to_pct))
     top.set_xlabel("log-odds", fontsize=8)
     top.tick_params(labelsize=7)
-    ax.legend(title="system_fingerprint", fontsize=7, title_fontsize=7, loc="upper left")
+    ax.legend(title="system_fingerprint", fontsize=7, title_fontsize=7, loc="center left")
 
 
 def _divergence_panel(ax, divergence) -> None:
