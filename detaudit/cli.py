@@ -498,6 +498,7 @@ def analyze_file(
     frames = load_table(file, token=token)
     kind = "outcome" if frames.samples["output"].notna().any() else None
     analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=kind)
+    analysis.insight = build_insight(frames)  # log-odds grid (a file has no top-k lists)
     if json_out:
         _print_json({"file": str(file), **analysis.to_dict()})
     else:
