@@ -138,3 +138,21 @@ def test_usage_errors_exit_2(fake_openai, tmp_path):
     assert missing.exit_code == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
     bad_alpha = cli("compare", run_a, run_a, "--alpha", "1.5")
     assert bad_alpha.exit_code == 2 and "--alpha" in bad_alpha.stderr
+
+
+def test_sparse_larger_table_uses_a_permutation_test():
+    import pandas as pd
+
+    from detaudit.analysis.compare import outputs_test
+
+    a = pd.Series(["Heads"] * 14 + ["Tails"] * 1 + ["Edge"] * 0)
+    b = pd.Series(["Heads"] * 6 + ["Tails"] * 6 + ["Edge"] * 3)
+    result = outputs_test(a, b)
+    table = np.array([[14, 1, 0], [6, 6, 3]])  # columns in any order give the same statistic
+    assert result.method == "chi-square-permutation"
+    assert result.statistic == pytest.approx(stats.chi2_contingency(table, correction=False)[0])
+    reference = stats.chi2_contingency(
+        table, correction=False,
+        method=stats.PermutationMethod(n_resamples=20000, rng=np.random.default_rng(1)))
+    assert result.p_value == pytest.approx(reference.pvalue, abs=0.01)
+    assert outputs_test(a, b).p_value == result.p_value  # seeded: the same p every time
