@@ -1,9 +1,10 @@
 """Batch-invariant ``silu_mul``: silu(gate) * up, the SwiGLU of a Llama MLP.
 
 Elementwise, but it runs a transcendental function, so it goes through the
-same switch as the reductions: one program per row, whole rows in fixed
-chunks, so an element's instructions never depend on where its row sits in
-the batch. Rounding matches torch's ``F.silu(gate) * up``: silu in fp32,
+same switch as the reductions: whole rows in fixed chunks (one row per
+program on a GPU, a fixed block of ROWS rows under the interpreter, where each
+program costs milliseconds), so an element's instructions never depend on
+where its row sits in the batch. Rounding matches torch's ``F.silu(gate) * up``: silu in fp32,
 rounded to the input dtype, then the product rounded again.
 """
 
@@ -14,23 +15,25 @@ import torch
 from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
 
 MAX_BLOCK = 4096
+ROWS = 16 if INTERPRET else 1  # rows per program; fixed, never chosen from the batch
 
 
 @triton.jit
 def _silu_mul_kernel(
-    gate_ptr, up_ptr, out_ptr, F,
+    gate_ptr, up_ptr, out_ptr, F, M,
     stride_gm, stride_um, stride_om,
-    BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]
     offs = tl.arange(0, BLOCK)
     for f0 in range(0, F, BLOCK):
-        f = f0 + offs
-        mask = f < F
-        g = tl.load(gate_ptr + row * stride_gm + f, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + row * stride_um + f, mask=mask, other=0.0).to(tl.float32)
+        f = (f0 + offs)[None, :]
+        mask = (rows < M) & (f < F)
+        g = tl.load(gate_ptr + rows * stride_gm + f, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + rows * stride_um + f, mask=mask, other=0.0).to(tl.float32)
         silu = cast_to(g / (1.0 + tl.exp(-g)), out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + f, cast_to(silu * u, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        tl.store(out_ptr + rows * stride_om + f, cast_to(silu * u, out_ptr.dtype.element_ty, INTERPRETED),
+                 mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -50,6 +53,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
     if g2.shape[0] and F:
         BLOCK = min(triton.next_power_of_2(F), MAX_BLOCK)
-        _silu_mul_kernel[(g2.shape[0],)](g2, u2, out, F, g2.stride(0), u2.stride(0), out.stride(0),
-                                         BLOCK=BLOCK, INTERPRETED=INTERPRET)
+        M = g2.shape[0]
+        _silu_mul_kernel[(triton.cdiv(M, ROWS),)](g2, u2, out, F, M, g2.stride(0), u2.stride(0),
+                                                  out.stride(0), BLOCK=BLOCK, ROWS=ROWS,
+                                                  INTERPRETED=INTERPRET)
     return out.reshape(gate.shape)
