@@ -107,7 +107,7 @@ def tile_config(group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRET:
-        return 16, block_d, 1
+        return 64, block_d, 1
     elem = torch.finfo(dtype).bits // 8
     rows = 64 if block_d * elem <= 256 else 16
     kv_bytes_per_stage = 2 * BLOCK_N * block_d * elem

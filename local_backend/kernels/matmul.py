@@ -60,7 +60,7 @@ def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
     interpreter (about 2 ms per program) fast.
     """
     if INTERPRET:
-        return 64, 128, 64, 4
+        return 128, 256, 128, 4
     if dtype == torch.float32:
         return 64, 64, 32, 4
     return 128, 128, 64, 8
