@@ -189,7 +189,7 @@ def run(
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
         config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes)
-        n = n or probe_obj.default_n
+        n = n or _default_n(probe_obj, config)
         if dry_run or max_cost is not None:  # before a backend or a run folder exists
             plan = insight.cost_plan(probe_obj, config, n, prices)
             if dry_run:
@@ -331,6 +331,25 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
     return {"backend": "openai", "model": model,
             "base_url": _without_userinfo(base_url) if base_url else None,
             "api_key_env": api_key_env}
+
+
+# Without a GPU the local engine's Triton kernels run under the interpreter, about
+# a second per batch of the tiny model: the probe's default n (sized for remote
+# APIs) would take half an hour, so a run with no --n stops at this many.
+LOCAL_CPU_DEFAULT_N = 100
+
+
+def _default_n(probe: Probe, config: dict[str, Any]) -> int:
+    if config["backend"] != "local" or probe.default_n <= LOCAL_CPU_DEFAULT_N:
+        return probe.default_n
+    import torch  # the local extra is installed: the backend is about to load
+
+    if torch.cuda.is_available():
+        return probe.default_n
+    stderr.print(f"[dim]no GPU: the local engine runs its Triton kernels under the interpreter; "
+                 f"n = {LOCAL_CPU_DEFAULT_N} (the probe's default is {probe.default_n:,}; "
+                 f"set --n to choose)[/]", highlight=False)
+    return LOCAL_CPU_DEFAULT_N
 
 
 def _parse_batch_sizes(text: str) -> list[int]:
