@@ -77,14 +77,15 @@ def _overview(result: Analysis) -> Text:
 
 
 def _tokens_table(result: Analysis) -> Table:
-    table = _table("Tracked tokens", ["token", "pos", "n", "missing", "distinct", "clusters",
-                                      "mean P %", "sd P %", "range P %", "min logprob",
-                                      "max logprob"])
+    # Narrow enough for 80 columns; the JSON and the clusters table carry min/max.
+    table = _table("Tracked tokens (dist: bitwise-distinct logprobs; P in %, sd and range in pp)",
+                   ["token", "pos", "n", "miss", "dist", "clust",
+                    "mean P", "sd", "range", "logprob"])
     for t in result.tokens:
         table.add_row(_name(t), str(t.position), f"{t.n:,}", f"{t.missing:,}",
                       _count(t.distinct_logprobs), f"{len(t.clusters):,}",
                       _pct(t.prob.mean), _pct(t.prob.std), _pct(t.prob.range),
-                      _num(t.logprob.min), _num(t.logprob.max))
+                      "-" if not math.isfinite(t.logprob.mean) else f"{t.logprob.mean:.6f}")
     return table
 
 
@@ -146,8 +147,8 @@ def _fingerprints_table(result: Analysis) -> Table:
 def _groups_table(result: Analysis) -> Table:
     columns = ["group", "n", "errors", "outputs"]
     for t in result.tokens[:MAX_TOKEN_COLUMNS]:
-        columns += [f"{_name(t)} distinct", f"{_name(t)} mean P %"]
-    table = _table("By group (load level / batch size)", columns)
+        columns += [f"{_name(t)} dist", f"{_name(t)} P %"]
+    table = _table("By group (load level / batch size; dist: distinct logprobs, P: mean)", columns)
     for g in result.groups:
         row = [escape(g["group"]), f"{g['n']:,}", f"{g['errors']:,}", _count(g["distinct_outputs"])]
         for entry in g["tokens"][:MAX_TOKEN_COLUMNS]:
@@ -180,8 +181,10 @@ def _divergence_table(result: Analysis) -> Table:
 def _table(title: str, columns: list[str]) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 or name in ("output", "fingerprints")
-                         else "right", overflow="fold")
+        text = i == 0 or name in ("output", "fingerprints")
+        # Numbers never wrap (a folded number reads as two); text columns give way.
+        table.add_column(name, justify="left" if text else "right", overflow="fold",
+                         no_wrap=not text, min_width=min(len(name), 12))
     return table
 
 
