@@ -562,6 +562,8 @@ def probes(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
 
 
 insight.register(app, _cli_errors)  # compare, plot, tokens
+from detaudit import commands_serve  # noqa: E402  (it imports cli's helpers lazily)
+commands_serve.register(app, _cli_errors)  # serve, gate
 
 
 def main() -> None:

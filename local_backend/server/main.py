@@ -1,0 +1,90 @@
+"""Run the app under uvicorn on one host and port, with a clean shutdown.
+
+SIGTERM or Ctrl-C: stop accepting connections and new requests, let in-flight
+requests finish for up to ``shutdown_grace_s``, answer the rest with 503, stop the
+engine thread, exit. SIGTERM exits 0 (a supervisor asked for it); Ctrl-C raises
+KeyboardInterrupt afterwards, for the usual 130. A second Ctrl-C forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from typing import Callable
+
+import uvicorn
+
+from local_backend.engine import Engine
+from local_backend.server.app import create_app
+from local_backend.server.scheduler import fingerprint
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None], grace_s: float):
+        super().__init__(config)
+        self.on_ready = on_ready
+        self.grace_s = grace_s
+        self.signals: list[int] = []
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """Like uvicorn's, but a SIGTERM is not raised again after the clean shutdown."""
+        def handle(sig, frame):
+            self.signals.append(sig)
+            self.handle_exit(sig, frame)
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.should_exit:
+            self.on_ready()
+
+    async def shutdown(self, sockets=None) -> None:
+        scheduler = self.config.app.state.scheduler
+        scheduler.stop_accepting()
+        asyncio.get_running_loop().call_later(
+            self.grace_s, scheduler.fail_pending,
+            f"the server is shutting down and this request did not finish within {self.grace_s:g} s")
+        await super().shutdown(sockets=sockets)
+
+
+def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8000, *,
+          max_queue: int = 256, max_body_bytes: int = 1 << 20, request_timeout_s: float = 600.0,
+          shutdown_grace_s: float = 10.0, log: Callable[[str], None] = print) -> None:
+    """Serve until SIGTERM/Ctrl-C; ``log`` gets the URL once the server accepts requests
+    (port 0 picks a free port: the URL says which)."""
+    app = create_app(engine, model_id, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                     request_timeout_s=request_timeout_s)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
+                      "(0 chooses a free one)") from None
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{bound}/v1"
+
+    def ready() -> None:
+        log(f"serving {model_id} at {url} (system_fingerprint {fingerprint(engine)})")
+
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=shutdown_grace_s + 5)
+    server = _Server(config, ready, shutdown_grace_s)
+    server.run(sockets=[sock])
+    if signal.SIGINT in server.signals:
+        raise KeyboardInterrupt
+    if server.started is False and not server.signals:
+        sys.exit(1)
