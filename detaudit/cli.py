@@ -24,6 +24,7 @@ from rich.table import Table
 
 from detaudit import __version__
 from detaudit import commands_insight as insight
+from detaudit import load as load_sweep
 from detaudit.analysis import Analysis, analyze, build_frames
 from detaudit.analysis.insight import build_insight
 from detaudit.backends.base import BackendError
@@ -124,7 +125,7 @@ RUN_EXAMPLES = """\
 
 # Flags that define what is measured: a resumed run takes them from its manifest.
 _MEASUREMENT_FLAGS = ("model", "n", "probe", "base_url", "api", "backend", "kernels",
-                      "batch_sizes", "prompt", "max_tokens", "temperature", "seed",
+                      "batch_sizes", "levels", "prompt", "max_tokens", "temperature", "seed",
                       "top_logprobs", "out")
 
 
@@ -146,6 +147,7 @@ def run(
     kernels: Optional[Kernels] = typer.Option(None, case_sensitive=False,
                                           help="Local engine kernels \\[default: batch-invariant]."),
     batch_sizes: Optional[str] = typer.Option(None, help="Local engine: batch sizes the repeats cycle through \\[default: 1,3,8,32]."),
+    levels: Optional[str] = typer.Option(None, help="load-sweep: requests in flight beside the target, e.g. 0,1,4,16 \\[default: the probe's]; --n is then per level."),
     concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight \\[default: the probe's]."),
     prompt: Optional[str] = typer.Option(None, help="Replace the probe's prompt (one user message for chat)."),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="Override the probe's max_tokens."),
@@ -176,6 +178,8 @@ def run(
             raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
                                f"manifest; drop {', '.join(given)}")
         store, probe_obj, backend_obj, n = _reopen(resume, api_key_env)
+        if probe_obj.kind == "load-sweep":
+            backend_obj = load_sweep.wrap(backend_obj, probe_obj, n)
         if dry_run:  # what finishing the run would send
             plan = insight.cost_plan(probe_obj, store.manifest["backend_config"],
                                      len(store.missing_indices(n)), prices)
@@ -190,12 +194,16 @@ def run(
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
         config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes)
         n = n or _default_n(probe_obj, config)
+        if probe_obj.kind == "load-sweep" or levels is not None:  # n per level -> n in all
+            probe_obj, n = load_sweep.configure(probe_obj, config, levels, batch_sizes, n)
         if dry_run or max_cost is not None:  # before a backend or a run folder exists
             plan = insight.cost_plan(probe_obj, config, n, prices)
             if dry_run:
                 return insight.dry_run(plan, probe_obj.request, json_out)
             insight.affordable(plan, max_cost)
         backend_obj = _make_backend(config, probe_obj)
+        if probe_obj.kind == "load-sweep":
+            backend_obj = load_sweep.wrap(backend_obj, probe_obj, n)
         run_concurrency = concurrency or probe_obj.default_concurrency
         manifest = {
             "tool_version": __version__, "probe": probe_obj.to_dict(), "n": n,
@@ -208,9 +216,6 @@ def run(
         run_id = new_run_id(probe_obj.name, config["model"])
         store = RunStore.create(out or Path("results"), run_id, manifest)
 
-    if probe_obj.kind == "load-sweep":
-        stderr.print("[yellow]note:[/] this version sends load-sweep probes as plain repeats; "
-                     "the load levels are not applied yet", highlight=False)
     if not quiet:
         stderr.print(f"[bold]{store.manifest['run_id']}[/]: {probe_obj.name} x {n:,} -> "
                      f"{_backend_name(store.manifest)}, concurrency {run_concurrency}",
@@ -310,8 +315,8 @@ def _switch_api(probe: Probe, api: str) -> Probe:
 def _backend_config(backend: str | None, model: str | None, base_url: str | None,
                     api_key_env: str, kernels: str | None, batch_sizes: str | None) -> dict[str, Any]:
     """Which backend, with the arguments that rebuild it on --resume (no secrets)."""
-    local = backend == "local" or (backend is None and (
-        model is None or model == LOCAL_MODEL or Path(model).is_dir()))
+    local = backend == "local" or (backend is None and base_url is None and (
+        model is None or model == LOCAL_MODEL or Path(model).is_dir()))  # tiny at a URL: detaudit serve
     if local:
         if base_url is not None:
             raise UsageProblem("--base-url is for remote models; give --model NAME "

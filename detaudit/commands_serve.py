@@ -60,8 +60,8 @@ def serve(
         from local_backend.engine import Engine
         from local_backend.server.main import serve as run_server
     except ImportError as exc:
-        raise _usage(f"detaudit serve needs the local extras ({exc.name} is missing): "
-                     "pip install 'detaudit[local]'") from None
+        fail(f"detaudit serve needs the local extras ({exc.name} is missing): "
+             "pip install 'detaudit[local]'", 2)
     engine = Engine.load(model, kernels=kernels.value, device=device, dtype=dtype,
                          max_slots=max_batch, max_len=max_len)
     model_id = model if model == "tiny" else Path(model).name
@@ -70,14 +70,16 @@ def serve(
                    request_timeout_s=request_timeout, shutdown_grace_s=shutdown_grace,
                    log=lambda line: stderr.print(line, highlight=False, soft_wrap=True))
     except OSError as exc:
-        raise _usage(str(exc)) from None
+        fail(str(exc), 2)
     stderr.print("server stopped", highlight=False)
 
 
-def _usage(message: str) -> Exception:
-    from detaudit.cli import UsageProblem
-
-    return UsageProblem(message)
+def fail(message: str, code: int) -> None:
+    """One red line on stderr, then exit (the CLI's convention). Raised here rather than
+    as cli.UsageProblem: under ``python -m detaudit.cli`` that class exists twice."""
+    stderr.print("[bold red]error:[/] ", end="")
+    stderr.print(message, markup=False, style="red", soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer, guard: Callable[[Callable], Callable]) -> None:
