@@ -194,9 +194,10 @@ class Engine:
                 last_rows.append(len(token_ids) - 1)
                 seq.cached += len(new)
             logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
+            picks = self._pick(logits, logprobs)
             finished = []
-            for row, seq in enumerate(self._running):
-                if self._advance(seq, logits[row], logprobs[row]):
+            for seq, (token, logprob, top) in zip(self._running, picks):
+                if self._advance(seq, token, logprob, top):
                     finished.append(seq)
             with self._queue_lock:
                 for seq in finished:
@@ -210,22 +211,49 @@ class Engine:
         logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
         return logits, self.ops.log_softmax(logits)
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor, logprobs: torch.Tensor) -> bool:
-        """Sample the next token of ``seq``; True when it has finished."""
+    def _pick(self, logits: torch.Tensor, logprobs: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token, its logprob, top (id, logprob) pairs) for every running row.
+
+        Greedy picks and the top-k run on the device for the whole batch and come
+        back in a few copies, instead of a host round trip (and a copy of the whole
+        vocabulary) per row. Each is a selection, with no arithmetic, so a row's
+        picks are the same whatever the batch: argmax takes the first (lowest-id)
+        maximum, like ``sampler.greedy``; top-k ties are ordered by id (rows where
+        a tie crosses the k-th place are re-sorted exactly on the host)."""
+        requests = [seq.request for seq in self._running]
+        tokens = torch.argmax(logprobs, dim=-1).tolist()
+        for row, (seq, req) in enumerate(zip(self._running, requests)):
+            if req.temperature > 0:
+                tokens[row] = sample(logits[row], logprobs[row], self.ops, req.temperature, req.top_p,
+                                     req.seed, position=len(seq.generated))
+        index = torch.tensor(tokens, dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(1, index[:, None])[:, 0].tolist()
+        k = max(req.top_logprobs for req in requests)
+        tops: list[list[tuple[int, float]]] = [[] for _ in requests]
+        if k:
+            values, ids = torch.topk(logprobs, k, dim=-1)
+            crossing = ((logprobs >= values[:, -1:]).sum(-1) > k).tolist()
+            values, ids = values.tolist(), ids.tolist()
+            for row, req in enumerate(requests):
+                if not req.top_logprobs:
+                    continue
+                if crossing[row]:  # ties at the k-th place: the exact order, lower id first
+                    v, i = torch.sort(logprobs[row].cpu(), descending=True, stable=True)
+                    pairs = list(zip(i[:k].tolist(), v[:k].tolist()))
+                else:
+                    pairs = sorted(zip(ids[row], values[row]), key=lambda p: (-p[1], p[0]))
+                tops[row] = pairs[:req.top_logprobs]
+        return list(zip(tokens, chosen, tops))
+
+    def _advance(self, seq: _Sequence, token: int, logprob: float, top: list[tuple[int, float]]) -> bool:
+        """Record the sampled token of ``seq``; True when it has finished."""
         req = seq.request
-        token = sample(logits, logprobs, self.ops, req.temperature, req.top_p, req.seed,
-                       position=len(seq.generated))
         if token in self.eos_ids and not req.ignore_eos:
             seq.finish_reason = "stop"  # EOS ends the text and is not reported
             return True
-        row = logprobs.cpu()
-        top: list[tuple[int, str, float]] = []
-        if req.top_logprobs:
-            values, ids = torch.sort(row, descending=True, stable=True)
-            top = [(int(i), self._text(int(i)), float(v))
-                   for v, i in zip(values[:req.top_logprobs], ids[:req.top_logprobs])]
         seq.generated.append(token)
-        seq.tokens.append(GeneratedToken(token, self._text(token), float(row[token]), top))
+        seq.tokens.append(GeneratedToken(token, self._text(token), logprob,
+                                         [(i, self._text(i), v) for i, v in top]))
         if req.stop and self._stop_index(seq) is not None:
             seq.finish_reason = "stop"
             return True

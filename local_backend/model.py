@@ -132,9 +132,12 @@ class Transformer(nn.Module):
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, ops: Ops) -> torch.Tensor:
         """Packed tokens [T] -> final hidden states [T, hidden]; writes their K/V into ``cache``."""
+        from local_backend.kernels.attention import one_plan_per_pass  # Triton loads only when used
+
         x = self.embed_tokens(token_ids)
-        for layer in self.layers:
-            x = layer(x, slots, positions, cache, self.rope, ops)
+        with one_plan_per_pass():  # attention plans its tiles once, not once per layer
+            for layer in self.layers:
+                x = layer(x, slots, positions, cache, self.rope, ops)
         return self.norm(x, ops)
 
     def logits(self, hidden: torch.Tensor, ops: Ops) -> torch.Tensor:

@@ -21,6 +21,8 @@ Why it is batch-invariant:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
@@ -29,6 +31,8 @@ BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
 MAX_HEAD_DIM = 256
 SHARED_MEMORY_FOR_KV = 128 * 1024  # bytes of K/V chunks in flight on a GPU (H100: 227 KiB in all)
 LOG2_E = 1.4426950408889634
+GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
+GPU_WARPS = 4
 
 
 @triton.jit
@@ -95,21 +99,21 @@ def _attention_kernel(
              cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def tile_config(group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def tile_config(group: int, head_dim: int, dtype: torch.dtype, rows: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M query tokens per tile, BLOCK_D, num_stages) for one model's shapes.
 
     They depend only on the model (GQA group, head_dim, dtype), never on the
     batch, and BLOCK_N is the same everywhere. num_stages only pipelines loads
-    and does not touch the numbers. On a GPU a tile holds about 64 query rows
-    (16 for wide heads), so it fits in shared memory; under the interpreter big
-    tiles mean fewer (slow) programs.
+    and does not touch the numbers. On a GPU a tile holds about ``rows`` query
+    rows (GPU_ROWS; 16 for wide heads), so it fits in shared memory; under the
+    interpreter big tiles mean fewer (slow) programs.
     """
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRET:
         return 64, block_d, 1
     elem = torch.finfo(dtype).bits // 8
-    rows = 64 if block_d * elem <= 256 else 16
+    rows = rows or (GPU_ROWS if block_d * elem <= 256 else 16)
     kv_bytes_per_stage = 2 * BLOCK_N * block_d * elem
     return max(1, rows // group_pad), block_d, max(1, min(3, SHARED_MEMORY_FOR_KV // kv_bytes_per_stage))
 
@@ -165,9 +169,58 @@ def _check_indices(slots: torch.Tensor, positions: torch.Tensor, S: int, L: int)
         raise ValueError(f"attention: positions must lie in [0, {L}), got {lo_pos}..{hi_pos}")
 
 
+class _PlanMemo:
+    """Inside ``one_plan_per_pass()``, the tile plan of the last (slots, positions) pair.
+
+    The model passes the same two tensors to every layer of one forward pass,
+    so planning (and its one device -> host copy) can happen once per pass
+    instead of once per layer. Outside the block every call plans afresh: only
+    the caller knows that the tensors do not change in between."""
+
+    def __init__(self):
+        self.depth = 0
+        self.key: tuple | None = None
+        self.tiles: torch.Tensor | None = None
+
+    def tiles_for(self, slots: torch.Tensor, positions: torch.Tensor, BLOCK_M: int, S: int, L: int) -> torch.Tensor:
+        key = (slots, positions, BLOCK_M, S, L)
+        if self.depth and self.key is not None and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(self.key, key)):
+            return self.tiles
+        # The one device -> host copy: tiles are planned on the host, where small
+        # index work costs microseconds instead of a chain of synchronising kernels.
+        host_slots, host_positions = torch.stack([slots, positions]).cpu()
+        _check_indices(host_slots, host_positions, S, L)
+        tiles = _build_tiles(host_slots, BLOCK_M).to(slots.device)
+        if self.depth:
+            self.key, self.tiles = key, tiles
+        return tiles
+
+
+_memo = _PlanMemo()
+
+
+@contextlib.contextmanager
+def one_plan_per_pass():
+    """Reuse the tile plan while the same slots/positions tensors come back (one
+    forward pass). The caller promises not to change them in place meanwhile."""
+    _memo.depth += 1
+    try:
+        yield
+    finally:
+        _memo.depth -= 1
+        if not _memo.depth:
+            _memo.key = _memo.tiles = None
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slots: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of q[T, Hq, D] over k/v_cache[S, L, Hkv, D] -> [T, Hq, D]."""
+              slots: torch.Tensor, positions: torch.Tensor, scale: float,
+              rows: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None) -> torch.Tensor:
+    """Causal attention of q[T, Hq, D] over k/v_cache[S, L, Hkv, D] -> [T, Hq, D].
+
+    ``rows``, ``num_warps`` and ``num_stages`` override the tile choice
+    (benchmarks and tuning only; a server keeps one choice per model)."""
     _check(q, k_cache, v_cache, slots, positions)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -176,19 +229,15 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return out
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
-    # The one device -> host copy: tiles are planned on the host, where small
-    # index work costs microseconds instead of a chain of synchronising kernels.
-    host_slots, host_positions = torch.stack([slots, positions]).cpu()
-    _check_indices(host_slots, host_positions, k_cache.shape[0], k_cache.shape[1])
     group = Hq // Hkv
-    BLOCK_M, BLOCK_D, num_stages = tile_config(group, D, q.dtype)
-    tiles = _build_tiles(host_slots, BLOCK_M).to(q.device)
+    BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
+    tiles = _memo.tiles_for(slots, positions, BLOCK_M, k_cache.shape[0], k_cache.shape[1])
     _attention_kernel[(tiles.shape[0], Hkv)](
         q, k_cache, v_cache, out, tiles, slots, positions,
         float(scale) * LOG2_E, D,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4, num_stages=num_stages,
+        num_warps=num_warps or GPU_WARPS, num_stages=num_stages or stages,
     )
     return out

@@ -1,13 +1,21 @@
 """Batch-invariant ``linear``: out[M, N] = x[M, K] @ weight[N, K]^T + bias.
 
 Why it is batch-invariant: every output element is one program's fp32
-accumulator, filled by a single loop over K from 0 to K in steps of a fixed
-BLOCK_K. There is no split-K and no tile choice that depends on M, so a row's
-sums are added in the same order whether the batch holds 1 row or 1,000.
-fp32 inputs use IEEE products (``input_precision="ieee"``), never TF32.
+accumulator, filled by a single loop over K from 0 to K in steps of BLOCK_K.
+There is no split-K, and BLOCK_K is the same at every M, so a row's sums are
+added in the same order whether the batch holds 1 row or 1,000. What does
+change with M is only how output elements are grouped into programs
+(BLOCK_M x BLOCK_N, warps, pipeline depth, program order): a tensor-core dot
+computes each output element from its own row and column alone, so the
+grouping moves work between programs without touching any element's
+arithmetic. bench/bench_matmul.py checks that claim bit for bit on the GPU,
+for every entry of the tile table. fp32 inputs use IEEE products
+(``input_precision="ieee"``), never TF32.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -16,16 +24,37 @@ from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device,
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """How one launch splits the output; BLOCK_K is the only field that touches the numbers."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 3
+    GROUP_M: int = 8  # programs sweep GROUP_M row-blocks per column-block, so weight tiles stay in L2
+    tma: bool = False  # Hopper's bulk tensor copies instead of pointer loads (same dot, same numbers)
+
+
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grouped program order: consecutive programs share a column of weight tiles.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -52,22 +81,75 @@ def _linear_kernel(
              cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps), fixed per device and dtype, never per M.
+@triton.jit
+def _linear_tma_kernel(
+    x_desc, w_desc, out_desc, bias_ptr,
+    M, N, K,
+    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The same loop as _linear_kernel, fed by tensor descriptors (TMA zero-fills past the edges)."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([off_m, k0])
+        b = w_desc.load([off_n, k0])
+        acc = tl.dot(a, b.T, acc)
+    if HAS_BIAS:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
+
+
+def _tma_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Tensor descriptors need Hopper or newer, unit inner strides and 16-byte aligned rows."""
+    if INTERPRET or not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+        return False
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (x2, weight))
+
+
+# 16-bit dtypes on a GPU: BLOCK_K = 64 at every M, the rest chosen from the H100
+# sweep (bench/bench_matmul.py --tune, figures in bench/NOTES.md). Every candidate
+# there was bitwise equal to the 8192-row product at every M.
+SM_COUNT_GUESS = 132  # H100 SXM; only tips the choice between two tile widths
+
+
+def _gpu_tiles_16bit(M: int, N: int) -> Tiles:
+    if M <= 128:  # weight-bound: narrow tiles so enough programs pull the weights through every SM
+        return Tiles(64, 32, 64, num_warps=4, num_stages=6) if N <= 8192 else Tiles(64, 64, 64, num_warps=4, num_stages=5)
+    if M <= 1024 and triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:
+        return Tiles(64, 128, 64, num_warps=4, num_stages=4, tma=True)  # 128-row tiles would leave SMs idle
+    return Tiles(128, 128, 64, num_warps=4, num_stages=4, tma=True)
+
+
+def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
+    """The tiles for one launch. BLOCK_K depends only on the dtype (and device), never on M.
 
     Under the interpreter tl.dot is numpy matmul, whose BLAS kernel may depend on
-    the operand shapes; fixed tiles keep it on one path. Big tiles keep the
-    interpreter (about 2 ms per program) fast.
+    the operand shapes, so one fixed shape is used there (big, because each
+    interpreted program costs about 2 ms).
     """
     if INTERPRET:
-        return 128, 256, 128, 4
+        return Tiles(128, 256, 128, num_warps=4, num_stages=1, GROUP_M=1)
     if dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 128, 128, 64, 8
+        return Tiles(64, 64, 32, num_warps=4, num_stages=3)
+    return _gpu_tiles_16bit(M, N)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x[..., K] @ weight[N, K]^T + bias[N] -> [..., N] in x's dtype."""
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if weight.dim() != 2:
         raise ValueError(f"linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     N, K = weight.shape
@@ -81,6 +163,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"linear: bias must have shape ({N},), got {tuple(bias.shape)}")
     check_same_device(x, weight, *([bias] if bias is not None else []))
 
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           tiles: Tiles | None = None) -> torch.Tensor:
+    """x[..., K] @ weight[N, K]^T + bias[N] -> [..., N] in x's dtype.
+
+    ``tiles`` overrides the table (benchmarks and tuning only)."""
+    _check(x, weight, bias)
+    N, K = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -92,13 +182,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*lead, N)
-    BLOCK_M, BLOCK_N, BLOCK_K, num_warps = _tiles(x.dtype)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    t = tiles or tiles_for(x.dtype, M, N, K)
+    grid = (triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N),)
+    if t.tma and _tma_ok(x2, weight) and (N * out.element_size()) % 16 == 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        _linear_tma_kernel[grid](
+            TensorDescriptor.from_tensor(x2, [t.BLOCK_M, t.BLOCK_K]),
+            TensorDescriptor.from_tensor(weight, [t.BLOCK_N, t.BLOCK_K]),
+            TensorDescriptor.from_tensor(out, [t.BLOCK_M, t.BLOCK_N]),
+            bias if bias is not None else out, M, N, K,
+            HAS_BIAS=bias is not None, OUT_DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
+            BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
+            num_warps=t.num_warps, num_stages=t.num_stages,
+        )
+        return out.reshape(*lead, N)
     _linear_kernel[grid](
         x2, weight, bias if bias is not None else x2, out,
         M, N, K,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, INTERPRETED=INTERPRET,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=num_warps,
+        BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return out.reshape(*lead, N)

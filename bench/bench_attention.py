@@ -1,0 +1,137 @@
+"""Batch-invariant attention vs torch's scaled_dot_product_attention, bf16, GQA 32/8 heads, head_dim 128.
+
+    PYTHONPATH=. python bench/bench_attention.py --json out/attention.json
+    PYTHONPATH=. python bench/bench_attention.py --tune --json out/attention_tune.json
+
+Prefill: B causal sequences of N tokens. Decode: one new token for each of B
+sequences whose KV cache holds L tokens. SDPA gets its favourite layout
+([B, H, L, D], GQA through enable_gqa), prepared outside the timing. Bitwise
+checks: a sequence alone vs in the batch (prefill and decode), and the decode of
+a token vs the prefill row of the same token. Ours is timed with its tile plan
+already made (the engine plans once per forward pass and reuses it in every
+layer); "plan ms" is the cost of a fresh plan, paid once per pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gpu_info import gpu_info, header, write_json
+from local_backend.kernels import attention as attn
+
+HQ, HKV, D = 32, 8, 128
+PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
+DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000), (64, 8000), (8, 32000)]  # (B, L)
+CANDIDATES = [  # (rows, num_warps, num_stages, BLOCK_N)
+    (64, 4, 2, 64), (64, 4, 3, 64), (128, 8, 2, 64), (128, 8, 3, 64), (128, 4, 2, 64),
+    (64, 4, 2, 128), (128, 8, 2, 128), (128, 8, 3, 128),
+]
+
+
+def median_ms(fn, rep_ms: int) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def sdpa(q, k, v, causal):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, L, D]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=D ** -0.5, enable_gqa=True)
+
+
+def case(kind: str, B: int, N: int, cand, rep: int, gen) -> dict:
+    rows, warps, stages, block_n = cand
+    attn.BLOCK_N = block_n
+    kw = dict(rows=rows, num_warps=warps, num_stages=stages)
+    k_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
+    v_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
+    k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    scale = D ** -0.5
+    if kind == "prefill":
+        q = torch.randn(B * N, HQ, D, device="cuda", generator=gen).bfloat16()
+        slots = torch.arange(B, device="cuda").repeat_interleave(N)
+        positions = torch.arange(N, device="cuda").repeat(B)
+        q_t = q.view(B, N, HQ, D).transpose(1, 2).contiguous()
+        flops = 4 * B * HQ * D * N * (N + 1) / 2
+        ref = lambda: sdpa(q_t, k_t, v_t, True)  # noqa: E731
+    else:
+        q = torch.randn(B, HQ, D, device="cuda", generator=gen).bfloat16()
+        slots = torch.arange(B, device="cuda")
+        positions = torch.full((B,), N - 1, device="cuda")
+        q_t = q[:, :, None, :].contiguous()
+        flops = 4 * B * HQ * D * N
+        ref = lambda: sdpa(q_t, k_t, v_t, False)  # noqa: E731
+
+    def ours():  # as inside the engine's forward pass: the plan made once is reused
+        with attn.one_plan_per_pass():
+            return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
+
+    with attn.one_plan_per_pass():
+        out = ours()
+        t_ours = median_ms(ours, rep)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    attn.attention(q, k_cache, v_cache, slots.clone(), positions.clone(), scale, **kw)  # a fresh plan
+    torch.cuda.synchronize()
+    plan_ms = (time.perf_counter() - start) * 1e3
+    t_ref = median_ms(ref, rep)
+    expected = ref()
+    expected = expected.transpose(1, 2).reshape(out.shape) if kind == "prefill" else expected[:, :, 0]
+    err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+    first = N if kind == "prefill" else 1
+    alone = attn.attention(q[:first], k_cache, v_cache, slots[:first], positions[:first], scale, **kw)
+    row = {"kind": kind, "B": B, "N_or_L": N, "cand": cand, "ours_ms": t_ours, "sdpa_ms": t_ref, "plan_ms": plan_ms,
+           "ours_tflops": flops / t_ours / 1e9, "sdpa_tflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours,
+           "kv_gbps_ours": 2 * B * N * HKV * D * 2 / t_ours / 1e6, "rel_err_vs_sdpa": err,
+           "bitwise_alone_vs_batch": torch.equal(alone, out[:first])}
+    if kind == "prefill":  # decode the last token of sequence 0 from the same cache
+        last = torch.tensor([N - 1], device="cuda")
+        dec = attn.attention(q[N - 1:N], k_cache, v_cache, slots[:1], last, scale, **kw)
+        row["bitwise_prefill_vs_decode"] = torch.equal(dec, out[N - 1:N])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", action="store_true", help="time every candidate tile choice")
+    parser.add_argument("--cases", choices=["all", "decode", "prefill"], default="all")
+    parser.add_argument("--rep", type=int, default=40, help="milliseconds of timed repeats per figure")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention needs a CUDA GPU (the CPU interpreter's speed means nothing)")
+    info = gpu_info()
+    print(header(info))
+    default = (attn.GPU_ROWS, attn.GPU_WARPS, attn.tile_config(HQ // HKV, D, torch.bfloat16)[2], attn.BLOCK_N)
+    cands = CANDIDATES if args.tune else [default]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"{'kind':>7} {'B':>3} {'N|L':>6} | {'ours':>7} {'SDPA':>7} {'ratio':>6} | {'plan ms':>7} {'rel err':>8} | "
+          "alone=batch prefill=decode | tiles (rows, warps, stages, BLOCK_N); prefill TFLOP/s, decode KV GB/s")
+    rows = []
+    for kind, cases in (("prefill", PREFILL), ("decode", DECODE)):
+        if args.cases not in ("all", kind):
+            continue
+        for B, N in cases:
+            for cand in cands:
+                try:
+                    r = case(kind, B, N, cand, args.rep, gen)
+                except Exception as exc:
+                    print(f"{kind:>7} {B:>3} {N:>6} | {cand} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    continue
+                rows.append(r)
+                fig = (r["ours_tflops"], r["sdpa_tflops"]) if kind == "prefill" else \
+                      (r["kv_gbps_ours"], r["kv_gbps_ours"] / r["ratio"])
+                print(f"{kind:>7} {B:>3} {N:>6} | {fig[0]:>7.1f} {fig[1]:>7.1f} {r['ratio']:>6.2f} | "
+                      f"{r['plan_ms']:>7.2f} {r['rel_err_vs_sdpa']:>8.1e} | {str(r['bitwise_alone_vs_batch']):>11} "
+                      f"{str(r.get('bitwise_prefill_vs_decode', '-')):>14} | {cand}", flush=True)
+                torch.cuda.empty_cache()
+    write_json(args.json, {"info": info, "mode": "tune" if args.tune else "table", "rows": rows})
+    print(header(gpu_info()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""End to end: the engine in batch-invariant and default mode vs Hugging Face generate().
+
+    PYTHONPATH=. python bench/bench_e2e.py --json out/e2e.json                  # 1,000 requests
+    PYTHONPATH=. python bench/bench_e2e.py --requests 200 --json out/e2e.json   # a shorter run
+
+A Llama-3.2-1B-shaped model (16 layers, hidden 2048, 32/8 heads, vocab 128256,
+tied embeddings: 1.24 B parameters), random-initialised by transformers with a
+fixed seed, bf16, no download. Both engine modes and transformers use the same
+weight tensors. Workload: N requests, random prompts of 32-64 tokens, 90-110
+generated tokens each (ignore_eos), greedy. The engine batches continuously
+(--slots requests at a time); generate() gets static batches of --hf-batch
+left-padded prompts and runs each to the longest request in it (tokens/s counts
+only the tokens that were asked for, for all three). After the timed run, a few
+requests are run again alone: "bitwise" says whether their tokens and logprobs
+are the same bits as in the big batched run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from gpu_info import gpu_info, header, write_json
+from local_backend.config import ModelConfig
+from local_backend.engine import Engine, Request
+from local_backend.kernels import get_ops
+from local_backend.model import Transformer
+
+LLAMA_1B = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 2048,
+    "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "max_position_embeddings": 2048, "tie_word_embeddings": True, "hidden_act": "silu",
+    "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16",
+}
+
+
+def build_models(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_config = LlamaConfig(**{k: v for k, v in LLAMA_1B.items() if k != "architectures"})
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    config = ModelConfig.from_dict(LLAMA_1B, name="llama-1b-random")
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()
+             if "rotary_emb" not in k and k != "lm_head.weight"}
+    with torch.device("meta"):
+        ours = Transformer(config)
+    ours.load_state_dict(state, assign=True)  # the very same tensors as hf's
+    return hf, ours.eval(), config
+
+
+def workload(n: int, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request(prompt_ids=[rng.randrange(1000, 120000) for _ in range(rng.randint(32, 64))],
+                    max_tokens=rng.randint(90, 110), ignore_eos=True) for _ in range(n)]
+
+
+def copy(r: Request) -> Request:
+    return Request(prompt_ids=r.prompt_ids, max_tokens=r.max_tokens, ignore_eos=True)
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def run_engine(model, config, mode: str, requests: list[Request], slots: int, check: int) -> dict:
+    engine = Engine(model, config, get_ops(mode), None, torch.device("cuda"), torch.bfloat16, "random-init",
+                    max_slots=slots, max_len=256)
+    engine.generate([Request(prompt_ids=r.prompt_ids, max_tokens=3, ignore_eos=True)
+                     for r in requests[:slots + 8]])  # compile every kernel shape first
+    engine.generate([Request(prompt_ids=requests[0].prompt_ids[:5], max_tokens=3, ignore_eos=True)])
+    results, seconds = timed(lambda: engine.generate([copy(r) for r in requests]))
+    tokens = sum(len(r.token_ids) for r in results)
+    same = []
+    for i in range(min(check, len(requests))):
+        alone = engine.generate([copy(requests[i])])[0]
+        same.append(alone.token_ids == results[i].token_ids and
+                    [t.logprob for t in alone.tokens] == [t.logprob for t in results[i].tokens])
+    return {"mode": mode, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "bitwise_alone_vs_batched": all(same), "checked": len(same)}
+
+
+def run_hf(hf, requests: list[Request], batch: int) -> dict:
+    def generate_all():
+        for b in range(0, len(requests), batch):
+            chunk = requests[b:b + batch]
+            width = max(len(r.prompt_ids) for r in chunk)
+            ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in chunk], device="cuda")
+            mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in chunk],
+                                device="cuda")
+            new = max(r.max_tokens for r in chunk)
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False)
+    with torch.inference_mode():
+        hf.generate(input_ids=torch.tensor([requests[0].prompt_ids], device="cuda"), max_new_tokens=3,
+                    do_sample=False)
+        _, seconds = timed(generate_all)
+    tokens = sum(r.max_tokens for r in requests)
+    return {"mode": "transformers generate()", "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--slots", type=int, default=256, help="engine: requests running at once")
+    parser.add_argument("--hf-batch", type=int, default=128, help="transformers: prompts per generate() call")
+    parser.add_argument("--check", type=int, default=2, help="requests re-run alone for the bitwise check")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_e2e needs a CUDA GPU")
+    info = gpu_info()
+    print(header(info))
+    hf, ours, config = build_models("cuda")
+    requests = workload(args.requests)
+    rows = []
+    for mode in ("batch-invariant", "default"):
+        rows.append(run_engine(ours, config, mode, requests, args.slots, args.check))
+        print(rows[-1], flush=True)
+    if not args.skip_hf:
+        rows.append(run_hf(hf, requests, args.hf_batch))
+        print(rows[-1], flush=True)
+    print(f"\n{args.requests} requests, {rows[0]['tokens']} generated tokens, Llama-1B shape (random init), bf16")
+    print(f"{'mode':>24} | {'seconds':>8} {'tokens/s':>9} | {'vs default':>10} | bitwise alone = batched")
+    base = rows[1]["tokens_per_s"]
+    for r in rows:
+        print(f"{r['mode']:>24} | {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} | {r['tokens_per_s'] / base:>10.2f} | "
+              f"{r.get('bitwise_alone_vs_batched', '-')}")
+    write_json(args.json, {"info": info, "args": vars(args), "rows": rows,
+                           "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
+    print(header(gpu_info()))
+
+
+if __name__ == "__main__":
+    main()
