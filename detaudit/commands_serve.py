@@ -74,6 +74,180 @@ def serve(
     stderr.print("server stopped", highlight=False)
 
 
+GATE_EXAMPLES = """\
+[bold]Examples[/]
+
+  detaudit gate --config detaudit.toml --junit gate.xml
+  detaudit gate --config detaudit.toml --base-url http://vllm:8000/v1 --model my-model --json
+  detaudit gate --model tiny --base-url http://127.0.0.1:8000/v1 --max-distinct-logprobs 1
+
+[bold]Exit codes[/]: 0 within limits; 3 nondeterministic beyond limits; 1 a run failed
+(endpoint down, errors over max_error_rate); 2 bad config or flag.
+"""
+
+
+def gate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML file with [endpoint], [limits] and [[check]] tables \\[default: one coin-flip check, n=20]."),
+    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL \\[default: the config's endpoint.base_url]."),
+    model: Optional[str] = typer.Option(None, help="Model name \\[default: the config's endpoint.model; none: the bundled engine in process]."),
+    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key \\[default: OPENAI_API_KEY]."),
+    junit: Optional[Path] = typer.Option(None, help="Write JUnit XML here: one testcase per check.", metavar="FILE"),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON summary on stdout."),
+    out: Optional[Path] = typer.Option(None, help="Folder that receives the run folders \\[default: the config's out, or results]."),
+    max_distinct_logprobs: Optional[int] = typer.Option(None, min=1, help="Limit per tracked token (1: bitwise identical)."),
+    max_clusters: Optional[int] = typer.Option(None, min=1, help="Limit on logprob clusters per tracked token."),
+    max_distinct_outputs: Optional[int] = typer.Option(None, min=1, help="Limit on distinct output texts."),
+    max_prob_range: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Limit on max - min probability of a tracked token (0..1)."),
+    max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
+    threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
+    max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
+) -> None:
+    """Run the checks of a config file against an endpoint and compare them with limits (for CI).
+
+    Each check is a stored run (results/<run-id>/, with gate.json beside it). Exit 0
+    within limits, 3 beyond them, 1 when a run failed, 2 on a bad config.
+    """
+    from detaudit import gate as gating
+
+    flags = {"max_distinct_logprobs": max_distinct_logprobs, "max_clusters": max_clusters,
+             "max_distinct_outputs": max_distinct_outputs, "max_prob_range": max_prob_range,
+             "max_error_rate": max_error_rate}
+    try:
+        cfg = gating.load_config(config, flags)
+    except gating.GateConfigError as exc:
+        fail(str(exc), gating.EXIT_USAGE)
+    endpoint = cfg.endpoint
+    target = {"base_url": base_url or endpoint.get("base_url"), "model": model or endpoint.get("model"),
+              "api_key_env": api_key_env or endpoint.get("api_key_env") or "OPENAI_API_KEY",
+              "kernels": endpoint.get("kernels")}
+    threshold = threshold_pct if threshold_pct is not None else cfg.threshold_pct
+    plans = [_plan(cfg, i, check, target) for i, check in enumerate(cfg.checks)]
+    if target["base_url"]:
+        _check_reachable(target["base_url"], plans, cfg, junit, json_out)
+    folder = out or Path(cfg.out or "results")
+    results = [_run_check(plan, folder, threshold, max_attempts) for plan in plans]
+    _report(results, cfg, junit, json_out)
+
+
+def _plan(cfg, index: int, check, target: dict) -> dict:
+    """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
+    from detaudit import cli
+    from detaudit import load as load_sweep
+    from detaudit.backends.base import BackendError
+    from detaudit.probes import ProbeError
+
+    try:
+        probe = cli._build_probe(check.probe, api=None, prompt=None)
+        local_kernels = target["kernels"] if not target["base_url"] else None
+        config = cli._backend_config(None, target["model"], target["base_url"], target["api_key_env"],
+                                     local_kernels, None)
+        n = check.n or cli._default_n(probe, config)
+        if probe.kind == "load-sweep" or check.levels is not None:
+            probe, n = load_sweep.configure(probe, config, check.levels, None, n)
+    except (ProbeError, BackendError, cli.UsageProblem) as exc:
+        fail(f"{cfg.source}: check[{index}] ({check.name}): {exc}", 2)
+    return {"check": check, "probe": probe, "config": config, "n": n,
+            "concurrency": check.concurrency or probe.default_concurrency}
+
+
+def _check_reachable(base_url: str, plans: list, cfg, junit, json_out) -> None:
+    """An endpoint that refuses connections fails every check at once (exit 1), instead
+    of after every request's retries."""
+    import httpx
+
+    from detaudit import gate as gating
+
+    try:
+        httpx.get(base_url.rstrip("/") + "/models", timeout=10.0)
+    except httpx.HTTPError as exc:
+        message = f"endpoint down: {base_url} did not answer ({type(exc).__name__}: {exc})"
+        _report([gating.CheckResult(p["check"].name, p["check"].probe, "error",
+                                    dict(p["check"].limits), message=message) for p in plans],
+                cfg, junit, json_out)
+
+
+def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: int):
+    """One stored run, as ``detaudit run`` makes it, then its verdict."""
+    from detaudit import __version__, cli
+    from detaudit import gate as gating
+    from detaudit import load as load_sweep
+    from detaudit.runner import resolve_tracked
+    from detaudit.store import RunStore, new_run_id, utc_now
+
+    check, probe, config, n = plan["check"], plan["probe"], plan["config"], plan["n"]
+    backend = cli._make_backend(config, probe)
+    if probe.kind == "load-sweep":
+        backend = load_sweep.wrap(backend, probe, n)
+    manifest = {"tool_version": __version__, "probe": probe.to_dict(), "n": n,
+                "concurrency": plan["concurrency"], "backend": backend.describe(),
+                "backend_config": config, "tracked": resolve_tracked(probe, backend),
+                "status": "running", "started_at": utc_now(), "ended_at": None,
+                "command": ["detaudit", "gate", "check", check.name], "gate_check": check.name}
+    store = RunStore.create(folder, new_run_id(probe.name, config["model"]), manifest)
+    stderr.print(f"[bold]{check.name}[/]: {probe.name} x {n:,} -> {cli._backend_name(store.manifest)}",
+                 highlight=False, soft_wrap=True)
+    try:
+        result = asyncio.run(cli._session(probe, backend, store, n, plan["concurrency"],
+                                          max_attempts, None))
+        analysis = cli._analyze_store(store, threshold if threshold is not None else cli.DEFAULT_THRESHOLD_PCT)
+    finally:
+        store.close()
+    failure = result.reason if result.status == "failed" else None
+    verdict = gating.evaluate(check, analysis, str(store.path), failure, result.elapsed_s)
+    return verdict
+
+
+def _report(results: list, cfg, junit: Path | None, json_out: bool) -> None:
+    """JSON summary (stdout with --json, and gate.json in every run folder), JUnit XML,
+    a table otherwise; then exit with the gate's code."""
+    import json
+
+    from rich.table import Table
+
+    from detaudit import gate as gating
+
+    data = gating.summary(results, cfg.source)
+    text = json.dumps(data, allow_nan=False, ensure_ascii=False, indent=2)
+    for r in results:
+        if r.run_dir:
+            (Path(r.run_dir) / "gate.json").write_text(text + "\n", encoding="utf-8")
+    if junit is not None:
+        try:
+            junit.parent.mkdir(parents=True, exist_ok=True)
+            junit.write_text(gating.junit_xml(results), encoding="utf-8")
+        except OSError as exc:
+            fail(f"{junit}: cannot write the JUnit XML ({exc.strerror})", 2)
+    if json_out:
+        typer.echo(json.dumps(data, allow_nan=False, ensure_ascii=False))
+    else:
+        table = Table("check", "status", "logprobs", "clusters", "outputs", "P range", "errors",
+                      title="detaudit gate (measured / limit)", title_justify="left")
+        style = {"pass": "green", "fail": "red", "error": "yellow"}
+        for r in results:
+            m = r.measured
+
+            def show(key: str, limit: str, fmt: str = "{}") -> str:
+                value = m.get(key)
+                return "-" if value is None else f"{fmt.format(value)} / {r.limits[limit]:g}"
+
+            table.add_row(r.name, f"[{style[r.status]}]{r.status}[/]",
+                          show("distinct_logprobs", "max_distinct_logprobs"),
+                          show("clusters", "max_clusters"),
+                          show("distinct_outputs", "max_distinct_outputs"),
+                          show("prob_range", "max_prob_range", "{:.3g}"),
+                          show("error_rate", "max_error_rate", "{:.1%}"))
+        console = Console(highlight=False)
+        console.print(table)
+        for r in results:
+            console.print(f"[{style[r.status]}]{r.name}[/]: ", end="")
+            console.print(r.message, markup=False, soft_wrap=True)
+        verdicts = {0: "[green]PASS[/]: every check within limits",
+                    3: "[red]FAIL[/]: nondeterministic beyond limits (exit 3)",
+                    1: "[yellow]ERROR[/]: a run failed (exit 1)"}
+        console.print(verdicts[data["gate"]["exit_code"]])
+    raise typer.Exit(data["gate"]["exit_code"])
+
+
 def fail(message: str, code: int) -> None:
     """One red line on stderr, then exit (the CLI's convention). Raised here rather than
     as cli.UsageProblem: under ``python -m detaudit.cli`` that class exists twice."""
@@ -85,3 +259,4 @@ def fail(message: str, code: int) -> None:
 def register(app: typer.Typer, guard: Callable[[Callable], Callable]) -> None:
     """Add serve and gate to the CLI app, wrapped in its error guard."""
     app.command(epilog=SERVE_EXAMPLES)(guard(serve))
+    app.command(epilog=GATE_EXAMPLES)(guard(gate))
