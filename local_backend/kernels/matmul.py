@@ -128,11 +128,18 @@ SM_COUNT_GUESS = 132  # H100 SXM; only tips the choice between two tile widths
 
 
 def _gpu_tiles_16bit(M: int, N: int) -> Tiles:
-    if M <= 128:  # weight-bound: narrow tiles so enough programs pull the weights through every SM
-        return Tiles(64, 32, 64, num_warps=4, num_stages=6) if N <= 8192 else Tiles(64, 64, 64, num_warps=4, num_stages=5)
-    if M <= 1024 and triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:
-        return Tiles(64, 128, 64, num_warps=4, num_stages=4, tma=True)  # 128-row tiles would leave SMs idle
-    return Tiles(128, 128, 64, num_warps=4, num_stages=4, tma=True)
+    # Small M is weight-bound: narrow tiles, deep pipelines, enough programs to
+    # pull the weights through every SM.
+    if M <= 64:
+        return Tiles(64, 16, 64, num_warps=4, num_stages=8) if N <= 8192 else Tiles(64, 64, 64, num_warps=4, num_stages=5)
+    if M <= 128:
+        return Tiles(64, 32, 64, num_warps=4, num_stages=6) if N <= 8192 else \
+            Tiles(128, 128, 64, num_warps=4, num_stages=5, tma=True)
+    if M <= 1024:
+        if triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:  # 128-row tiles would leave SMs idle
+            return Tiles(64, 128, 64, num_warps=4, num_stages=4, tma=True)
+        return Tiles(128, 128, 64, num_warps=4, num_stages=3, tma=True)
+    return Tiles(128, 128, 64, num_warps=4, num_stages=5, tma=True)
 
 
 def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
