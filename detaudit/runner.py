@@ -10,6 +10,7 @@ Nothing is cached: every attempt is a real request.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from rich.text import Text
 
 from detaudit.backends.base import Backend, BackendError
 from detaudit.probes import Probe
+from detaudit.ratelimit import RateLimits
 from detaudit.records import Completion, Sample
 from detaudit.store import RunStore, utc_now
 
@@ -57,15 +59,30 @@ class RetryPolicy:
         return rng.uniform(0.0, min(self.max_s, self.base_s * 2 ** (attempt - 1)))
 
 
+def error_budget(max_errors: float, n: int) -> int:
+    """How many error samples ``--max-errors`` allows in a run of ``n``: a count
+    (0, 1, 2...) or, below 1, a fraction of n (0.05 = 5%)."""
+    if max_errors < 0 or not math.isfinite(max_errors):
+        raise ValueError(f"--max-errors {max_errors!r}: give a count (e.g. 20) or a fraction "
+                         "between 0 and 1 (e.g. 0.05)")
+    if max_errors == 0 or max_errors >= 1:
+        return int(max_errors)
+    return math.floor(max_errors * n)
+
+
 class Runner:
     """One session of a run: workers, retries, group commits, progress."""
 
     def __init__(self, probe: Probe, backend: Backend, store: RunStore, n: int, concurrency: int,
                  retry: RetryPolicy | None = None, progress: Console | None = None,
-                 abort_after: int = 20, seed: int | None = None):
+                 abort_after: int = 20, seed: int | None = None,
+                 limits: RateLimits | None = None, max_errors: float | None = None):
         self.probe, self.backend, self.store, self.n = probe, backend, store, n
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryPolicy()
+        self.limits = limits if limits is not None and limits.active else None
+        self.max_errors = max_errors
+        self.error_budget = None if max_errors is None else error_budget(max_errors, n)
         self.progress_console = progress
         self.abort_after = abort_after
         self.rng = random.Random(seed)
@@ -121,6 +138,8 @@ class Runner:
     async def _sample(self, index: int) -> Sample:
         started_at = time.time()
         for attempt in range(1, self.retry.max_attempts + 1):
+            if self.limits:  # every attempt counts against --rpm / --tpm, retries too
+                await self.limits.acquire()
             t0 = time.perf_counter()
             try:
                 completion = await self.backend.complete(self.probe, index)
@@ -166,6 +185,9 @@ class Runner:
             why = "every request would fail the same way"
         elif self.ok == 0 and self.errors >= min(self.abort_after, self.n):
             why = f"the first {self.errors} samples all failed"
+        elif self.error_budget is not None and self.errors > self.error_budget:
+            why = (f"{self.errors} samples failed, more than --max-errors {self.max_errors:g} "
+                   f"allows ({self.error_budget} of {self.n}); the last one")
         if why and not self._stop:
             self._stop = True
             self.reason = f"{why}: {sample.error_kind}: {sample.error_message}"
@@ -188,11 +210,12 @@ def group_of(completion: Completion) -> str | None:
 
 async def run(probe: Probe, backend: Backend, store: RunStore, n: int, concurrency: int, *,
               max_attempts: int = 5, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-              progress: Console | None = None, seed: int | None = None) -> RunResult:
+              progress: Console | None = None, seed: int | None = None,
+              limits: RateLimits | None = None, max_errors: float | None = None) -> RunResult:
     """Send the indices of ``range(n)`` that the store lacks; see ``Runner``."""
     retry = RetryPolicy(max_attempts=max_attempts, base_s=backoff_base_s, max_s=backoff_max_s)
-    return await Runner(probe, backend, store, n, concurrency, retry=retry,
-                        progress=progress, seed=seed).run()
+    return await Runner(probe, backend, store, n, concurrency, retry=retry, progress=progress,
+                        seed=seed, limits=limits, max_errors=max_errors).run()
 
 
 class _RateColumn(ProgressColumn):
