@@ -120,6 +120,9 @@ def gate(
     target = {"base_url": base_url or endpoint.get("base_url"), "model": model or endpoint.get("model"),
               "api_key_env": api_key_env or endpoint.get("api_key_env") or "OPENAI_API_KEY",
               "kernels": endpoint.get("kernels")}
+    if target["base_url"] and not target["model"]:
+        fail(f"{cfg.source}: the endpoint {target['base_url']} needs a model name: give --model NAME "
+             "or model = \"...\" in [endpoint]", gating.EXIT_USAGE)
     threshold = threshold_pct if threshold_pct is not None else cfg.threshold_pct
     plans = [_plan(cfg, i, check, target) for i, check in enumerate(cfg.checks)]
     if target["base_url"]:

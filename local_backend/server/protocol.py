@@ -232,15 +232,18 @@ def _lp(value: float) -> float:
     return value if math.isfinite(value) else SENTINEL_LOGPROB
 
 
+def _bytes(engine: Engine, token_id: int) -> list[int] | None:
+    return list(engine.tokenizer.token_bytes(token_id)) if engine.tokenizer else None
+
+
 def chat_response(parsed: Parsed, results: list[Result], engine: Engine, fingerprint: str) -> dict:
-    tokenizer = engine.tokenizer
     choices = []
     for index, result in enumerate(results):
         logprobs = None
         if parsed.logprobs:
             logprobs = {"content": [{
-                "token": t.text, "logprob": _lp(t.logprob), "bytes": list(tokenizer.token_bytes(t.token_id)),
-                "top_logprobs": [{"token": text, "logprob": _lp(lp), "bytes": list(tokenizer.token_bytes(i))}
+                "token": t.text, "logprob": _lp(t.logprob), "bytes": _bytes(engine, t.token_id),
+                "top_logprobs": [{"token": text, "logprob": _lp(lp), "bytes": _bytes(engine, i)}
                                  for i, text, lp in t.top]} for t in result.tokens], "refusal": None}
         choices.append({"index": index,
                         "message": {"role": "assistant", "content": result.text, "refusal": None},

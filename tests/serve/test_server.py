@@ -11,6 +11,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.serve.conftest import COIN, Server
 
@@ -260,3 +262,35 @@ def test_ctrl_c_exits_130_without_a_traceback():
     server.signal(signal.SIGINT)
     assert server.proc.wait(20) == 130
     assert "Traceback" not in "".join(server.stderr)
+
+
+# Any JSON a client can send: the answer is a completion or an OpenAI error body.
+_junk = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70)
+                     | st.floats(allow_nan=False) | st.text(max_size=30),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_fields = {
+    "model": st.sampled_from(["tiny", "other"]) | _junk,
+    "messages": st.just(COIN) | st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "bot"]), "content": st.text(max_size=40) | _junk}),
+        max_size=3) | _junk,
+    "prompt": st.text(max_size=40) | st.lists(st.integers(-5, 1000), max_size=6) | _junk,
+    "max_tokens": st.integers(-2, 4) | _junk, "temperature": st.floats(-1, 3) | _junk,
+    "top_p": st.floats(-0.5, 1.5) | _junk, "seed": st.integers(-2**63, 2**63) | _junk,
+    "n": st.integers(-1, 3) | _junk, "stop": st.text(max_size=3) | _junk,
+    "logprobs": st.booleans() | st.integers(-1, 25) | _junk, "top_logprobs": st.integers(-1, 25) | _junk,
+    "stream": st.booleans(), "surprise": _junk,
+}
+_bodies = st.fixed_dictionaries({}, optional=_fields) | _junk
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_bodies, route=st.sampled_from(["/chat/completions", "/completions"]))
+def test_no_request_body_crashes_the_server(server_default, body, route):
+    response = httpx.post(server_default.url + route, json=body, timeout=60)
+    assert response.status_code in (200, 400, 404), response.text
+    data = response.json()
+    if response.status_code == 200:
+        assert data["choices"] and data["system_fingerprint"]
+    else:
+        assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
