@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.utils
 import inspect
+from dataclasses import replace
 import ipaddress
 import json
 import os
@@ -22,6 +23,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
+try:  # the HTTP stack the SDK sends with: httpx2 in openai >= 3, httpx before
+    import httpx2 as _http
+    _HttpClient = openai.DefaultAsyncHttpx2Client
+except (ImportError, AttributeError):
+    import httpx as _http
+    _HttpClient = openai.DefaultAsyncHttpxClient
+
 from detaudit import tokenization
 from detaudit.backends.base import BackendError
 from detaudit.probes import Probe
@@ -30,6 +38,9 @@ from detaudit.records import Completion, Position, TokenLogprob
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "not-needed"  # what local servers get when no key is set; they ignore it
 SENTINEL_LOGPROB = -9999.0  # OpenAI's stand-in for some tokens outside the top 20
+# The most of a response body that is read. 20 top logprobs for 4,096 tokens is about
+# 9 MB; a body far beyond that is a broken proxy or server, and must not fill memory.
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 class OpenAIBackend:
@@ -38,7 +49,8 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str, base_url: str | None = None, *, api: str = "chat",
-                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0):
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', not {api!r}")
         self.model = model
@@ -47,8 +59,10 @@ class OpenAIBackend:
         self.base_url = _without_userinfo(url)  # what messages and the manifest show
         self.timeout = timeout
         self._key = _api_key(api_key_env, self.base_url)
-        self._client = openai.AsyncOpenAI(base_url=url, api_key=self._key,
-                                          max_retries=0, timeout=timeout)
+        self.max_body_bytes = max_body_bytes
+        http = _HttpClient(event_hooks={"response": [_body_cap(max_body_bytes)]})
+        self._client = openai.AsyncOpenAI(base_url=url, api_key=self._key, max_retries=0,
+                                          timeout=timeout, http_client=http)
         resource = self._client.chat.completions if api == "chat" else self._client.completions
         self._create = resource.with_raw_response.create
         self._sdk_params = set(inspect.signature(resource.create).parameters)
@@ -63,11 +77,15 @@ class OpenAIBackend:
         params, wants_logprobs = self._params(probe)
         try:
             response = await self._create(**params)
+        except BodyTooLarge as exc:
+            raise _bad(self.base_url, str(exc)) from None
         except openai.APITimeoutError:
             raise BackendError("timeout", f"no answer from {self.base_url} within "
                                f"{self.timeout:g} s", retryable=True) from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc
+            if isinstance(cause, BodyTooLarge):
+                raise _bad(self.base_url, str(cause)) from None
             raise BackendError("connection", self._redact(
                 f"could not reach {self.base_url}: {type(cause).__name__}: {cause}"),
                 retryable=True) from None
@@ -76,7 +94,8 @@ class OpenAIBackend:
         except openai.OpenAIError as exc:
             raise BackendError("bad_response", self._redact(
                 f"{self.base_url}: {type(exc).__name__}: {exc}")) from None
-        return parse_body(response.content, self.api, wants_logprobs, self.base_url)
+        return parse_body(response.content, self.api, wants_logprobs, self.base_url,
+                          top_k=_asked_top_k(params, self.api))
 
     def first_token(self, text: str) -> str | None:
         return tokenization.first_token(text, self.model)
@@ -155,13 +174,66 @@ class OpenAIBackend:
 # -- responses -----------------------------------------------------------------------------
 
 
+class BodyTooLarge(Exception):
+    """A response body passed the size cap; reading stopped there."""
+
+
+def _body_cap(limit: int):
+    """An httpx response hook that stops reading a body past ``limit`` bytes: at once
+    when Content-Length says so, else while the body streams in."""
+
+    async def hook(response: Any) -> None:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(_too_large(int(declared), limit))
+        response.stream = _CappedStream(response.stream, limit)
+
+    return hook
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (f"the response body is over {limit / 2**20:g} MiB ({size:,} bytes or more); "
+            "not a completion (a broken proxy or server?)")
+
+
+class _CappedStream(_http.AsyncByteStream):
+    def __init__(self, stream: Any, limit: int):
+        self._stream, self._limit = stream, limit
+
+    async def __aiter__(self):
+        total = 0
+        async for chunk in self._stream:
+            total += len(chunk)
+            if total > self._limit:
+                raise BodyTooLarge(_too_large(total, self._limit))
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _asked_top_k(params: dict[str, Any], api: str) -> int:
+    """How many top logprobs the request asked for per position."""
+    if api == "completions":
+        k = params.get("logprobs")
+    else:
+        k = params.get("top_logprobs") if params.get("logprobs") else 0
+    return k if isinstance(k, int) and not isinstance(k, bool) else 0
+
+
 class _NumberText(str):
     """A JSON number, kept as the exact text the server sent."""
 
 
-def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str) -> Completion:
+def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
+               top_k: int = 0) -> Completion:
     """A response body -> Completion; BackendError("bad_response") if it is not a
-    completion (HTML page, truncated JSON, no choices, no logprobs when asked)."""
+    completion (HTML page, truncated JSON, no choices, no logprobs when asked).
+
+    Top-k entries sent as the -9999.0 sentinel are not logprobs: they are left out of
+    ``top`` (the token then counts as missing) and counted in
+    ``extra["sentinel_logprobs"]``; ``raw`` keeps them. Fewer top entries than the
+    ``top_k`` asked for are noted in ``extra["top_logprobs_short"]`` (the fewest)."""
     raw = content.decode("utf-8", errors="replace")
     try:
         body = json.loads(content, parse_float=_NumberText, parse_int=_NumberText,
@@ -183,15 +255,29 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str) -> C
         else:
             text = choice.get("text") or ""
             positions = _completions_positions(choice.get("logprobs"), wants_logprobs, source)
+        finish_reason = choice.get("finish_reason")
+        model, fingerprint = body.get("model"), body.get("system_fingerprint")
+        if not isinstance(text, str):
+            raise TypeError(f"the answer text is {type(text).__name__}, not a string")
     except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise _bad(source, f"unexpected response shape ({type(exc).__name__}: {exc})") from None
     extra: dict[str, Any] = {}
-    floor = sum(p.logprob == SENTINEL_LOGPROB for pos in positions for p in pos.top)
+    fewest = min((len(p.top) for p in positions), default=top_k)
+    if fewest < top_k:
+        extra["top_logprobs_short"] = fewest
+    floor = sum(t.logprob == SENTINEL_LOGPROB for pos in positions for t in pos.top)
     if floor:
         extra["sentinel_logprobs"] = floor  # top-k entries sent as -9999.0, not real values
-    return Completion(text=text, finish_reason=choice.get("finish_reason"), positions=positions,
-                      model=body.get("model"), system_fingerprint=body.get("system_fingerprint"),
+        positions = [replace(pos, top=[t for t in pos.top if t.logprob != SENTINEL_LOGPROB])
+                     for pos in positions]
+    return Completion(text=text, finish_reason=_text_or_none(finish_reason), positions=positions,
+                      model=_text_or_none(model), system_fingerprint=_text_or_none(fingerprint),
                       extra=extra, raw=raw)
+
+
+def _text_or_none(value: Any) -> str | None:
+    """A string field of the body; anything else (a number read as text...) as text."""
+    return None if value is None else str(value)
 
 
 def _chat_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:

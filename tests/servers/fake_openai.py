@@ -38,7 +38,8 @@ from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any, Collection
 
-FAULT_KINDS = ("status", "malformed_json", "html", "no_logprobs", "empty_choices", "slow", "drop")
+FAULT_KINDS = ("status", "malformed_json", "html", "no_logprobs", "empty_choices", "slow", "drop",
+               "huge")
 SENTINEL = -9999.0  # what OpenAI sends for some tokens outside the top 20
 
 
@@ -64,7 +65,9 @@ class Fault:
     kinds: status (HTTP ``status`` with ``headers``, OpenAI error body with ``code``),
     malformed_json (truncated body, 200), html (an HTML error page with ``status``),
     no_logprobs (``logprobs: null``), empty_choices, slow (``delay`` seconds, then a
-    normal answer), drop (the connection is closed without an answer)."""
+    normal answer), drop (the connection is closed without an answer), huge (a 200
+    body of ``size`` bytes, announced by Content-Length, or streamed in chunks
+    without it when ``chunked``)."""
 
     kind: str
     on: Collection[int] | None = None
@@ -74,6 +77,8 @@ class Fault:
     code: str | None = None
     message: str = "injected fault"
     delay: float = 0.0
+    size: int = 64 * 1024 * 1024
+    chunked: bool = False
 
     def __post_init__(self):
         if self.kind not in FAULT_KINDS:
@@ -90,6 +95,7 @@ class Config:
     echo_key_in_errors: bool = True  # a 401 repeats the key it got, as careless servers do
     number_style: str = "varied"  # varied | repr
     floor_from: int | None = None  # top-k entries from this rank on are sent as -9999.0
+    top_cap: int | None = None  # send at most this many top-k entries, whatever was asked
     delay: float = 0.0  # added to every answer
     seed: int = 0
 
@@ -202,6 +208,9 @@ class FakeOpenAI:
                 if response is None:  # fault "drop"
                     writer.transport.abort()
                     return
+                if isinstance(response, _Huge):
+                    await response.write(writer)
+                    continue
                 writer.write(response)
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
@@ -253,7 +262,11 @@ class FakeOpenAI:
                           "fingerprint": fingerprint, "state": state_index, "fault": None})
         return _http(200, text.encode())
 
-    def _log(self, n: int, response: bytes | None, texts: list[str], fault: str | None):
+    def _log(self, n: int, response: Any, texts: list[str], fault: str | None):
+        if isinstance(response, _Huge):
+            self.sent.append({"n": n, "status": 200, "logprobs": [], "fault": fault,
+                              "body": f"<{response.size:,} bytes>"})
+            return response
         status = None if response is None else int(response.split(b" ", 2)[1])
         self.sent.append({"n": n, "status": status, "logprobs": texts, "fault": fault,
                           "body": None if response is None
@@ -298,6 +311,8 @@ class _Numbers:
 
 def _top(candidates: dict[str, float], k: int, config: Config) -> list[tuple[str, float]]:
     """The k most likely candidates, padded with unlikely filler tokens."""
+    if config.top_cap is not None:
+        k = min(k, config.top_cap)
     ranked = sorted(candidates.items(), key=lambda kv: kv[1], reverse=True)[:k]
     lowest = ranked[-1][1] if ranked else 0.0
     ranked += [(f"alt{i}", lowest - 5.0 - i) for i in range(k - len(ranked))]
@@ -399,9 +414,35 @@ def _check_request(body: Any, path: str, headers: dict[str, str], config: Config
     return None
 
 
-def _fault_response(fault: Fault, body: dict[str, Any], path: str) -> bytes | None:
+class _Huge:
+    """A body too big to build in memory at once: written in 1 MiB pieces."""
+
+    PIECE = b" " * (1 << 20)
+
+    def __init__(self, fault: Fault):
+        self.size, self.chunked = fault.size, fault.chunked
+
+    async def write(self, writer: asyncio.StreamWriter) -> None:
+        head = ["HTTP/1.1 200 OK", "content-type: application/json"]
+        head.append("transfer-encoding: chunked" if self.chunked
+                    else f"content-length: {self.size}")
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        left = self.size
+        while left > 0:
+            piece = self.PIECE[:min(left, len(self.PIECE))]
+            left -= len(piece)
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if self.chunked else piece)
+            await writer.drain()
+        if self.chunked:
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+
+def _fault_response(fault: Fault, body: dict[str, Any], path: str) -> bytes | _Huge | None:
     if fault.kind == "drop":
         return None
+    if fault.kind == "huge":
+        return _Huge(fault)
     if fault.kind == "status":
         return _error(fault.status, fault.message, "server_error", fault.code, fault.headers)
     if fault.kind == "html":
