@@ -294,3 +294,29 @@ def test_no_request_body_crashes_the_server(server_default, body, route):
         assert data["choices"] and data["system_fingerprint"]
     else:
         assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
+
+
+def test_a_burst_beyond_the_queue_is_answered_in_full():
+    """60 requests at once into 2 slots + 2 queue places: every one gets a completion
+    or a 429 with Retry-After, none is lost or hangs, and the engine drains to zero."""
+    server = Server("--kernels", "default", "--max-batch", "2", "--max-queue", "2")
+    body = {"model": "tiny", "messages": COIN, "max_tokens": 8, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 2}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=60)) as http:
+            return await asyncio.gather(*(http.post(server.url + "/chat/completions", json=body)
+                                          for _ in range(60)))
+
+    try:
+        responses = asyncio.run(burst())
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 4 and 429 in statuses
+        for r in responses:
+            if r.status_code == 200:
+                assert r.json()["usage"]["completion_tokens"] == 8
+            else:
+                assert int(r.headers["retry-after"]) >= 1
+        assert server.health()["in_flight"] == 0
+    finally:
+        assert server.stop() == 0
