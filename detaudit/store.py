@@ -170,6 +170,27 @@ class RunStore:
     def count(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
 
+    def data_notes(self) -> dict[str, int]:
+        """What good samples' ``extra`` says about their logprobs: how many samples
+        carried -9999 sentinel entries (and how many entries), and how many had fewer
+        top logprobs than asked (and the fewest seen). Zero counts are left out."""
+        notes = {"sentinel_samples": 0, "sentinel_entries": 0, "short_top_samples": 0}
+        fewest = None
+        for (extra,) in self._conn.execute(
+                "SELECT extra FROM samples WHERE status = 'ok' AND extra IS NOT NULL "
+                "AND (extra LIKE '%sentinel_logprobs%' OR extra LIKE '%top_logprobs_short%')"):
+            data = json.loads(extra)
+            if data.get("sentinel_logprobs"):
+                notes["sentinel_samples"] += 1
+                notes["sentinel_entries"] += int(data["sentinel_logprobs"])
+            if data.get("top_logprobs_short") is not None:
+                notes["short_top_samples"] += 1
+                short = int(data["top_logprobs_short"])
+                fewest = short if fewest is None else min(fewest, short)
+        if fewest is not None:
+            notes["short_top_fewest"] = fewest
+        return {k: v for k, v in notes.items() if v or k == "short_top_fewest"}
+
     def samples(self) -> list[Sample]:
         cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM samples ORDER BY idx")
         return [_sample(row) for row in cur]
