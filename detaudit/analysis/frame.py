@@ -8,6 +8,8 @@ distinctness must be judged on what was received.
 
 from __future__ import annotations
 
+import re
+
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -184,10 +186,17 @@ def _most_common_chosen(samples: list[Sample]) -> list[dict[str, Any]]:
 
 
 def natural_key(value: Any) -> tuple:
-    """Sort key that puts group "4" before "16" and None last."""
+    """Sort key that puts group "4" before "16", "load=4" before "load=16", None last."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
-        return (2, 0, "")
+        return (2, "", 0.0, "")
     try:
-        return (0, float(value), str(value))
+        return (0, "", float(value), str(value))
     except (TypeError, ValueError):
-        return (1, 0, str(value))
+        text = str(value)
+        match = _TRAILING_NUMBER.search(text)
+        if match:
+            return (1, text[:match.start()], float(match.group()), text)
+        return (1, text, 0.0, text)
+
+
+_TRAILING_NUMBER = re.compile(r"-?\d+(\.\d+)?$")

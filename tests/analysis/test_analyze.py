@@ -84,6 +84,13 @@ def test_per_fingerprint_and_per_group_breakdowns(make):
     assert four["tokens"][0]["distinct_logprobs"] == 2
 
 
+def test_load_level_groups_sort_by_their_number(make):
+    levels = ["load=16", "load=4", "load=0", "load=64"]
+    samples = [make.coin(i, "Heads", "-0.1", group=g) for i, g in enumerate(levels)]
+    result = analyze(build_frames(samples, [{"label": "Heads", "token": "Heads", "position": 0}]))
+    assert [g["group"] for g in result.groups] == ["load=0", "load=4", "load=16", "load=64"]
+
+
 def test_to_dict_is_plain_json_without_nan(make, coin_tracked):
     samples = [make.coin(0, "Heads", "-0.5", None), make.error(1, "server_error")]
     summary = analyze(build_frames(samples, coin_tracked)).to_dict()
