@@ -30,7 +30,8 @@ from detaudit.analysis.insight import build_insight
 from detaudit.backends.base import BackendError
 from detaudit.ingest import IngestError
 from detaudit.probes import Probe, ProbeError, builtin_names, load_probe
-from detaudit.runner import RunFailed, RunResult, resolve_tracked
+from detaudit.ratelimit import RateLimits, tokens_per_request
+from detaudit.runner import RunFailed, RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
 from detaudit.store import RunStore, StoreError, new_run_id, utc_now
 
@@ -158,6 +159,9 @@ def run(
     out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
     resume: Optional[Path] = typer.Option(None, help="Finish an interrupted run: results/<run-id>.", metavar="RUN_DIR"),
     max_attempts: int = typer.Option(5, min=1, help="Tries per request before it is stored as an error."),
+    max_errors: Optional[str] = typer.Option(None, help="Stop early once more samples than this fail: a count (20) or a fraction of n (0.05); the run stays resumable.", metavar="N|FRACTION"),
+    rpm: Optional[float] = typer.Option(None, min=0.001, help="Client-side limit: requests per minute (retries count)."),
+    tpm: Optional[float] = typer.Option(None, min=1, help="Client-side limit: tokens per minute (prompt + max_tokens per request, counted with the model's tokenizer)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (run facts + summary) on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the request, its prompt and completion tokens and the estimated cost; send nothing."),
@@ -171,6 +175,7 @@ def run(
     Every sample lands in results/<run-id>/ as it arrives, so an interrupted run can be finished with --resume.
     """
     api, backend, kernels = (e.value if e is not None else None for e in (api, backend, kernels))
+    error_limit = _parse_max_errors(max_errors)
     if resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in _MEASUREMENT_FLAGS
                  if ctx.params.get(name) is not None]
@@ -187,8 +192,10 @@ def run(
             asyncio.run(backend_obj.aclose())
             return insight.dry_run(plan, probe_obj.request, json_out)
         run_concurrency = concurrency or store.manifest["concurrency"]
+        limits = _rate_limits(probe_obj, store.manifest["backend_config"], rpm, tpm)
         store.update_manifest(resumed_at=store.manifest.get("resumed_at", []) + [utc_now()],
-                              concurrency=run_concurrency)
+                              concurrency=run_concurrency,
+                              limits=_limits_record(limits, max_attempts, max_errors))
     else:
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
@@ -205,6 +212,7 @@ def run(
         if probe_obj.kind == "load-sweep":
             backend_obj = load_sweep.wrap(backend_obj, probe_obj, n)
         run_concurrency = concurrency or probe_obj.default_concurrency
+        limits = _rate_limits(probe_obj, config, rpm, tpm)
         manifest = {
             "tool_version": __version__, "probe": probe_obj.to_dict(), "n": n,
             "concurrency": run_concurrency, "backend": backend_obj.describe(),
@@ -212,6 +220,7 @@ def run(
             "tracked": resolve_tracked(probe_obj, backend_obj), "status": "running",
             "started_at": utc_now(), "ended_at": None,
             "command": _command_line(ctx, api_key_env),
+            "limits": _limits_record(limits, max_attempts, max_errors),
         }
         run_id = new_run_id(probe_obj.name, config["model"])
         store = RunStore.create(out or Path("results"), run_id, manifest)
@@ -224,13 +233,9 @@ def run(
     progress = stderr if not quiet and stderr.is_terminal else None
     try:
         result = asyncio.run(_session(probe_obj, backend_obj, store, session_n, run_concurrency,
-                                      max_attempts, progress))
+                                      max_attempts, progress, limits, error_limit))
     except KeyboardInterrupt:
-        done = len(store.done_indices())
-        store.close()
-        stderr.print(f"[yellow]interrupted[/]: {done:,} of {n:,} samples stored. Finish with:\n"
-                     f"  detaudit run --resume {store.path}", highlight=False)
-        raise typer.Exit(130) from None
+        _interrupted(store, n, threshold_pct, json_out)
 
     if not quiet:
         rate = f"{result.sent / result.elapsed_s:,.0f} req/s" if result.elapsed_s > 0 else "-"
@@ -244,12 +249,14 @@ def run(
         store.update_manifest(status="interrupted", stopped_by="max-cost")
     analysis = _analyze_store(store, threshold_pct)
     info = _run_info(store, result)
+    notes = _data_notes(store)
     store.close()
     if json_out:
-        _print_json({"run": info, **analysis.to_dict()})
+        _print_json({"run": {**info, "notes": notes}, **analysis.to_dict()})
     else:
         if analysis.ok:
             _render(analysis, store.manifest)
+        _print_notes(notes)
         typer.echo(f"Run folder: {store.path}")
     if result.status == "failed":
         raise RunFailed(f"{result.reason}. Fix it, then finish the run with: "
@@ -278,12 +285,96 @@ def _within_budget(store: RunStore, probe: Probe, n: int, max_cost: float,
 
 
 async def _session(probe: Probe, backend: Any, store: RunStore, n: int, concurrency: int,
-                   max_attempts: int, progress: Console | None) -> RunResult:
+                   max_attempts: int, progress: Console | None, limits: RateLimits | None = None,
+                   max_errors: float | None = None) -> RunResult:
     try:
-        return await run_probe(probe, backend, store, n, concurrency,
-                               max_attempts=max_attempts, progress=progress)
+        return await run_probe(probe, backend, store, n, concurrency, max_attempts=max_attempts,
+                               progress=progress, limits=limits, max_errors=max_errors)
     finally:
         await backend.aclose()
+
+
+def _interrupted(store: RunStore, n: int, threshold_pct: float, json_out: bool) -> None:
+    """Ctrl-C: in-flight requests were cancelled (resume sends them again); report
+    what is stored, say how to finish, exit 130."""
+    done = len(store.done_indices())
+    try:
+        analysis = _analyze_store(store, threshold_pct)
+        info, notes = _run_info(store), _data_notes(store)
+    finally:
+        store.close()
+    if json_out:
+        _print_json({"run": {**info, "notes": notes}, **analysis.to_dict()})
+    elif analysis.ok:
+        stderr.print(f"[yellow]partial report[/]: {done:,} of {n:,} samples", highlight=False)
+        _render(analysis, store.manifest)
+        _print_notes(notes)
+    stderr.print(f"[yellow]interrupted[/]: {done:,} of {n:,} samples stored. Finish with:\n"
+                 f"  detaudit run --resume {store.path}", highlight=False)
+    raise typer.Exit(130)
+
+
+def _parse_max_errors(text: str | None) -> float | None:
+    """--max-errors: a count (20), a fraction of n (0.05) or a percentage (5%)."""
+    if text is None:
+        return None
+    try:
+        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+        error_budget(value, 1)
+    except ValueError:
+        raise UsageProblem(f"--max-errors {text!r}: give a count of failed samples (e.g. 20) "
+                           "or a fraction of n (e.g. 0.05 or 5%)") from None
+    if value >= 1 and value != int(value):
+        raise UsageProblem(f"--max-errors {text!r}: a count must be a whole number "
+                           "(or give a fraction below 1, e.g. 0.05)")
+    return value
+
+
+def _rate_limits(probe: Probe, config: dict[str, Any], rpm: float | None,
+                 tpm: float | None) -> RateLimits | None:
+    """The --rpm/--tpm buckets; a request's tokens counted as the provider counts them."""
+    if rpm is None and tpm is None:
+        return None
+    tokens, how = None, None
+    if tpm is not None:
+        from detaudit.cost import plan_run
+
+        plan = plan_run(probe, config, 1)
+        prompt_text = json.dumps(probe.request.get("messages") or probe.request.get("prompt", ""))
+        tokens, estimated = tokens_per_request(plan.prompt_tokens, plan.completion_tokens,
+                                               prompt_text)
+        how = ("estimate: 4 characters per token" if estimated else
+               plan.tokenizer + (" (approximate: model unknown)" if plan.approximate else ""))
+    return RateLimits(rpm=rpm, tpm=tpm, tokens_per_request=tokens, token_count=how)
+
+
+def _limits_record(limits: RateLimits | None, max_attempts: int,
+                   max_errors: str | None) -> dict[str, Any]:
+    """The manifest's ``limits``: what paced and bounded this session."""
+    return {**(limits.to_dict() if limits else {"rpm": None, "tpm": None}),
+            "max_attempts": max_attempts, "max_errors": max_errors}
+
+
+def _data_notes(store: RunStore) -> list[str]:
+    """Sentences about data the analysis had to treat specially."""
+    counts = store.data_notes()
+    notes = []
+    if counts.get("sentinel_samples"):
+        notes.append(f"{counts['sentinel_entries']:,} top-logprob entries in "
+                     f"{counts['sentinel_samples']:,} samples were the -9999 sentinel (a token "
+                     "outside the top 20): counted as missing, not as logprob values")
+    if counts.get("short_top_samples"):
+        notes.append(f"{counts['short_top_samples']:,} samples had fewer top logprobs than asked "
+                     f"(as few as {counts['short_top_fewest']}): a tracked token outside them "
+                     "counts as missing")
+    return notes
+
+
+def _print_notes(notes: list[str]) -> None:
+    """Notes belong to the report: stdout, under its tables."""
+    out = Console(highlight=False)
+    for note in notes:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
 
 
 def _build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **overrides: Any) -> Probe:
@@ -479,13 +570,15 @@ def report(
     with RunStore.open(run_dir) as store:
         analysis = _analyze_store(store, threshold_pct)
         info = _run_info(store)
+        notes = _data_notes(store)
     if info["status"] != "complete":
         stderr.print(f"[yellow]note:[/] this run is {info['status']}; finish it with "
                      f"detaudit run --resume {run_dir}", highlight=False)
     if json_out:
-        _print_json({"run": info, **analysis.to_dict()})
+        _print_json({"run": {**info, "notes": notes}, **analysis.to_dict()})
     else:
         _render(analysis, store.manifest)
+        _print_notes(notes)
 
 
 @app.command(epilog="[bold]Example[/]\n\n  detaudit export results/<run-id> --clusters clusters.csv --samples samples.csv")
