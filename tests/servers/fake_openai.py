@@ -238,7 +238,8 @@ class FakeOpenAI:
         except ValueError:
             body = None
         self.received.append({"n": n, "method": method, "path": path, "headers": headers,
-                              "body": body, "raw": raw.decode("utf-8", "replace")})
+                              "body": body, "raw": raw.decode("utf-8", "replace"),
+                              "at": time.monotonic()})
         fault = self._fault_for(n, config)
         delay = config.delay + (fault.delay if fault and fault.kind == "slow" else 0.0)
         if delay:
