@@ -7,9 +7,14 @@ Prefill: B causal sequences of N tokens. Decode: one new token for each of B
 sequences whose KV cache holds L tokens. SDPA gets its favourite layout
 ([B, H, L, D], GQA through enable_gqa), prepared outside the timing. Bitwise
 checks: a sequence alone vs in the batch (prefill and decode), and the decode of
-a token vs the prefill row of the same token. Ours is timed with its tile plan
-already made (the engine plans once per forward pass and reuses it in every
-layer); "plan ms" is the cost of a fresh plan, paid once per pass.
+a token vs the prefill row of the same token (prefill runs the single pass,
+decode of one sequence the split-KV launch), and for decode the split-KV launch
+vs the single pass. Ours is timed with its tile plan already made (the engine
+plans once per forward pass and reuses it in every layer); "plan ms" is the
+cost of a fresh plan and the call, paid once per pass. Decode is also timed as
+CUDA-graph replays ("graph" columns: kernel time without Python launch costs,
+for ours and SDPA alike), since one small decode call lasts about as long as
+launching it.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from local_backend.kernels import attention as attn
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
 DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000), (64, 8000), (8, 32000)]  # (B, L)
-CANDIDATES = [  # (rows, num_warps, num_stages, BLOCK_N)
-    (64, 4, 2, 64), (64, 4, 3, 64), (128, 8, 2, 64), (128, 8, 3, 64), (128, 4, 2, 64),
-    (64, 4, 2, 128), (128, 8, 2, 128), (128, 8, 3, 128),
+CANDIDATES = [  # (rows, num_warps, num_stages, BLOCK_N, SPLIT)
+    (64, 4, 2, 64, 256), (64, 4, 3, 64, 256), (128, 8, 2, 64, 256), (128, 8, 3, 64, 256),
+    (128, 4, 2, 64, 256), (64, 4, 2, 128, 256), (128, 8, 2, 128, 256), (128, 8, 3, 128, 256),
+    (64, 4, 3, 64, 512), (64, 4, 3, 64, 128),
 ]
 
 
@@ -43,9 +49,22 @@ def sdpa(q, k, v, causal):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=D ** -0.5, enable_gqa=True)
 
 
+def graph_ms(fn, rep_ms: int) -> float:
+    """Median time of one call replayed from a CUDA graph (no Python in the loop)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm: compile, allocate
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, rep_ms)
+
+
 def case(kind: str, B: int, N: int, cand, rep: int, gen) -> dict:
-    rows, warps, stages, block_n = cand
-    attn.BLOCK_N = block_n
+    rows, warps, stages, block_n, split = cand
+    attn.BLOCK_N, attn.SPLIT = block_n, split
     kw = dict(rows=rows, num_warps=warps, num_stages=stages)
     k_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
     v_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
@@ -88,11 +107,28 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen) -> dict:
            "ours_tflops": flops / t_ours / 1e9, "sdpa_tflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours,
            "kv_gbps_ours": 2 * B * N * HKV * D * 2 / t_ours / 1e6, "rel_err_vs_sdpa": err,
            "bitwise_alone_vs_batch": torch.equal(alone, out[:first])}
+    if kind == "decode":
+        with attn.one_plan_per_pass():
+            ours()
+            row["ours_graph_ms"] = graph_ms(ours, rep)
+        row["sdpa_graph_ms"] = graph_ms(ref, rep)
+        row["graph_ratio"] = row["sdpa_graph_ms"] / row["ours_graph_ms"]
+        row["kv_gbps_ours_graph"] = 2 * B * N * HKV * D * 2 / row["ours_graph_ms"] / 1e6
+        row["kv_gbps_sdpa_graph"] = 2 * B * N * HKV * D * 2 / row["sdpa_graph_ms"] / 1e6
+        both = [attn.attention(q, k_cache, v_cache, slots, positions, scale, split_kv=s, **kw) for s in (False, True)]
+        row["bitwise_split_vs_one_pass"] = torch.equal(*both)
     if kind == "prefill":  # decode the last token of sequence 0 from the same cache
         last = torch.tensor([N - 1], device="cuda")
         dec = attn.attention(q[N - 1:N], k_cache, v_cache, slots[:1], last, scale, **kw)
         row["bitwise_prefill_vs_decode"] = torch.equal(dec, out[N - 1:N])
     return row
+
+
+def graph_cols(r: dict) -> str:
+    if "graph_ratio" not in r:
+        return f"{'-':>7} {'-':>7} {'-':>6} {'-':>5}"
+    return (f"{r['kv_gbps_ours_graph']:>7.0f} {r['kv_gbps_sdpa_graph']:>7.0f} {r['graph_ratio']:>6.2f} "
+            f"{str(r['bitwise_split_vs_one_pass']):>5}")
 
 
 def main() -> None:
@@ -106,11 +142,13 @@ def main() -> None:
         sys.exit("bench_attention needs a CUDA GPU (the CPU interpreter's speed means nothing)")
     info = gpu_info()
     print(header(info))
-    default = (attn.GPU_ROWS, attn.GPU_WARPS, attn.tile_config(HQ // HKV, D, torch.bfloat16)[2], attn.BLOCK_N)
+    default = (attn.GPU_ROWS, attn.GPU_WARPS, attn.tile_config(HQ // HKV, D, torch.bfloat16)[2], attn.BLOCK_N,
+               attn.SPLIT)
     cands = CANDIDATES if args.tune else [default]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{'kind':>7} {'B':>3} {'N|L':>6} | {'ours':>7} {'SDPA':>7} {'ratio':>6} | {'plan ms':>7} {'rel err':>8} | "
-          "alone=batch prefill=decode | tiles (rows, warps, stages, BLOCK_N); prefill TFLOP/s, decode KV GB/s")
+          "alone=batch prefill=decode | graph: ours SDPA ratio split=1pass | "
+          "tiles (rows, warps, stages, BLOCK_N, SPLIT); prefill TFLOP/s, decode KV GB/s")
     rows = []
     for kind, cases in (("prefill", PREFILL), ("decode", DECODE)):
         if args.cases not in ("all", kind):
@@ -127,7 +165,7 @@ def main() -> None:
                       (r["kv_gbps_ours"], r["kv_gbps_ours"] / r["ratio"])
                 print(f"{kind:>7} {B:>3} {N:>6} | {fig[0]:>7.1f} {fig[1]:>7.1f} {r['ratio']:>6.2f} | "
                       f"{r['plan_ms']:>7.2f} {r['rel_err_vs_sdpa']:>8.1e} | {str(r['bitwise_alone_vs_batch']):>11} "
-                      f"{str(r.get('bitwise_prefill_vs_decode', '-')):>14} | {cand}", flush=True)
+                      f"{str(r.get('bitwise_prefill_vs_decode', '-')):>14} | {graph_cols(r)} | {cand}", flush=True)
                 torch.cuda.empty_cache()
     write_json(args.json, {"info": info, "mode": "tune" if args.tune else "table", "rows": rows})
     print(header(gpu_info()))

@@ -1,4 +1,4 @@
-"""Batch-invariant causal attention over a KV cache, prefill and decode in one kernel.
+"""Batch-invariant causal attention over a KV cache, prefill and decode alike.
 
 Query token t attends to k_cache[slots[t], 0 .. positions[t]] (its own K/V is
 already in the cache). The host groups the batch's tokens into tiles of at
@@ -6,46 +6,139 @@ most BLOCK_M tokens of one sequence (BLOCK_M fixed per model: tile_config);
 one program handles one tile for one KV head, with the whole GQA group of
 query heads as extra rows.
 
+The KV sweep is cut into splits of a fixed SPLIT positions (never a fixed
+number of splits). Each split runs its own fp32 online softmax from a fresh
+state, in chunks of BLOCK_N, and the split states are folded into the row's
+result in split order 0, 1, 2, ... with one shared function (``_fold``). Two
+launch shapes compute exactly that:
+  * single pass: one program sweeps every split of its tile and folds as it goes;
+  * split-KV (flash-decoding): one program per (tile, KV head, split) writes its
+    split state to memory and a second kernel folds them, in the same order, with
+    the same ``_fold``. Few sequences (decode at batch 1) then fill the GPU.
+The host picks the shape per batch for speed; the bits do not depend on it.
+
 Why it is batch-invariant:
-  * KV is swept in chunks of a fixed BLOCK_N, always from position 0 upwards,
-    with an fp32 online softmax. A token sees the same chunks in the same order
-    whether it is decoded alone, prefilled with its prompt, or batched with
-    other sequences.
+  * A token sees the same chunks, grouped into the same splits, folded in the
+    same order, whether it is decoded alone, prefilled with its prompt, or
+    batched with other sequences, and whichever launch shape ran.
   * Every tile has the same fixed shape, and each query row of tl.dot depends
     only on that row, so a token's neighbours in the tile do not matter.
   * A tile sweeps up to its furthest token; for a row whose position lies
     before a chunk, that chunk is all -inf, so the update is an exact no-op:
     the max is unchanged, the rescale factor is exp2(0) = 1 and every
-    probability is exp2(-inf) = 0.
+    probability is exp2(-inf) = 0. A split that lies wholly after a row's
+    position is never folded into that row.
+  * Chunks that every row of a tile sees in full skip the causal mask; the mask
+    there would select every score unchanged, so the arithmetic is the same.
+    Multiply-adds are written as explicit fma where both orders could occur,
+    so the compiler cannot contract them differently in the two kernels.
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
+from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
+SPLIT = 64 if INTERPRET else 256  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
 MAX_HEAD_DIM = 256
 SHARED_MEMORY_FOR_KV = 128 * 1024  # bytes of K/V chunks in flight on a GPU (H100: 227 KiB in all)
 LOG2_E = 1.4426950408889634
 GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
 GPU_WARPS = 4
 
+__all__ = ["attention", "one_plan_per_pass", "tile_config", "BLOCK_N", "SPLIT"]
+
+
+@triton.jit
+def _chunk(q, k_base, v_base, n0, pos, kv_len, d, d_ok, m, l, acc, scale_log2e,
+           stride_kl, stride_kd, stride_vl, stride_vd,
+           MASKED: tl.constexpr, EVEN_D: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One online-softmax step over KV positions n0 .. n0 + BLOCK_N. The state m is
+    the running max of the raw scores q.k; the scale is applied after subtracting it."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + n[None, :] * stride_kl + d[:, None] * stride_kd
+    v_ptrs = v_base + n[:, None] * stride_vl + d[None, :] * stride_vd
+    if MASKED:
+        n_ok = n < kv_len
+        if EVEN_D:
+            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    if INTERPRETED:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q, k, input_precision="ieee")
+    if MASKED:
+        scores = tl.where(n[None, :] <= pos[:, None], scores, float("-inf"))
+    new_max = tl.maximum(m, tl.max(scores, axis=1))
+    rescale = tl.exp2((m - new_max) * scale_log2e)
+    p = tl.exp2((scores - new_max[:, None]) * scale_log2e)
+    l = tl.fma(l, rescale, tl.sum(p, axis=1))
+    acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")
+    return new_max, l, acc
+
+
+@triton.jit
+def _split_state(q, k_base, v_base, s0, full_end, pos, kv_len, d, d_ok, scale_log2e,
+                 stride_kl, stride_kd, stride_vl, stride_vd,
+                 ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
+                 INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(max, sum, acc) of one split, from a fresh state. Chunks before ``full_end``
+    are visible to every row of the tile and skip the mask."""
+    s_end = tl.minimum(s0 + SPLIT, kv_len)
+    mid = tl.maximum(tl.minimum(full_end, s_end), s0)
+    m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    for n0 in range(s0, mid, BLOCK_N):
+        m, l, acc = _chunk(q, k_base, v_base, n0, pos, kv_len, d, d_ok, m, l, acc, scale_log2e,
+                           stride_kl, stride_kd, stride_vl, stride_vd,
+                           False, EVEN_D, INTERPRETED, BLOCK_N)
+    for n0 in range(mid, s_end, BLOCK_N):
+        m, l, acc = _chunk(q, k_base, v_base, n0, pos, kv_len, d, d_ok, m, l, acc, scale_log2e,
+                           stride_kl, stride_kd, stride_vl, stride_vd,
+                           True, EVEN_D, INTERPRETED, BLOCK_N)
+    return m, l, acc
+
+
+@triton.jit
+def _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e):
+    """Fold one split's state into the running result; the only place that does.
+    From the empty state (-inf, 0, 0) it returns the split's own state exactly."""
+    new_max = tl.maximum(m, m_s)
+    a = tl.exp2((m - new_max) * scale_log2e)
+    b = tl.exp2((m_s - new_max) * scale_log2e)
+    l = tl.fma(l, a, l_s * b)
+    acc = tl.fma(acc, a[:, None], acc_s * b[:, None])
+    return new_max, l, acc
+
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     tile_tokens_ptr, slots_ptr, positions_ptr,
-    scale_log2e, D,
+    scale_log2e, D, HQ, NUM_SPLITS,
     stride_qt, stride_qh, stride_qd,
     stride_ks, stride_kl, stride_kh, stride_kd,
     stride_vs, stride_vl, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETED: tl.constexpr, PARTIALS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -61,6 +154,7 @@ def _attention_kernel(
     pos = tl.load(positions_ptr + tok)
     slot = tl.load(slots_ptr + first_tok)
     kv_len = tl.max(pos, axis=0) + 1
+    full_end = (tl.min(pos, axis=0) + 1) // BLOCK_N * BLOCK_N  # chunks every row sees in full
     head = kv_head * GROUP + tl.where(group_idx < GROUP, group_idx, 0)
 
     d = tl.arange(0, BLOCK_D)
@@ -72,41 +166,75 @@ def _attention_kernel(
     k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
     v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
 
-    row_max = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((ROWS,), dtype=tl.float32)
-    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-    for n0 in range(0, kv_len, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < kv_len
-        k = tl.load(k_base + n[None, :] * stride_kl + d[:, None] * stride_kd,
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vl + d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if INTERPRETED:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, k, input_precision="ieee") * scale_log2e
-        scores = tl.where(n[None, :] <= pos[:, None], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        row_max = new_max
+    if PARTIALS:  # this program: one split; its state goes to memory for _combine_kernel
+        split = tl.program_id(2)
+        s0 = split * SPLIT
+        if s0 < kv_len:
+            m_s, l_s, acc_s = _split_state(q, k_base, v_base, s0, full_end, pos, kv_len, d, d_ok, scale_log2e,
+                                           stride_kl, stride_kd, stride_vl, stride_vd,
+                                           ROWS, BLOCK_D, SPLIT, EVEN_D, INTERPRETED, BLOCK_N)
+            part = (tok * HQ + head) * NUM_SPLITS + split
+            keep = row_ok & (pos >= s0)
+            tl.store(part_m_ptr + part, m_s, mask=keep)
+            tl.store(part_l_ptr + part, l_s, mask=keep)
+            tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_s, mask=keep[:, None] & d_ok[None, :])
+    else:  # this program: every split of the tile, folded in order as it goes
+        m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((ROWS,), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        for s0 in range(0, kv_len, SPLIT):
+            m_s, l_s, acc_s = _split_state(q, k_base, v_base, s0, full_end, pos, kv_len, d, d_ok, scale_log2e,
+                                           stride_kl, stride_kd, stride_vl, stride_vd,
+                                           ROWS, BLOCK_D, SPLIT, EVEN_D, INTERPRETED, BLOCK_N)
+            m_f, l_f, acc_f = _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e)
+            seen = pos >= s0  # rows before this split keep their state (theirs is NaN here)
+            m = tl.where(seen, m_f, m)
+            l = tl.where(seen, l_f, l)
+            acc = tl.where(seen[:, None], acc_f, acc)
+        out = acc / l[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+                 cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
 
-    out = acc / row_sum[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
-             cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
+
+@triton.jit
+def _combine_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, positions_ptr,
+    scale_log2e, D, HQ, NUM_SPLITS,
+    stride_ot, stride_oh, stride_od,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """One token's GQA group: fold its split states 0, 1, 2, ... in order."""
+    tok = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    g = tl.arange(0, GROUP_PAD)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + tl.where(g_ok, g, 0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos = tl.load(positions_ptr + tok)
+    base = (tok * HQ + head) * NUM_SPLITS
+    m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, BLOCK_D), dtype=tl.float32)
+    for split in range(0, pos // SPLIT + 1):
+        m_s = tl.load(part_m_ptr + base + split)
+        l_s = tl.load(part_l_ptr + base + split)
+        acc_s = tl.load(part_acc_ptr + (base + split)[:, None] * D + d[None, :], mask=d_ok[None, :], other=0.0)
+        m, l, acc = _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e)
+    out = acc / l[:, None]
+    tl.store(out_ptr + tok * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+             cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=g_ok[:, None] & d_ok[None, :])
 
 
 def tile_config(group: int, head_dim: int, dtype: torch.dtype, rows: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M query tokens per tile, BLOCK_D, num_stages) for one model's shapes.
 
     They depend only on the model (GQA group, head_dim, dtype), never on the
-    batch, and BLOCK_N is the same everywhere. num_stages only pipelines loads
-    and does not touch the numbers. On a GPU a tile holds about ``rows`` query
-    rows (GPU_ROWS; 16 for wide heads), so it fits in shared memory; under the
-    interpreter big tiles mean fewer (slow) programs.
+    batch, and BLOCK_N and SPLIT are the same everywhere. num_stages only
+    pipelines loads and does not touch the numbers. On a GPU a tile holds about
+    ``rows`` query rows (GPU_ROWS; 16 for wide heads), so it fits in shared
+    memory; under the interpreter big tiles mean fewer (slow) programs.
     """
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -169,75 +297,81 @@ def _check_indices(slots: torch.Tensor, positions: torch.Tensor, S: int, L: int)
         raise ValueError(f"attention: positions must lie in [0, {L}), got {lo_pos}..{hi_pos}")
 
 
-class _PlanMemo:
-    """Inside ``one_plan_per_pass()``, the tile plan of the last (slots, positions) pair.
-
-    The model passes the same two tensors to every layer of one forward pass,
-    so planning (and its one device -> host copy) can happen once per pass
-    instead of once per layer. Outside the block every call plans afresh: only
-    the caller knows that the tensors do not change in between."""
-
-    def __init__(self):
-        self.depth = 0
-        self.key: tuple | None = None
-        self.tiles: torch.Tensor | None = None
-
-    def tiles_for(self, slots: torch.Tensor, positions: torch.Tensor, BLOCK_M: int, S: int, L: int) -> torch.Tensor:
-        key = (slots, positions, BLOCK_M, S, L)
-        if self.depth and self.key is not None and all(
-                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(self.key, key)):
-            return self.tiles
-        # The one device -> host copy: tiles are planned on the host, where small
-        # index work costs microseconds instead of a chain of synchronising kernels.
-        host_slots, host_positions = torch.stack([slots, positions]).cpu()
-        _check_indices(host_slots, host_positions, S, L)
-        tiles = _build_tiles(host_slots, BLOCK_M).to(slots.device)
-        if self.depth:
-            self.key, self.tiles = key, tiles
-        return tiles
+@dataclass
+class _Plan:
+    tiles: torch.Tensor  # [num_tiles, BLOCK_M] on the device
+    num_splits: int      # splits of the longest row: max position // SPLIT + 1
 
 
-_memo = _PlanMemo()
+def _make_plan(slots: torch.Tensor, positions: torch.Tensor, BLOCK_M: int, S: int, L: int) -> _Plan:
+    # The one device -> host copy: tiles are planned on the host, where small
+    # index work costs microseconds instead of a chain of synchronising kernels.
+    host_slots, host_positions = torch.stack([slots, positions]).cpu()
+    _check_indices(host_slots, host_positions, S, L)
+    tiles = _build_tiles(host_slots, BLOCK_M).to(slots.device)
+    return _Plan(tiles, int(host_positions.max()) // SPLIT + 1)
 
 
-@contextlib.contextmanager
-def one_plan_per_pass():
-    """Reuse the tile plan while the same slots/positions tensors come back (one
-    forward pass). The caller promises not to change them in place meanwhile."""
-    _memo.depth += 1
-    try:
-        yield
-    finally:
-        _memo.depth -= 1
-        if not _memo.depth:
-            _memo.key = _memo.tiles = None
+_sm_count: dict[torch.device, int] = {}
+
+
+def _wants_split_kv(device: torch.device, programs: int, num_splits: int) -> bool:
+    """Split the KV sweep when one program per (tile, KV head) would leave most of
+    the GPU idle (decode of few sequences). Speed only: the bits are the same."""
+    if INTERPRET or device.type != "cuda" or num_splits < 2:
+        return False
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return programs < _sm_count[device]
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slots: torch.Tensor, positions: torch.Tensor, scale: float,
               rows: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None) -> torch.Tensor:
+              num_stages: int | None = None, split_kv: bool | None = None) -> torch.Tensor:
     """Causal attention of q[T, Hq, D] over k/v_cache[S, L, Hkv, D] -> [T, Hq, D].
 
     ``rows``, ``num_warps`` and ``num_stages`` override the tile choice
-    (benchmarks and tuning only; a server keeps one choice per model)."""
+    (benchmarks and tuning only; a server keeps one choice per model).
+    ``split_kv`` forces the launch shape (None: chosen per batch); it never
+    changes the result's bits."""
     _check(q, k_cache, v_cache, slots, positions)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if T == 0 or Hq == 0 or D == 0:
         return out
+    assert SPLIT % BLOCK_N == 0, "SPLIT must be a multiple of BLOCK_N"
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
     group = Hq // Hkv
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
-    tiles = _memo.tiles_for(slots, positions, BLOCK_M, k_cache.shape[0], k_cache.shape[1])
-    _attention_kernel[(tiles.shape[0], Hkv)](
-        q, k_cache, v_cache, out, tiles, slots, positions,
-        float(scale) * LOG2_E, D,
+    S, L = k_cache.shape[:2]
+    plan = memo.get("batch-invariant", (slots, positions, BLOCK_M, S, L, SPLIT),
+                    lambda: _make_plan(slots, positions, BLOCK_M, S, L))
+    num_tiles = plan.tiles.shape[0]
+    if split_kv is None:
+        split_kv = _wants_split_kv(q.device, num_tiles * Hkv, plan.num_splits)
+    splits = plan.num_splits if split_kv else 1
+    if split_kv:
+        part_m = torch.empty((T, Hq, splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # not read: the single pass folds in registers
+    common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET,
+                  BLOCK_D=BLOCK_D, SPLIT=SPLIT)
+    scale_log2e = float(scale) * LOG2_E
+    _attention_kernel[(num_tiles, Hkv, splits)](
+        q, k_cache, v_cache, out, part_m, part_l, part_acc, plan.tiles, slots, positions,
+        scale_log2e, D, Hq, splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        PARTIALS=split_kv, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EVEN_D=D == BLOCK_D, **common,
         num_warps=num_warps or GPU_WARPS, num_stages=num_stages or stages,
     )
+    if split_kv:
+        _combine_kernel[(T, Hkv)](
+            part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, *out.stride(),
+            **common, num_warps=1 if INTERPRET else 4,
+        )
     return out

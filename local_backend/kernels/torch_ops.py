@@ -4,8 +4,49 @@ the shapes in the batch, which is what detaudit measures."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from local_backend.kernels.pass_memo import memo
+
+
+@dataclass
+class _PaddedPlan:
+    """Where each packed token sits in a padded [B, Tq] batch, and the causal mask.
+
+    Built once per forward pass (with one device -> host sync for the sizes) and
+    reused by every layer, as a server's attention metadata is."""
+
+    inverse: torch.Tensor  # [T] sequence of each token
+    row: torch.Tensor      # [T] its row inside the sequence's padded query block
+    B: int
+    Tq: int                # longest query block in the batch
+    kv_len: int            # longest cache prefix in the batch: the reduction length
+    first_slot: int | None  # the sequences own slots first_slot .. first_slot + B - 1 (cache view, no copy)
+    slot_ids: torch.Tensor
+    mask: torch.Tensor     # [B, 1, Tq * group, kv_len] bool
+
+
+def _padded_plan(slots: torch.Tensor, positions: torch.Tensor, group: int) -> _PaddedPlan:
+    slot_ids, inverse = torch.unique(slots, return_inverse=True)
+    B, T = slot_ids.numel(), slots.numel()
+    counts = torch.bincount(inverse, minlength=B)
+    Tq, kv_len, lo, hi = (int(x) for x in torch.stack(
+        [counts.max(), positions.max() + 1, slot_ids.min(), slot_ids.max()]).tolist())
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    row = torch.empty_like(inverse)
+    row[order] = torch.arange(T, device=slots.device) - starts[inverse[order]]
+    pos_p = positions.new_full((B, Tq), -1)
+    pos_p[inverse, row] = positions
+    # Query rows are (token, head of the GQA group), so that K/V need no repeat.
+    key_pos = torch.arange(kv_len, device=slots.device)
+    mask = key_pos[None, None, :] <= pos_p.repeat_interleave(group, dim=1)[:, :, None]
+    mask[:, :, 0] = True  # padded query rows: keep softmax finite
+    first_slot = lo if hi - lo + 1 == B else None
+    return _PaddedPlan(inverse, row, B, Tq, kv_len, first_slot, slot_ids, mask[:, None])
 
 
 class TorchOps:
@@ -30,30 +71,18 @@ class TorchOps:
         the longest sequence in the batch, so it changes with the batch."""
         T, Hq, D = q.shape
         Hkv = k_cache.shape[2]
-        slot_ids, inverse = torch.unique(slots, return_inverse=True)
-        B = slot_ids.numel()
-        kv_len = int(positions.max().item()) + 1
-        # Row index of each token inside its sequence's padded query block.
-        order = torch.argsort(inverse, stable=True)
-        counts = torch.bincount(inverse, minlength=B)
-        starts = torch.cumsum(counts, 0) - counts
-        row = torch.empty_like(inverse)
-        row[order] = torch.arange(T, device=q.device) - starts[inverse[order]]
-        Tq = int(counts.max().item())
-        qp = q.new_zeros(B, Tq, Hq, D)
-        qp[inverse, row] = q
-        pos_p = positions.new_full((B, Tq), -1)
-        pos_p[inverse, row] = positions
-        k = k_cache[slot_ids, :kv_len]  # [B, L, Hkv, D]
-        v = v_cache[slot_ids, :kv_len]
-        if Hq != Hkv:
-            k = k.repeat_interleave(Hq // Hkv, dim=2)
-            v = v.repeat_interleave(Hq // Hkv, dim=2)
-        key_pos = torch.arange(kv_len, device=q.device)
-        mask = key_pos[None, None, :] <= pos_p[:, :, None]  # [B, Tq, L]
-        mask[:, :, 0] = True  # padded query rows: keep softmax finite
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask[:, None], scale=scale,
-        ).transpose(1, 2)
-        return out[inverse, row]
+        G = Hq // Hkv
+        plan = memo.get("default", (slots, positions, G), lambda: _padded_plan(slots, positions, G))
+        B, Tq, L = plan.B, plan.Tq, plan.kv_len
+        qp = q.new_zeros(B, Tq, Hkv, G, D)
+        qp[plan.inverse, plan.row] = q.view(T, Hkv, G, D)
+        qp = qp.permute(0, 2, 1, 3, 4).reshape(B, Hkv, Tq * G, D)
+        if plan.first_slot is not None:  # a view of the cache: nothing copied
+            k = k_cache[plan.first_slot:plan.first_slot + B, :L]
+            v = v_cache[plan.first_slot:plan.first_slot + B, :L]
+        else:
+            k, v = k_cache[plan.slot_ids, :L], v_cache[plan.slot_ids, :L]
+        out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=plan.mask, scale=scale)
+        out = out.view(B, Hkv, Tq, G, D).permute(0, 2, 1, 3, 4)
+        return out[plan.inverse, plan.row].reshape(T, Hq, D)

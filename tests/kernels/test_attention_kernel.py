@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, DTYPES, assert_close_to, randn
-from local_backend.kernels.attention import BLOCK_N, tile_config
+from local_backend.kernels import attention as attention_module
+from local_backend.kernels.attention import BLOCK_N, SPLIT, tile_config
 
 S, L = 4, 160              # cache slots and their length
 HQ, HKV, D = 6, 2, 40      # GQA group of 3 (not a power of two), head_dim not a power of two
@@ -114,6 +115,31 @@ def test_prefill_equals_decode_and_chunked_prefill(bi, gen, dtype):
     rest = bi.attention(needle_q[30:], *cache, ints([0] * (PROMPT - 30)),
                         span(30, PROMPT), SCALE)
     assert torch.equal(torch.cat([first, rest]), alone)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_kv_is_the_same_bits_as_one_pass(gen, dtype):
+    """A sequence over two split boundaries: the single-pass kernel (folding its
+    state at each boundary) and split-KV (one program per split, folded by a
+    second kernel) give the same bits, in prefill and in decode, alone and
+    batched; and both are right."""
+    length = 2 * SPLIT + 37
+    k = randn(2, length, HKV, D, gen=gen, dtype=dtype)
+    v = randn(2, length, HKV, D, gen=gen, dtype=dtype)
+    q = randn(length, HQ, D, gen=gen, dtype=dtype)
+    slots, positions = ints([1] * length), span(0, length)
+    run = lambda *args, split: attention_module.attention(*args, SCALE, split_kv=split)  # noqa: E731
+    one_pass = run(q, k, v, slots, positions, split=False)
+    assert torch.equal(run(q, k, v, slots, positions, split=True), one_pass)
+    for p in [SPLIT - 1, SPLIT, 2 * SPLIT + 1, length - 1]:
+        # decode of position p, alone and next to a short decode token in slot 0
+        for split in (False, True):
+            alone = run(q[p:p + 1], k, v, ints([1]), ints([p]), split=split)
+            batched = run(torch.stack([q[0], q[p]]), k, v, ints([0, 1]), ints([5, p]), split=split)
+            assert torch.equal(alone[0], one_pass[p]), f"decode of {p} (split_kv={split}) differs from prefill"
+            assert torch.equal(batched[1], one_pass[p])
+    rows = torch.tensor([0, SPLIT, length - 1])
+    assert_close_to(one_pass[rows], reference(q[rows], (k, v), slots[rows], positions[rows]), dtype)
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 1, 16), (2, 1, 256)])
