@@ -266,7 +266,7 @@ def test_ctrl_c_exits_130_without_a_traceback():
 
 # Any JSON a client can send: the answer is a completion or an OpenAI error body.
 _junk = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70)
-                     | st.floats(allow_nan=False) | st.text(max_size=30),
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                      max_leaves=12)
 _fields = {
@@ -294,6 +294,17 @@ def test_no_request_body_crashes_the_server(server_default, body, route):
         assert data["choices"] and data["system_fingerprint"]
     else:
         assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["message"]
+
+
+@pytest.mark.parametrize("number", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_numbers_are_a_400(server_default, number):
+    """Python's json (and some clients) write Infinity and NaN; they are not JSON."""
+    body = ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+            f'"temperature": {number}}}')
+    response = httpx.post(server_default.url + "/chat/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
 
 
 def test_a_burst_beyond_the_queue_is_answered_in_full():
