@@ -32,10 +32,9 @@ from local_backend.kernels import attention as attn
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
 DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000), (64, 8000), (8, 32000)]  # (B, L)
-CANDIDATES = [  # (rows, num_warps, num_stages, BLOCK_N, SPLIT)
-    (64, 4, 2, 64, 256), (64, 4, 3, 64, 256), (128, 8, 2, 64, 256), (128, 8, 3, 64, 256),
-    (128, 4, 2, 64, 256), (64, 4, 2, 128, 256), (128, 8, 2, 128, 256), (128, 8, 3, 128, 256),
-    (64, 4, 3, 64, 512), (64, 4, 3, 64, 128),
+CANDIDATES = [  # (rows, num_warps, num_stages, BLOCK_N, SPLIT); round 1 and 2 sweeps: 128-row, BLOCK_N=128
+    # and 4-warp 128-row tiles were slower everywhere, SPLIT=128 made decode combine-bound
+    (64, 4, 2, 64, 256), (64, 4, 3, 64, 256), (128, 8, 3, 64, 256), (64, 4, 2, 64, 512), (64, 4, 3, 64, 512),
 ]
 
 

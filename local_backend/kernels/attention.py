@@ -11,7 +11,8 @@ number of splits). Each split runs its own fp32 online softmax from a fresh
 state, in chunks of BLOCK_N, and the split states are folded into the row's
 result in split order 0, 1, 2, ... with one shared function (``_fold``). Two
 launch shapes compute exactly that:
-  * single pass: one program sweeps every split of its tile and folds as it goes;
+  * single pass: one program sweeps its tile's chunks in one flat loop and folds
+    the running split state into the result at the end of every split;
   * split-KV (flash-decoding): one program per (tile, KV head, split) writes its
     split state to memory and a second kernel folds them, in the same order, with
     the same ``_fold``. Few sequences (decode at batch 1) then fill the GPU.
@@ -50,6 +51,7 @@ SHARED_MEMORY_FOR_KV = 128 * 1024  # bytes of K/V chunks in flight on a GPU (H10
 LOG2_E = 1.4426950408889634
 GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
 GPU_WARPS = 4
+COMBINE_UNROLL = 1 if INTERPRET else 8  # split states in flight at once in _combine_kernel (speed only)
 
 __all__ = ["attention", "one_plan_per_pass", "tile_config", "BLOCK_N", "SPLIT"]
 
@@ -128,6 +130,25 @@ def _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e):
 
 
 @triton.jit
+def _fold_if_split_ends(n0, kv_len, pos, m_all, l_all, acc_all, m, l, acc, scale_log2e,
+                        ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """In the flat single-pass sweep: after the last chunk of a split, fold the split's
+    state into the result and start the next split afresh. One loop instead of a
+    loop per split keeps the loads pipelined across split boundaries."""
+    end = n0 + BLOCK_N
+    if (end % SPLIT == 0) | (end >= kv_len):
+        m_f, l_f, acc_f = _fold(m_all, l_all, acc_all, m, l, acc, scale_log2e)
+        seen = pos >= n0 // SPLIT * SPLIT  # rows before this split keep their result (theirs is NaN here)
+        m_all = tl.where(seen, m_f, m_all)
+        l_all = tl.where(seen, l_f, l_all)
+        acc_all = tl.where(seen[:, None], acc_f, acc_all)
+        m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((ROWS,), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    return m_all, l_all, acc_all, m, l, acc
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     tile_tokens_ptr, slots_ptr, positions_ptr,
@@ -178,20 +199,26 @@ def _attention_kernel(
             tl.store(part_m_ptr + part, m_s, mask=keep)
             tl.store(part_l_ptr + part, l_s, mask=keep)
             tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_s, mask=keep[:, None] & d_ok[None, :])
-    else:  # this program: every split of the tile, folded in order as it goes
-        m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    else:  # this program: every split of the tile in one flat sweep, folded at each split's end
+        m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)  # the current split's state
         l = tl.zeros((ROWS,), dtype=tl.float32)
         acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-        for s0 in range(0, kv_len, SPLIT):
-            m_s, l_s, acc_s = _split_state(q, k_base, v_base, s0, full_end, pos, kv_len, d, d_ok, scale_log2e,
-                                           stride_kl, stride_kd, stride_vl, stride_vd,
-                                           ROWS, BLOCK_D, SPLIT, EVEN_D, INTERPRETED, BLOCK_N)
-            m_f, l_f, acc_f = _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e)
-            seen = pos >= s0  # rows before this split keep their state (theirs is NaN here)
-            m = tl.where(seen, m_f, m)
-            l = tl.where(seen, l_f, l)
-            acc = tl.where(seen[:, None], acc_f, acc)
-        out = acc / l[:, None]
+        m_all = tl.full((ROWS,), float("-inf"), dtype=tl.float32)  # the splits folded so far
+        l_all = tl.zeros((ROWS,), dtype=tl.float32)
+        acc_all = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        for n0 in range(0, full_end, BLOCK_N):
+            m, l, acc = _chunk(q, k_base, v_base, n0, pos, kv_len, d, d_ok, m, l, acc, scale_log2e,
+                               stride_kl, stride_kd, stride_vl, stride_vd,
+                               False, EVEN_D, INTERPRETED, BLOCK_N)
+            m_all, l_all, acc_all, m, l, acc = _fold_if_split_ends(
+                n0, kv_len, pos, m_all, l_all, acc_all, m, l, acc, scale_log2e, ROWS, BLOCK_D, SPLIT, BLOCK_N)
+        for n0 in range(full_end, kv_len, BLOCK_N):
+            m, l, acc = _chunk(q, k_base, v_base, n0, pos, kv_len, d, d_ok, m, l, acc, scale_log2e,
+                               stride_kl, stride_kd, stride_vl, stride_vd,
+                               True, EVEN_D, INTERPRETED, BLOCK_N)
+            m_all, l_all, acc_all, m, l, acc = _fold_if_split_ends(
+                n0, kv_len, pos, m_all, l_all, acc_all, m, l, acc, scale_log2e, ROWS, BLOCK_D, SPLIT, BLOCK_N)
+        out = acc_all / l_all[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
                  cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -202,7 +229,7 @@ def _combine_kernel(
     scale_log2e, D, HQ, NUM_SPLITS,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """One token's GQA group: fold its split states 0, 1, 2, ... in order."""
     tok = tl.program_id(0)
@@ -217,11 +244,20 @@ def _combine_kernel(
     m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, BLOCK_D), dtype=tl.float32)
-    for split in range(0, pos // SPLIT + 1):
-        m_s = tl.load(part_m_ptr + base + split)
-        l_s = tl.load(part_l_ptr + base + split)
-        acc_s = tl.load(part_acc_ptr + (base + split)[:, None] * D + d[None, :], mask=d_ok[None, :], other=0.0)
-        m, l, acc = _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e)
+    num_splits = pos // SPLIT + 1
+    for s0 in range(0, num_splits, UNROLL):
+        # UNROLL splits per step: their loads do not depend on the folds, so they are
+        # all in flight at once instead of one memory latency per split.
+        for j in tl.static_range(UNROLL):
+            ok = (s0 + j + g * 0) < num_splits  # [GROUP_PAD], all equal
+            m_s = tl.load(part_m_ptr + base + s0 + j, mask=ok, other=float("-inf"))
+            l_s = tl.load(part_l_ptr + base + s0 + j, mask=ok, other=0.0)
+            acc_s = tl.load(part_acc_ptr + (base + s0 + j)[:, None] * D + d[None, :],
+                            mask=ok[:, None] & d_ok[None, :], other=0.0)
+            m_f, l_f, acc_f = _fold(m, l, acc, m_s, l_s, acc_s, scale_log2e)
+            m = tl.where(ok, m_f, m)
+            l = tl.where(ok, l_f, l)
+            acc = tl.where(ok[:, None], acc_f, acc)
     out = acc / l[:, None]
     tl.store(out_ptr + tok * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
              cast_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=g_ok[:, None] & d_ok[None, :])
@@ -372,6 +408,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if split_kv:
         _combine_kernel[(T, Hkv)](
             part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, *out.stride(),
-            **common, num_warps=1 if INTERPRET else 4,
+            **common, UNROLL=COMBINE_UNROLL, num_warps=1 if INTERPRET else 4,
         )
     return out
