@@ -59,11 +59,13 @@ class TokenBucket:
         async with self._lock:
             need = min(amount, self.capacity)
             self._refill()
-            while self._level < need:
-                pause = (need - self._level) / self.rate
-                await self._sleep(pause)
-                waited += pause
+            if self._level < need:
+                waited = (need - self._level) / self.rate
+                await self._sleep(waited)
                 self._refill()
+                # The sleep was exactly long enough; a clock's rounding must not
+                # leave the level a hair short (and the loop waiting for ever).
+                self._level = max(self._level, need)
             self._level -= amount
         return waited
 
