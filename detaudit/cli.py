@@ -12,7 +12,6 @@ import asyncio
 import functools
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -34,6 +33,7 @@ from detaudit.ratelimit import RateLimits, tokens_per_request
 from detaudit.runner import RunFailed, RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
 from detaudit.store import RunStore, StoreError, new_run_id, utc_now
+from detaudit.terminal import fail as _fail, print_json as _print_json, stderr
 
 DEFAULT_PROBE = "coin-flip"
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -45,7 +45,6 @@ app = typer.Typer(
     help="Does an LLM give the same answer twice? Send one request many times, store "
          "every answer, and count the distinct logprobs and outputs.")
 
-stderr = Console(stderr=True, highlight=False)
 
 
 class Api(str, Enum):
@@ -99,17 +98,6 @@ def _cli_errors(command: Callable) -> Callable:
             raise
 
     return wrapper
-
-
-def _fail(message: str, code: int) -> None:
-    stderr.print("[bold red]error:[/] ", end="")
-    stderr.print(message, markup=False, style="red", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, allow_nan=False, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
 
 
 # --- run -------------------------------------------------------------------------------

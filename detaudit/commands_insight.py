@@ -9,7 +9,6 @@ one red line and an exit code). Exit codes: 0 ok; 1 failed; 2 usage;
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,22 +22,10 @@ from detaudit.analysis import Analysis, Frames, analyze, build_frames
 from detaudit.analysis.summary import OUTCOME_KINDS
 from detaudit.records import Sample
 
+from detaudit.terminal import fail, print_json as _print_json
+
 EXIT_DIFFER = 4
 DEFAULT_THRESHOLD_PCT = 0.01
-
-stderr = Console(stderr=True, highlight=False)
-
-
-def fail(message: str, code: int) -> None:
-    """One red line on stderr, then exit (the CLI's convention)."""
-    stderr.print("[bold red]error:[/] ", end="")
-    stderr.print(message, markup=False, style="red", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, allow_nan=False, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
 
 
 # --- loading a run folder or an analysed file -----------------------------------------------

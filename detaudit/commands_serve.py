@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-stderr = Console(stderr=True, highlight=False)
+from detaudit.terminal import fail, stderr  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
 
 
 class Kernels(str, Enum):
@@ -249,14 +249,6 @@ def _report(results: list, cfg, junit: Path | None, json_out: bool) -> None:
                     1: "[yellow]ERROR[/]: a run failed (exit 1)"}
         console.print(verdicts[data["gate"]["exit_code"]])
     raise typer.Exit(data["gate"]["exit_code"])
-
-
-def fail(message: str, code: int) -> None:
-    """One red line on stderr, then exit (the CLI's convention). Raised here rather than
-    as cli.UsageProblem: under ``python -m detaudit.cli`` that class exists twice."""
-    stderr.print("[bold red]error:[/] ", end="")
-    stderr.print(message, markup=False, style="red", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def register(app: typer.Typer, guard: Callable[[Callable], Callable]) -> None:

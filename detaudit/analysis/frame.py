@@ -200,3 +200,12 @@ def natural_key(value: Any) -> tuple:
 
 
 _TRAILING_NUMBER = re.compile(r"-?\d+(\.\d+)?$")
+
+
+def tracked_slots(frames: "Frames") -> list[dict[str, Any]]:
+    """The tracked entries in slot order: from the manifest when known, else from the data."""
+    if frames.tracked_tokens:
+        return frames.tracked_tokens
+    first = frames.tracked.drop_duplicates("slot").sort_values("slot")
+    return [{"label": r.label, "token": r.token, "position": int(r.position)}
+            for r in first.itertuples()]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.entropy import ENTROPY_COLUMNS, entropy_by_position
-from detaudit.analysis.frame import Frames
+from detaudit.analysis.frame import Frames, tracked_slots
 from detaudit.analysis.logit_grid import Grid, detect_grid, log_odds, top_gap
 from detaudit.analysis.stats import Spread, spread
 from detaudit.records import Sample
@@ -100,7 +100,7 @@ def build_insight(frames: Frames, samples: list[Sample] | None = None) -> Insigh
     gaps: dict[int, np.ndarray] = {}
     tokens = []
     tracked = frames.tracked
-    for slot, t in enumerate(_slots(frames)):
+    for slot, t in enumerate(tracked_slots(frames)):
         rows = tracked[(tracked["slot"] == slot) & tracked["logprob"].notna()]
         logprob = rows["logprob"].to_numpy(np.float64)
         odds = log_odds(logprob)
@@ -124,9 +124,3 @@ def build_insight(frames: Frames, samples: list[Sample] | None = None) -> Insigh
     return Insight(tokens=tokens, entropy=entropy)
 
 
-def _slots(frames: Frames) -> list[dict[str, Any]]:
-    if frames.tracked_tokens:
-        return frames.tracked_tokens
-    first = frames.tracked.drop_duplicates("slot").sort_values("slot")
-    return [{"label": r.label, "token": r.token, "position": int(r.position)}
-            for r in first.itertuples()]

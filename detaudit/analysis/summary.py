@@ -16,7 +16,7 @@ import pandas as pd
 
 from detaudit.analysis.clusters import cluster_table, distinct_values
 from detaudit.analysis.divergence import Divergence, divergence
-from detaudit.analysis.frame import Frames, natural_key
+from detaudit.analysis.frame import Frames, natural_key, tracked_slots
 from detaudit.analysis.logit_grid import log_odds_of_pct
 from detaudit.analysis.stats import Spread, spread, wilson_interval
 
@@ -146,7 +146,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     errors = samples[samples["status"] != "ok"]
     outputs = ok["output"].value_counts(dropna=False)
     fingerprints = ok["system_fingerprint"].fillna(NO_FINGERPRINT).value_counts()
-    slots = _slots(frames)
+    slots = tracked_slots(frames)
     tokens = [_token_result(tracked[tracked["slot"] == slot], t, threshold_pct)
               for slot, t in enumerate(slots)]
     multi_token = bool(len(ok)) and int(ok["tokens"].map(len).max()) > 1
@@ -165,14 +165,6 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         divergence=divergence(samples) if completions else None,
         frames=frames,
     )
-
-
-def _slots(frames: Frames) -> list[dict[str, Any]]:
-    if frames.tracked_tokens:
-        return frames.tracked_tokens
-    first = frames.tracked.drop_duplicates("slot").sort_values("slot")
-    return [{"label": r.label, "token": r.token, "position": int(r.position)}
-            for r in first.itertuples()]
 
 
 def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float) -> TokenResult:

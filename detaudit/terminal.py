@@ -1,0 +1,26 @@
+"""The CLI's output conventions, in one place for every command module: logs,
+progress and errors on stderr; results on stdout; errors as one red line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+stderr = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int) -> None:
+    """One red line on stderr (the message is data, not rich markup), then exit."""
+    stderr.print("[bold red]error:[/] ", end="")
+    stderr.print(message, markup=False, style="red", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def print_json(data: dict[str, Any]) -> None:
+    """Exactly one JSON object on stdout: no NaN, nothing else."""
+    sys.stdout.write(json.dumps(data, allow_nan=False, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
