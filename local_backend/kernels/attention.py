@@ -45,7 +45,7 @@ from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device,
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
-SPLIT = 64 if INTERPRET else 256  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
+SPLIT = 64 if INTERPRET else 512  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
 MAX_HEAD_DIM = 256
 SHARED_MEMORY_FOR_KV = 128 * 1024  # bytes of K/V chunks in flight on a GPU (H100: 227 KiB in all)
 LOG2_E = 1.4426950408889634

@@ -13,50 +13,40 @@ from local_backend.kernels.pass_memo import memo
 
 
 @dataclass
-class _PaddedGroup:
-    """Sequences padded together into one SDPA call: [B, Tq] query blocks over the
-    first kv_len cache positions, with the causal mask."""
+class _PaddedPlan:
+    """Where each packed token sits in a padded [B, Tq] batch, and the causal mask.
 
-    tokens: torch.Tensor    # [n] the group's tokens in the packed batch
-    seq: torch.Tensor       # [n] each token's sequence in the group
-    row: torch.Tensor       # [n] its row inside that sequence's query block
-    slot_ids: torch.Tensor  # [B] cache slot of each sequence
-    first_slot: int | None  # slots are first_slot .. first_slot + B - 1: read the cache as a view
+    Built once per forward pass (with one device -> host sync for the sizes) and
+    reused by every layer, as a server's attention metadata is."""
+
+    inverse: torch.Tensor  # [T] sequence of each token
+    row: torch.Tensor      # [T] its row inside the sequence's padded query block
     B: int
-    Tq: int                 # longest query block in the group
-    kv_len: int             # longest cache prefix in the group: the reduction length
-    mask: torch.Tensor      # [B, 1, Tq * group, kv_len] bool; query rows are (token, head of the GQA group)
+    Tq: int                # longest query block in the batch
+    kv_len: int            # longest cache prefix in the batch: the reduction length
+    first_slot: int | None  # the sequences own slots first_slot .. first_slot + B - 1 (cache view, no copy)
+    slot_ids: torch.Tensor
+    mask: torch.Tensor     # [B, 1, Tq * group, kv_len] bool
 
 
-def _group(tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, gqa: int,
-           device: torch.device) -> _PaddedGroup:
-    """On host tensors: pad the sequences of ``tokens``."""
-    slot_ids, seq = torch.unique(slots[tokens], return_inverse=True)
-    B = slot_ids.numel()
-    counts = torch.bincount(seq, minlength=B)
-    order = torch.argsort(seq, stable=True)
-    row = torch.empty_like(seq)
-    row[order] = torch.arange(len(seq)) - (torch.cumsum(counts, 0) - counts)[seq[order]]
-    Tq, kv_len = int(counts.max()), int(positions[tokens].max()) + 1
-    pos_p = torch.full((B, Tq), -1, dtype=torch.int64)
-    pos_p[seq, row] = positions[tokens]
-    mask = torch.arange(kv_len)[None, None, :] <= pos_p.repeat_interleave(gqa, dim=1)[:, :, None]
+def _padded_plan(slots: torch.Tensor, positions: torch.Tensor, group: int) -> _PaddedPlan:
+    slot_ids, inverse = torch.unique(slots, return_inverse=True)
+    B, T = slot_ids.numel(), slots.numel()
+    counts = torch.bincount(inverse, minlength=B)
+    Tq, kv_len, lo, hi = (int(x) for x in torch.stack(
+        [counts.max(), positions.max() + 1, slot_ids.min(), slot_ids.max()]).tolist())
+    order = torch.argsort(inverse, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    row = torch.empty_like(inverse)
+    row[order] = torch.arange(T, device=slots.device) - starts[inverse[order]]
+    pos_p = positions.new_full((B, Tq), -1)
+    pos_p[inverse, row] = positions
+    # Query rows are (token, head of the GQA group), so that K/V need no repeat.
+    key_pos = torch.arange(kv_len, device=slots.device)
+    mask = key_pos[None, None, :] <= pos_p.repeat_interleave(group, dim=1)[:, :, None]
     mask[:, :, 0] = True  # padded query rows: keep softmax finite
-    lo, hi = int(slot_ids[0]), int(slot_ids[-1])
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return _PaddedGroup(to(tokens), to(seq), to(row), to(slot_ids), lo if hi - lo + 1 == B else None,
-                        B, Tq, kv_len, to(mask[:, None]))
-
-
-def _plan(slots: torch.Tensor, positions: torch.Tensor, gqa: int) -> list[_PaddedGroup]:
-    """Decode tokens (one in their sequence) and prefill tokens padded apart, as a
-    server schedules them: a decode token never pads to a prompt's length. One
-    device -> host copy per forward pass; every layer reuses the plan."""
-    host_slots, host_positions = torch.stack([slots, positions]).cpu()
-    per_slot = torch.bincount(host_slots)
-    single = per_slot[host_slots] == 1
-    groups = [single.nonzero()[:, 0], (~single).nonzero()[:, 0]]
-    return [_group(t, host_slots, host_positions, gqa, slots.device) for t in groups if t.numel()]
+    first_slot = lo if hi - lo + 1 == B else None
+    return _PaddedPlan(inverse, row, B, Tq, kv_len, first_slot, slot_ids, mask[:, None])
 
 
 class TorchOps:
@@ -78,23 +68,21 @@ class TorchOps:
 
     def attention(self, q, k_cache, v_cache, slots, positions, scale):
         """Padded-batch SDPA, as a typical server does: the reduction length is
-        the longest sequence in the padded group, so it changes with the batch."""
+        the longest sequence in the batch, so it changes with the batch."""
         T, Hq, D = q.shape
         Hkv = k_cache.shape[2]
-        gqa = Hq // Hkv
-        groups = memo.get("default", (slots, positions, gqa), lambda: _plan(slots, positions, gqa))
-        out = torch.empty_like(q)
-        for g in groups:
-            qp = q.new_zeros(g.B, g.Tq, Hkv, gqa, D)
-            qp[g.seq, g.row] = q[g.tokens].view(-1, Hkv, gqa, D)
-            qp = qp.permute(0, 2, 1, 3, 4).reshape(g.B, Hkv, g.Tq * gqa, D)
-            if g.first_slot is not None:  # a view of the cache: nothing copied
-                k = k_cache[g.first_slot:g.first_slot + g.B, :g.kv_len]
-                v = v_cache[g.first_slot:g.first_slot + g.B, :g.kv_len]
-            else:
-                k, v = k_cache[g.slot_ids, :g.kv_len], v_cache[g.slot_ids, :g.kv_len]
-            o = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=g.mask, scale=scale)
-            o = o.view(g.B, Hkv, g.Tq, gqa, D).permute(0, 2, 1, 3, 4)
-            out[g.tokens] = o[g.seq, g.row].reshape(-1, Hq, D)
-        return out
+        G = Hq // Hkv
+        plan = memo.get("default", (slots, positions, G), lambda: _padded_plan(slots, positions, G))
+        B, Tq, L = plan.B, plan.Tq, plan.kv_len
+        qp = q.new_zeros(B, Tq, Hkv, G, D)
+        qp[plan.inverse, plan.row] = q.view(T, Hkv, G, D)
+        qp = qp.permute(0, 2, 1, 3, 4).reshape(B, Hkv, Tq * G, D)
+        if plan.first_slot is not None:  # a view of the cache: nothing copied
+            k = k_cache[plan.first_slot:plan.first_slot + B, :L]
+            v = v_cache[plan.first_slot:plan.first_slot + B, :L]
+        else:
+            k, v = k_cache[plan.slot_ids, :L], v_cache[plan.slot_ids, :L]
+        out = F.scaled_dot_product_attention(qp, k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=plan.mask, scale=scale)
+        out = out.view(B, Hkv, Tq, G, D).permute(0, 2, 1, 3, 4)
+        return out[plan.inverse, plan.row].reshape(T, Hq, D)
