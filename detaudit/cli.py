@@ -366,7 +366,13 @@ def _print_notes(notes: list[str]) -> None:
 
 
 def _build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **overrides: Any) -> Probe:
-    probe = load_probe(name_or_path)
+    try:
+        probe = load_probe(name_or_path)
+    except UnicodeDecodeError:
+        raise UsageProblem(f"{name_or_path}: not a UTF-8 text file; a probe file is TOML "
+                           "(see probes/coin-flip.toml)") from None
+    except OSError as exc:
+        raise UsageProblem(f"{name_or_path}: cannot read the probe file ({exc.strerror})") from None
     if api is not None and api != probe.api:
         probe = _switch_api(probe, api)
     top = overrides.get("top_logprobs")
