@@ -286,9 +286,10 @@ def _chat_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
         if wanted:
             raise _missing_logprobs(source)
         return []
-    return [Position(token=item["token"], **_number(item["logprob"], source),
+    return [Position(token=_token(item["token"], source), **_number(item["logprob"], source),
                      bytes=_bytes(item.get("bytes")),
-                     top=[TokenLogprob(token=t["token"], **_number(t["logprob"], source),
+                     top=[TokenLogprob(token=_token(t["token"], source),
+                                       **_number(t["logprob"], source),
                                        bytes=_bytes(t.get("bytes")))
                           for t in item.get("top_logprobs") or []])
             for item in content]
@@ -303,7 +304,7 @@ def _completions_positions(logprobs: Any, wanted: bool, source: str) -> list[Pos
     positions = []
     for i, (token, value) in enumerate(zip(logprobs["tokens"], logprobs["token_logprobs"])):
         top = tops[i] if i < len(tops) and tops[i] else {}
-        positions.append(Position(token=token, **_number(value, source), top=[
+        positions.append(Position(token=_token(token, source), **_number(value, source), top=[
             TokenLogprob(token=t, **_number(v, source)) for t, v in top.items()]))
     return positions
 
@@ -312,6 +313,12 @@ def _number(value: Any, source: str) -> dict[str, Any]:
     if not isinstance(value, _NumberText):
         raise _bad(source, f"a logprob is {value!r}, not a JSON number")
     return {"logprob": float(value), "logprob_text": str(value)}
+
+
+def _token(value: Any, source: str) -> str:
+    if not isinstance(value, str) or isinstance(value, _NumberText):
+        raise _bad(source, f"a token is {value!r}, not a JSON string")
+    return value
 
 
 def _bytes(value: Any) -> list[int] | None:
