@@ -94,8 +94,10 @@ def arrival_offsets(fake) -> list[float]:
     return [t - times[0] for t in times]
 
 
-def assert_never_faster(offsets: list[float], per_s: float, burst: float, slack: float = 0.05):
-    """A token bucket's promise: by time t at most burst + rate * t requests have gone."""
+def assert_never_faster(offsets: list[float], per_s: float, burst: float, slack: float = 0.2):
+    """A token bucket's promise: by time t at most burst + rate * t requests have gone.
+    ``slack`` seconds allow for delivery jitter between the client's release and the
+    server's clock (new connections, a busy CPU); an unlimited run breaks it by far."""
     for k, t in enumerate(offsets):
         allowed = burst + per_s * t + 1e-9
         assert k + 1 <= allowed + per_s * slack, f"request {k + 1} at {t:.3f} s: over the limit"
