@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig,  # noqa: E402
                           Qwen2Config, Qwen3Config)
+
+# The engine under test runs where the kernels compile: the GPU when there is one
+# (the same tests then check the compiled Triton kernels), else the interpreter.
+DEVICE = os.environ.get("DETAUDIT_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

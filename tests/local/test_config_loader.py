@@ -11,10 +11,11 @@ import torch
 from local_backend.config import ModelConfig, ModelLoadError, resolve_model_dir
 from local_backend.engine import Engine
 from local_backend.loader import load_model, weight_files, weights_sha256
+from tests.local.conftest import DEVICE
 
 
 def load(folder, **kw):
-    return Engine.load(folder, kernels="default", device="cpu", max_slots=2, max_len=32, **kw)
+    return Engine.load(folder, kernels="default", device=DEVICE, max_slots=2, max_len=32, **kw)
 
 
 def test_family_features_are_read(model_dirs):
@@ -117,6 +118,6 @@ def test_unknown_kernels_and_devices_are_refused(model_dirs):
 
 def test_describe_names_what_produced_the_numbers(model_dirs):
     facts = load(model_dirs["qwen3"]).describe()
-    assert facts["kernels"] == "default" and facts["device"] == "cpu"
+    assert facts["kernels"] == "default" and facts["device"] == DEVICE
     assert facts["architecture"] == "Qwen3ForCausalLM" and facts["torch"] == torch.__version__
     assert facts["weights_sha256"] == weights_sha256(weight_files(model_dirs["qwen3"]))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from local_backend.engine import Engine, Request, RequestError
+from tests.local.conftest import DEVICE
 
 TARGET = [5, 9, 33, 2, 100, 7, 8, 40, 41]
 STEPS = 4
@@ -64,18 +65,18 @@ def prefill_mismatches(engine: Engine, decoded: list) -> list[str]:
 
 @pytest.fixture(scope="module")
 def bi_engine(model_dirs):
-    return Engine.load(model_dirs["llama"], kernels="batch-invariant", device="cpu", max_slots=6, max_len=64)
+    return Engine.load(model_dirs["llama"], kernels="batch-invariant", device=DEVICE, max_slots=6, max_len=64)
 
 
 @pytest.fixture(scope="module")
 def default_engine(model_dirs):
-    return Engine.load(model_dirs["llama"], kernels="default", device="cpu", max_slots=6, max_len=64)
+    return Engine.load(model_dirs["llama"], kernels="default", device=DEVICE, max_slots=6, max_len=64)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["default", "batch-invariant"])
 def test_greedy_equals_transformers_generate(model_dirs, reference, kernels):
-    engine = Engine.load(model_dirs["llama"], kernels=kernels, device="cpu", max_slots=2, max_len=64)
+    engine = Engine.load(model_dirs["llama"], kernels=kernels, device=DEVICE, max_slots=2, max_len=64)
     model = reference(model_dirs["llama"])
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -123,7 +124,7 @@ def test_fixed_seed_sampling_repeats_in_any_batch(bi_engine):
 
 
 def test_slots_are_reused_when_requests_outnumber_them(model_dirs):
-    engine = Engine.load(model_dirs["llama"], kernels="default", device="cpu", max_slots=2, max_len=64)
+    engine = Engine.load(model_dirs["llama"], kernels="default", device=DEVICE, max_slots=2, max_len=64)
     requests = [filler(3 + i, 1 + i % 3, seed=i) for i in range(5)]
     results = engine.generate(requests)
     assert [r.request_id for r in results] == [r.request_id for r in requests]
@@ -133,7 +134,7 @@ def test_slots_are_reused_when_requests_outnumber_them(model_dirs):
 
 
 def test_eos_ends_a_request_and_is_not_reported(model_dirs):
-    engine = Engine.load(model_dirs["llama"], kernels="default", device="cpu", max_slots=2, max_len=64)
+    engine = Engine.load(model_dirs["llama"], kernels="default", device=DEVICE, max_slots=2, max_len=64)
     first = engine.generate([Request(prompt_ids=TARGET, max_tokens=3, ignore_eos=True)])[0].token_ids
     engine.eos_ids = {first[1]}  # the second greedy token now ends the reply
     result = engine.generate([Request(prompt_ids=TARGET, max_tokens=3)])[0]
@@ -144,7 +145,7 @@ def test_eos_ends_a_request_and_is_not_reported(model_dirs):
 def test_stop_string_cuts_the_text(chat_model_dir):
     from tokenizers import Tokenizer
 
-    engine = Engine.load(chat_model_dir, kernels="default", device="cpu", max_slots=2, max_len=128)
+    engine = Engine.load(chat_model_dir, kernels="default", device=DEVICE, max_slots=2, max_len=128)
     chat = [{"role": "user", "content": "Flip a coin. Return Heads or Tails only."}]
     full = engine.generate([Request(messages=chat, max_tokens=8, ignore_eos=True)])[0]
     reference = Tokenizer.from_file(str(chat_model_dir / "tokenizer.json"))
@@ -177,7 +178,7 @@ def test_bundled_tiny_model_chats_like_transformers():
 
     if not (TINY_DIR / "model.safetensors").is_file():
         pytest.skip("the bundled tiny model is not trained yet")
-    engine = Engine.load("tiny", kernels="default", device="cpu", max_slots=1, max_len=128)
+    engine = Engine.load("tiny", kernels="default", device=DEVICE, max_slots=1, max_len=128)
     tokenizer = AutoTokenizer.from_pretrained(TINY_DIR, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(TINY_DIR, local_files_only=True).eval()
     chat = [{"role": "user", "content": "Tell a short story about a lighthouse keeper."}]

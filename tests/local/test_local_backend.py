@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from detaudit.backends.base import BackendError
+from tests.local.conftest import DEVICE
 from detaudit.backends.local import LocalBackend
 from detaudit.probes import LoadSpec, load_probe
 
@@ -20,7 +21,7 @@ SIZES = [1, 3, 4]
 @pytest.fixture(scope="module")
 def backend(chat_model_dir):
     return LocalBackend(str(chat_model_dir), kernels="batch-invariant", batch_sizes=SIZES,
-                        device="cpu", seed=0, max_len=128)
+                        device=DEVICE, seed=0, max_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_first_token_is_the_tokenizers_first_token(backend, chat_model_dir):
 def test_describe_for_the_manifest(backend, chat_model_dir):
     facts = backend.describe()
     assert facts["type"] == "local" and facts["batch_sizes"] == SIZES
-    assert facts["kernels"] == "batch-invariant" and facts["device"] == "cpu"
+    assert facts["kernels"] == "batch-invariant" and facts["device"] == DEVICE
     assert len(facts["weights_sha256"]) == 64 and facts["model_path"] == str(chat_model_dir)
 
 
@@ -86,4 +87,4 @@ def test_a_request_the_engine_cannot_run_is_a_bad_request(backend):
 
 def test_bad_batch_sizes_are_refused(chat_model_dir):
     with pytest.raises(ValueError, match="batch_sizes"):
-        LocalBackend(str(chat_model_dir), kernels="default", batch_sizes=[0, 2], device="cpu")
+        LocalBackend(str(chat_model_dir), kernels="default", batch_sizes=[0, 2], device=DEVICE)
