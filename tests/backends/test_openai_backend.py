@@ -118,12 +118,16 @@ def test_length_finish_and_positions(fake_openai):
     assert [p.token for p in completion.positions] == ["Red", "."]
 
 
-def test_sentinel_logprobs_kept_and_noted(fake_openai):
+def test_sentinel_logprobs_left_out_of_top_k_and_noted(fake_openai):
+    """-9999 marks "outside the top 20", not a logprob: the entries leave the top-k
+    list (their tokens count as missing), the count is noted, the raw body keeps them."""
     fake_openai.configure(floor_from=5)
     [completion] = run_backend(fake_openai.url, load_probe("coin-flip"))
     top = completion.positions[0].top
-    assert [t.logprob for t in top[5:]] == [-9999.0] * 15
+    assert len(top) == 5 and all(t.logprob > -9999.0 for t in top)
     assert completion.extra["sentinel_logprobs"] == 15
+    sent = json.loads(completion.raw)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert sum(entry["logprob"] == -9999.0 for entry in sent) == 15
 
 
 def test_no_logprobs_when_not_asked_is_fine(fake_openai):
