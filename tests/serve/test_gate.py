@@ -168,13 +168,15 @@ def test_gate_passes_on_batch_invariant_serve(server_invariant, small_load_probe
 
 
 def test_gate_fails_on_default_kernels_under_load(server_default, small_load_probe, tmp_path):
+    # Whether fillers share the target's forward pass is up to timing over HTTP; 16 in
+    # flight makes it near certain, and the sizes they bring vary the CPU BLAS path.
     config = write(tmp_path, SERVE_CHECKS.format(probe=small_load_probe).replace("n = 2", "n = 6")
-                   .replace("[0, 3]", "[0, 4]"))
+                   .replace("[0, 3]", "[0, 16]"))
     junit = tmp_path / "gate.xml"
     proc, data = gate(config, "--json", "--model", "tiny", "--base-url", server_default.url,
                       "--junit", str(junit), "--out", str(tmp_path))
     assert proc.returncode == 3, proc.stderr + proc.stdout
     load = data["gate"]["checks"][1]
-    assert load["status"] == "fail" and "load=4" in load["message"]
+    assert load["status"] == "fail" and "load=16" in load["message"]
     assert "load=0" not in load["message"]  # alone, the target is steady
     assert ET.parse(junit).getroot().find("testsuite").get("failures") in ("1", "2")
