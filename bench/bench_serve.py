@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.serve.conftest import COIN, Server  # noqa: E402
+from tests.serve.conftest import COIN  # noqa: E402
+from tests.servers.serve_process import Server  # noqa: E402
 
 
 async def level(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:

@@ -20,12 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,55 +29,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.servers.serve_process import Server  # noqa: E402  (the same helper the tests use)
+
 COIN = {"model": "tiny", "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 20,
         "messages": [{"role": "user", "content": "Flip a coin. Return Heads or Tails only."}]}
-
-
-class ServeProcess:
-    """`detaudit serve` in a subprocess; ``url`` ends in /v1, ``root`` does not."""
-
-    def __init__(self, *args: str, startup_s: float = 180.0):
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "detaudit.cli", "serve", "--port", "0", *args],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.url = ""
-        deadline = time.monotonic() + startup_s
-        for line in self.proc.stderr:  # the URL line comes when the server listens
-            if " at http://" in line:
-                self.url = line.split(" at ", 1)[1].split()[0]
-                break
-            if time.monotonic() > deadline:
-                break
-        if not self.url:
-            self.stop()
-            raise RuntimeError("detaudit serve did not start")
-        # Keep reading its stderr: a full pipe would block the server mid-request.
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
-        self.root = self.url.removesuffix("/v1")
-        while httpx.get(self.root + "/health").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("/health never answered 200")
-            time.sleep(0.1)
-
-    def health(self) -> dict:
-        return httpx.get(self.root + "/health").json()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> "ServeProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 @dataclass
@@ -174,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     rows = []
-    with ServeProcess("--kernels", args.kernels, "--max-batch", str(args.max_batch),
+    with Server("--kernels", args.kernels, "--max-batch", str(args.max_batch),
                       "--max-queue", str(args.max_queue)) as server:
         health = server.health()
         asyncio.run(load(server.url, 2, 4))  # warm-up: first passes compile and allocate

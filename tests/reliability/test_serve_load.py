@@ -9,13 +9,14 @@ import asyncio
 
 import pytest
 
-from bench.bench_serve_load import ServeProcess, load
+from bench.bench_serve_load import load
+from tests.servers.serve_process import Server
 
 
 @pytest.fixture(scope="module")
 def small_server():
     """Plain torch kernels (fast on CPU); 4 slots and 2 queued, so a burst overflows."""
-    server = ServeProcess("--kernels", "default", "--max-batch", "4", "--max-queue", "2")
+    server = Server("--kernels", "default", "--max-batch", "4", "--max-queue", "2")
     yield server
     assert server.stop() == 0
 
