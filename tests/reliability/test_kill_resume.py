@@ -84,22 +84,29 @@ def test_sigkill_at_random_moments_then_resume_gives_exactly_n_of_what_was_sent(
     assert N <= answered <= N + kills * 6 + 6
 
 
-def test_ctrl_c_prints_the_partial_report_exits_130_and_resume_finishes(fake_openai, tmp_path):
-    fake_openai.configure(delay=0.01, states=outcome_states("Heads", VALUES, {"T": -1.3}))
-    out = tmp_path / "results"
-    proc = subprocess.Popen(
-        detaudit_command("run", "--model", MODEL, "--base-url", fake_openai.url, "--n", 400,
-                         "--concurrency", 4, "--out", out),
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt_after(out, stored: int, *args) -> tuple[int, str, str]:
+    """Start `detaudit *args` as a subprocess, press Ctrl-C once ``stored`` samples are
+    in the store under ``out``, and return (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(detaudit_command(*args), cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and stored_count(out) < 30:
+        while time.monotonic() < deadline and stored_count(out) < stored:
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stdout, stderr
+
+
+def test_ctrl_c_prints_the_partial_report_exits_130_and_resume_finishes(fake_openai, tmp_path):
+    fake_openai.configure(delay=0.01, states=outcome_states("Heads", VALUES, {"T": -1.3}))
+    out = tmp_path / "results"
+    returncode, stdout, stderr = interrupt_after(
+        out, 30, "run", "--model", MODEL, "--base-url", fake_openai.url, "--n", 400,
+        "--concurrency", 4, "--out", out)
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "partial report" in stderr and "--resume" in stderr
     assert "Heads" in stdout  # the report of what is stored
@@ -116,18 +123,9 @@ def test_ctrl_c_prints_the_partial_report_exits_130_and_resume_finishes(fake_ope
 def test_ctrl_c_with_json_prints_one_json_object(fake_openai, tmp_path):
     fake_openai.configure(delay=0.02)
     out = tmp_path / "results"
-    proc = subprocess.Popen(
-        detaudit_command("run", "--model", MODEL, "--base-url", fake_openai.url, "--n", 400,
-                         "--concurrency", 2, "--out", out, "--json"),
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and stored_count(out) < 10:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    returncode, stdout, stderr = interrupt_after(
+        out, 10, "run", "--model", MODEL, "--base-url", fake_openai.url, "--n", 400,
+        "--concurrency", 2, "--out", out, "--json")
+    assert returncode == 130, stderr
     summary = json.loads(stdout)
     assert summary["run"]["status"] == "interrupted" and 10 <= summary["ok"] < 400
