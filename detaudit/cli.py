@@ -62,6 +62,12 @@ class Kernels(str, Enum):
     default = "default"
 
 
+class KernelImpl(str, Enum):
+    auto = "auto"
+    triton = "triton"
+    cpu_exact = "cpu-exact"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"detaudit {__version__}")
@@ -114,7 +120,7 @@ RUN_EXAMPLES = """\
 
 # Flags that define what is measured: a resumed run takes them from its manifest.
 _MEASUREMENT_FLAGS = ("model", "n", "probe", "base_url", "api", "backend", "kernels",
-                      "batch_sizes", "levels", "prompt", "max_tokens", "temperature", "seed",
+                      "batch_sizes", "kernel_impl", "levels", "prompt", "max_tokens", "temperature", "seed",
                       "top_logprobs", "out")
 
 
@@ -135,6 +141,10 @@ def run(
                                           help="Where requests go \\[default: local without --model, else openai]."),
     kernels: Optional[Kernels] = typer.Option(None, case_sensitive=False,
                                           help="Local engine kernels \\[default: batch-invariant]."),
+    kernel_impl: Optional[KernelImpl] = typer.Option(
+        None, case_sensitive=False,
+        help="Local engine: how batch-invariant kernels run: triton (GPU; the interpreter on a CPU) or "
+             "cpu-exact (exact-order torch ops) \\[default: auto: triton on a GPU, cpu-exact on a CPU]."),
     batch_sizes: Optional[str] = typer.Option(None, help="Local engine: batch sizes the repeats cycle through \\[default: 1,3,8,32]."),
     levels: Optional[str] = typer.Option(None, help="load-sweep: requests in flight beside the target, e.g. 0,1,4,16 \\[default: the probe's]; --n is then per level."),
     concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight \\[default: the probe's]."),
@@ -162,7 +172,8 @@ def run(
 
     Every sample lands in results/<run-id>/ as it arrives, so an interrupted run can be finished with --resume.
     """
-    api, backend, kernels = (e.value if e is not None else None for e in (api, backend, kernels))
+    api, backend, kernels, kernel_impl = (e.value if e is not None else None
+                                          for e in (api, backend, kernels, kernel_impl))
     error_limit = _parse_max_errors(max_errors)
     if resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in _MEASUREMENT_FLAGS
@@ -187,7 +198,7 @@ def run(
     else:
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
-        config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes)
+        config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes, kernel_impl)
         n = n or _default_n(probe_obj, config)
         if probe_obj.kind == "load-sweep" or levels is not None:  # n per level -> n in all
             probe_obj, n = load_sweep.configure(probe_obj, config, levels, batch_sizes, n)
@@ -398,7 +409,8 @@ def _switch_api(probe: Probe, api: str) -> Probe:
 
 
 def _backend_config(backend: str | None, model: str | None, base_url: str | None,
-                    api_key_env: str, kernels: str | None, batch_sizes: str | None) -> dict[str, Any]:
+                    api_key_env: str, kernels: str | None, batch_sizes: str | None,
+                    kernel_impl: str | None = None) -> dict[str, Any]:
     """Which backend, with the arguments that rebuild it on --resume (no secrets)."""
     local = backend == "local" or (backend is None and base_url is None and (
         model is None or model == LOCAL_MODEL or Path(model).is_dir()))  # tiny at a URL: detaudit serve
@@ -407,14 +419,14 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
             raise UsageProblem("--base-url is for remote models; give --model NAME "
                                "(without --model the bundled local engine runs)")
         return {"backend": "local", "model": model or LOCAL_MODEL,
-                "kernels": kernels or "batch-invariant",
+                "kernels": kernels or "batch-invariant", "kernel_impl": kernel_impl or "auto",
                 "batch_sizes": _parse_batch_sizes(batch_sizes) if batch_sizes else [1, 3, 8, 32]}
     if model is None:
         raise UsageProblem("--backend openai needs --model NAME (e.g. --model gpt-4o)")
     if backend is None and model.startswith(("/", "./", "../", "~")):
         raise UsageProblem(f"--model {model}: no such model folder (a local model is a folder "
                            "with config.json and *.safetensors; a remote model is a name)")
-    for flag, value in (("--kernels", kernels), ("--batch-sizes", batch_sizes)):
+    for flag, value in (("--kernels", kernels), ("--batch-sizes", batch_sizes), ("--kernel-impl", kernel_impl)):
         if value is not None:
             raise UsageProblem(f"{flag} is for the local engine (--backend local); "
                                f"it does not apply to {model}")
@@ -461,7 +473,7 @@ def _make_backend(config: dict[str, Any], probe: Probe) -> Any:
             raise UsageProblem(f"the local engine needs its extras ({exc.name} is missing): "
                                "pip install 'detaudit[local]'") from None
         return LocalBackend(config["model"], kernels=config["kernels"],
-                            batch_sizes=config["batch_sizes"])
+                            batch_sizes=config["batch_sizes"], kernel_impl=config.get("kernel_impl", "auto"))
     from detaudit.backends.openai_backend import OpenAIBackend
     return OpenAIBackend(config["model"], config.get("base_url"), api=probe.api,
                          api_key_env=config["api_key_env"])
@@ -517,7 +529,11 @@ def _backend_name(manifest: dict[str, Any]) -> str:
     config = manifest.get("backend_config") or {}
     name = config.get("model") or manifest.get("backend", {}).get("model", "?")
     if config.get("backend") == "local":
-        return f"local {name} ({config.get('kernels')} kernels)"
+        facts = manifest.get("backend", {})
+        impl = facts.get("kernel_impl")
+        sizes = ",".join(str(size) for size in config.get("batch_sizes") or [])
+        how = f", {impl} on {facts.get('device', '?')}" if impl else ""
+        return f"local {name} ({config.get('kernels')} kernels{how}; batch sizes {sizes})"
     return f"{name} at {config.get('base_url') or 'the OpenAI API'}"
 
 

@@ -14,7 +14,6 @@ before temperature (as OpenAI reports them).
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 from collections import deque
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resolve_model_dir
-from local_backend.kernels import MODES, Ops, get_ops
+from local_backend.kernels import Ops, get_ops, resolve_implementation
 from local_backend.kv_cache import KVCache
 from local_backend.loader import load_model
 from local_backend.model import RotaryTable, Transformer
@@ -112,18 +111,20 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
              device: str | None = None, dtype: str | torch.dtype | None = None,
-             max_slots: int = 8, max_len: int = 2048) -> "Engine":
-        """A model folder (or "tiny") on a device, with one kernel mode for every op."""
-        if kernels not in MODES:
-            raise ValueError(f"unknown kernels {kernels!r}; use one of: {', '.join(MODES)}")
+             max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto") -> "Engine":
+        """A model folder (or "tiny") on a device, with one kernel mode for every op.
+
+        ``kernel_impl`` picks how batch-invariant ops run (kernels.IMPLEMENTATIONS):
+        by default the Triton kernels on a GPU and the exact-order torch ops on a CPU."""
+        torch_device = _pick_device(device)
+        try:  # bad names fail before anything loads
+            resolve_implementation(kernels, torch_device.type, kernel_impl)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
         folder = resolve_model_dir(model)
         config = ModelConfig.from_folder(folder)
-        torch_device = _pick_device(device)
         torch_dtype = parse_dtype(dtype, "dtype") if dtype is not None else config.dtype
-        if torch_device.type == "cpu" and kernels == "batch-invariant":
-            # Triton kernels run on a CPU only under the interpreter, chosen at import time.
-            os.environ.setdefault("TRITON_INTERPRET", "1")
-        ops = get_ops(kernels)
+        ops = get_ops(kernels, torch_device.type, kernel_impl)
         tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
         max_len = min(max_len, config.max_position_embeddings)
         if config.sliding_window:  # within the window, full attention is exact
@@ -324,11 +325,18 @@ class Engine:
         """log_softmax rows [len, vocab]: row i is the distribution of token i + 1."""
         return self.ops.log_softmax(self.forward_logits([token_ids])[0])
 
+    def fingerprint(self) -> str:
+        """system_fingerprint: what decides the numbers (weights, kernels and how they
+        run, dtype, device). The one format, in process and served."""
+        return "local-{}-{}-{}-{}-{}".format(self.weights_sha256[:12], self.ops.name,
+                                            self.ops.implementation, str(self.dtype).removeprefix("torch."),
+                                            self.device)
+
     def describe(self) -> dict[str, Any]:
-        try:
-            import triton
-            triton_version = triton.__version__
-        except ImportError:
+        from importlib import metadata
+        try:  # the installed version, without importing Triton where it does not run
+            triton_version = metadata.version("triton")
+        except metadata.PackageNotFoundError:
             triton_version = None
         return {
             "engine": "local_backend",
@@ -337,11 +345,12 @@ class Engine:
             "model_path": str(self.path) if self.path else None,
             "weights_sha256": self.weights_sha256,
             "kernels": self.ops.name,
+            "kernel_impl": self.ops.implementation,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "triton": triton_version,
-            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+            "triton_interpret": self.ops.implementation == "triton-interpreter",
             "max_slots": self.max_slots,
             "max_len": self.max_len,
         }

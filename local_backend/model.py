@@ -121,8 +121,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        # An empty weight (no random init): the loader assigns the checkpoint's, and
+        # nn.init under a meta device would import torch's compiler stack (about 1 s).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _freeze=True,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
@@ -132,7 +134,7 @@ class Transformer(nn.Module):
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, ops: Ops) -> torch.Tensor:
         """Packed tokens [T] -> final hidden states [T, hidden]; writes their K/V into ``cache``."""
-        from local_backend.kernels.attention import one_plan_per_pass  # Triton loads only when used
+        from local_backend.kernels.pass_memo import one_plan_per_pass
 
         x = self.embed_tokens(token_ids)
         with one_plan_per_pass():  # attention plans its tiles once, not once per layer

@@ -32,22 +32,21 @@ class LocalBackend:
     def __init__(self, model: str = "tiny", kernels: str = "batch-invariant",
                  batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BATCH_SIZES,
                  device: str | None = None, seed: int = 0, dtype: str | None = None,
-                 max_len: int = 2048):
+                 max_len: int = 2048, kernel_impl: str = "auto"):
         sizes = list(batch_sizes)
         if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
             raise ValueError(f"batch_sizes must be a non-empty list of positive integers, got {batch_sizes!r}")
         self.batch_sizes = sizes
         self.seed = seed
         self.engine = Engine.load(model, kernels=kernels, device=device, dtype=dtype,
-                                  max_slots=max(sizes), max_len=max_len)
+                                  max_slots=max(sizes), max_len=max_len, kernel_impl=kernel_impl)
         self._lock = threading.Lock()  # one batch at a time: the engine is not re-entrant
         special = self.engine.tokenizer.special_ids if self.engine.tokenizer else set()
         self._filler_vocab = [t for t in range(self.engine.config.vocab_size)
                               if t not in special and t not in self.engine.eos_ids]
         facts = self.engine.describe()
         self.model = facts["model"]
-        self.system_fingerprint = "local-{}-{}-{}-{}".format(
-            facts["weights_sha256"][:12], facts["kernels"], facts["dtype"], facts["device"])
+        self.system_fingerprint = self.engine.fingerprint()
 
     # -- Backend -------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """One switch for every reduction the model does: ``get_ops("batch-invariant")``
-or ``get_ops("default")``.
+or ``get_ops("default")``, and, for batch-invariant, which implementation runs.
 
 The model calls only these ops for anything that reduces (matmul, RMSNorm,
 log-softmax, attention) or that runs a transcendental function elementwise
@@ -21,15 +21,23 @@ Shapes:
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
 
 MODES = ("batch-invariant", "default")
+# How the batch-invariant ops are carried out. "triton": the Triton kernels (compiled
+# on a GPU, under Triton's interpreter on a CPU, where they are slow and only as
+# invariant as numpy's BLAS); "cpu-exact": plain torch on the CPU, every reduction
+# written out in a fixed order (kernels/exact_cpu.py). "auto" takes Triton on a GPU
+# and cpu-exact on a CPU.
+IMPLEMENTATIONS = ("auto", "triton", "cpu-exact")
 
 
 class Ops(Protocol):
     name: str
+    implementation: str  # what actually ran: triton, triton-interpreter, cpu-exact or torch
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
@@ -39,11 +47,34 @@ class Ops(Protocol):
                   slots: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor: ...
 
 
-def get_ops(mode: str) -> Ops:
+def resolve_implementation(mode: str, device_type: str, implementation: str = "auto") -> str:
+    """The implementation that ``get_ops`` will use; ValueError names the choices."""
+    if mode not in MODES:
+        raise ValueError(f"unknown kernels {mode!r}; use one of: {', '.join(MODES)}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown kernel implementation {implementation!r}; use one of: "
+                         f"{', '.join(IMPLEMENTATIONS)}")
     if mode == "default":
+        return "torch"
+    if implementation == "auto":
+        return "triton" if device_type == "cuda" else "cpu-exact"
+    if implementation == "cpu-exact" and device_type != "cpu":
+        raise ValueError(f"the cpu-exact kernels run on the CPU only, not on {device_type}; "
+                         "use --kernel-impl triton (or auto) there")
+    return implementation
+
+
+def get_ops(mode: str, device_type: str = "cpu", implementation: str = "auto") -> Ops:
+    """The ops of one kernel mode on one kind of device (see IMPLEMENTATIONS)."""
+    chosen = resolve_implementation(mode, device_type, implementation)
+    if chosen == "torch":
         from local_backend.kernels.torch_ops import TorchOps
         return TorchOps()
-    if mode == "batch-invariant":
-        from local_backend.kernels.batch_invariant import BatchInvariantOps
-        return BatchInvariantOps()
-    raise ValueError(f"unknown kernels {mode!r}; use one of: {', '.join(MODES)}")
+    if chosen == "cpu-exact":
+        from local_backend.kernels.exact_cpu import ExactCpuOps
+        return ExactCpuOps()
+    if device_type == "cpu":
+        # Triton kernels run on a CPU only under the interpreter, chosen at import time.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from local_backend.kernels.batch_invariant import BatchInvariantOps
+    return BatchInvariantOps()

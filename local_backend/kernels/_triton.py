@@ -22,10 +22,12 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 """True when kernels run under the interpreter. Kernels take it as the
-constexpr ``INTERPRETED`` and work around two numeric flaws of the interpreter:
-``tl.dot`` on bf16 multiplies the raw uint16 bits (kernels upcast dot operands
-to fp32 first; products of bf16/fp16 values are exact in fp32), and fp32 -> bf16
-casts truncate instead of rounding to nearest even (kernels use ``cast_to``)."""
+constexpr ``INTERPRETED`` and work around three flaws of the interpreter:
+``tl.dot`` is numpy's BLAS, whose row results depend on the row's place in the
+block on some CPUs, and on bf16 it multiplies the raw uint16 bits (kernels use
+``interpreted_dot``, in fp32: products of bf16/fp16 values are exact there); and
+fp32 -> bf16 casts truncate instead of rounding to nearest even (kernels use
+``cast_to``)."""
 
 
 def _reload_language_for_interpreter() -> None:
@@ -44,6 +46,15 @@ def _reload_language_for_interpreter() -> None:
 if INTERPRET and not isinstance(tl.sum, InterpretedFunction):
     _reload_language_for_interpreter()
 
+if INTERPRET:
+    # interpreted_dot holds a [M, K, N] block of products, which can pass the
+    # compiler's cap on a block's size (2^20 elements); the interpreter's blocks
+    # are numpy arrays, to which the cap does not apply.
+    import triton._utils
+
+    if hasattr(triton._utils, "TRITON_MAX_TENSOR_NUMEL"):
+        triton._utils.TRITON_MAX_TENSOR_NUMEL = 1 << 26
+
 
 @triton.jit
 def cast_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -58,6 +69,24 @@ def cast_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
         return x.to(dtype)
 
 
+@triton.jit
+def interpreted_matmul(a, b):
+    """a @ b in fp32 for the interpreter, without numpy's BLAS (see ``interpreted_dot``)."""
+    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def interpreted_dot(a, b, acc):
+    """acc + a @ b for the interpreter, without numpy's BLAS.
+
+    The interpreter runs ``tl.dot`` as numpy matmul, and OpenBLAS's sgemm
+    micro-kernels (Haswell, Zen) give a row other bits at another place in the
+    block: a kernel would be batch-invariant or not by the CPU it lands on. Here
+    every product is one IEEE multiply and the sum over K is numpy's sum over a
+    block of fixed shape, the same arithmetic for every row wherever it sits."""
+    return acc + interpreted_matmul(a, b)
+
+
 def check_same_device(*tensors: torch.Tensor) -> None:
     """Kernels read raw pointers: a tensor on another device is a crash, not an error."""
     devices = {t.device for t in tensors}
@@ -65,4 +94,5 @@ def check_same_device(*tensors: torch.Tensor) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-__all__ = ["triton", "tl", "INTERPRET", "cast_to", "check_same_device"]
+__all__ = ["triton", "tl", "INTERPRET", "cast_to", "check_same_device", "interpreted_dot",
+           "interpreted_matmul"]

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
+from local_backend.kernels._triton import (INTERPRET, cast_to, check_same_device, interpreted_dot,
+                                             interpreted_matmul, tl, triton)
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
@@ -81,16 +82,19 @@ def _chunk(q, k_base, v_base, n0, pos, kv_len, d, d_ok, m, l, acc, scale_log2e,
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     if INTERPRETED:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    scores = tl.dot(q, k, input_precision="ieee")
+        scores = interpreted_matmul(q, k)
+    else:
+        scores = tl.dot(q, k, input_precision="ieee")
     if MASKED:
         scores = tl.where(n[None, :] <= pos[:, None], scores, float("-inf"))
     new_max = tl.maximum(m, tl.max(scores, axis=1))
     rescale = tl.exp2((m - new_max) * scale_log2e)
     p = tl.exp2((scores - new_max[:, None]) * scale_log2e)
     l = tl.fma(l, rescale, tl.sum(p, axis=1))
-    acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")
+    if INTERPRETED:
+        acc = interpreted_dot(p, v, acc * rescale[:, None])
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * rescale[:, None], input_precision="ieee")
     return new_max, l, acc
 
 

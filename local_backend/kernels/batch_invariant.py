@@ -2,16 +2,20 @@
 fixed per row, so a row's result is the same bits at any batch size and at any
 position in the batch (Thinking Machines, "Defeating Nondeterminism in LLM
 Inference", 2025). On a machine without CUDA they run under Triton's
-interpreter: slow, but the same kernels and the same guarantees.
+interpreter: slow, but the same kernels and the same guarantees (under the
+interpreter a dot avoids numpy's BLAS: see ``_triton.interpreted_dot``). The
+engine's default CPU path is ``exact_cpu`` instead.
 """
 
 from __future__ import annotations
 
 from local_backend.kernels import activation, attention, matmul, rmsnorm, softmax
+from local_backend.kernels._triton import INTERPRET
 
 
 class BatchInvariantOps:
     name = "batch-invariant"
+    implementation = "triton-interpreter" if INTERPRET else "triton"
 
     def linear(self, x, weight, bias=None):
         return matmul.linear(x, weight, bias)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, interpreted_dot, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,9 +76,9 @@ def _linear_kernel(
         b = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         if INTERPRETED:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = interpreted_dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
@@ -144,12 +144,11 @@ def _gpu_tiles_16bit(M: int, N: int) -> Tiles:
 def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
     """The tiles for one launch. BLOCK_K depends only on the dtype (and device), never on M.
 
-    Under the interpreter tl.dot is numpy matmul, whose BLAS kernel may depend on
-    the operand shapes, so one fixed shape is used there (big, because each
-    interpreted program costs about 2 ms).
+    Under the interpreter one fixed shape is used (big, because each interpreted
+    program costs about 2 ms), and the dot is ``interpreted_dot``, not numpy's BLAS.
     """
     if INTERPRET:
-        return Tiles(128, 256, 128, num_warps=4, num_stages=1, GROUP_M=1)
+        return Tiles(128, 128, 32, num_warps=4, num_stages=1, GROUP_M=1)
     if dtype == torch.float32:
         return Tiles(64, 64, 32, num_warps=4, num_stages=3)
     return _gpu_tiles_16bit(M, N)

@@ -51,6 +51,7 @@ def _padded_plan(slots: torch.Tensor, positions: torch.Tensor, group: int) -> _P
 
 class TorchOps:
     name = "default"
+    implementation = "torch"
 
     def linear(self, x, weight, bias=None):
         return F.linear(x, weight, bias)

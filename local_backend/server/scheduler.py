@@ -53,9 +53,7 @@ class EngineFailed(SchedulerError):
 
 def fingerprint(engine: Engine) -> str:
     """system_fingerprint: what decides the numbers (weights, kernels, dtype, device)."""
-    facts = engine.describe()
-    return "local-{}-{}-{}-{}".format(facts["weights_sha256"][:12], facts["kernels"],
-                                      facts["dtype"], facts["device"])
+    return engine.fingerprint()
 
 
 def choice_seed(seed: int | None, choice: int) -> int | None:
