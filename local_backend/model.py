@@ -78,9 +78,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, rope: RotaryTable, ops: Ops) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x, ops).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x, ops).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, ops).view(T, self.num_kv_heads, self.head_dim)
+        q, k, v = ops.linears(x, [(p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):  # Qwen3: normalise each head before RoPE
             q = self.q_norm(q.reshape(-1, self.head_dim), ops).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim), ops).view_as(k)
@@ -101,7 +102,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_proj(x, ops), self.up_proj(x, ops)), ops)
+        gate, up = ops.linears(x, [(self.gate_proj.weight, None), (self.up_proj.weight, None)])
+        return self.down_proj(ops.silu_mul(gate, up), ops)
 
 
 class DecoderLayer(nn.Module):

@@ -87,12 +87,5 @@ def interpreted_dot(a, b, acc):
     return acc + interpreted_matmul(a, b)
 
 
-def check_same_device(*tensors: torch.Tensor) -> None:
-    """Kernels read raw pointers: a tensor on another device is a crash, not an error."""
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-
-
-__all__ = ["triton", "tl", "INTERPRET", "cast_to", "check_same_device", "interpreted_dot",
+__all__ = ["triton", "tl", "INTERPRET", "cast_to", "interpreted_dot",
            "interpreted_matmul"]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, tl, triton
+from local_backend.kernels.contracts import check_silu_mul
 
 MAX_BLOCK = 4096
 ROWS = 16 if INTERPRET else 1  # rows per program; fixed, never chosen from the batch
@@ -38,12 +39,7 @@ def _silu_mul_kernel(
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate[..., F]) * up[..., F] -> same shape and dtype."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"silu_mul: gate and up must match in shape and dtype, got "
-                         f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
-    if gate.dim() < 1 or not gate.is_floating_point():
-        raise ValueError(f"silu_mul: need floating tensors with at least 1 dim, got {gate.dtype} {tuple(gate.shape)}")
-    check_same_device(gate, up)
+    check_silu_mul(gate, up)
     F = gate.shape[-1]
     g2, u2 = gate.reshape(-1, F), up.reshape(-1, F)
     if g2.stride(-1) != 1:

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 
 import torch
 
-from local_backend.kernels._triton import (INTERPRET, cast_to, check_same_device, interpreted_dot,
-                                             interpreted_matmul, tl, triton)
+from local_backend.kernels._triton import (INTERPRET, cast_to, interpreted_dot, interpreted_matmul, tl,
+                                             triton)
+from local_backend.kernels.contracts import check_attention, check_attention_indices
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
 SPLIT = 64 if INTERPRET else 512  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
-MAX_HEAD_DIM = 256
 SHARED_MEMORY_FOR_KV = 128 * 1024  # bytes of K/V chunks in flight on a GPU (H100: 227 KiB in all)
 LOG2_E = 1.4426950408889634
 GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
@@ -307,36 +307,6 @@ def _build_tiles(slots: torch.Tensor, BLOCK_M: int) -> torch.Tensor:
     return tiles.view(num_tiles, BLOCK_M)
 
 
-def _check(q, k_cache, v_cache, slots, positions) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"attention: expected q[T, Hq, D] and k_cache = v_cache shape [S, L, Hkv, D], got "
-                         f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
-    T, Hq, D = q.shape
-    S, L, Hkv, Dk = k_cache.shape
-    if Dk != D:
-        raise ValueError(f"attention: head_dim of q ({D}) and of the cache ({Dk}) differ")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"attention: head_dim {D} is over the supported {MAX_HEAD_DIM}")
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"attention: query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"attention: q, k_cache and v_cache must share a dtype, got "
-                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if slots.shape != (T,) or positions.shape != (T,):
-        raise ValueError(f"attention: slots and positions must have shape ({T},), got "
-                         f"{tuple(slots.shape)} and {tuple(positions.shape)}")
-    check_same_device(q, k_cache, v_cache, slots, positions)
-
-
-def _check_indices(slots: torch.Tensor, positions: torch.Tensor, S: int, L: int) -> None:
-    """On host copies: an index outside the cache would read or write out of bounds."""
-    lo_slot, hi_slot, lo_pos, hi_pos = (int(slots.min()), int(slots.max()), int(positions.min()), int(positions.max()))
-    if lo_slot < 0 or hi_slot >= S:
-        raise ValueError(f"attention: slots must lie in [0, {S}), got {lo_slot}..{hi_slot}")
-    if lo_pos < 0 or hi_pos >= L:
-        raise ValueError(f"attention: positions must lie in [0, {L}), got {lo_pos}..{hi_pos}")
-
-
 @dataclass
 class _Plan:
     tiles: torch.Tensor  # [num_tiles, BLOCK_M] on the device
@@ -347,7 +317,7 @@ def _make_plan(slots: torch.Tensor, positions: torch.Tensor, BLOCK_M: int, S: in
     # The one device -> host copy: tiles are planned on the host, where small
     # index work costs microseconds instead of a chain of synchronising kernels.
     host_slots, host_positions = torch.stack([slots, positions]).cpu()
-    _check_indices(host_slots, host_positions, S, L)
+    check_attention_indices(host_slots, host_positions, S, L)
     tiles = _build_tiles(host_slots, BLOCK_M).to(slots.device)
     return _Plan(tiles, int(host_positions.max()) // SPLIT + 1)
 
@@ -375,7 +345,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     (benchmarks and tuning only; a server keeps one choice per model).
     ``split_kv`` forces the launch shape (None: chosen per batch); it never
     changes the result's bits."""
-    _check(q, k_cache, v_cache, slots, positions)
+    check_attention(q, k_cache, v_cache, slots, positions)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -20,6 +20,9 @@ class BatchInvariantOps:
     def linear(self, x, weight, bias=None):
         return matmul.linear(x, weight, bias)
 
+    def linears(self, x, layers):
+        return [self.linear(x, weight, bias) for weight, bias in layers]
+
     def rms_norm(self, x, weight, eps):
         return rmsnorm.rms_norm(x, weight, eps)
 

@@ -37,6 +37,8 @@ import math
 
 import torch
 
+from local_backend.kernels.contracts import (check_attention, check_attention_indices, check_linear,
+                                             check_log_softmax, check_rms_norm, check_silu_mul)
 from local_backend.kernels.pass_memo import memo
 
 CHUNK = 32              # 32 products of two 24-bit integers sum exactly in float64 (2^53)
@@ -121,17 +123,30 @@ def block_integers(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = torch.nn.functional.pad(d, (0, C * CHUNK - K))
     d = d.reshape(*t.shape[:-1], C, CHUNK)
     _, exponent = torch.frexp(torch.amax(d.abs(), dim=-1))  # |values| < 2^exponent
-    step = _pow2((exponent - GRID_BITS).to(torch.float64))
-    return torch.round(d / step[..., None]), step
+    exponent = exponent.to(torch.float64)
+    return torch.round(d * _pow2(GRID_BITS - exponent)[..., None]), _pow2(exponent - GRID_BITS)
 
 
-def _chunk_products(ia: torch.Tensor, sa: torch.Tensor, ib: torch.Tensor, sb: torch.Tensor | None
+def left_blocks(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a[..., M, K] cut for the left of a product: integers [..., C, M, CHUNK], steps [..., C, M]."""
+    ints, steps = block_integers(a)
+    return ints.movedim(-2, -3).contiguous(), steps.movedim(-1, -2)
+
+
+def right_blocks(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """b[..., N, K] cut for the right of a @ b^T: integers [..., C, CHUNK, N], steps [..., C, N]."""
+    ints, steps = block_integers(b)
+    return ints.movedim(-2, -3).transpose(-1, -2).contiguous(), steps.movedim(-1, -2)
+
+
+def _chunk_products(left: tuple[torch.Tensor, torch.Tensor], ib: torch.Tensor, sb: torch.Tensor | None
                     ) -> torch.Tensor:
     """sum over chunks c, in order, of (ia[c] @ ib[c]) * sa[c] (* sb[c]).
 
     ia [..., C, M, CHUNK] and ib [..., C, CHUNK, N] hold integers of at most 24 bits,
     so each chunk's matmul is exact whatever the BLAS does; sa [..., C, M] and
     sb [..., C, N] are powers of two, so scaling is exact too."""
+    ia, sa = left
     sums = torch.matmul(ia, ib)                               # [..., C, M, N]
     scale = sa[..., :, None] if sb is None else sa[..., :, None] * sb[..., None, :]
     scaled = sums * scale
@@ -141,25 +156,24 @@ def _chunk_products(ia: torch.Tensor, sa: torch.Tensor, ib: torch.Tensor, sb: to
     return out
 
 
-def exact_matmul(a: torch.Tensor, b: torch.Tensor, b_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
+def exact_matmul(a: torch.Tensor | tuple[torch.Tensor, torch.Tensor], b: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
                  ) -> torch.Tensor:
     """a[..., M, K] @ b[..., N, K]^T in float64 (see the module docstring), broadcasting
-    over the leading dims. ``b_blocks`` is ``block_integers(b)`` when the caller keeps it."""
-    ia, sa = block_integers(a)                                # [..., M, C, CHUNK], [..., M, C]
-    ib, sb = b_blocks if b_blocks is not None else block_integers(b)
-    return _chunk_products(ia.movedim(-2, -3), sa.movedim(-1, -2),
-                           ib.movedim(-2, -3).transpose(-1, -2), sb.movedim(-1, -2))
+    over the leading dims. Either side may come already cut (left_blocks / right_blocks)."""
+    left = a if isinstance(a, tuple) else left_blocks(a)
+    ib, sb = b if isinstance(b, tuple) else right_blocks(b)
+    return _chunk_products(left, ib, sb)
 
 
 def exact_matmul_integers(a: torch.Tensor, b_ints: torch.Tensor) -> torch.Tensor:
     """a[..., M, K] @ b_ints[..., K, N] in float64, where b_ints holds integers of at
     most GRID_BITS bits (the caller has moved b's grid steps into a)."""
-    ia, sa = block_integers(a)
-    K, C = b_ints.shape[-2], ia.shape[-2]
+    left = left_blocks(a)
+    K, C = b_ints.shape[-2], left[0].shape[-3]
     if C * CHUNK != K:
         b_ints = torch.nn.functional.pad(b_ints, (0, 0, 0, C * CHUNK - K))
     ib = b_ints.reshape(*b_ints.shape[:-2], C, CHUNK, b_ints.shape[-1])
-    return _chunk_products(ia.movedim(-2, -3), sa.movedim(-1, -2), ib, None)
+    return _chunk_products(left, ib, None)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -174,36 +188,44 @@ class ExactCpuOps:
     implementation = "cpu-exact"
 
     def __init__(self) -> None:
-        self._weight_blocks: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _blocks(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_integers of a weight, made once (the model's weights never change)."""
+    def _weight_blocks(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """right_blocks of a weight, made once (the model's weights never change)."""
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        blocks = self._weight_blocks.get(key)
+        blocks = self._weights.get(key)
         if blocks is None:
-            blocks = self._weight_blocks[key] = block_integers(weight)
+            blocks = self._weights[key] = right_blocks(weight)
         return blocks
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x[..., K] @ weight[N, K]^T + bias, exact per chunk, rounded once to x's dtype."""
-        N, K = weight.shape
-        if x.shape[-1] != K:
-            raise ValueError(f"linear: x's last dim must equal weight's K={K}, got x shape {tuple(x.shape)}")
+        return self.linears(x, [(weight, bias)])[0]
+
+    def linears(self, x: torch.Tensor, layers) -> list[torch.Tensor]:
+        """Several projections of one input (q/k/v, gate/up): x is cut into blocks once."""
+        for weight, bias in layers:
+            check_linear(x, weight, bias)
+        K = x.shape[-1]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
-        blocks = self._blocks(weight)
-        rows = max(1, MATMUL_ELEMENTS // max(1, N * blocks[0].shape[-2]))
-        parts = []
-        for start in range(0, x2.shape[0], rows):  # row chunks bound memory; rows are independent
-            part = exact_matmul(x2[start:start + rows], weight, blocks)
+        widest = max(weight.shape[0] for weight, _ in layers)
+        rows = max(1, MATMUL_ELEMENTS // max(1, widest * max(1, -(-K // CHUNK))))
+        pieces = [x2] if x2.shape[0] <= rows else list(x2.split(rows))  # rows are independent
+        lefts = [left_blocks(piece) for piece in pieces]
+        outs = []
+        for weight, bias in layers:
+            blocks = self._weight_blocks(weight)
+            out = torch.cat([exact_matmul(left, blocks) for left in lefts]) if len(lefts) > 1 \
+                else exact_matmul(lefts[0], blocks)
             if bias is not None:
-                part = part + bias.to(torch.float64)
-            parts.append(part.to(x.dtype))
-        out = torch.cat(parts) if len(parts) != 1 else parts[0]
-        return out.reshape(*lead, N)
+                out = out + bias.to(torch.float64)
+            outs.append(out.to(x.dtype).reshape(*lead, weight.shape[0]))
+        return outs
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """Hugging Face's order: normalise in fp32, cast to x's dtype, multiply by the weight."""
+        check_rms_norm(x, weight)
         D = x.shape[-1]
         xf = x.float()
         mean_sq = tree_sum(xf * xf) / D
@@ -212,11 +234,13 @@ class ExactCpuOps:
         return (normed * weight.float()).to(x.dtype)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        check_silu_mul(gate, up)
         g = gate.float()
         silu = (g / (exp(-g) + 1.0)).to(gate.dtype).float()
         return (silu * up.float()).to(gate.dtype)
 
     def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        check_log_softmax(x)
         xf = x.float()
         shifted = xf - torch.amax(xf, dim=-1, keepdim=True)  # a max is exact in any order
         return shifted - log(tree_sum(exp(shifted)))[..., None]
@@ -231,9 +255,13 @@ class ExactCpuOps:
         integers on the key's own grid, whose steps move into the probabilities, and
         keys a token cannot see weigh exactly zero. So what sits in the cache past a
         token, and which other tokens share its pass, never reaches its bits."""
+        check_attention(q, k_cache, v_cache, slots, positions)
         T, Hq, D = q.shape
         G = Hq // k_cache.shape[2]
         out = torch.empty(T, Hq, D, dtype=q.dtype)
+        if T == 0:
+            return out
+        check_attention_indices(slots, positions, k_cache.shape[0], k_cache.shape[1])
         for slot, rows, pos, length in memo.get("exact-cpu", (slots, positions),
                                                 lambda: _sequences(slots, positions)):
             out[rows] = _sequence_attention(q[rows], k_cache[slot, :length], v_cache[slot, :length],

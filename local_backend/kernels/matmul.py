@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, interpreted_dot, tl, triton
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from local_backend.kernels._triton import INTERPRET, cast_to, interpreted_dot, tl, triton
+from local_backend.kernels.contracts import check_linear
 
 @dataclass(frozen=True)
 class Tiles:
@@ -154,27 +152,12 @@ def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
     return _gpu_tiles_16bit(M, N)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"linear: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    N, K = weight.shape
-    if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"linear: x's last dim must equal weight's K={K}, got x shape {tuple(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"linear: dtype {x.dtype} not supported; use one of {SUPPORTED_DTYPES}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"linear: x is {x.dtype} but weight is {weight.dtype}; cast one to match")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"linear: bias must have shape ({N},), got {tuple(bias.shape)}")
-    check_same_device(x, weight, *([bias] if bias is not None else []))
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            tiles: Tiles | None = None) -> torch.Tensor:
     """x[..., K] @ weight[N, K]^T + bias[N] -> [..., N] in x's dtype.
 
     ``tiles`` overrides the table (benchmarks and tuning only)."""
-    _check(x, weight, bias)
+    check_linear(x, weight, bias)
     N, K = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import INTERPRET, cast_to, check_same_device, tl, triton
+from local_backend.kernels._triton import INTERPRET, cast_to, tl, triton
+from local_backend.kernels.contracts import check_rms_norm
 
 MAX_BLOCK = 8192  # wider rows are reduced in chunks of this size
 ROWS = 16 if INTERPRET else 1  # rows per program; fixed, never chosen from the batch
@@ -51,13 +52,8 @@ def _rms_norm_kernel(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x[..., D] normalised over D and scaled by weight[D] -> x's shape and dtype."""
-    D = x.shape[-1] if x.dim() else 0
-    if x.dim() < 1 or tuple(weight.shape) != (D,):
-        raise ValueError(f"rms_norm: weight must have shape ({D},) to match x {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"rms_norm: x must be a floating tensor, got {x.dtype}")
-    check_same_device(x, weight)
+    check_rms_norm(x, weight)
+    D = x.shape[-1]
     x2 = x.reshape(-1, D)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from local_backend.kernels._triton import check_same_device, tl, triton
+from local_backend.kernels._triton import tl, triton
+from local_backend.kernels.contracts import check_log_softmax
 
 MAX_BLOCK = 8192  # larger vocabularies are swept in chunks of this size
 
@@ -49,9 +50,7 @@ def _log_softmax_kernel(
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
     """log_softmax over the last dim of x[..., V] -> same shape, float32."""
-    if x.dim() < 1 or not x.is_floating_point():
-        raise ValueError(f"log_softmax: need a floating tensor with at least 1 dim, got {x.dtype} {tuple(x.shape)}")
-    check_same_device(x)
+    check_log_softmax(x)
     V = x.shape[-1]
     x2 = x.reshape(-1, V)
     if x2.stride(-1) != 1:

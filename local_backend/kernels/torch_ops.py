@@ -56,6 +56,9 @@ class TorchOps:
     def linear(self, x, weight, bias=None):
         return F.linear(x, weight, bias)
 
+    def linears(self, x, layers):
+        return [self.linear(x, weight, bias) for weight, bias in layers]
+
     def rms_norm(self, x, weight, eps):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
