@@ -435,9 +435,10 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
             "api_key_env": api_key_env}
 
 
-# Without a GPU the local engine's Triton kernels run under the interpreter, about
-# a second per batch of the tiny model: the probe's default n (sized for remote
-# APIs) would take half an hour, so a run with no --n stops at this many.
+# Without a GPU the local engine runs its exact-order CPU ops: about 70 ms a sample of the
+# tiny model over the default batch sizes, where the probe's default n (sized for
+# remote APIs) would take over a minute. A run with no --n stops at this many, which
+# already shows the contrast (one value, against several with --kernels default).
 LOCAL_CPU_DEFAULT_N = 100
 
 
@@ -448,9 +449,8 @@ def _default_n(probe: Probe, config: dict[str, Any]) -> int:
 
     if torch.cuda.is_available():
         return probe.default_n
-    stderr.print(f"[dim]no GPU: the local engine runs its Triton kernels under the interpreter; "
-                 f"n = {LOCAL_CPU_DEFAULT_N} (the probe's default is {probe.default_n:,}; "
-                 f"set --n to choose)[/]", highlight=False)
+    stderr.print(f"[dim]no GPU: n = {LOCAL_CPU_DEFAULT_N} on the CPU (the probe's default is "
+                 f"{probe.default_n:,}; set --n to choose)[/]", highlight=False)
     return LOCAL_CPU_DEFAULT_N
 
 
@@ -529,12 +529,19 @@ def _backend_name(manifest: dict[str, Any]) -> str:
     config = manifest.get("backend_config") or {}
     name = config.get("model") or manifest.get("backend", {}).get("model", "?")
     if config.get("backend") == "local":
-        facts = manifest.get("backend", {})
-        impl = facts.get("kernel_impl")
-        sizes = ",".join(str(size) for size in config.get("batch_sizes") or [])
-        how = f", {impl} on {facts.get('device', '?')}" if impl else ""
-        return f"local {name} ({config.get('kernels')} kernels{how}; batch sizes {sizes})"
+        return f"local {name} ({config.get('kernels')} kernels)"
     return f"{name} at {config.get('base_url') or 'the OpenAI API'}"
+
+
+def _engine_facts(manifest: dict[str, Any]) -> str | None:
+    """How the local engine ran: kernels, their implementation, device, batch sizes."""
+    config, facts = manifest.get("backend_config") or {}, manifest.get("backend") or {}
+    if config.get("backend") != "local":
+        return None
+    impl = facts.get("kernel_impl") or "triton"
+    sizes = ", ".join(str(size) for size in facts.get("batch_sizes") or config.get("batch_sizes") or [])
+    return (f"{facts.get('kernels', config.get('kernels'))} kernels ({impl} on {facts.get('device', '?')}, "
+            f"{facts.get('dtype', '?')}); repeats cycle through batch sizes {sizes}, beside random fillers")
 
 
 def _run_info(store: RunStore, result: RunResult | None = None) -> dict[str, Any]:
@@ -563,7 +570,8 @@ def _render(analysis: Analysis, manifest: dict[str, Any] | None, title: str | No
 
     if title is None and manifest is not None:
         title = f"{manifest['probe']['name']} x {manifest['n']:,} on {_backend_name(manifest)}"
-    render_report(analysis, Console(highlight=False), title=title)
+    render_report(analysis, Console(highlight=False), title=title,
+                  facts=_engine_facts(manifest) if manifest is not None else None)
 
 
 # --- report, export, analyze, probes ----------------------------------------------------

@@ -24,9 +24,13 @@ MAX_TEXT = 60
 MAX_TOKEN_COLUMNS = 4  # tokens shown side by side in the fingerprint and group tables
 
 
-def render_report(result: Analysis, console: Console, title: str | None = None) -> None:
+def render_report(result: Analysis, console: Console, title: str | None = None,
+                  facts: str | None = None) -> None:
+    """``facts``: one line under the title on what produced the run (engine, kernels, batches)."""
     if title:
-        console.rule(f"[bold]{title}")
+        console.rule(f"[bold]{escape(title)}")
+    if facts:
+        console.print(Text(facts, style="dim"))
     console.print(_verdict(result))
     console.print(_overview(result))
     if result.tokens:
