@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from detaudit.records import Completion, Position, Sample, TokenLogprob
+from detaudit.runlock import LOCK_FILE
 from detaudit.store import DATABASE, FORMAT_VERSION, MANIFEST, RunStore, StoreError, new_run_id
 
 
@@ -131,7 +132,8 @@ def test_a_failed_manifest_write_leaves_the_old_manifest_whole(store, bad):
         store.update_manifest(**bad)
     assert (store.path / MANIFEST).read_bytes() == before
     assert "x" not in store.manifest
-    assert sorted(p.name for p in store.path.iterdir() if not p.name.startswith(DATABASE)) == [MANIFEST]
+    assert sorted(p.name for p in store.path.iterdir()
+                  if not p.name.startswith(DATABASE) and p.name != LOCK_FILE) == [MANIFEST]
 
 
 def test_create_refuses_an_existing_run_folder(tmp_path, store):
