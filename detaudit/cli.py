@@ -343,8 +343,8 @@ def _record_fillers(store: RunStore, backend: Any) -> None:
     kinds = dict(before.get("failed_by_kind") or {})
     for kind, count in now["failed_by_kind"].items():
         kinds[kind] = kinds.get(kind, 0) + count
-    store.update_manifest(fillers={"sent": before.get("sent", 0) + now["sent"],
-                                   "failed": before.get("failed", 0) + now["failed"],
+    store.update_manifest(fillers={**{key: before.get(key, 0) + now[key]
+                                      for key in ("sent", "cancelled", "failed")},
                                    "failed_by_kind": kinds})
 
 

@@ -222,7 +222,8 @@ class HttpLoadSweep(_Sweep):
         self.filler_caps = list(filler_caps) if filler_caps is not None else None
         self.level = 0
         self.in_flight = 0
-        self.filler_requests = 0
+        self.filler_requests = 0  # started
+        self.filler_cancelled = 0  # in flight when the sweep closed (may not have arrived)
         self.filler_errors: dict[str, int] = {}
         self._granted = [0] * len(self.levels)  # credits given per level slot
         self._credits = 0  # filler requests the current level may still send
@@ -237,8 +238,8 @@ class HttpLoadSweep(_Sweep):
         return sum(self.filler_errors.values())
 
     def filler_stats(self) -> dict[str, Any]:
-        return {"sent": self.filler_requests, "failed": self.filler_failures,
-                "failed_by_kind": dict(self.filler_errors)}
+        return {"sent": self.filler_requests, "cancelled": self.filler_cancelled,
+                "failed": self.filler_failures, "failed_by_kind": dict(self.filler_errors)}
 
     async def complete(self, probe: Probe, index: int) -> Completion:
         slot, level = level_of(index, self.levels, self.per_level)
@@ -287,10 +288,15 @@ class HttpLoadSweep(_Sweep):
             try:
                 await self.inner.complete(self._filler_probe(), -1)
             except BackendError as exc:
+                self.in_flight -= 1
                 self.filler_errors[exc.kind] = self.filler_errors.get(exc.kind, 0) + 1
                 await asyncio.sleep(min(5.0, exc.retry_after or 0.2))  # no hot loop on errors
-            finally:
+                continue
+            except asyncio.CancelledError:
                 self.in_flight -= 1
+                self.filler_cancelled += 1
+                raise
+            self.in_flight -= 1
 
     def _filler_probe(self) -> Probe:
         length = self.rng.randint(self.spec.filler_min_tokens, self.spec.filler_max_tokens)
