@@ -254,8 +254,9 @@ class HttpLoadSweep(_Sweep):
         if slot != self._slot:
             self._slot, self._credits = slot, 0
         credits = fillers_per_target(self.probe, level)
-        if self.filler_caps is not None:
-            credits = max(0, min(credits, self.filler_caps[slot] - self._granted[slot]))
+        if self.filler_caps is not None:  # a level the caps do not name gets none
+            cap = self.filler_caps[slot] if slot < len(self.filler_caps) else 0
+            credits = max(0, min(credits, cap - self._granted[slot]))
         self._granted[slot] += credits
         async with self._wake:
             self._credits += credits
