@@ -317,12 +317,12 @@ async def _session(probe: Probe, backend: Any, store: RunStore, n: int, concurre
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
         terminated = None
-    side = getattr(backend, "filler_failures", None)
+    # a load sweep's failed fillers count against --max-errors
+    side = (lambda: backend.filler_failures) if hasattr(backend, "filler_failures") else None
     try:
         return await run_probe(probe, backend, store, n, concurrency, max_attempts=max_attempts,
                                progress=progress, limits=limits, max_errors=max_errors,
-                               requests=requests,
-                               side_failures=(lambda: backend.filler_failures) if side is not None else None)
+                               requests=requests, side_failures=side)
     except asyncio.CancelledError:
         if terminated:
             raise Terminated() from None

@@ -27,7 +27,8 @@ except ImportError:  # Windows: no flock; runs are not locked there
 
 
 class RunLocked(Exception):
-    """The run folder is in use by another process; the message names it."""
+    """The run folder cannot be locked: another process has it (the message names it),
+    or the lock file cannot be made."""
 
 
 class RunLock:
@@ -53,7 +54,11 @@ def acquire(folder: str | os.PathLike) -> RunLock:
     path = Path(folder) / LOCK_FILE
     if fcntl is None:
         return RunLock(None, path, None)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunLocked(f"{folder}: cannot open the lock file {LOCK_FILE} ({exc.strerror}); "
+                        "a run folder must be writable to run or resume") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
