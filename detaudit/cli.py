@@ -3,7 +3,7 @@
 Conventions: logs, progress and errors go to stderr; results (the report, JSON, file
 paths) go to stdout. ``--json`` prints exactly one JSON object on stdout. Exit codes:
 0 ok, 1 the run failed, 2 usage error (bad flag, malformed probe or input file,
-unreadable run folder), 130 interrupted by Ctrl-C.
+unreadable run folder, a run folder in use), 130 interrupted by Ctrl-C, 143 by SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import os
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from detaudit import __version__
+from detaudit import budget
 from detaudit import commands_insight as insight
 from detaudit import load as load_sweep
 from detaudit.analysis import Analysis, analyze, build_frames
@@ -30,9 +32,10 @@ from detaudit.backends.base import BackendError
 from detaudit.ingest import IngestError
 from detaudit.probes import Probe, ProbeError, builtin_names, load_probe
 from detaudit.ratelimit import RateLimits, tokens_per_request
+from detaudit.runlock import RunLocked, describe as describe_holder
 from detaudit.runner import RunFailed, RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
-from detaudit.store import RunStore, StoreError, new_run_id, utc_now
+from detaudit.store import MANIFEST, RunStore, StoreError, new_run_id, utc_now
 from detaudit.terminal import fail as _fail, print_json as _print_json, stderr
 
 DEFAULT_PROBE = "coin-flip"
@@ -84,6 +87,14 @@ class UsageProblem(Exception):
     """Bad input from the user: printed in red, exit code 2."""
 
 
+class Terminated(Exception):
+    """SIGTERM during a run: handled as Ctrl-C is (partial report, resumable), exit 143.
+    Not a KeyboardInterrupt: it is raised inside the event loop, which treats those apart."""
+
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
 def _cli_errors(command: Callable) -> Callable:
     """Turn expected errors into one red line and an exit code, never a traceback."""
 
@@ -91,13 +102,14 @@ def _cli_errors(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (UsageProblem, ProbeError, IngestError, StoreError, BackendError) as exc:
+        except (UsageProblem, ProbeError, IngestError, StoreError, BackendError,
+                budget.BudgetError, RunLocked) as exc:
             _fail(str(exc), 2)
         except RunFailed as exc:
             _fail(str(exc), 1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Terminated) as exc:
             stderr.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
+            raise typer.Exit(_interrupt_code(exc)) from None
         except Exception as exc:
             if type(exc).__name__ == "ModelLoadError":  # local_backend, imported lazily
                 _fail(str(exc), 2)
@@ -147,6 +159,7 @@ def run(
              "cpu-exact (exact-order torch ops) \\[default: auto: triton on a GPU, cpu-exact on a CPU]."),
     batch_sizes: Optional[str] = typer.Option(None, help="Local engine: batch sizes the repeats cycle through \\[default: 1,3,8,32]."),
     levels: Optional[str] = typer.Option(None, help="load-sweep: requests in flight beside the target, e.g. 0,1,4,16 \\[default: the probe's]; --n is then per level."),
+    max_level: int = typer.Option(load_sweep.MAX_LEVEL, min=0, help="Cap on --levels and on a local --batch-sizes (batch B = level B-1): requests in flight beside the target."),
     concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight \\[default: the probe's]."),
     prompt: Optional[str] = typer.Option(None, help="Replace the probe's prompt (one user message for chat)."),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="Override the probe's max_tokens."),
@@ -181,15 +194,17 @@ def run(
         if given:
             raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
                                f"manifest; drop {', '.join(given)}")
-        store, probe_obj, backend_obj, n = _reopen(resume, api_key_env)
-        if probe_obj.kind == "load-sweep":
-            backend_obj = load_sweep.wrap(backend_obj, probe_obj, n)
-        if dry_run:  # what finishing the run would send
-            plan = insight.cost_plan(probe_obj, store.manifest["backend_config"],
-                                     len(store.missing_indices(n)), prices)
+        store, probe_obj, backend_obj, n = _reopen(resume, api_key_env, lock=not dry_run)
+        config = store.manifest["backend_config"]
+        plan = budget.plan_requests(probe_obj, config, n, store)  # what finishing would send
+        if dry_run:
+            cost = insight.cost_plan(probe_obj, config, plan.targets, prices, plan.fillers)
             store.close()
             asyncio.run(backend_obj.aclose())
-            return insight.dry_run(plan, probe_obj.request, json_out)
+            return insight.dry_run(cost, probe_obj.request, json_out)
+        session_n, session = _within_budget(store, probe_obj, config, n, plan, max_cost, prices)
+        if probe_obj.kind == "load-sweep":
+            backend_obj = load_sweep.wrap(backend_obj, probe_obj, n, session.filler_caps)
         run_concurrency = concurrency or store.manifest["concurrency"]
         limits = _rate_limits(probe_obj, store.manifest["backend_config"], rpm, tpm)
         store.update_manifest(resumed_at=store.manifest.get("resumed_at", []) + [utc_now()],
@@ -198,18 +213,28 @@ def run(
     else:
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
-        config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes, kernel_impl)
+        config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes,
+                                 max_level, kernel_impl)
         n = n or _default_n(probe_obj, config)
+        budget.check_n(n)
         if probe_obj.kind == "load-sweep" or levels is not None:  # n per level -> n in all
-            probe_obj, n = load_sweep.configure(probe_obj, config, levels, batch_sizes, n)
-        if dry_run or max_cost is not None:  # before a backend or a run folder exists
-            plan = insight.cost_plan(probe_obj, config, n, prices)
-            if dry_run:
-                return insight.dry_run(plan, probe_obj.request, json_out)
-            insight.affordable(plan, max_cost)
+            probe_obj, n = load_sweep.configure(probe_obj, config, levels, batch_sizes, n,
+                                                max_level)
+            budget.check_n(n)
+        root = out or Path("results")
+        if (root / MANIFEST).is_file():
+            raise UsageProblem(f"--out {root}: this is a run folder; give the folder that "
+                               f"holds run folders (e.g. {root.parent}), or finish it with "
+                               f"--resume {root}")
+        # before a backend or a run folder exists: what will be sent, and what fits
+        plan = budget.plan_requests(probe_obj, config, n)
+        if dry_run:
+            cost = insight.cost_plan(probe_obj, config, plan.targets, prices, plan.fillers)
+            return insight.dry_run(cost, probe_obj.request, json_out)
+        session_n, session = _within_budget(None, probe_obj, config, n, plan, max_cost, prices)
         backend_obj = _make_backend(config, probe_obj)
         if probe_obj.kind == "load-sweep":
-            backend_obj = load_sweep.wrap(backend_obj, probe_obj, n)
+            backend_obj = load_sweep.wrap(backend_obj, probe_obj, n, session.filler_caps)
         run_concurrency = concurrency or probe_obj.default_concurrency
         limits = _rate_limits(probe_obj, config, rpm, tpm)
         manifest = {
@@ -222,19 +247,21 @@ def run(
             "limits": _limits_record(limits, max_attempts, max_errors),
         }
         run_id = new_run_id(probe_obj.name, config["model"])
-        store = RunStore.create(out or Path("results"), run_id, manifest)
+        store = RunStore.create(root, run_id, manifest)
 
     if not quiet:
-        stderr.print(f"[bold]{store.manifest['run_id']}[/]: {probe_obj.name} x {n:,} -> "
+        fillers = f" (+ at most {session.fillers:,} filler requests)" if session.fillers else ""
+        stderr.print(f"[bold]{store.manifest['run_id']}[/]: {probe_obj.name} x {n:,}{fillers} -> "
                      f"{_backend_name(store.manifest)}, concurrency {run_concurrency}",
                      highlight=False, soft_wrap=True)
-    session_n = n if max_cost is None else _within_budget(store, probe_obj, n, max_cost, prices)
     progress = stderr if not quiet and stderr.is_terminal else None
+    # --max-errors as a fraction: of every request of the whole run, fillers included
+    requests = budget.plan_requests(probe_obj, store.manifest["backend_config"], n).total
     try:
         result = asyncio.run(_session(probe_obj, backend_obj, store, session_n, run_concurrency,
-                                      max_attempts, progress, limits, error_limit))
-    except KeyboardInterrupt:
-        _interrupted(store, n, threshold_pct, json_out)
+                                      max_attempts, progress, limits, error_limit, requests))
+    except (KeyboardInterrupt, Terminated) as exc:
+        _interrupted(store, n, threshold_pct, json_out, _interrupt_code(exc))
 
     if not quiet:
         rate = f"{result.sent / result.elapsed_s:,.0f} req/s" if result.elapsed_s > 0 else "-"
@@ -269,33 +296,77 @@ def run(
                         "--max-cost USD")
 
 
-def _within_budget(store: RunStore, probe: Probe, n: int, max_cost: float,
-                   prices: Path | None) -> int:
-    """The n to give the runner so that at most the affordable missing indices are sent."""
-    missing = store.missing_indices(n)
-    plan = insight.cost_plan(probe, store.manifest["backend_config"], len(missing), prices)
-    allowed = insight.affordable(plan, max_cost)
-    if allowed >= len(missing):
-        return n
-    stderr.print(f"[yellow]--max-cost {max_cost:g} USD[/]: sending {allowed:,} of the "
-                 f"{len(missing):,} requests left (at most {plan.per_request_usd:.6g} USD each)",
-                 highlight=False)
-    return missing[allowed - 1] + 1
+def _within_budget(store: RunStore | None, probe: Probe, config: dict[str, Any], n: int,
+                   plan: budget.RequestPlan, max_cost: float | None,
+                   prices: Path | None) -> tuple[int, budget.RequestPlan]:
+    """The n to give the runner, and what it will send, so that at most the affordable
+    missing indices (each with its fillers) are sent; exit 2 when not one fits."""
+    if max_cost is None:
+        return n, plan
+    cost = insight.cost_plan(probe, config, plan.targets, prices, plan.fillers)
+    end, session = insight.affordable(cost, plan, max_cost, store)
+    if session.total < plan.total:
+        fillers = f" and {session.fillers:,} of {plan.fillers:,} filler requests" if plan.fillers else ""
+        stderr.print(f"[yellow]--max-cost {max_cost:g} USD[/]: sending {session.targets:,} of the "
+                     f"{plan.targets:,} requests left{fillers} (at most "
+                     f"{cost.per_request_usd:.6g} USD each)", highlight=False)
+    return end, session
 
 
 async def _session(probe: Probe, backend: Any, store: RunStore, n: int, concurrency: int,
                    max_attempts: int, progress: Console | None, limits: RateLimits | None = None,
-                   max_errors: float | None = None) -> RunResult:
+                   max_errors: float | None = None, requests: int | None = None) -> RunResult:
+    """One runner session; SIGTERM cancels it as Ctrl-C does (``Terminated``)."""
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    terminated = []
+
+    def on_sigterm() -> None:
+        terminated.append(True)
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+        terminated = None
+    # a load sweep's failed fillers count against --max-errors
+    side = (lambda: backend.filler_failures) if hasattr(backend, "filler_failures") else None
     try:
         return await run_probe(probe, backend, store, n, concurrency, max_attempts=max_attempts,
-                               progress=progress, limits=limits, max_errors=max_errors)
+                               progress=progress, limits=limits, max_errors=max_errors,
+                               requests=requests, side_failures=side)
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated() from None
+        raise
     finally:
+        if terminated is not None:
+            loop.remove_signal_handler(signal.SIGTERM)
         await backend.aclose()
+        _record_fillers(store, backend)
 
 
-def _interrupted(store: RunStore, n: int, threshold_pct: float, json_out: bool) -> None:
-    """Ctrl-C: in-flight requests were cancelled (resume sends them again); report
-    what is stored, say how to finish, exit 130."""
+def _record_fillers(store: RunStore, backend: Any) -> None:
+    """A load sweep's filler requests, all sessions together, in the manifest."""
+    stats = getattr(backend, "filler_stats", None)
+    if stats is None:
+        return
+    now, before = stats(), store.manifest.get("fillers") or {}
+    kinds = dict(before.get("failed_by_kind") or {})
+    for kind, count in now["failed_by_kind"].items():
+        kinds[kind] = kinds.get(kind, 0) + count
+    store.update_manifest(fillers={**{key: before.get(key, 0) + now[key]
+                                      for key in ("sent", "cancelled", "failed")},
+                                   "failed_by_kind": kinds})
+
+
+def _interrupt_code(exc: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+def _interrupted(store: RunStore, n: int, threshold_pct: float, json_out: bool,
+                 code: int = EXIT_INTERRUPTED) -> None:
+    """Ctrl-C or SIGTERM: in-flight requests were cancelled (resume sends them again);
+    report what is stored, say how to finish, exit 130 (143 for SIGTERM)."""
     done = len(store.done_indices())
     try:
         analysis = _analyze_store(store, threshold_pct)
@@ -308,9 +379,10 @@ def _interrupted(store: RunStore, n: int, threshold_pct: float, json_out: bool) 
         stderr.print(f"[yellow]partial report[/]: {done:,} of {n:,} samples", highlight=False)
         _render(analysis, store.manifest)
         _print_notes(notes)
-    stderr.print(f"[yellow]interrupted[/]: {done:,} of {n:,} samples stored. Finish with:\n"
+    why = " by SIGTERM" if code == EXIT_TERMINATED else ""
+    stderr.print(f"[yellow]interrupted{why}[/]: {done:,} of {n:,} samples stored. Finish with:\n"
                  f"  detaudit run --resume {store.path}", highlight=False)
-    raise typer.Exit(130)
+    raise typer.Exit(code)
 
 
 def _parse_max_errors(text: str | None) -> float | None:
@@ -410,6 +482,7 @@ def _switch_api(probe: Probe, api: str) -> Probe:
 
 def _backend_config(backend: str | None, model: str | None, base_url: str | None,
                     api_key_env: str, kernels: str | None, batch_sizes: str | None,
+                    max_level: int = load_sweep.MAX_LEVEL,
                     kernel_impl: str | None = None) -> dict[str, Any]:
     """Which backend, with the arguments that rebuild it on --resume (no secrets)."""
     local = backend == "local" or (backend is None and base_url is None and (
@@ -420,7 +493,7 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
                                "(without --model the bundled local engine runs)")
         return {"backend": "local", "model": model or LOCAL_MODEL,
                 "kernels": kernels or "batch-invariant", "kernel_impl": kernel_impl or "auto",
-                "batch_sizes": _parse_batch_sizes(batch_sizes) if batch_sizes else [1, 3, 8, 32]}
+                "batch_sizes": _parse_batch_sizes(batch_sizes, max_level) if batch_sizes else [1, 3, 8, 32]}
     if model is None:
         raise UsageProblem("--backend openai needs --model NAME (e.g. --model gpt-4o)")
     if backend is None and model.startswith(("/", "./", "../", "~")):
@@ -454,7 +527,7 @@ def _default_n(probe: Probe, config: dict[str, Any]) -> int:
     return LOCAL_CPU_DEFAULT_N
 
 
-def _parse_batch_sizes(text: str) -> list[int]:
+def _parse_batch_sizes(text: str, max_level: int = load_sweep.MAX_LEVEL) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -462,6 +535,8 @@ def _parse_batch_sizes(text: str) -> list[int]:
     if not sizes or any(size < 1 for size in sizes):
         raise UsageProblem(f"--batch-sizes {text!r}: give positive integers separated by commas, "
                            "e.g. 1,3,8,32")
+    load_sweep.check_levels([size - 1 for size in sizes], max_level,
+                           f"--batch-sizes {text} (a batch of B runs B-1 beside the target)")
     return sizes
 
 
@@ -479,8 +554,13 @@ def _make_backend(config: dict[str, Any], probe: Probe) -> Any:
                          api_key_env=config["api_key_env"])
 
 
-def _reopen(path: Path, api_key_env: str) -> tuple[RunStore, Probe, Any, int]:
-    store = RunStore.open(path)
+def _reopen(path: Path, api_key_env: str, lock: bool = True) -> tuple[RunStore, Probe, Any, int]:
+    """The stored run, locked for this process (``runlock``), its probe, backend and n."""
+    store = RunStore.open(path, lock=lock)
+    stale = store.lock.stale if store.lock else None
+    if stale:
+        stderr.print(f"[yellow]note:[/] took over the lock of {describe_holder(stale)}, which ended "
+                     "without releasing it", highlight=False, soft_wrap=True)
     manifest = store.manifest
     try:
         probe = Probe.from_dict(manifest["probe"], source=f"{path}/manifest.json")
@@ -549,6 +629,8 @@ def _run_info(store: RunStore, result: RunResult | None = None) -> dict[str, Any
     info = {"id": m["run_id"], "dir": str(store.path), "status": m.get("status"),
             "probe": m["probe"]["name"], "n": m["n"], "backend": m.get("backend"),
             "started_at": m.get("started_at"), "ended_at": m.get("ended_at")}
+    if m.get("fillers"):
+        info["fillers"] = m["fillers"]
     if result is not None:
         info.update(sent=result.sent, elapsed_s=round(result.elapsed_s, 3),
                     requests_per_s=round(result.sent / result.elapsed_s, 1) if result.elapsed_s else None,

@@ -236,12 +236,13 @@ def tokens(
 
 # --- run: dry run and cost cap ----------------------------------------------------------------
 
-def cost_plan(probe: Any, config: dict[str, Any], requests: int, prices: Path | None):
+def cost_plan(probe: Any, config: dict[str, Any], requests: int, prices: Path | None,
+              fillers: int = 0):
     """The cost estimate of a run; a bad price file is a usage error (exit 2)."""
     from detaudit.cost import PriceError, plan_run
 
     try:
-        return plan_run(probe, config, requests, prices)
+        return plan_run(probe, config, requests, prices, fillers)
     except PriceError as exc:
         fail(str(exc), 2)
 
@@ -253,23 +254,29 @@ def dry_run(plan: Any, request: dict[str, Any], json_out: bool) -> None:
     if json_out:
         _print_json({"dry_run": True, "request": request, **plan.to_dict()})
         return
-    typer.echo(f"Request (sent {plan.requests:,} times):")
+    fillers = f", beside at most {plan.fillers:,} filler requests" if plan.fillers else ""
+    typer.echo(f"Request (sent {plan.requests:,} times{fillers}):")
     typer.echo(json.dumps(request, indent=2, ensure_ascii=False))
     render_plan(plan, Console(highlight=False))
 
 
-def affordable(plan: Any, max_cost: float) -> int:
-    """How many requests fit under --max-cost; exit 2 when not even one does."""
+def affordable(cost: Any, requests: Any, max_cost: float, store: Any = None):
+    """(end index, plan) of what fits under --max-cost (``detaudit.budget``); exit 2
+    when not even one request, with its fillers, does."""
+    from detaudit.budget import affordable_prefix
     from detaudit.cost import PriceError
 
     try:
-        count = plan.affordable(max_cost)
+        end, session = affordable_prefix(requests, cost, max_cost, store)
     except PriceError as exc:
         fail(str(exc), 2)
-    if count == 0 and plan.requests > 0:
+    if session.targets == 0 and requests.targets > 0:
+        first = next(s for s in requests.segments if s.missing)
+        each = cost.per_request_usd + cost.per_filler_usd * first.fillers_each
+        with_fillers = f", with its {first.fillers_each:,} filler requests" if first.fillers_each else ""
         fail(f"--max-cost {max_cost:g} USD does not cover one request (at most "
-             f"{plan.per_request_usd:.6g} USD each); raise --max-cost", 2)
-    return count
+             f"{each:.6g} USD each{with_fillers}); raise --max-cost", 2)
+    return end, session
 
 
 def register(app: typer.Typer, guard: Callable[[Callable], Callable]) -> None:

@@ -5,7 +5,8 @@ Prompt tokens are counted the way the API bills them: tiktoken for OpenAI models
 (3 tokens per message, 1 per name, 3 that prime the reply); the bundled engine counts
 with its own tokenizer and costs nothing. Completion tokens are counted at the
 request's ``max_tokens``, so the estimate is an upper bound. A model tiktoken does not
-know is counted with o200k_base and marked approximate.
+know is counted with o200k_base and marked approximate. A load sweep's filler requests
+are counted too, each at the largest filler (``detaudit.load.largest_filler``).
 
 Prices are USD per million tokens (standard tier, as published in 2025); prices
 change, so a TOML file can override or add models::
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ class Price:
 
 @dataclass
 class CostPlan:
-    """The estimate for ``requests`` identical requests."""
+    """The estimate for ``requests`` identical requests, plus ``fillers`` filler
+    requests at most (a load sweep against an endpoint)."""
 
     model: str
     requests: int
@@ -63,29 +65,50 @@ class CostPlan:
     tokenizer: str
     approximate: bool
     price: Price | None
+    fillers: int = 0
+    filler_prompt_tokens: int | None = None  # per filler, at most
+    filler_completion_tokens: int | None = None  # per filler, at most
 
     @property
     def per_request_usd(self) -> float | None:
-        if self.price is None or self.prompt_tokens is None or self.completion_tokens is None:
-            return None
-        return (self.prompt_tokens * self.price.input
-                + self.completion_tokens * self.price.output) / PER_MILLION
+        return self._usd(self.prompt_tokens, self.completion_tokens)
+
+    @property
+    def per_filler_usd(self) -> float | None:
+        return self._usd(self.filler_prompt_tokens, self.filler_completion_tokens) \
+            if self.fillers else 0.0
+
+    @property
+    def total_requests(self) -> int:
+        return self.requests + self.fillers
 
     @property
     def total_usd(self) -> float | None:
-        each = self.per_request_usd
-        return None if each is None else each * self.requests
+        each, filler = self.per_request_usd, self.per_filler_usd
+        if each is None or filler is None:
+            return None
+        return each * self.requests + filler * self.fillers
 
-    def affordable(self, budget_usd: float) -> int:
-        """How many of the requests fit in ``budget_usd`` at their upper-bound cost."""
-        each = self.per_request_usd
-        if each is None:
+    def _usd(self, prompt: int | None, completion: int | None) -> float | None:
+        if self.price is None or prompt is None or completion is None:
+            return None
+        return (prompt * self.price.input + completion * self.price.output) / PER_MILLION
+
+    def affordable(self, budget_usd: float, fillers_each: int = 0) -> int:
+        """How many of the requests fit in ``budget_usd`` at their upper-bound cost,
+        each bringing ``fillers_each`` filler requests."""
+        each, filler = self.per_request_usd, self.per_filler_usd if fillers_each else 0.0
+        if each is None or filler is None:
             raise PriceError(f"no price is known for {self.model!r}, so --max-cost cannot be "
                              "enforced; give --prices FILE.toml with "
                              f'[models."{self.model}"] input = ... and output = ... (USD per 1M tokens)')
+        each += filler * fillers_each
         if each == 0:
             return self.requests
-        return min(self.requests, math.floor(budget_usd / each * (1 + 1e-12)))
+        return min(self.requests, math.floor(max(0.0, budget_usd) / each * (1 + 1e-12)))
+
+    def with_counts(self, requests: int, fillers: int) -> "CostPlan":
+        return replace(self, requests=requests, fillers=fillers)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "requests": self.requests,
@@ -96,13 +119,19 @@ class CostPlan:
                 else self.completion_tokens * self.requests,
                 "tokenizer": self.tokenizer, "approximate": self.approximate,
                 "price_per_million": asdict(self.price) if self.price else None,
-                "cost_per_request_usd": self.per_request_usd, "cost_usd_max": self.total_usd}
+                "cost_per_request_usd": self.per_request_usd,
+                "filler_requests_max": self.fillers,
+                "filler_prompt_tokens_per_request_max": self.filler_prompt_tokens,
+                "filler_completion_tokens_per_request_max": self.filler_completion_tokens,
+                "cost_per_filler_usd": self.per_filler_usd,
+                "requests_total_max": self.total_requests, "cost_usd_max": self.total_usd}
 
 
 def plan_run(probe: Probe, config: dict[str, Any], requests: int,
-             prices_file: Path | None = None) -> CostPlan:
+             prices_file: Path | None = None, fillers: int = 0) -> CostPlan:
     """The estimate for sending ``probe`` ``requests`` times to the backend of ``config``
-    (the CLI's backend config: ``backend``, ``model``)."""
+    (the CLI's backend config: ``backend``, ``model``), with ``fillers`` filler
+    requests of a load sweep beside them."""
     model = str(config["model"])
     completion = _max_completion_tokens(probe)
     if config.get("backend") == "local":
@@ -110,8 +139,25 @@ def plan_run(probe: Probe, config: dict[str, Any], requests: int,
         return CostPlan(model, requests, prompt, completion, tokenizer, False,
                         Price(0.0, 0.0, "local"))
     prompt, tokenizer, approximate = count_openai_prompt(probe, model)
-    return CostPlan(model, requests, prompt, completion, tokenizer, approximate,
+    plan = CostPlan(model, requests, prompt, completion, tokenizer, approximate,
                     find_price(model, load_prices(prices_file) if prices_file else {}))
+    if probe.kind == "load-sweep":
+        from detaudit.load import largest_filler
+
+        words = _word_counter(model)
+        filler = largest_filler(probe, words)
+        plan.fillers = fillers
+        plan.filler_prompt_tokens = count_openai_prompt(filler, model)[0]
+        plan.filler_completion_tokens = _max_completion_tokens(filler)
+    return plan
+
+
+def _word_counter(model: str):
+    """Tokens of one word under ``model``'s encoding (characters when none loads)."""
+    encoding = tokenization.load_encoding(tokenization.encoding_name(model) or FALLBACK_ENCODING)
+    if encoding is None:
+        return len
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
 
 
 def count_openai_prompt(probe: Probe, model: str) -> tuple[int | None, str, bool]:

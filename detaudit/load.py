@@ -12,13 +12,20 @@ target per level, and a resumed run puts every index at its level again.
 - In process (``LocalLoadSweep``, the bundled engine): level L is a batch of L
   fillers plus the target, built reproducibly by the local backend.
 
-Fillers are real requests: against a paid API they cost tokens too.
+Fillers are real requests: against a paid API they cost tokens too. Their number is
+bounded, so ``--dry-run``, ``--max-cost`` and ``--max-errors`` can count them before
+anything is sent: each target at level L brings at most ``L * filler_rounds(probe)``
+filler requests (enough to hold the level through the target's generation; if fillers
+end sooner, the level sags and the target's stored ``fillers_in_flight`` says so), and
+no level gets more than its targets brought. Levels above ``MAX_LEVEL`` (256) are
+refused unless ``--max-level`` raises the cap: level L keeps L requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import random
 from typing import Any
 
@@ -28,6 +35,7 @@ from detaudit.records import Completion
 
 FILLER_MAX_NEW_TOKENS = 8  # short generations: the load changes often and drains fast
 SETTLE_S = 0.05  # after a level change, time for the fillers to reach the server
+MAX_LEVEL = 256  # default cap on a load level (requests in flight beside the target)
 _WORDS = ("the sea is wide and grey a lighthouse keeper lived alone by the shore heads tails "
           "coin flip red green blue story wind night light boat rope storm morning").split()
 
@@ -58,8 +66,20 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def check_levels(levels: list[int], max_level: int = MAX_LEVEL, what: str = "--levels") -> None:
+    """Refuse levels above the cap: level L keeps L requests in flight (L fillers
+    against an endpoint, a batch of L + 1 in process), so memory and spend grow with it."""
+    high = max(levels)
+    if high > max_level:
+        raise ProbeError(what, f"{high:,} requests in flight beside the target is above the "
+                         f"cap of {max_level:,}; lower it, or raise the cap with --max-level "
+                         f"{high} (against an endpoint each filler is a real request; in "
+                         "process, memory grows with the batch)")
+
+
 def configure(probe: Probe, config: dict[str, Any], levels: str | list[int] | None,
-              batch_sizes: str | None, per_level: int) -> tuple[Probe, int]:
+              batch_sizes: str | None, per_level: int,
+              max_level: int = MAX_LEVEL) -> tuple[Probe, int]:
     """A fresh load-sweep run: the probe with its final levels (they go into the
     manifest, so a resume finds them), the total sample count, and, for the local
     engine, the batch sizes in ``config`` that stand for the levels."""
@@ -70,6 +90,8 @@ def configure(probe: Probe, config: dict[str, Any], levels: str | list[int] | No
     if levels is not None:
         spec = dataclasses.replace(spec, levels=parse_levels(levels) if isinstance(levels, str)
                                    else list(levels))
+    check_levels(spec.levels, max_level, "--levels" if levels is not None else
+                 f"{probe.source or probe.name}: load.levels")
     probe = dataclasses.replace(probe, load=spec)
     if config.get("backend") == "local":
         if batch_sizes is not None:
@@ -79,12 +101,64 @@ def configure(probe: Probe, config: dict[str, Any], levels: str | list[int] | No
     return probe, per_level * len(spec.levels)
 
 
-def wrap(backend: Any, probe: Probe, n_total: int) -> "HttpLoadSweep | LocalLoadSweep":
-    """The backend that applies the probe's load levels around ``backend``."""
-    per_level = max(1, n_total // len(_spec(probe).levels))
+def per_level_of(probe: Probe, n_total: int) -> int:
+    return max(1, n_total // len(_spec(probe).levels))
+
+
+def level_ranges(probe: Probe, n_total: int) -> list[tuple[int, int, int]]:
+    """(first index, end index, level) of each level's targets in ``range(n_total)``;
+    the last level takes any remainder, as ``level_of`` does."""
+    levels, per_level = _spec(probe).levels, per_level_of(probe, n_total)
+    ranges = []
+    for slot, level in enumerate(levels):
+        start = min(slot * per_level, n_total)
+        stop = n_total if slot == len(levels) - 1 else min((slot + 1) * per_level, n_total)
+        ranges.append((start, stop, level))
+    return ranges
+
+
+def filler_rounds(probe: Probe) -> int:
+    """Filler requests each filler slot may send per target: one to be in flight when
+    the target arrives, and enough more to outlast its ``max_tokens`` steps."""
+    return 1 + math.ceil(max(1, probe.max_tokens) / FILLER_MAX_NEW_TOKENS)
+
+
+def fillers_per_target(probe: Probe, level: int, remote: bool = True) -> int:
+    """Filler requests a target at ``level`` brings at most; in process (``remote``
+    False) fillers are batch-mates, not requests."""
+    return level * filler_rounds(probe) if remote else 0
+
+
+def largest_filler(probe: Probe, count=len) -> Probe:
+    """A filler request at its largest (its most costly word under ``count``, most
+    words, most new tokens), for the cost estimate; no filler sent is bigger."""
+    spec = _spec(probe)
+    word = max(_WORDS, key=lambda w: count(" " + w))
+    return _filler_request(probe.api, " ".join([word] * spec.filler_max_tokens),
+                           FILLER_MAX_NEW_TOKENS, 0)
+
+
+def _filler_request(api: str, text: str, max_tokens: int, seed: int) -> Probe:
+    request: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.8, "seed": seed}
+    if api == "chat":
+        request["messages"] = [{"role": "user", "content": text}]
+    else:
+        request["prompt"] = text
+    return Probe(name="load-filler", kind="outcome", request=request, api=api)
+
+
+def wrap(backend: Any, probe: Probe, n_total: int,
+         filler_caps: list[int] | None = None) -> "HttpLoadSweep | LocalLoadSweep":
+    """The backend that applies the probe's load levels around ``backend``.
+    ``filler_caps``: filler requests allowed per level in this session (default:
+    what every target of ``range(n_total)`` brings)."""
+    per_level = per_level_of(probe, n_total)
     if getattr(backend, "name", None) == "local":
         return LocalLoadSweep(backend, probe, per_level)
-    return HttpLoadSweep(backend, probe, per_level)
+    if filler_caps is None:
+        filler_caps = [(stop - start) * fillers_per_target(probe, level)
+                       for start, stop, level in level_ranges(probe, n_total)]
+    return HttpLoadSweep(backend, probe, per_level, filler_caps)
 
 
 def _spec(probe: Probe) -> LoadSpec:
@@ -132,26 +206,61 @@ class LocalLoadSweep(_Sweep):
 
 
 class HttpLoadSweep(_Sweep):
-    """Targets one at a time, with a pool of filler tasks holding the level."""
+    """Targets one at a time, with a pool of filler tasks holding the level.
 
-    def __init__(self, inner: Backend, probe: Probe, per_level: int, seed: int = 0):
+    Fillers draw on credits: each target request at level L adds ``fillers_per_target``
+    of them, and level slot s never gets more than ``filler_caps[s]`` in all, so the
+    fillers sent never exceed what the budget counted."""
+
+    def __init__(self, inner: Backend, probe: Probe, per_level: int,
+                 filler_caps: list[int] | None = None, seed: int = 0):
         super().__init__(inner, probe, per_level)
         self.spec = _spec(probe)
         self.api = probe.api
+        self.probe = probe
         self.rng = random.Random(f"detaudit-load:{seed}")
+        self.filler_caps = list(filler_caps) if filler_caps is not None else None
         self.level = 0
         self.in_flight = 0
-        self.filler_requests = 0
+        self.filler_requests = 0  # started
+        self.filler_cancelled = 0  # in flight when the sweep closed (may not have arrived)
         self.filler_errors: dict[str, int] = {}
+        self._granted = [0] * len(self.levels)  # credits given per level slot
+        self._credits = 0  # filler requests the current level may still send
+        self._slot = 0
         self._workers: list[asyncio.Task] = []
         self._target_lock = asyncio.Lock()
+        self._wake = asyncio.Condition()
+
+    @property
+    def filler_failures(self) -> int:
+        """Filler requests that failed so far (they count against --max-errors)."""
+        return sum(self.filler_errors.values())
+
+    def filler_stats(self) -> dict[str, Any]:
+        return {"sent": self.filler_requests, "cancelled": self.filler_cancelled,
+                "failed": self.filler_failures, "failed_by_kind": dict(self.filler_errors)}
 
     async def complete(self, probe: Probe, index: int) -> Completion:
-        _, level = level_of(index, self.levels, self.per_level)
+        slot, level = level_of(index, self.levels, self.per_level)
         async with self._target_lock:  # one target at a time: the level is the load
+            await self._grant(slot, level)
             await self.set_level(level)
             completion = await self.inner.complete(probe, index)
             return self._mark(completion, level, fillers_in_flight=self.in_flight)
+
+    async def _grant(self, slot: int, level: int) -> None:
+        """Credits for one target request; they do not carry over to another level."""
+        if slot != self._slot:
+            self._slot, self._credits = slot, 0
+        credits = fillers_per_target(self.probe, level)
+        if self.filler_caps is not None:  # a level the caps do not name gets none
+            cap = self.filler_caps[slot] if slot < len(self.filler_caps) else 0
+            credits = max(0, min(credits, cap - self._granted[slot]))
+        self._granted[slot] += credits
+        async with self._wake:
+            self._credits += credits
+            self._wake.notify_all()
 
     async def set_level(self, level: int) -> None:
         """Keep ``level`` fillers in flight; a drop waits for the extra fillers to end,
@@ -160,6 +269,8 @@ class HttpLoadSweep(_Sweep):
             return
         self.level = level
         extra, self._workers = self._workers[level:], self._workers[:level]
+        async with self._wake:
+            self._wake.notify_all()  # idle extra fillers see the drop and end
         if extra:
             await asyncio.gather(*extra, return_exceptions=True)
         while len(self._workers) < level:
@@ -168,26 +279,31 @@ class HttpLoadSweep(_Sweep):
 
     async def _filler(self, slot: int) -> None:
         while slot < self.level:
+            async with self._wake:  # wait for a credit, or for the level to drop
+                await self._wake.wait_for(lambda: self._credits > 0 or slot >= self.level)
+                if slot >= self.level:
+                    return
+                self._credits -= 1
             self.in_flight += 1
             self.filler_requests += 1
             try:
                 await self.inner.complete(self._filler_probe(), -1)
             except BackendError as exc:
+                self.in_flight -= 1
                 self.filler_errors[exc.kind] = self.filler_errors.get(exc.kind, 0) + 1
                 await asyncio.sleep(min(5.0, exc.retry_after or 0.2))  # no hot loop on errors
-            finally:
+                continue
+            except asyncio.CancelledError:
                 self.in_flight -= 1
+                self.filler_cancelled += 1
+                raise
+            self.in_flight -= 1
 
     def _filler_probe(self) -> Probe:
         length = self.rng.randint(self.spec.filler_min_tokens, self.spec.filler_max_tokens)
         text = " ".join(self.rng.choice(_WORDS) for _ in range(length))
-        request: dict[str, Any] = {"max_tokens": self.rng.randint(1, FILLER_MAX_NEW_TOKENS),
-                                   "temperature": 0.8, "seed": self.rng.randrange(1 << 31)}
-        if self.api == "chat":
-            request["messages"] = [{"role": "user", "content": text}]
-        else:
-            request["prompt"] = text
-        return Probe(name="load-filler", kind="outcome", request=request, api=self.api)
+        return _filler_request(self.api, text, self.rng.randint(1, FILLER_MAX_NEW_TOKENS),
+                               self.rng.randrange(1 << 31))
 
     async def aclose(self) -> None:
         self.level = 0

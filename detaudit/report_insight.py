@@ -99,7 +99,16 @@ def render_plan(plan: CostPlan, console: Console) -> None:
     table.add_row("completion tokens (at most)", _int(plan.completion_tokens),
                   _times(plan.completion_tokens, plan.requests))
     each, total = plan.per_request_usd, plan.total_usd
-    table.add_row("cost USD (at most)", _usd(each), _usd(total))
+    if plan.fillers:  # a load sweep's filler requests: counted at the largest filler
+        table.add_row(f"filler requests (at most {plan.fillers:,})", "", "")
+        table.add_row("  filler prompt tokens (at most)", _int(plan.filler_prompt_tokens),
+                      _times(plan.filler_prompt_tokens, plan.fillers))
+        table.add_row("  filler completion tokens (at most)", _int(plan.filler_completion_tokens),
+                      _times(plan.filler_completion_tokens, plan.fillers))
+        table.add_row("  filler cost USD (at most)", _usd(plan.per_filler_usd),
+                      _usd(None if plan.per_filler_usd is None else plan.per_filler_usd * plan.fillers))
+    table.add_row("cost USD (at most)", _usd(each),
+                  _usd(total) + (f" ({plan.total_requests:,} requests)" if plan.fillers else ""))
     console.print(table)
     price = plan.price
     console.print(Text(f"tokenizer: {plan.tokenizer}{approx}\nprice: " + (

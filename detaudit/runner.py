@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, \
@@ -76,13 +77,18 @@ class Runner:
     def __init__(self, probe: Probe, backend: Backend, store: RunStore, n: int, concurrency: int,
                  retry: RetryPolicy | None = None, progress: Console | None = None,
                  abort_after: int = 20, seed: int | None = None,
-                 limits: RateLimits | None = None, max_errors: float | None = None):
+                 limits: RateLimits | None = None, max_errors: float | None = None,
+                 requests: int | None = None, side_failures: Callable[[], int] | None = None):
         self.probe, self.backend, self.store, self.n = probe, backend, store, n
         self.concurrency = max(1, concurrency)
         self.retry = retry or RetryPolicy()
         self.limits = limits if limits is not None and limits.active else None
         self.max_errors = max_errors
-        self.error_budget = None if max_errors is None else error_budget(max_errors, n)
+        # --max-errors counts every request: a fraction is of all requests the run
+        # sends (``requests``, fillers included), and failed fillers count as errors.
+        self.requests = n if requests is None else requests
+        self.side_failures = side_failures
+        self.error_budget = None if max_errors is None else error_budget(max_errors, self.requests)
         self.progress_console = progress
         self.abort_after = abort_after
         self.rng = random.Random(seed)
@@ -93,16 +99,15 @@ class Runner:
         self._stop = False
 
     async def run(self) -> RunResult:
-        missing = self.store.missing_indices(self.n)
-        already = self.n - len(missing)
+        already = self.store.count_done(0, self.n)
         self.store.update_manifest(status="running", ended_at=None)
-        indices = iter(missing)
         started = time.perf_counter()
         status = "interrupted"
         bar = _ProgressBar(self.progress_console, self.n, already) if self.progress_console else None
         try:
+            indices = self.store.iter_missing(self.n)  # lazy: memory does not grow with n
             workers = [asyncio.create_task(self._worker(indices))
-                       for _ in range(min(self.concurrency, len(missing)))]
+                       for _ in range(min(self.concurrency, self.n - already))]
             if bar:
                 bar.start(lambda: (self.sent, self.errors))
             try:
@@ -134,6 +139,8 @@ class Runner:
             self._store(sample)
             if sample.status == "error":
                 self._check_abort(sample)
+            elif self.side_failures is not None:
+                self._check_side_failures()
 
     async def _sample(self, index: int) -> Sample:
         started_at = time.time()
@@ -185,12 +192,29 @@ class Runner:
             why = "every request would fail the same way"
         elif self.ok == 0 and self.errors >= min(self.abort_after, self.n):
             why = f"the first {self.errors} samples all failed"
-        elif self.error_budget is not None and self.errors > self.error_budget:
-            why = (f"{self.errors} samples failed, more than --max-errors {self.max_errors:g} "
-                   f"allows ({self.error_budget} of {self.n}); the last one")
+        elif self._over_error_budget():
+            why = f"{self._failures_text()}; the last one"
         if why and not self._stop:
             self._stop = True
             self.reason = f"{why}: {sample.error_kind}: {sample.error_message}"
+
+    def _check_side_failures(self) -> None:
+        if self._over_error_budget() and not self._stop:
+            self._stop = True
+            self.reason = self._failures_text()
+
+    def _over_error_budget(self) -> bool:
+        return self.error_budget is not None and self._failures() > self.error_budget
+
+    def _failures(self) -> int:
+        return self.errors + (self.side_failures() if self.side_failures else 0)
+
+    def _failures_text(self) -> str:
+        side = self.side_failures() if self.side_failures else 0
+        what = (f"{self._failures()} requests failed ({self.errors} samples, {side} fillers)"
+                if self.side_failures else f"{self.errors} samples failed")
+        return (f"{what}, more than --max-errors {self.max_errors:g} allows "
+                f"({self.error_budget} of {self.requests:,})")
 
     def _stored_counts(self) -> tuple[int, int]:
         done = len(self.store.done_indices())
@@ -211,11 +235,14 @@ def group_of(completion: Completion) -> str | None:
 async def run(probe: Probe, backend: Backend, store: RunStore, n: int, concurrency: int, *,
               max_attempts: int = 5, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
               progress: Console | None = None, seed: int | None = None,
-              limits: RateLimits | None = None, max_errors: float | None = None) -> RunResult:
+              limits: RateLimits | None = None, max_errors: float | None = None,
+              requests: int | None = None,
+              side_failures: Callable[[], int] | None = None) -> RunResult:
     """Send the indices of ``range(n)`` that the store lacks; see ``Runner``."""
     retry = RetryPolicy(max_attempts=max_attempts, base_s=backoff_base_s, max_s=backoff_max_s)
     return await Runner(probe, backend, store, n, concurrency, retry=retry, progress=progress,
-                        seed=seed, limits=limits, max_errors=max_errors).run()
+                        seed=seed, limits=limits, max_errors=max_errors, requests=requests,
+                        side_failures=side_failures).run()
 
 
 class _RateColumn(ProgressColumn):

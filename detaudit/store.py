@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from detaudit import runlock
 from detaudit.records import Completion, Position, Sample, position_from_dict
 
 FORMAT_VERSION = 1
@@ -102,10 +103,12 @@ def utc_now() -> str:
 class RunStore:
     """An open run folder: the manifest in memory, and one SQLite connection."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], conn: sqlite3.Connection):
+    def __init__(self, path: Path, manifest: dict[str, Any], conn: sqlite3.Connection,
+                 lock: runlock.RunLock | None = None):
         self.path = path
         self.manifest = manifest
         self._conn = conn
+        self.lock = lock  # held by a store that writes samples (create, open(lock=True))
 
     # --- opening -------------------------------------------------------------
 
@@ -120,17 +123,27 @@ class RunStore:
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the run folder ({exc.strerror}); "
                              "check --out") from None
+        lock = runlock.acquire(path)  # before anything is written: a resume must wait
         manifest = {"format_version": FORMAT_VERSION, "run_id": run_id, **manifest}
         _write_json_atomic(path / MANIFEST, manifest)
-        return cls(path, manifest, _connect(path / DATABASE))
+        return cls(path, manifest, _connect(path / DATABASE), lock)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "RunStore":
+    def open(cls, path: str | os.PathLike, lock: bool = False) -> "RunStore":
+        """Open a run folder; ``lock``: for writing samples (a resume), refused at once
+        with ``runlock.RunLocked`` while another process has it."""
         path = Path(path)
         manifest = read_manifest(path)
         if not (path / DATABASE).is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
-        return cls(path, manifest, _connect(path / DATABASE))
+        held = runlock.acquire(path) if lock else None
+        try:
+            conn = _connect(path / DATABASE)
+        except BaseException:
+            if held:
+                held.release()
+            raise
+        return cls(path, manifest, conn, held)
 
     # --- samples -------------------------------------------------------------
 
@@ -164,8 +177,27 @@ class RunStore:
     def missing_indices(self, n: int) -> list[int]:
         """Indices in ``range(n)`` still to send: never stored, or stored as an error
         (a resumed run retries those and replaces the error row)."""
-        done = self.done_indices()
-        return [i for i in range(n) if i not in done]
+        return list(self.iter_missing(n))
+
+    def iter_missing(self, n: int, start: int = 0):
+        """``missing_indices`` lazily, in order: memory grows with the stored good
+        samples, never with ``n``."""
+        index = start
+        for done in self.done_in(start, n):
+            yield from range(index, done)
+            index = done + 1
+        yield from range(index, n)
+
+    def done_in(self, start: int, stop: int):
+        """Good sample indices in ``start..stop-1``, ascending."""
+        cur = self._conn.execute("SELECT idx FROM samples WHERE status = 'ok' AND idx >= ? "
+                                 "AND idx < ? ORDER BY idx", (start, stop))
+        return (i for (i,) in cur.fetchall())
+
+    def count_done(self, start: int, stop: int) -> int:
+        """How many good samples have an index in ``start..stop-1``."""
+        return self._conn.execute("SELECT COUNT(*) FROM samples WHERE status = 'ok' "
+                                  "AND idx >= ? AND idx < ?", (start, stop)).fetchone()[0]
 
     def count(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
@@ -207,6 +239,9 @@ class RunStore:
             self._conn.commit()
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> "RunStore":
         return self

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from detaudit.records import Completion, Position, Sample, TokenLogprob
+from detaudit.runlock import LOCK_FILE
 from detaudit.store import DATABASE, FORMAT_VERSION, MANIFEST, RunStore, StoreError, new_run_id
 
 
@@ -131,7 +132,8 @@ def test_a_failed_manifest_write_leaves_the_old_manifest_whole(store, bad):
         store.update_manifest(**bad)
     assert (store.path / MANIFEST).read_bytes() == before
     assert "x" not in store.manifest
-    assert sorted(p.name for p in store.path.iterdir() if not p.name.startswith(DATABASE)) == [MANIFEST]
+    assert sorted(p.name for p in store.path.iterdir()
+                  if not p.name.startswith(DATABASE) and p.name != LOCK_FILE) == [MANIFEST]
 
 
 def test_create_refuses_an_existing_run_folder(tmp_path, store):
@@ -180,3 +182,22 @@ def test_run_ids_are_unique_sortable_and_readable():
     # a local model folder becomes its name; odd characters never reach the path
     assert new_run_id("p", "/models/Qwen2.5 7B/", t0).endswith("-p-qwen2.5-7b")
     assert "/" not in new_run_id("my probe", "org/model:latest", t0)
+
+
+def test_lazy_missing_indices_and_the_affordable_prefix_on_a_resume(tmp_path):
+    """The budget walks stored good indices, not a list of range(n): check it against
+    the plain list of missing indices, errors (retried on resume) included."""
+    from detaudit.budget import RequestPlan, Segment, affordable_prefix
+    from detaudit.cost import CostPlan, Price
+
+    with RunStore.create(tmp_path, "run-1", {"n": 12}) as s:
+        s.record_many([ok_sample(i) for i in (0, 2, 3, 7, 11)] + [error_sample(5)])
+        missing = [i for i in range(12) if i not in {0, 2, 3, 7, 11}]
+        assert list(s.iter_missing(12)) == missing == s.missing_indices(12)
+        assert s.count_done(2, 8) == 3 and list(s.done_in(1, 8)) == [2, 3, 7]
+        plan = RequestPlan([Segment(0, 12, 12 - s.count_done(0, 12), 0)])
+        cost = CostPlan("m", plan.targets, 10, 0, "t", False, Price(1e5, 0.0, "test"))  # 1 USD each
+        for budget in range(0, len(missing) + 2):
+            end, session = affordable_prefix(plan, cost, budget + 0.5, s)
+            sent = [i for i in range(end) if i in missing]
+            assert sent == missing[:budget] and session.targets == len(sent)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from typer.testing import CliRunner
 
@@ -61,3 +64,38 @@ def rows(run_dir: Path, sql: str, *params) -> list[tuple]:
 
 def manifest(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "manifest.json").read_text())
+
+
+def stored_count(out: Path) -> int:
+    """Samples stored so far in the one run folder under ``out`` (0 before it exists)."""
+    runs = list(Path(out).glob("*/samples.sqlite"))
+    if not runs:
+        return 0
+    conn = sqlite3.connect(runs[0])
+    try:
+        return conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+    finally:
+        conn.close()
+
+
+def interrupt_after(out, stored: int, *args, sig: int = signal.SIGINT,
+                    before_signal: Callable[[subprocess.Popen], None] | None = None
+                    ) -> tuple[int, str, str]:
+    """Start `detaudit *args` as a subprocess, send ``sig`` (Ctrl-C by default) once
+    ``stored`` samples are in the store under ``out``, and return (exit code, stdout,
+    stderr). ``before_signal`` sees the running process just before the signal."""
+    proc = subprocess.Popen(detaudit_command(*args), cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and stored_count(out) < stored and proc.poll() is None:
+            time.sleep(0.02)
+        if before_signal is not None:
+            before_signal(proc)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, stdout, stderr

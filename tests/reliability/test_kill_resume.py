@@ -1,35 +1,23 @@
 """`detaudit run` as a real subprocess, killed with SIGKILL at random moments and resumed,
-then checked against what the fake server logged it sent; and Ctrl-C (SIGINT)."""
+then checked against what the fake server logged it sent; and Ctrl-C (SIGINT) and
+SIGTERM, which both end in a partial report and a resumable run."""
 
 from __future__ import annotations
 
 import json
 import random
 import signal
-import sqlite3
 import subprocess
 import time
-from pathlib import Path
 
-from tests.reliability.helpers import (MODEL, ROOT, detaudit_command, manifest, rows,
-                                       run_detaudit, subprocess_env)
+import pytest
+
+from tests.reliability.helpers import (MODEL, ROOT, detaudit_command, interrupt_after, manifest,
+                                       rows, run_detaudit, stored_count, subprocess_env)
 from tests.servers.fake_openai import Fault, outcome_states
 
 N = 240
 VALUES = [(-0.31326166, 5), (-0.3132617, 3), (-0.3140001, 2)]
-
-
-def stored_count(out: Path) -> int:
-    runs = list(out.glob("*/samples.sqlite"))
-    if not runs:
-        return 0
-    try:
-        conn = sqlite3.connect(runs[0])
-        return conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return 0
-    finally:
-        conn.close()
 
 
 def test_sigkill_at_random_moments_then_resume_gives_exactly_n_of_what_was_sent(fake_openai, tmp_path):
@@ -84,29 +72,16 @@ def test_sigkill_at_random_moments_then_resume_gives_exactly_n_of_what_was_sent(
     assert N <= answered <= N + kills * 6 + 6
 
 
-def interrupt_after(out, stored: int, *args) -> tuple[int, str, str]:
-    """Start `detaudit *args` as a subprocess, press Ctrl-C once ``stored`` samples are
-    in the store under ``out``, and return (exit code, stdout, stderr)."""
-    proc = subprocess.Popen(detaudit_command(*args), cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and stored_count(out) < stored:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    return proc.returncode, stdout, stderr
-
-
-def test_ctrl_c_prints_the_partial_report_exits_130_and_resume_finishes(fake_openai, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_interrupt_prints_the_partial_report_exits_and_resume_finishes(fake_openai, tmp_path,
+                                                                       sig, code):
     fake_openai.configure(delay=0.01, states=outcome_states("Heads", VALUES, {"T": -1.3}))
     out = tmp_path / "results"
     returncode, stdout, stderr = interrupt_after(
         out, 30, "run", "--model", MODEL, "--base-url", fake_openai.url, "--n", 400,
-        "--concurrency", 4, "--out", out)
-    assert returncode == 130, stderr
+        "--concurrency", 4, "--out", out, sig=sig)
+    assert returncode == code, stderr
     assert "Traceback" not in stderr
     assert "partial report" in stderr and "--resume" in stderr
     assert "Heads" in stdout  # the report of what is stored

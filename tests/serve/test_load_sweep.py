@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detaudit.load import level_of, local_batch_sizes, parse_levels
-from detaudit.probes import ProbeError
+from detaudit.load import level_of, level_ranges, local_batch_sizes, parse_levels
+from detaudit.probes import ProbeError, load_probe
 from tests.serve.conftest import detaudit, json_out
 
 
@@ -34,6 +34,13 @@ def test_levels_and_indices():
     levels = [0, 2, 8]
     assert [level_of(i, levels, 3)[1] for i in range(9)] == [0, 0, 0, 2, 2, 2, 8, 8, 8]
     assert local_batch_sizes(levels) == [1, 3, 9]
+    # the ranges the budget counts agree with level_of, remainder in the last level
+    import dataclasses
+    probe = load_probe("load-sweep")
+    probe = dataclasses.replace(probe, load=dataclasses.replace(probe.load, levels=levels))
+    for n in (9, 10, 2):
+        by_range = [level for start, stop, level in level_ranges(probe, n) for _ in range(start, stop)]
+        assert by_range == [level_of(i, levels, max(1, n // 3))[1] for i in range(n)]
 
 
 def test_default_kernels_vary_under_load_and_not_alone(server_default, tmp_path):
@@ -51,6 +58,10 @@ def test_default_kernels_vary_under_load_and_not_alone(server_default, tmp_path)
     assert summary["deterministic"] is False
     rows = stored(summary["run"]["dir"])
     assert [(i, g) for i, g, _ in rows] == [(i, "load=0" if i < 6 else "load=4") for i in range(12)]
+    # the fillers that held level 4 stayed within what --dry-run counts for the run
+    dry = detaudit("run", "--probe", "load-sweep", "--model", "tiny", "--base-url", server_default.url,
+                   "--levels", "0,4", "--n", "6", "--dry-run", "--json")
+    assert 0 < summary["run"]["fillers"]["sent"] <= json_out(dry)["filler_requests_max"]
 
 
 @pytest.mark.slow
