@@ -110,8 +110,13 @@ def test_a_hub_name_is_never_downloaded():
 
 
 def test_unknown_kernels_and_devices_are_refused(model_dirs):
-    with pytest.raises(ValueError, match="unknown kernels 'fast'"):
+    with pytest.raises(ModelLoadError, match="unknown kernels 'fast'"):
         Engine.load(model_dirs["llama"], kernels="fast")
+    with pytest.raises(ModelLoadError, match="unknown kernel implementation 'numba'"):
+        Engine.load(model_dirs["llama"], kernel_impl="numba")
+    if DEVICE == "cuda":
+        with pytest.raises(ModelLoadError, match="cpu-exact kernels run on the CPU only"):
+            Engine.load(model_dirs["llama"], kernel_impl="cpu-exact", device="cuda")
     with pytest.raises(ModelLoadError, match="dtype 'int8' is not supported"):
         load(model_dirs["llama"], dtype="int8")
 
