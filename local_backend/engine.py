@@ -14,6 +14,7 @@ before temperature (as OpenAI reports them).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections import deque
@@ -208,9 +209,10 @@ class Engine:
 
     def _forward(self, token_ids, slots, positions, rows):
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        hidden = self.model(as_tensor(token_ids), as_tensor(slots), as_tensor(positions), self.cache, self.ops)
-        logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
-        return logits, self.ops.log_softmax(logits)
+        with _cpu_threads(getattr(self.ops, "cpu_threads", None) if self.device.type == "cpu" else None):
+            hidden = self.model(as_tensor(token_ids), as_tensor(slots), as_tensor(positions), self.cache, self.ops)
+            logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
+            return logits, self.ops.log_softmax(logits)
 
     def _pick(self, logits: torch.Tensor, logprobs: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
         """(token, its logprob, top (id, logprob) pairs) for every running row.
@@ -354,6 +356,20 @@ class Engine:
             "max_slots": self.max_slots,
             "max_len": self.max_len,
         }
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    """torch's CPU thread count for one forward pass (ops that ask for one), then back."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pick_device(device: str | None) -> torch.device:

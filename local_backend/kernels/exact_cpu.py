@@ -186,6 +186,10 @@ class ExactCpuOps:
 
     name = "batch-invariant"
     implementation = "cpu-exact"
+    # Many small ops: OpenMP's barriers cost more than a second thread gives, and far more
+    # when other processes hold the cores (5x slower at batch 32 on a loaded 2-core
+    # machine). The engine runs each forward pass with this many torch threads.
+    cpu_threads = 1
 
     def __init__(self) -> None:
         self._weights: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
