@@ -18,9 +18,11 @@ from typing import Any
 from detaudit.backends.base import BackendError
 from detaudit.probes import Probe
 from detaudit.records import Completion, Position, TokenLogprob
+from detaudit.wire import request_body
 # torch and friends are the optional [local] extras: importing this module without
 # them raises ImportError, which the CLI turns into an install hint.
 from local_backend.engine import Engine, Request, RequestError
+from local_backend.server.protocol import InvalidRequest, parse
 
 DEFAULT_BATCH_SIZES = (1, 3, 8, 32)
 FILLER_TOKENS = (4, 64)  # filler prompt lengths when the probe names none
@@ -97,20 +99,14 @@ class LocalBackend:
                                  "prompt_tokens": prompt_len})
 
     def _request(self, probe: Probe) -> Request:
-        """The probe's OpenAI-style request as an engine Request."""
-        req = probe.request
-        stop = req.get("stop") or []
-        top = req.get("top_logprobs", 0) if req.get("logprobs") is True else req.get("logprobs") or 0
-        return Request(
-            messages=req["messages"] if probe.api == "chat" else None,
-            prompt=req["prompt"] if probe.api == "completions" else None,
-            max_tokens=int(req.get("max_tokens", 16)),
-            temperature=float(req.get("temperature", 1.0)),
-            top_p=float(req.get("top_p", 1.0)),
-            seed=req.get("seed"),
-            stop=[stop] if isinstance(stop, str) else list(stop),
-            top_logprobs=int(top or 0),
-        )
+        """The probe's request as the engine runs it: the OpenAI wire body that the OpenAI
+        backend would send, read by the parser that `detaudit serve` runs."""
+        body, _ = request_body(probe.request, probe.api, self.model)
+        try:
+            parsed = parse(body, probe.api, self.engine, self.model)
+        except InvalidRequest as exc:
+            raise RequestError(exc.message) from None
+        return parsed.requests[0]
 
     def _filler(self, rng: random.Random, probe: Probe, max_tokens: int) -> Request:
         """Random tokens of a random length, generating as long as the probe so the batch
