@@ -110,8 +110,13 @@ class OpenAIBackend:
         except openai.OpenAIError as exc:
             raise BackendError("bad_response",
                                f"{self.base_url}: {type(exc).__name__}: {exc}") from None
-        return parse_body(content, self.api, wants_logprobs, self.base_url,
-                          top_k=_asked_top_k(params, self.api))
+        try:
+            return parse_body(content, self.api, wants_logprobs, self.base_url,
+                              top_k=_asked_top_k(params, self.api))
+        except BackendError as exc:
+            if exc.retryable:  # a transport fault: its wait hint counts, as a 502's does
+                exc.retry_after = retry_after_seconds(response.headers)
+            raise
 
     def first_token(self, text: str) -> str | None:
         return tokenization.first_token(text, self.model)

@@ -87,7 +87,7 @@ def test_after_the_last_attempt_the_sample_is_an_error_of_its_kind(fake_openai, 
     fake_openai.configure(faults=[
         Fault("status", status=503, headers=FAST_RETRY, on={0, 1, 2}),
         Fault("drop", on={4, 5, 6}),
-        Fault("malformed_json", on={7}),  # not retried: the server answered, wrongly
+        Fault("no_logprobs", on={7}),  # not retried: the server answered, without logprobs
     ])
     result = remote(fake_openai, tmp_path, "--n", "6", "--concurrency", "1",
                     "--max-attempts", "3", "--json")
@@ -103,7 +103,7 @@ def test_after_the_last_attempt_the_sample_is_an_error_of_its_kind(fake_openai, 
 
 def test_the_report_counts_errors_by_kind(fake_openai, tmp_path):
     fake_openai.configure(faults=[Fault("status", status=500, headers=FAST_RETRY, on={0, 1}),
-                                  Fault("empty_choices", on={3})])
+                                  Fault("empty_choices", on={3, 4})])  # both tries of one
     result = remote(fake_openai, tmp_path, "--n", "5", "--concurrency", "1", "--max-attempts", "2")
     assert result.exit_code == 0, result.stderr
     assert "server_error" in result.stdout and "bad_response" in result.stdout

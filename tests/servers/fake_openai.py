@@ -487,7 +487,7 @@ def _fault_response(fault: Fault, body: dict[str, Any], path: str,
         cut = good[: len(good) // 2]
         if fault.echo_auth:  # a proxy's debug line, then the cut-off body
             cut = f"{message}\n{cut}"
-        return _http(200, cut.encode())
+        return _http(200, cut.encode(), headers=fault.headers)
     parsed = json.loads(good)
     if fault.kind == "no_logprobs":
         parsed["choices"][0]["logprobs"] = None
