@@ -12,6 +12,8 @@ import asyncio
 import functools
 import json
 import math
+import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -681,7 +683,12 @@ commands_serve.register(app, _cli_errors)  # serve, gate
 
 
 def main() -> None:
-    app()
+    """The console script. A traceback (always a bug) is printed redacted too."""
+    try:
+        app()
+    except Exception:  # SystemExit and KeyboardInterrupt pass through
+        sys.stderr.write(redact(traceback.format_exc()))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

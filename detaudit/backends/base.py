@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from detaudit.probes import Probe
+from detaudit.records import Completion
 from detaudit.redact import redact
 
 # How long one attempt may take in all (connect, send, every read): --request-timeout.
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
-from detaudit.records import Completion
 
 
 class BackendError(Exception):
