@@ -189,7 +189,7 @@ def run(
         limits = _rate_limits(probe_obj, store.manifest["backend_config"], rpm, tpm)
         store.update_manifest(resumed_at=store.manifest.get("resumed_at", []) + [utc_now()],
                               concurrency=run_concurrency,
-                              limits=_limits_record(limits, max_attempts, max_errors, timeout))
+                              limits=limits_record(limits, max_attempts, max_errors, timeout))
     else:
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
@@ -215,7 +215,7 @@ def run(
             "tracked": resolve_tracked(probe_obj, backend_obj), "status": "running",
             "started_at": utc_now(), "ended_at": None,
             "command": _command_line(ctx),
-            "limits": _limits_record(limits, max_attempts, max_errors, timeout),
+            "limits": limits_record(limits, max_attempts, max_errors, timeout),
         }
         run_id = new_run_id(probe_obj.name, config["model"])
         store = RunStore.create(out or Path("results"), run_id, manifest)
@@ -343,7 +343,7 @@ def _rate_limits(probe: Probe, config: dict[str, Any], rpm: float | None,
     return RateLimits(rpm=rpm, tpm=tpm, tokens_per_request=tokens, token_count=how)
 
 
-def _limits_record(limits: RateLimits | None, max_attempts: int, max_errors: str | None,
+def limits_record(limits: RateLimits | None, max_attempts: int, max_errors: str | None,
                    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """The manifest's ``limits``: what paced and bounded this session."""
     return {**(limits.to_dict() if limits else {"rpm": None, "tpm": None}),

@@ -198,7 +198,7 @@ def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: 
                 "backend_config": config, "tracked": resolve_tracked(probe, backend),
                 "status": "running", "started_at": utc_now(), "ended_at": None,
                 "command": ["detaudit", "gate", "check", check.name], "gate_check": check.name,
-                "limits": cli._limits_record(None, max_attempts, None, timeout)}
+                "limits": cli.limits_record(None, max_attempts, None, timeout)}
     store = RunStore.create(folder, new_run_id(probe.name, config["model"]), manifest)
     stderr.print(f"[bold]{check.name}[/]: {probe.name} x {n:,} -> {cli._backend_name(store.manifest)}",
                  highlight=False, soft_wrap=True)
