@@ -21,7 +21,8 @@ import re
 
 MASK = "***"
 FRAGMENT = 10  # a piece of a registered secret this long is masked too
-_MIN_SECRET = 4  # shorter values (or none) are not worth masking: they would hit ordinary text
+_MIN_SECRET = 8  # shorter values ("EMPTY", "none", "test": local servers' dummies) are no
+# secret, and masking them would garble ordinary words in messages
 _secrets: set[str] = set()
 
 _PATTERNS = [

@@ -240,3 +240,11 @@ def test_redact_masks_registered_secrets_and_credential_shapes():
     for text in ("HTTP 503 from http://127.0.0.1:8000/v1: overloaded", "Bearer token required",
                  "the body is not JSON: '<html>'", "rate limited (slow down)"):
         assert redact(text) == text
+
+
+def test_a_dummy_key_for_a_local_server_does_not_garble_messages(fake_openai, tmp_path):
+    # "none" and "test" are what local servers get as keys; they are not secrets.
+    fake_openai.configure(faults=[Fault("no_logprobs", rate=1.0)])
+    result = remote(fake_openai, tmp_path, "--n", "1", env={"OPENAI_API_KEY": "none"})
+    assert result.exit_code == 1
+    assert "the response has none" in result.stderr
