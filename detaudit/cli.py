@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 import signal
+import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -28,15 +30,17 @@ from detaudit import commands_insight as insight
 from detaudit import load as load_sweep
 from detaudit.analysis import Analysis, analyze, build_frames
 from detaudit.analysis.insight import build_insight
-from detaudit.backends.base import BackendError
+from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S, BackendError
 from detaudit.ingest import IngestError
 from detaudit.probes import Probe, ProbeError, builtin_names, load_probe
 from detaudit.ratelimit import RateLimits, tokens_per_request
+from detaudit.redact import api_key_env_problem, redact
 from detaudit.runlock import RunLocked, describe as describe_holder
 from detaudit.runner import RunFailed, RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
 from detaudit.store import MANIFEST, RunStore, StoreError, new_run_id, utc_now
 from detaudit.terminal import fail as _fail, print_json as _print_json, stderr
+from detaudit.urls import BadBaseURL, check_base_url, without_userinfo
 
 DEFAULT_PROBE = "coin-flip"
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -170,6 +174,7 @@ def run(
     out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
     resume: Optional[Path] = typer.Option(None, help="Finish an interrupted run: results/<run-id>.", metavar="RUN_DIR"),
     max_attempts: int = typer.Option(5, min=1, help="Tries per request before it is stored as an error."),
+    request_timeout: Optional[float] = typer.Option(None, min=0.001, help=f"Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: {DEFAULT_REQUEST_TIMEOUT_S:g}, or the run's on --resume].", metavar="SECONDS"),
     max_errors: Optional[str] = typer.Option(None, help="Stop early once more samples than this fail: a count (20) or a fraction of n (0.05); the run stays resumable.", metavar="N|FRACTION"),
     rpm: Optional[float] = typer.Option(None, min=0.001, help="Client-side limit: requests per minute (retries count)."),
     tpm: Optional[float] = typer.Option(None, min=1, help="Client-side limit: tokens per minute (prompt + max_tokens per request, counted with the model's tokenizer)."),
@@ -187,14 +192,17 @@ def run(
     """
     api, backend, kernels, kernel_impl = (e.value if e is not None else None
                                           for e in (api, backend, kernels, kernel_impl))
+    check_api_key_env(api_key_env)
     error_limit = _parse_max_errors(max_errors)
+    check_request_timeout(request_timeout)
     if resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in _MEASUREMENT_FLAGS
                  if ctx.params.get(name) is not None]
         if given:
             raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
                                f"manifest; drop {', '.join(given)}")
-        store, probe_obj, backend_obj, n = _reopen(resume, api_key_env, lock=not dry_run)
+        store, probe_obj, backend_obj, n, timeout = _reopen(resume, api_key_env, request_timeout,
+                                                            lock=not dry_run)
         config = store.manifest["backend_config"]
         plan = budget.plan_requests(probe_obj, config, n, store)  # what finishing would send
         if dry_run:
@@ -209,7 +217,7 @@ def run(
         limits = _rate_limits(probe_obj, store.manifest["backend_config"], rpm, tpm)
         store.update_manifest(resumed_at=store.manifest.get("resumed_at", []) + [utc_now()],
                               concurrency=run_concurrency,
-                              limits=_limits_record(limits, max_attempts, max_errors))
+                              limits=limits_record(limits, max_attempts, max_errors, timeout))
     else:
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
                                  temperature=temperature, seed=seed, top_logprobs=top_logprobs)
@@ -232,7 +240,8 @@ def run(
             cost = insight.cost_plan(probe_obj, config, plan.targets, prices, plan.fillers)
             return insight.dry_run(cost, probe_obj.request, json_out)
         session_n, session = _within_budget(None, probe_obj, config, n, plan, max_cost, prices)
-        backend_obj = _make_backend(config, probe_obj)
+        timeout = request_timeout or DEFAULT_REQUEST_TIMEOUT_S
+        backend_obj = _make_backend(config, probe_obj, timeout)
         if probe_obj.kind == "load-sweep":
             backend_obj = load_sweep.wrap(backend_obj, probe_obj, n, session.filler_caps)
         run_concurrency = concurrency or probe_obj.default_concurrency
@@ -243,8 +252,8 @@ def run(
             "backend_config": config,
             "tracked": resolve_tracked(probe_obj, backend_obj), "status": "running",
             "started_at": utc_now(), "ended_at": None,
-            "command": _command_line(ctx, api_key_env),
-            "limits": _limits_record(limits, max_attempts, max_errors),
+            "command": _command_line(ctx),
+            "limits": limits_record(limits, max_attempts, max_errors, timeout),
         }
         run_id = new_run_id(probe_obj.name, config["model"])
         store = RunStore.create(root, run_id, manifest)
@@ -419,11 +428,24 @@ def _rate_limits(probe: Probe, config: dict[str, Any], rpm: float | None,
     return RateLimits(rpm=rpm, tpm=tpm, tokens_per_request=tokens, token_count=how)
 
 
-def _limits_record(limits: RateLimits | None, max_attempts: int,
-                   max_errors: str | None) -> dict[str, Any]:
+def limits_record(limits: RateLimits | None, max_attempts: int, max_errors: str | None,
+                   request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> dict[str, Any]:
     """The manifest's ``limits``: what paced and bounded this session."""
     return {**(limits.to_dict() if limits else {"rpm": None, "tpm": None}),
-            "max_attempts": max_attempts, "max_errors": max_errors}
+            "max_attempts": max_attempts, "max_errors": max_errors,
+            "request_timeout_s": request_timeout_s}
+
+
+def check_api_key_env(name: str) -> None:
+    """--api-key-env names a variable; a key pasted there is refused (exit 2), unshown."""
+    problem = api_key_env_problem(name)
+    if problem:
+        raise UsageProblem(problem)
+
+
+def check_request_timeout(seconds: float | None) -> None:
+    if seconds is not None and not math.isfinite(seconds):
+        raise UsageProblem(f"--request-timeout {seconds}: give a number of seconds, e.g. 60")
 
 
 def _data_notes(store: RunStore) -> list[str]:
@@ -503,8 +525,11 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
         if value is not None:
             raise UsageProblem(f"{flag} is for the local engine (--backend local); "
                                f"it does not apply to {model}")
-    return {"backend": "openai", "model": model,
-            "base_url": _without_userinfo(base_url) if base_url else None,
+    try:
+        shown_url = check_base_url(base_url) if base_url else None
+    except BadBaseURL as exc:
+        raise UsageProblem(str(exc)) from None
+    return {"backend": "openai", "model": model, "base_url": shown_url,
             "api_key_env": api_key_env}
 
 
@@ -540,7 +565,8 @@ def _parse_batch_sizes(text: str, max_level: int = load_sweep.MAX_LEVEL) -> list
     return sizes
 
 
-def _make_backend(config: dict[str, Any], probe: Probe) -> Any:
+def _make_backend(config: dict[str, Any], probe: Probe,
+                  timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> Any:
     if config["backend"] == "local":
         try:
             from detaudit.backends.local import LocalBackend
@@ -551,11 +577,13 @@ def _make_backend(config: dict[str, Any], probe: Probe) -> Any:
                             batch_sizes=config["batch_sizes"], kernel_impl=config.get("kernel_impl", "auto"))
     from detaudit.backends.openai_backend import OpenAIBackend
     return OpenAIBackend(config["model"], config.get("base_url"), api=probe.api,
-                         api_key_env=config["api_key_env"])
+                         api_key_env=config["api_key_env"], timeout=timeout)
 
 
-def _reopen(path: Path, api_key_env: str, lock: bool = True) -> tuple[RunStore, Probe, Any, int]:
-    """The stored run, locked for this process (``runlock``), its probe, backend and n."""
+def _reopen(path: Path, api_key_env: str, request_timeout: float | None,
+            lock: bool = True) -> tuple[RunStore, Probe, Any, int, float]:
+    """The stored run, locked for this process (``runlock``), its probe, a rebuilt
+    backend, n, and the request timeout: the flag's, else the one the run was started with."""
     store = RunStore.open(path, lock=lock)
     stale = store.lock.stale if store.lock else None
     if stale:
@@ -571,13 +599,21 @@ def _reopen(path: Path, api_key_env: str, lock: bool = True) -> tuple[RunStore, 
         raise StoreError(f"{path}: the manifest lacks {exc}; this run cannot be resumed") from None
     if config["backend"] == "openai":
         config["api_key_env"] = api_key_env
-    return store, probe, _make_backend(config, probe), n
+    limits = manifest.get("limits") if isinstance(manifest.get("limits"), dict) else {}
+    timeout = request_timeout or limits.get("request_timeout_s") or DEFAULT_REQUEST_TIMEOUT_S
+    if not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        timeout = DEFAULT_REQUEST_TIMEOUT_S  # a hand-edited manifest: the default
+    try:
+        backend = _make_backend(config, probe, timeout)
+    except BaseException:
+        store.close()
+        raise
+    return store, probe, backend, n, timeout
 
 
-def _command_line(ctx: typer.Context, api_key_env: str) -> list[str]:
+def _command_line(ctx: typer.Context) -> list[str]:
     """The command as typed, rebuilt from the parsed flags; secrets are never flags, and
     a key pasted into a value (or a URL's user:password) is blanked anyway."""
-    key = os.environ.get(api_key_env)
     words = ["detaudit", ctx.info_name or "run"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
@@ -589,20 +625,9 @@ def _command_line(ctx: typer.Context, api_key_env: str) -> list[str]:
             continue
         text = str(value.value if isinstance(value, Enum) else value)
         if param.name == "base_url":
-            text = _without_userinfo(text)
-        if key and key in text:
-            text = text.replace(key, "***")
-        words += [flag, text]
+            text = without_userinfo(text)
+        words += [flag, redact(text)]
     return words
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _backend_name(manifest: dict[str, Any]) -> str:
@@ -765,7 +790,12 @@ commands_serve.register(app, _cli_errors)  # serve, gate
 
 
 def main() -> None:
-    app()
+    """The console script. A traceback (always a bug) is printed redacted too."""
+    try:
+        app()
+    except Exception:  # SystemExit and KeyboardInterrupt pass through
+        sys.stderr.write(redact(traceback.format_exc()))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

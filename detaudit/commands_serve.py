@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from detaudit.redact import redact
 from detaudit.terminal import fail, stderr  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
 
 
@@ -101,13 +102,16 @@ def gate(
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
     threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
+    request_timeout: Optional[float] = typer.Option(None, min=0.001, help="Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: 60].", metavar="SECONDS"),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).
 
     Each check is a stored run (results/<run-id>/, with gate.json beside it). Exit 0
     within limits, 3 beyond them, 1 when a run failed, 2 on a bad config.
     """
+    from detaudit import cli
     from detaudit import gate as gating
+    from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
 
     flags = {"max_distinct_logprobs": max_distinct_logprobs, "max_clusters": max_clusters,
              "max_distinct_outputs": max_distinct_outputs, "max_prob_range": max_prob_range,
@@ -120,6 +124,12 @@ def gate(
     target = {"base_url": base_url or endpoint.get("base_url"), "model": model or endpoint.get("model"),
               "api_key_env": api_key_env or endpoint.get("api_key_env") or "OPENAI_API_KEY",
               "kernels": endpoint.get("kernels")}
+    try:
+        cli.check_api_key_env(target["api_key_env"])
+        cli.check_request_timeout(request_timeout)
+    except cli.UsageProblem as exc:
+        fail(f"{cfg.source}: {exc}" if api_key_env is None and endpoint.get("api_key_env")
+             else str(exc), gating.EXIT_USAGE)
     if target["base_url"] and not target["model"]:
         fail(f"{cfg.source}: the endpoint {target['base_url']} needs a model name: give --model NAME "
              "or model = \"...\" in [endpoint]", gating.EXIT_USAGE)
@@ -128,7 +138,8 @@ def gate(
     if target["base_url"]:
         _check_reachable(target["base_url"], plans, cfg, junit, json_out)
     folder = out or Path(cfg.out or "results")
-    results = [_run_check(plan, folder, threshold, max_attempts) for plan in plans]
+    timeout = request_timeout or DEFAULT_REQUEST_TIMEOUT_S
+    results = [_run_check(plan, folder, threshold, max_attempts, timeout) for plan in plans]
     _report(results, cfg, junit, json_out)
 
 
@@ -163,13 +174,14 @@ def _check_reachable(base_url: str, plans: list, cfg, junit, json_out) -> None:
     try:
         httpx.get(base_url.rstrip("/") + "/models", timeout=10.0)
     except httpx.HTTPError as exc:
-        message = f"endpoint down: {base_url} did not answer ({type(exc).__name__}: {exc})"
+        message = redact(f"endpoint down: {base_url} did not answer ({type(exc).__name__}: {exc})")
         _report([gating.CheckResult(p["check"].name, p["check"].probe, "error",
                                     dict(p["check"].limits), message=message) for p in plans],
                 cfg, junit, json_out)
 
 
-def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: int):
+def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: int,
+               timeout: float):
     """One stored run, as ``detaudit run`` makes it, then its verdict."""
     from detaudit import __version__, cli
     from detaudit import gate as gating
@@ -178,14 +190,15 @@ def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: 
     from detaudit.store import RunStore, new_run_id, utc_now
 
     check, probe, config, n = plan["check"], plan["probe"], plan["config"], plan["n"]
-    backend = cli._make_backend(config, probe)
+    backend = cli._make_backend(config, probe, timeout)
     if probe.kind == "load-sweep":
         backend = load_sweep.wrap(backend, probe, n)
     manifest = {"tool_version": __version__, "probe": probe.to_dict(), "n": n,
                 "concurrency": plan["concurrency"], "backend": backend.describe(),
                 "backend_config": config, "tracked": resolve_tracked(probe, backend),
                 "status": "running", "started_at": utc_now(), "ended_at": None,
-                "command": ["detaudit", "gate", "check", check.name], "gate_check": check.name}
+                "command": ["detaudit", "gate", "check", check.name], "gate_check": check.name,
+                "limits": cli.limits_record(None, max_attempts, None, timeout)}
     store = RunStore.create(folder, new_run_id(probe.name, config["model"]), manifest)
     stderr.print(f"[bold]{check.name}[/]: {probe.name} x {n:,} -> {cli._backend_name(store.manifest)}",
                  highlight=False, soft_wrap=True)

@@ -25,6 +25,7 @@ from detaudit.backends.base import Backend, BackendError
 from detaudit.probes import Probe
 from detaudit.ratelimit import RateLimits
 from detaudit.records import Completion, Sample
+from detaudit.redact import redact
 from detaudit.store import RunStore, utc_now
 
 # Errors that every further request would hit too: stop at once instead of
@@ -152,7 +153,8 @@ class Runner:
                 completion = await self.backend.complete(self.probe, index)
             except BackendError as exc:
                 latency = time.perf_counter() - t0
-                self.store.record_failed_attempt(index, attempt, exc.kind, exc.message, exc.retry_after)
+                self.store.record_failed_attempt(index, attempt, exc.kind, exc.message,
+                                                 exc.retry_after, raw=exc.raw)
                 if exc.retryable and attempt < self.retry.max_attempts and not self._stop:
                     await asyncio.sleep(self.retry.delay(attempt, exc.retry_after, self.rng))
                     continue
@@ -160,7 +162,7 @@ class Runner:
                               error_kind=exc.kind, error_message=exc.message)
             except Exception as exc:  # a backend bug: store it, do not lose the index
                 latency = time.perf_counter() - t0
-                message = f"{type(exc).__name__}: {exc}"
+                message = redact(f"{type(exc).__name__}: {exc}")
                 self.store.record_failed_attempt(index, attempt, "internal", message)
                 return Sample(index, "error", None, attempt, started_at, latency,
                               error_kind="internal", error_message=message)
@@ -196,7 +198,7 @@ class Runner:
             why = f"{self._failures_text()}; the last one"
         if why and not self._stop:
             self._stop = True
-            self.reason = f"{why}: {sample.error_kind}: {sample.error_message}"
+            self.reason = redact(f"{why}: {sample.error_kind}: {sample.error_message}")
 
     def _check_side_failures(self) -> None:
         if self._over_error_budget() and not self._stop:

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 from detaudit import runlock
 from detaudit.records import Completion, Position, Sample, position_from_dict
+from detaudit.redact import redact
 
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS failed_attempts (
     at REAL NOT NULL,
     error_kind TEXT NOT NULL,
     error_message TEXT,
-    retry_after REAL
+    retry_after REAL,
+    raw TEXT
 );
 """
 
@@ -159,15 +161,20 @@ class RunStore:
         self._conn.commit()
 
     def record_failed_attempt(self, index: int, attempt: int, kind: str,
-                              message: str | None, retry_after: float | None = None) -> None:
-        """Log an attempt that failed; committed with the next sample (it is only a log)."""
-        self._conn.execute("INSERT INTO failed_attempts VALUES (?, ?, ?, ?, ?, ?)",
-                           (index, attempt, time.time(), kind, message, retry_after))
+                              message: str | None, retry_after: float | None = None,
+                              raw: str | None = None) -> None:
+        """Log an attempt that failed, with the body that came back if it was not a
+        completion; committed with the next sample (it is only a log). Message and
+        body are redacted: no secret is written."""
+        self._conn.execute(
+            "INSERT INTO failed_attempts (idx, attempt, at, error_kind, error_message, "
+            "retry_after, raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (index, attempt, time.time(), kind, _redacted(message), retry_after, _redacted(raw)))
 
     def failed_attempts(self) -> list[dict[str, Any]]:
-        cur = self._conn.execute("SELECT idx, attempt, at, error_kind, error_message, retry_after "
-                                 "FROM failed_attempts ORDER BY rowid")
-        keys = ("index", "attempt", "at", "error_kind", "error_message", "retry_after")
+        cur = self._conn.execute("SELECT idx, attempt, at, error_kind, error_message, retry_after, "
+                                 "raw FROM failed_attempts ORDER BY rowid")
+        keys = ("index", "attempt", "at", "error_kind", "error_message", "retry_after", "raw")
         return [dict(zip(keys, row)) for row in cur]
 
     def done_indices(self) -> set[int]:
@@ -280,6 +287,9 @@ def _connect(file: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(failed_attempts)")}
+        if "raw" not in columns:  # a run stored before failed attempts kept their body
+            conn.execute("ALTER TABLE failed_attempts ADD COLUMN raw TEXT")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
     return conn
@@ -307,12 +317,16 @@ def _row(s: Sample) -> tuple:
     c = s.completion
     if c is None:
         return (s.index, s.status, None, None, None, None, s.group, s.attempts, s.started_at,
-                s.latency_s, s.error_kind, s.error_message, None, None, None, 0)
+                s.latency_s, s.error_kind, _redacted(s.error_message), None, None, None, 0)
     positions = _dumps([_position_dict(p) for p in c.positions])
     extra = _dumps(c.extra) if c.extra else None
     return (s.index, s.status, c.text, c.finish_reason, c.model, c.system_fingerprint, s.group,
-            s.attempts, s.started_at, s.latency_s, s.error_kind, s.error_message,
+            s.attempts, s.started_at, s.latency_s, s.error_kind, _redacted(s.error_message),
             positions, extra, c.raw, 1)
+
+
+def _redacted(text: str | None) -> str | None:
+    return None if text is None else redact(text)
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=True).encode

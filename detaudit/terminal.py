@@ -1,5 +1,6 @@
 """The CLI's output conventions, in one place for every command module: logs,
-progress and errors on stderr; results on stdout; errors as one red line."""
+progress and errors on stderr; results on stdout; errors as one red line. Every
+text printed on stderr goes through ``redact`` first, so no secret reaches it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ from typing import Any
 import typer
 from rich.console import Console
 
-stderr = Console(stderr=True, highlight=False)
+from detaudit.redact import redact
+
+
+class _RedactingConsole(Console):
+    """A rich console whose printed strings pass through ``redact``."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:  # noqa: A003 (rich's name)
+        super().print(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+stderr = _RedactingConsole(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int) -> None:

@@ -95,6 +95,35 @@ def test_failed_attempts_are_an_append_only_log(store):
         [(3, 1, "rate_limit", 0.5), (3, 2, "server_error", None)]
 
 
+def test_a_failed_attempt_keeps_its_body_redacted(store):
+    from detaudit.redact import register
+
+    register("Zk3yFORthe5tore0f1ailedA77empts")
+    store.record_failed_attempt(1, 1, "bad_response", "cut off: Zk3yFORthe5tore0f1ailedA77empts",
+                                raw='{"choices": [{"mess Bearer Zk3yFORthe5tore0f1ailedA77empts')
+    store.record(error_sample(1, "bad_response"))
+    [entry] = store.failed_attempts()
+    assert entry["error_message"] == "cut off: ***"
+    assert entry["raw"] == '{"choices": [{"mess Bearer ***'
+
+
+def test_a_store_from_before_failed_attempt_bodies_is_upgraded_in_place(tmp_path):
+    store = RunStore.create(tmp_path, "old", {"n": 2, "status": "running"})
+    store.close()
+    db = tmp_path / "old" / DATABASE
+    with sqlite3.connect(db) as conn:  # the table as detaudit wrote it before `raw`
+        conn.execute("DROP TABLE failed_attempts")
+        conn.execute("CREATE TABLE failed_attempts (idx INTEGER NOT NULL, attempt INTEGER NOT "
+                     "NULL, at REAL NOT NULL, error_kind TEXT NOT NULL, error_message TEXT, "
+                     "retry_after REAL)")
+        conn.execute("INSERT INTO failed_attempts VALUES (0, 1, 1.0, 'timeout', 'old', NULL)")
+    with RunStore.open(tmp_path / "old") as reopened:
+        reopened.record_failed_attempt(0, 2, "bad_response", "new", raw="<html>")
+        reopened.record(error_sample(0))
+        assert [(e["error_message"], e["raw"]) for e in reopened.failed_attempts()] == \
+            [("old", None), ("new", "<html>")]
+
+
 def test_database_is_in_wal_mode_and_each_sample_is_visible_at_once(store):
     conn = sqlite3.connect(store.path / DATABASE)
     assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)

@@ -6,19 +6,28 @@ from typing import Any, Protocol
 
 from detaudit.probes import Probe
 from detaudit.records import Completion
+from detaudit.redact import redact
+
+# How long one attempt may take in all (connect, send, every read): --request-timeout.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
 
 
 class BackendError(Exception):
     """A request failed. ``kind`` is one of: rate_limit, server_error, timeout,
     connection, bad_request, auth, not_found, bad_response. ``retryable`` tells the
     runner whether another attempt may succeed; ``retry_after`` is the server's hint
-    in seconds, if it gave one."""
+    in seconds, if it gave one; ``raw`` is the body that came back, when it was not a
+    completion (kept in the store's failed-attempt log). Message and raw text are
+    redacted here, so no backend can hand a secret on."""
 
     def __init__(self, kind: str, message: str, *, retryable: bool = False,
-                 retry_after: float | None = None, status: int | None = None):
+                 retry_after: float | None = None, status: int | None = None,
+                 raw: str | None = None):
+        message = redact(message)
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.raw = None if raw is None else redact(raw)
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status

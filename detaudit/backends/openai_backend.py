@@ -6,10 +6,16 @@ and parsed here with ``json.loads``, keeping every number's JSON text as receive
 so two logprobs are "distinct" only if the server really sent distinct numbers, and
 so no pydantic model is built per response (the runner is meant to keep up with a
 bare SDK loop). Nothing is cached: every call is a new request.
+
+``timeout`` is an overall deadline per attempt (connect, send and every read), not
+httpx's per-read timeout, so a server that dribbles a byte every few seconds cannot
+hold a request for ever. A 200 whose body is not a completion at all (not JSON, cut
+off, an ``{"error": ...}``, no choices) is a transport fault, retried like a 502.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import inspect
 from dataclasses import replace
@@ -19,7 +25,7 @@ import os
 import re
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import openai
 
@@ -31,9 +37,11 @@ except (ImportError, AttributeError):
     _HttpClient = openai.DefaultAsyncHttpxClient
 
 from detaudit import tokenization
-from detaudit.backends.base import BackendError
+from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S, BackendError
 from detaudit.probes import Probe
 from detaudit.records import Completion, Position, TokenLogprob
+from detaudit.redact import api_key_env_problem, redact, register
+from detaudit.urls import BadBaseURL, check_base_url
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "not-needed"  # what local servers get when no key is set; they ignore it
@@ -41,6 +49,8 @@ SENTINEL_LOGPROB = -9999.0  # OpenAI's stand-in for some tokens outside the top 
 # The most of a response body that is read. 20 top logprobs for 4,096 tokens is about
 # 9 MB; a body far beyond that is a broken proxy or server, and must not fill memory.
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# How much of a body that was not a completion is kept in the failed-attempt log.
+MAX_RAW_KEPT = 64 * 1024
 
 
 class OpenAIBackend:
@@ -49,15 +59,20 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str, base_url: str | None = None, *, api: str = "chat",
-                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
                  max_body_bytes: int = MAX_BODY_BYTES):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', not {api!r}")
         self.model = model
         self.api = api
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.base_url = _without_userinfo(url)  # what messages and the manifest show
-        self.timeout = timeout
+        try:
+            self.base_url = check_base_url(url)  # what messages and the manifest show
+        except BadBaseURL as exc:
+            raise BackendError("bad_request", str(exc)) from None
+        if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self.timeout = float(timeout)
         self._key = _api_key(api_key_env, self.base_url)
         self.max_body_bytes = max_body_bytes
         http = _HttpClient(event_hooks={"response": [_body_cap(max_body_bytes)]})
@@ -76,26 +91,32 @@ class OpenAIBackend:
                                "backend with api=probe.api")
         params, wants_logprobs = self._params(probe)
         try:
-            response = await self._create(**params)
+            async with asyncio.timeout(self.timeout):  # the whole attempt, not each read
+                response = await self._create(**params)
+                content = response.content
+        except (TimeoutError, openai.APITimeoutError):
+            raise BackendError("timeout", f"no complete answer from {self.base_url} within "
+                               f"{self.timeout:g} s (--request-timeout)", retryable=True) from None
         except BodyTooLarge as exc:
             raise _bad(self.base_url, str(exc)) from None
-        except openai.APITimeoutError:
-            raise BackendError("timeout", f"no answer from {self.base_url} within "
-                               f"{self.timeout:g} s", retryable=True) from None
         except openai.APIConnectionError as exc:
             cause = exc.__cause__ or exc
             if isinstance(cause, BodyTooLarge):
                 raise _bad(self.base_url, str(cause)) from None
-            raise BackendError("connection", self._redact(
-                f"could not reach {self.base_url}: {type(cause).__name__}: {cause}"),
-                retryable=True) from None
+            raise BackendError("connection", f"could not reach {self.base_url}: "
+                               f"{type(cause).__name__}: {cause}", retryable=True) from None
         except openai.APIStatusError as exc:
             raise self._status_error(exc) from None
         except openai.OpenAIError as exc:
-            raise BackendError("bad_response", self._redact(
-                f"{self.base_url}: {type(exc).__name__}: {exc}")) from None
-        return parse_body(response.content, self.api, wants_logprobs, self.base_url,
-                          top_k=_asked_top_k(params, self.api))
+            raise BackendError("bad_response",
+                               f"{self.base_url}: {type(exc).__name__}: {exc}") from None
+        try:
+            return parse_body(content, self.api, wants_logprobs, self.base_url,
+                              top_k=_asked_top_k(params, self.api))
+        except BackendError as exc:
+            if exc.retryable:  # a transport fault: its wait hint counts, as a 502's does
+                exc.retry_after = retry_after_seconds(response.headers)
+            raise
 
     def first_token(self, text: str) -> str | None:
         return tokenization.first_token(text, self.model)
@@ -139,36 +160,33 @@ class OpenAIBackend:
         server_says, code = _server_message(exc.response)
         where = f"HTTP {status} from {self.base_url}"
         retry_after = retry_after_seconds(exc.response.headers)
+        raw = _kept(exc.response.text)
+
+        def error(kind: str, message: str, **kwargs: Any) -> BackendError:
+            # BackendError redacts message and body; the body goes to the failed-attempt log
+            return BackendError(kind, message, status=status, raw=raw, **kwargs)
+
         if status == 429:
             if code == "insufficient_quota":
-                return self._error("rate_limit", f"{where}: quota exhausted ({server_says}); "
-                                   "check the account's billing", status=status)
-            return self._error("rate_limit", f"{where}: rate limited ({server_says})",
-                               retryable=True, retry_after=retry_after, status=status)
+                return error("rate_limit", f"{where}: quota exhausted ({server_says}); "
+                             "check the account's billing")
+            return error("rate_limit", f"{where}: rate limited ({server_says})",
+                         retryable=True, retry_after=retry_after)
         if status in (408, 409) or status >= 500:
-            return self._error("server_error", f"{where}: {server_says}", retryable=True,
-                               retry_after=retry_after, status=status)
+            return error("server_error", f"{where}: {server_says}", retryable=True,
+                         retry_after=retry_after)
         if status in (401, 403):
-            return self._error("auth", f"{where}: {server_says}; check the API key "
-                               "(or that this key may use this model)", status=status)
+            return error("auth", f"{where}: {server_says}; check the API key "
+                         "(or that this key may use this model)")
         if status == 404:
             if code == "model_not_found" or "model" in server_says.lower():
                 hint = (f"model {self.model!r} is not served there "
                         f"(GET {self.base_url}/models lists the ones that are)")
             else:
                 hint = "is the base URL right? OpenAI-compatible servers usually end in /v1"
-            return self._error("not_found", f"{where}: {server_says}; {hint}", status=status)
-        return self._error("bad_request", f"{where}: {server_says}; the server rejected the "
-                           "request parameters (check the probe's [request] table)", status=status)
-
-    def _error(self, kind: str, message: str, **kwargs: Any) -> BackendError:
-        return BackendError(kind, self._redact(message), **kwargs)
-
-    def _redact(self, message: str) -> str:
-        """Servers sometimes echo the key they got; it must not reach logs or the store."""
-        if self._key and self._key != NO_KEY:
-            message = message.replace(self._key, "***")
-        return message
+            return error("not_found", f"{where}: {server_says}; {hint}")
+        return error("bad_request", f"{where}: {server_says}; the server rejected the "
+                     "request parameters (check the probe's [request] table)")
 
 
 # -- responses -----------------------------------------------------------------------------
@@ -229,6 +247,8 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
                top_k: int = 0) -> Completion:
     """A response body -> Completion; BackendError("bad_response") if it is not a
     completion (HTML page, truncated JSON, no choices, no logprobs when asked).
+    A body that is no completion at all (not JSON, not an object, an error, no
+    choices) is a transport fault: retryable, its text kept in ``raw``.
 
     Top-k entries sent as the -9999.0 sentinel are not logprobs: they are left out of
     ``top`` (the token then counts as missing) and counted in
@@ -239,14 +259,15 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
         body = json.loads(content, parse_float=_NumberText, parse_int=_NumberText,
                           parse_constant=_NumberText)
     except ValueError:
-        raise _bad(source, f"the body is not JSON: {_snippet(raw)!r}") from None
+        raise _transport_fault(source, f"the body is not JSON: {_snippet(raw)!r}", raw) from None
     if not isinstance(body, dict):
-        raise _bad(source, f"the body is not a JSON object: {_snippet(raw)!r}")
+        raise _transport_fault(source, f"the body is not a JSON object: {_snippet(raw)!r}", raw)
     if "error" in body and "choices" not in body:
-        raise _bad(source, f"an error came back with status 200: {_snippet(raw)!r}")
+        raise _transport_fault(source, f"an error came back with status 200: {_snippet(raw)!r}",
+                               raw)
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
-        raise _bad(source, "the response has no choices")
+        raise _transport_fault(source, "the response has no choices", raw)
     choice = choices[0]
     try:
         if api == "chat":
@@ -335,7 +356,21 @@ def _bad(source: str, message: str) -> BackendError:
     return BackendError("bad_response", f"bad response from {source}: {message}")
 
 
+def _transport_fault(source: str, message: str, raw: str) -> BackendError:
+    """A 200 that is not a completion: a proxy's page, a cut-off body. Retried like a 502."""
+    return BackendError("bad_response", f"bad response from {source}: {message}",
+                        retryable=True, status=200, raw=_kept(raw))
+
+
+def _kept(raw: str) -> str:
+    """The part of a body that the failed-attempt log keeps."""
+    if len(raw) <= MAX_RAW_KEPT:
+        return raw
+    return raw[:MAX_RAW_KEPT] + f"... ({len(raw):,} characters in all)"
+
+
 def _snippet(text: str, limit: int = 160) -> str:
+    text = redact(text)  # before cutting, so no piece of a secret survives the cut
     text = re.sub(r"<[^>]*>", " ", text)  # an HTML error page reads better as its text
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
@@ -381,8 +416,12 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 
 def _api_key(env_name: str, base_url: str) -> str:
+    problem = api_key_env_problem(env_name)
+    if problem:
+        raise BackendError("auth", problem)
     key = os.environ.get(env_name, "").strip()
     if key:
+        register(key)  # from here on, no message can show it
         return key
     if is_local(base_url):
         return NO_KEY
@@ -401,13 +440,3 @@ def is_local(base_url: str) -> bool:
     except ValueError:
         return host.endswith(".local")
     return address.is_loopback or address.is_private or address.is_unspecified
-
-
-def _without_userinfo(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))

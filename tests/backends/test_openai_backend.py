@@ -154,9 +154,12 @@ def test_no_logprobs_when_not_asked_is_fine(fake_openai):
     (Fault("status", status=422), "bad_request", False, None),
     (Fault("status", status=403), "auth", False, None),
     (Fault("html", status=502, message="Bad Gateway"), "server_error", True, None),
-    (Fault("html", status=200), "bad_response", False, None),
-    (Fault("malformed_json"), "bad_response", False, None),
-    (Fault("empty_choices"), "bad_response", False, None),
+    # A 200 that is no completion at all is a transport fault, retried like a 502...
+    (Fault("html", status=200), "bad_response", True, None),
+    (Fault("malformed_json"), "bad_response", True, None),
+    (Fault("empty_choices"), "bad_response", True, None),
+    (Fault("error_200"), "bad_response", True, None),
+    # ...but a completion without the logprobs asked for is what this server does.
     (Fault("no_logprobs"), "bad_response", False, None),
     (Fault("drop"), "connection", True, None),
 ])

@@ -24,29 +24,32 @@ def usage_error(result, *needles: str) -> None:
 
 # --- the server answers, but not with a completion ----------------------------------------
 
+# (fault, what the message says, attempts: a 200 that is no completion at all is a
+# transport fault and retried; a completion without logprobs or a huge body is not)
 BAD_ANSWERS = [
-    (Fault("malformed_json"), "the body is not JSON"),
-    (Fault("html", status=200), "nginx"),
-    (Fault("no_logprobs"), "asked for logprobs but the response has none"),
-    (Fault("empty_choices"), "the response has no choices"),
-    (Fault("huge", size=40 * 2**20), "over 32 MiB"),
-    (Fault("huge", size=40 * 2**20, chunked=True), "over 32 MiB"),
+    (Fault("malformed_json"), "the body is not JSON", 2),
+    (Fault("html", status=200), "nginx", 2),
+    (Fault("no_logprobs"), "asked for logprobs but the response has none", 1),
+    (Fault("empty_choices"), "the response has no choices", 2),
+    (Fault("huge", size=40 * 2**20), "over 32 MiB", 1),
+    (Fault("huge", size=40 * 2**20, chunked=True), "over 32 MiB", 1),
 ]
 
 
-@pytest.mark.parametrize("fault, message", BAD_ANSWERS,
+@pytest.mark.parametrize("fault, message, attempts", BAD_ANSWERS,
                          ids=["malformed", "html", "no-logprobs", "empty-choices", "huge", "huge-chunked"])
-def test_bad_answers_are_stored_as_errors_and_good_samples_stay(fake_openai, tmp_path, fault, message):
+def test_bad_answers_are_stored_as_errors_and_good_samples_stay(fake_openai, tmp_path, fault,
+                                                                message, attempts):
     fault.on = set(range(4, 100))  # the first four answers are good, the rest broken
     fake_openai.configure(faults=[fault])
-    result = remote(fake_openai, tmp_path, "--n", "8", "--concurrency", "1")
+    result = remote(fake_openai, tmp_path, "--n", "8", "--concurrency", "1", "--max-attempts", "2")
     assert result.exit_code == 0, result.stderr
     no_traceback(result)
     assert "bad_response" in result.stdout  # the report counts them by kind
     run_dir = only_run(tmp_path)
     stored = rows(run_dir, "SELECT idx, status, attempts, error_message FROM samples ORDER BY idx")
     assert [(i, s) for i, s, _, _ in stored] == [(i, "ok") for i in range(4)] + [(i, "error") for i in range(4, 8)]
-    assert all(a == 1 for _, _, a, _ in stored[4:])  # a wrong answer is not retried
+    assert all(a == attempts for _, _, a, _ in stored[4:])
     assert all(message in m and fake_openai.url in m for *_, m in stored[4:]), stored[4][3]
     good = rows(run_dir, "SELECT raw FROM samples WHERE status = 'ok'")
     assert all(raw == fake_openai.sent[i]["body"] for i, (raw,) in enumerate(good))

@@ -87,7 +87,7 @@ def test_after_the_last_attempt_the_sample_is_an_error_of_its_kind(fake_openai, 
     fake_openai.configure(faults=[
         Fault("status", status=503, headers=FAST_RETRY, on={0, 1, 2}),
         Fault("drop", on={4, 5, 6}),
-        Fault("malformed_json", on={7}),  # not retried: the server answered, wrongly
+        Fault("no_logprobs", on={7}),  # not retried: the server answered, without logprobs
     ])
     result = remote(fake_openai, tmp_path, "--n", "6", "--concurrency", "1",
                     "--max-attempts", "3", "--json")
@@ -103,7 +103,7 @@ def test_after_the_last_attempt_the_sample_is_an_error_of_its_kind(fake_openai, 
 
 def test_the_report_counts_errors_by_kind(fake_openai, tmp_path):
     fake_openai.configure(faults=[Fault("status", status=500, headers=FAST_RETRY, on={0, 1}),
-                                  Fault("empty_choices", on={3})])
+                                  Fault("empty_choices", on={3, 4})])  # both tries of one
     result = remote(fake_openai, tmp_path, "--n", "5", "--concurrency", "1", "--max-attempts", "2")
     assert result.exit_code == 0, result.stderr
     assert "server_error" in result.stdout and "bad_response" in result.stdout
@@ -147,3 +147,47 @@ def test_bad_max_errors_is_a_usage_error(fake_openai, tmp_path, spec):
     assert result.exit_code == 2
     assert "--max-errors" in result.stderr and "Traceback" not in result.stderr
     assert not fake_openai.received
+
+
+# --- a 200 that is no completion is a transport fault ----------------------------------------
+
+@pytest.mark.parametrize("fault", [Fault("malformed_json"), Fault("html", status=200),
+                                   Fault("error_200"), Fault("empty_choices")],
+                         ids=["cut-off", "html-200", "error-in-200", "no-choices"])
+def test_a_200_that_is_no_completion_is_retried_and_its_body_kept(fake_openai, tmp_path, fault):
+    fault.on, fault.headers = {1}, FAST_RETRY
+    fake_openai.configure(faults=[fault])
+    result = remote(fake_openai, tmp_path, "--n", "3", "--concurrency", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["errors"] == 0
+    run_dir = only_run(tmp_path)
+    assert rows(run_dir, "SELECT idx, attempts FROM samples ORDER BY idx") == [(0, 1), (1, 2), (2, 1)]
+    [(idx, kind, raw)] = rows(run_dir, "SELECT idx, error_kind, raw FROM failed_attempts")
+    assert (idx, kind) == (1, "bad_response")
+    assert raw == fake_openai.sent[1]["body"] and raw  # the body as it came, for a post-mortem
+
+
+def test_a_flaky_server_costs_at_most_two_samples_in_300(fake_openai, tmp_path):
+    """About 19% of requests fail (429 with Retry-After, 500, a cut-off 200, a 502 HTML
+    page); with the default 5 attempts almost no sample uses them all up."""
+    rate = 1 - 0.81 ** 0.25  # four faults drawn in turn: 19% of requests hit one
+    fake_openai.configure(seed=1, faults=[
+        Fault("status", status=429, rate=rate, headers={"Retry-After": "1"}),
+        Fault("status", status=500, rate=rate),
+        Fault("malformed_json", rate=rate),
+        Fault("html", status=502, rate=rate, message="Bad Gateway"),
+    ])
+    result = remote(fake_openai, tmp_path, "--n", "300", "--concurrency", "16", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    faults = [s["fault"] for s in fake_openai.sent if s["fault"]]
+    assert 0.15 <= len(faults) / len(fake_openai.sent) <= 0.24  # the server was that flaky
+    assert {"status", "malformed_json", "html"} <= set(faults)
+    assert summary["n"] == 300 and summary["errors"] <= 2 and summary["ok"] >= 298
+    run_dir = only_run(tmp_path)
+    logged = rows(run_dir, "SELECT error_kind, COUNT(*) FROM failed_attempts GROUP BY error_kind")
+    assert dict(logged).keys() == {"rate_limit", "server_error", "bad_response"}
+    assert sum(count for _, count in logged) == len(faults)  # every failed try is in the log
+    cut = rows(run_dir, "SELECT raw FROM failed_attempts WHERE error_kind = 'bad_response'")
+    sent_bodies = {s["body"] for s in fake_openai.sent if s["fault"] == "malformed_json"}
+    assert {raw for (raw,) in cut} <= sent_bodies

@@ -39,7 +39,7 @@ from http import HTTPStatus
 from typing import Any, Collection
 
 FAULT_KINDS = ("status", "malformed_json", "html", "no_logprobs", "empty_choices", "slow", "drop",
-               "huge")
+               "huge", "error_200", "dribble")
 SENTINEL = -9999.0  # what OpenAI sends for some tokens outside the top 20
 
 
@@ -67,7 +67,11 @@ class Fault:
     no_logprobs (``logprobs: null``), empty_choices, slow (``delay`` seconds, then a
     normal answer), drop (the connection is closed without an answer), huge (a 200
     body of ``size`` bytes, announced by Content-Length, or streamed in chunks
-    without it when ``chunked``)."""
+    without it when ``chunked``), error_200 (an OpenAI error body with status 200),
+    dribble (a normal answer, status line included, written one byte every ``delay``
+    seconds: every read gets a byte in time, the whole answer takes for ever).
+    ``echo_auth``: the error text (status, html, malformed_json, error_200) repeats
+    the Authorization header the request carried, as careless proxies do."""
 
     kind: str
     on: Collection[int] | None = None
@@ -79,6 +83,7 @@ class Fault:
     delay: float = 0.0
     size: int = 64 * 1024 * 1024
     chunked: bool = False
+    echo_auth: bool = False
 
     def __post_init__(self):
         if self.kind not in FAULT_KINDS:
@@ -208,7 +213,7 @@ class FakeOpenAI:
                 if response is None:  # fault "drop"
                     writer.transport.abort()
                     return
-                if isinstance(response, _Huge):
+                if isinstance(response, (_Huge, _Dribble)):
                     await response.write(writer)
                     continue
                 writer.write(response)
@@ -249,7 +254,7 @@ class FakeOpenAI:
         if problem is not None:
             return self._log(n, problem, [], None)
         if fault is not None and fault.kind not in ("slow",):
-            return self._log(n, _fault_response(fault, body, path), [], fault.kind)
+            return self._log(n, _fault_response(fault, body, path, headers), [], fault.kind)
 
         state_index = self._state_index(n, config)
         state = config.states[state_index]
@@ -264,7 +269,7 @@ class FakeOpenAI:
         return _http(200, text.encode())
 
     def _log(self, n: int, response: Any, texts: list[str], fault: str | None):
-        if isinstance(response, _Huge):
+        if isinstance(response, (_Huge, _Dribble)):
             self.sent.append({"n": n, "status": 200, "logprobs": [], "fault": fault,
                               "body": f"<{response.size:,} bytes>"})
             return response
@@ -439,23 +444,50 @@ class _Huge:
             await writer.drain()
 
 
-def _fault_response(fault: Fault, body: dict[str, Any], path: str) -> bytes | _Huge | None:
+class _Dribble:
+    """A whole response written one byte at a time, ``delay`` seconds apart."""
+
+    def __init__(self, response: bytes, delay: float):
+        self.response, self.delay, self.size = response, delay, len(response)
+
+    async def write(self, writer: asyncio.StreamWriter) -> None:
+        for i in range(self.size):
+            if writer.is_closing():
+                return
+            writer.write(self.response[i:i + 1])
+            await writer.drain()
+            await asyncio.sleep(self.delay)
+
+
+def _fault_response(fault: Fault, body: dict[str, Any], path: str,
+                    headers: dict[str, str]) -> bytes | _Huge | _Dribble | None:
     if fault.kind == "drop":
         return None
     if fault.kind == "huge":
         return _Huge(fault)
+    message = fault.message
+    if fault.echo_auth:
+        auth = headers.get("authorization", "")
+        message += f" (request had Authorization: {auth}; key {auth.removeprefix('Bearer ')})"
     if fault.kind == "status":
-        return _error(fault.status, fault.message, "server_error", fault.code, fault.headers)
+        return _error(fault.status, message, "server_error", fault.code, fault.headers)
+    if fault.kind == "error_200":
+        return _error(200, message, "server_error", fault.code, fault.headers)
     if fault.kind == "html":
         page = (f"<html><head><title>{fault.status} Error</title></head><body>"
-                f"<h1>{fault.status} {fault.message}</h1><hr><center>nginx</center></body></html>")
+                f"<h1>{fault.status} {message}</h1><hr><center>nginx</center></body></html>")
         return _http(fault.status, page.encode(), "text/html", fault.headers)
     state = State([{"Heads": -0.5}])
     numbers = _Numbers("repr", 0)
     good = (_chat_body if path == "/v1/chat/completions" else _completions_body)(
         body, state, "fp_fault", Config(states=[state]), numbers)
+    if fault.kind == "dribble":
+        return _Dribble(_http(200, good.encode()), fault.delay)
     if fault.kind == "malformed_json":
-        return _http(200, good[: len(good) // 2].encode())
+        cut = good[: len(good) // 2]
+        if fault.echo_auth:  # a proxy's debug line, then the cut-off body
+            cut = f"{message}\n{cut}"
+        return _http(200, cut.encode(), headers=fault.headers)
     parsed = json.loads(good)
     if fault.kind == "no_logprobs":
         parsed["choices"][0]["logprobs"] = None
