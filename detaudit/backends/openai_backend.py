@@ -42,6 +42,7 @@ from detaudit.probes import Probe
 from detaudit.records import Completion, Position, TokenLogprob
 from detaudit.redact import api_key_env_problem, redact, register
 from detaudit.urls import BadBaseURL, check_base_url
+from detaudit.wire import request_body
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "not-needed"  # what local servers get when no key is set; they ignore it
@@ -134,23 +135,14 @@ class OpenAIBackend:
         """The SDK call's keyword arguments, and whether logprobs were asked for.
 
         Parameters the SDK does not name (e.g. vLLM's ``top_k``) go in ``extra_body``.
-        Legacy completions take ``logprobs`` as the top-k count, so a probe's
-        ``logprobs = true, top_logprobs = k`` becomes ``logprobs = k`` there."""
-        request = dict(probe.request)
-        if self.api == "completions":
-            top = request.pop("top_logprobs", None)
-            if request.get("logprobs") is True:
-                request["logprobs"] = int(top or 0)
-            elif request.get("logprobs") is False:
-                del request["logprobs"]
-            wants_logprobs = request.get("logprobs") is not None
-        else:
-            wants_logprobs = bool(request.get("logprobs"))
+        The body itself is ``wire.request_body``: the in-process engine reads the same."""
+        request, wants_logprobs = request_body(probe.request, self.api, self.model)
+        model = request.pop("model")
         if request.get("stream"):
             raise BackendError("bad_request", f"probe {probe.name!r} sets stream = true; "
                                "detaudit reads whole responses, remove stream from [request]")
         extra = {k: request.pop(k) for k in list(request) if k not in self._sdk_params}
-        params: dict[str, Any] = {**request, "model": self.model}  # the backend's model wins
+        params: dict[str, Any] = {**request, "model": model}
         if extra:
             params["extra_body"] = extra
         return params, wants_logprobs
