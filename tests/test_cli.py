@@ -302,8 +302,8 @@ def test_without_a_model_the_bundled_engine_runs_and_resumes(tmp_path):
     assert sorted(g["group"] for g in summary["groups"]) == ["1", "3"]
     run_dir = only_run(out)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["backend_config"] == {"backend": "local", "model": "tiny",
-                                          "kernels": "default", "batch_sizes": [1, 3]}
+    assert manifest["backend_config"] == {"backend": "local", "model": "tiny", "kernels": "default",
+                                          "kernel_impl": "auto", "batch_sizes": [1, 3]}
     assert [t["label"] for t in manifest["tracked"]] == ["Heads", "Tails"]
     assert all(t["token"] for t in manifest["tracked"])
 
