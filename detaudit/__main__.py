@@ -1,5 +1,5 @@
 """`python -m detaudit`: the same command line as `detaudit`."""
 
-from detaudit.cli import main
+from detaudit.commands import main
 
 main()

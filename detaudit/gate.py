@@ -35,9 +35,12 @@ import tomllib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from detaudit.analysis import Analysis
+from detaudit.defaults import KERNEL_MODES
+
+if TYPE_CHECKING:
+    from detaudit.analysis import Analysis
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_NONDETERMINISTIC = 0, 1, 2, 3
 LIMIT_NAMES = ("max_distinct_logprobs", "max_clusters", "max_distinct_outputs",
@@ -108,8 +111,8 @@ def parse_config(text: str, source: str, base_dir: Path = Path(".")) -> GateConf
     for key, value in endpoint.items():
         if not isinstance(value, str) or not value:
             raise GateConfigError(f"{source}: endpoint.{key}: must be a non-empty string")
-    if endpoint.get("kernels") not in (None, "batch-invariant", "default"):
-        raise GateConfigError(f"{source}: endpoint.kernels: use batch-invariant or default")
+    if endpoint.get("kernels") not in (None, *KERNEL_MODES):
+        raise GateConfigError(f"{source}: endpoint.kernels: use {' or '.join(KERNEL_MODES)}")
     base = {**DETERMINISTIC, **_limits(_table(data, "limits", source), source, "limits.")}
     raw_checks = data.get("check", [])
     if not isinstance(raw_checks, list) or not all(isinstance(c, dict) for c in raw_checks):

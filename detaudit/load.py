@@ -79,10 +79,11 @@ def check_levels(levels: list[int], max_level: int = MAX_LEVEL, what: str = "--l
 
 def configure(probe: Probe, config: dict[str, Any], levels: str | list[int] | None,
               batch_sizes: str | None, per_level: int,
-              max_level: int = MAX_LEVEL) -> tuple[Probe, int]:
+              max_level: int = MAX_LEVEL) -> tuple[Probe, dict[str, Any], int]:
     """A fresh load-sweep run: the probe with its final levels (they go into the
-    manifest, so a resume finds them), the total sample count, and, for the local
-    engine, the batch sizes in ``config`` that stand for the levels."""
+    manifest, so a resume finds them), the backend config (for the local engine, a
+    copy whose batch sizes stand for the levels; ``config`` itself is left as it is),
+    and the total sample count."""
     if probe.kind != "load-sweep":
         raise ProbeError(probe.source or probe.name, "--levels applies only to load-sweep probes "
                          "(try --probe load-sweep)")
@@ -97,8 +98,8 @@ def configure(probe: Probe, config: dict[str, Any], levels: str | list[int] | No
         if batch_sizes is not None:
             raise ProbeError("--batch-sizes", "a load-sweep sets the local batch sizes from its "
                              "levels (level L = L fillers + the target); use --levels")
-        config["batch_sizes"] = local_batch_sizes(spec.levels)
-    return probe, per_level * len(spec.levels)
+        config = {**config, "batch_sizes": local_batch_sizes(spec.levels)}
+    return probe, config, per_level * len(spec.levels)
 
 
 def per_level_of(probe: Probe, n_total: int) -> int:

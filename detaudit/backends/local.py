@@ -16,6 +16,7 @@ import threading
 from typing import Any
 
 from detaudit.backends.base import BackendError
+from detaudit.defaults import DEFAULT_BATCH_SIZES, DEFAULT_KERNEL_IMPL, DEFAULT_KERNELS, LOCAL_MODEL
 from detaudit.probes import Probe
 from detaudit.records import Completion, Position, TokenLogprob
 from detaudit.wire import request_body
@@ -24,17 +25,16 @@ from detaudit.wire import request_body
 from local_backend.engine import Engine, Request, RequestError
 from local_backend.server.protocol import InvalidRequest, parse
 
-DEFAULT_BATCH_SIZES = (1, 3, 8, 32)
 FILLER_TOKENS = (4, 64)  # filler prompt lengths when the probe names none
 
 
 class LocalBackend:
     name = "local"
 
-    def __init__(self, model: str = "tiny", kernels: str = "batch-invariant",
+    def __init__(self, model: str = LOCAL_MODEL, kernels: str = DEFAULT_KERNELS,
                  batch_sizes: list[int] | tuple[int, ...] = DEFAULT_BATCH_SIZES,
                  device: str | None = None, seed: int = 0, dtype: str | None = None,
-                 max_len: int = 2048, kernel_impl: str = "auto"):
+                 max_len: int = 2048, kernel_impl: str = DEFAULT_KERNEL_IMPL):
         sizes = list(batch_sizes)
         if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
             raise ValueError(f"batch_sizes must be a non-empty list of positive integers, got {batch_sizes!r}")

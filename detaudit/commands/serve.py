@@ -1,7 +1,7 @@
 """``detaudit serve`` and ``detaudit gate``.
 
-``detaudit.cli`` registers them with ``register(app, guard)``, as it does the insight
-commands. ``serve`` runs the bundled engine behind an OpenAI-compatible API
+``detaudit.commands`` registers them with ``register(app, guard)``, as it does every
+command group. ``serve`` runs the bundled engine behind an OpenAI-compatible API
 (``local_backend.server``); ``gate`` runs the probes of a config file against an
 endpoint and exits 0 within limits, 3 beyond them, 1 when the run itself failed,
 2 on a bad config (``detaudit.gate``).
@@ -9,7 +9,6 @@ endpoint and exits 0 within limits, 3 beyond them, 1 when the run itself failed,
 
 from __future__ import annotations
 
-import asyncio
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,13 +16,13 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from detaudit import session
+from detaudit.defaults import DEFAULT_KERNELS, DEFAULT_THRESHOLD_PCT, LOCAL_MODEL, KERNEL_MODES, model_id
 from detaudit.redact import redact
-from detaudit.terminal import fail, stderr  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
+from detaudit.terminal import fail, stderr
 
-
-class Kernels(str, Enum):
-    batch_invariant = "batch-invariant"
-    default = "default"
+# typer's choices, from the one list of kernel names (local_backend.kernel_names)
+Kernels = Enum("Kernels", {name.replace("-", "_"): name for name in KERNEL_MODES}, type=str)
 
 
 SERVE_EXAMPLES = """\
@@ -37,8 +36,8 @@ SERVE_EXAMPLES = """\
 
 
 def serve(
-    model: str = typer.Option("tiny", help="'tiny' (bundled) or a Hugging Face model folder (config.json + *.safetensors)."),
-    kernels: Kernels = typer.Option(Kernels.batch_invariant, case_sensitive=False,
+    model: str = typer.Option(LOCAL_MODEL, help="'tiny' (bundled) or a Hugging Face model folder (config.json + *.safetensors)."),
+    kernels: Kernels = typer.Option(Kernels(DEFAULT_KERNELS), case_sensitive=False,
                                     help="batch-invariant: the same bits in any batch; default: plain torch ops."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: a free one; the URL printed says which)."),
@@ -65,9 +64,8 @@ def serve(
              "pip install 'detaudit[local]'", 2)
     engine = Engine.load(model, kernels=kernels.value, device=device, dtype=dtype,
                          max_slots=max_batch, max_len=max_len)
-    model_id = model if model == "tiny" else Path(model).name
     try:
-        run_server(engine, model_id, host, port, max_queue=max_queue, max_body_bytes=max_body_bytes,
+        run_server(engine, model_id(model), host, port, max_queue=max_queue, max_body_bytes=max_body_bytes,
                    request_timeout_s=request_timeout, shutdown_grace_s=shutdown_grace,
                    log=lambda line: stderr.print(line, highlight=False, soft_wrap=True))
     except OSError as exc:
@@ -100,7 +98,7 @@ def gate(
     max_distinct_outputs: Optional[int] = typer.Option(None, min=1, help="Limit on distinct output texts."),
     max_prob_range: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Limit on max - min probability of a tracked token (0..1)."),
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
-    threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
+    threshold_pct: Optional[float] = typer.Option(None, min=0.0, help=f"Cluster gap, in percentage points \\[default: {DEFAULT_THRESHOLD_PCT:g}]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
     request_timeout: Optional[float] = typer.Option(None, min=0.001, help="Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: 60].", metavar="SECONDS"),
 ) -> None:
@@ -109,7 +107,6 @@ def gate(
     Each check is a stored run (results/<run-id>/, with gate.json beside it). Exit 0
     within limits, 3 beyond them, 1 when a run failed, 2 on a bad config.
     """
-    from detaudit import cli
     from detaudit import gate as gating
     from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
 
@@ -125,9 +122,9 @@ def gate(
               "api_key_env": api_key_env or endpoint.get("api_key_env") or "OPENAI_API_KEY",
               "kernels": endpoint.get("kernels")}
     try:
-        cli.check_api_key_env(target["api_key_env"])
-        cli.check_request_timeout(request_timeout)
-    except cli.UsageProblem as exc:
+        session.check_api_key_env(target["api_key_env"])
+        session.check_request_timeout(request_timeout)
+    except session.UsageProblem as exc:
         fail(f"{cfg.source}: {exc}" if api_key_env is None and endpoint.get("api_key_env")
              else str(exc), gating.EXIT_USAGE)
     if target["base_url"] and not target["model"]:
@@ -145,23 +142,18 @@ def gate(
 
 def _plan(cfg, index: int, check, target: dict) -> dict:
     """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
-    from detaudit import cli
-    from detaudit import load as load_sweep
     from detaudit.backends.base import BackendError
     from detaudit.probes import ProbeError
 
     try:
-        probe = cli._build_probe(check.probe, api=None, prompt=None)
-        local_kernels = target["kernels"] if not target["base_url"] else None
-        config = cli._backend_config(None, target["model"], target["base_url"], target["api_key_env"],
-                                     local_kernels, None)
-        n = check.n or cli._default_n(probe, config)
-        if probe.kind == "load-sweep" or check.levels is not None:
-            probe, n = load_sweep.configure(probe, config, check.levels, None, n)
-    except (ProbeError, BackendError, cli.UsageProblem) as exc:
+        prepared = session.prepare(
+            check.probe, model=target["model"], base_url=target["base_url"], n=check.n,
+            api_key_env=target["api_key_env"], levels=check.levels,
+            kernels=target["kernels"] if not target["base_url"] else None)
+    except (ProbeError, BackendError, session.UsageProblem) as exc:
         fail(f"{cfg.source}: check[{index}] ({check.name}): {exc}", 2)
-    return {"check": check, "probe": probe, "config": config, "n": n,
-            "concurrency": check.concurrency or probe.default_concurrency}
+    return {"check": check, "prepared": prepared,
+            "concurrency": check.concurrency or prepared.probe.default_concurrency}
 
 
 def _check_reachable(base_url: str, plans: list, cfg, junit, json_out) -> None:
@@ -183,29 +175,19 @@ def _check_reachable(base_url: str, plans: list, cfg, junit, json_out) -> None:
 def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: int,
                timeout: float):
     """One stored run, as ``detaudit run`` makes it, then its verdict."""
-    from detaudit import __version__, cli
     from detaudit import gate as gating
-    from detaudit import load as load_sweep
-    from detaudit.runner import resolve_tracked
-    from detaudit.store import RunStore, new_run_id, utc_now
 
-    check, probe, config, n = plan["check"], plan["probe"], plan["config"], plan["n"]
-    backend = cli._make_backend(config, probe, timeout)
-    if probe.kind == "load-sweep":
-        backend = load_sweep.wrap(backend, probe, n)
-    manifest = {"tool_version": __version__, "probe": probe.to_dict(), "n": n,
-                "concurrency": plan["concurrency"], "backend": backend.describe(),
-                "backend_config": config, "tracked": resolve_tracked(probe, backend),
-                "status": "running", "started_at": utc_now(), "ended_at": None,
-                "command": ["detaudit", "gate", "check", check.name], "gate_check": check.name,
-                "limits": cli.limits_record(None, max_attempts, None, timeout)}
-    store = RunStore.create(folder, new_run_id(probe.name, config["model"]), manifest)
-    stderr.print(f"[bold]{check.name}[/]: {probe.name} x {n:,} -> {cli._backend_name(store.manifest)}",
+    check, prepared = plan["check"], plan["prepared"]
+    probe, n = prepared.probe, prepared.n
+    store, backend, concurrency = session.start(
+        prepared, folder, concurrency=plan["concurrency"], timeout=timeout,
+        max_attempts=max_attempts, command=["detaudit", "gate", "check", check.name],
+        gate_check=check.name)
+    stderr.print(f"[bold]{check.name}[/]: {probe.name} x {n:,} -> {session.backend_name(store.manifest)}",
                  highlight=False, soft_wrap=True)
     try:
-        result = asyncio.run(cli._session(probe, backend, store, n, plan["concurrency"],
-                                          max_attempts, None))
-        analysis = cli._analyze_store(store, threshold if threshold is not None else cli.DEFAULT_THRESHOLD_PCT)
+        result = session.execute(probe, backend, store, n, concurrency, max_attempts)
+        analysis = session.analyze_store(store, threshold if threshold is not None else DEFAULT_THRESHOLD_PCT)
     finally:
         store.close()
     failure = result.reason if result.status == "failed" else None

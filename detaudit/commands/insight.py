@@ -1,6 +1,6 @@
 """``detaudit compare``, ``plot`` and ``tokens``, plus the dry run and cost cap of ``run``.
 
-The command functions live here and ``detaudit.cli`` registers them with
+The command functions live here and ``detaudit.commands`` registers them with
 ``register(app, guard)``, where ``guard`` is its error wrapper (expected errors become
 one red line and an exit code). Exit codes: 0 ok; 1 failed; 2 usage;
 ``compare`` exits ``EXIT_DIFFER`` (4) when the runs differ significantly.
@@ -11,21 +11,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from detaudit.analysis import Analysis, Frames, analyze, build_frames
-from detaudit.analysis.summary import OUTCOME_KINDS
-from detaudit.records import Sample
+from detaudit.defaults import DEFAULT_THRESHOLD_PCT, is_local_model
+from detaudit.terminal import fail, print_json
 
-from detaudit.terminal import fail, print_json as _print_json
+if TYPE_CHECKING:
+    from detaudit.analysis import Analysis, Frames
+    from detaudit.records import Sample
 
 EXIT_DIFFER = 4
-DEFAULT_THRESHOLD_PCT = 0.01
 
 
 # --- loading a run folder or an analysed file -----------------------------------------------
@@ -35,8 +35,8 @@ class Source:
     """A stored run or a CSV/JSONL file, as frames (and samples, for a run)."""
 
     path: Path
-    frames: Frames
-    samples: list[Sample] | None
+    frames: "Frames"
+    samples: "list[Sample] | None"
     manifest: dict[str, Any] | None
 
     @property
@@ -47,6 +47,8 @@ class Source:
 
     @property
     def outcome_labels(self) -> list[str]:
+        from detaudit.analysis.summary import OUTCOME_KINDS
+
         if self.manifest is not None:
             if self.probe_kind not in OUTCOME_KINDS:
                 return []
@@ -55,12 +57,15 @@ class Source:
         return [t["label"] for t in self.frames.tracked_tokens] or \
             list(dict.fromkeys(self.frames.tracked["label"].astype(str)))
 
-    def analyze(self, threshold_pct: float) -> Analysis:
+    def analyze(self, threshold_pct: float) -> "Analysis":
+        from detaudit.analysis import analyze
+
         return analyze(self.frames, threshold_pct=threshold_pct, probe_kind=self.probe_kind)
 
 
 def load_source(path: Path) -> Source:
     """A run folder (results/<run-id>) or a CSV/JSONL file for ``detaudit analyze``."""
+    from detaudit import session
     from detaudit.ingest import load_table
     from detaudit.store import RunStore
 
@@ -68,8 +73,9 @@ def load_source(path: Path) -> Source:
         return Source(path, load_table(path), None, None)
     with RunStore.open(path) as store:
         samples = store.samples()
+        frames = session.frames_of(store, samples)
         manifest = dict(store.manifest)
-    return Source(path, build_frames(samples, manifest.get("tracked") or []), samples, manifest)
+    return Source(path, frames, samples, manifest)
 
 
 # --- compare ---------------------------------------------------------------------------------
@@ -110,7 +116,7 @@ def compare(
         empty = run_a if result.n_a == 0 else run_b
         fail(f"{empty}: no successful samples to compare; see detaudit report {empty}", 1)
     if json_out:
-        _print_json({"a": str(run_a), "b": str(run_b), **result.to_dict()})
+        print_json({"a": str(run_a), "b": str(run_b), **result.to_dict()})
     else:
         render_comparison(result, Console(highlight=False), str(run_a), str(run_b))
     if result.differ:
@@ -154,7 +160,7 @@ def plot(
     except PlotError as exc:
         fail(str(exc), 2)
     if json_out:
-        _print_json({"plot": str(written)})
+        print_json({"plot": str(written)})
     else:
         typer.echo(f"Plot written to {written}")
 
@@ -183,7 +189,7 @@ def split_text(text: str, model: str) -> Split:
     for it (the very function the runner calls: ``Backend.first_token``'s logic)."""
     from detaudit import tokenization
 
-    if model == "tiny" or Path(model).expanduser().is_dir():
+    if is_local_model(model):
         return _split_local(text, model)
     name = tokenization.encoding_name(model)
     encoding = tokenization.load_encoding(name) if name else None
@@ -219,7 +225,7 @@ def tokens(
     """Show how a model's tokenizer splits TEXT, and which first token a run tracks for it."""
     split = split_text(text, model)
     if json_out:
-        _print_json({"text": text, "model": model, "tokenizer": split.tokenizer,
+        print_json({"text": text, "model": model, "tokenizer": split.tokenizer,
                      "tokens": [{"id": i, "text": t} for i, t in zip(split.ids, split.tokens)],
                      "first_token": split.first_token})
         return
@@ -252,7 +258,7 @@ def dry_run(plan: Any, request: dict[str, Any], json_out: bool) -> None:
     from detaudit.report_insight import render_plan
 
     if json_out:
-        _print_json({"dry_run": True, "request": request, **plan.to_dict()})
+        print_json({"dry_run": True, "request": request, **plan.to_dict()})
         return
     fillers = f", beside at most {plan.fillers:,} filler requests" if plan.fillers else ""
     typer.echo(f"Request (sent {plan.requests:,} times{fillers}):")

@@ -1,0 +1,127 @@
+"""The Python API: what a notebook, a script or a user's own pytest test calls.
+
+    import detaudit
+
+    run = detaudit.run(n=20)                 # the bundled engine, coin flip
+    run.summary()["tokens"][0]["distinct_values"]
+    run.samples()                            # pandas: one row per sample and tracked token
+    detaudit.open_run(run.path).summary()    # a stored run, as `detaudit report --json`
+
+It goes through ``detaudit.session``, as ``detaudit run`` and ``detaudit gate`` do, so a
+run made here has the same manifest, request path and summary as one made there, and
+``detaudit report`` / ``--resume`` read it like any other. Nothing is printed but the
+session's notes on stderr (``progress=True`` adds the progress bar).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from detaudit import session
+from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
+from detaudit.defaults import DEFAULT_PROBE, DEFAULT_THRESHOLD_PCT
+from detaudit.runner import RunFailed, RunResult
+from detaudit.store import RunStore
+from detaudit.terminal import stderr
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from detaudit.analysis import Analysis
+
+# keyword arguments of ``run`` beyond its named ones, as the flags of ``detaudit run``
+PREPARE_OPTIONS = ("api", "api_key_env", "backend", "kernels", "kernel_impl", "batch_sizes",
+                   "levels", "max_level", "prompt", "max_tokens", "temperature", "seed",
+                   "top_logprobs")
+SEND_OPTIONS = ("concurrency", "max_attempts", "request_timeout", "max_errors", "rpm", "tpm",
+                "progress")
+
+
+class Run:
+    """A stored run (``results/<run-id>/``): its folder, its JSON summary and its samples.
+    Each call reads the store afresh, so a run still being written shows what is there."""
+
+    def __init__(self, path: str | Path, result: RunResult | None = None):
+        self.path = Path(path)
+        self.result = result  # the session that made it, for a Run from ``detaudit.run``
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The run's manifest.json (see docs/ARCHITECTURE.md, Store)."""
+        with RunStore.open(self.path) as store:
+            return dict(store.manifest)
+
+    def summary(self, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> dict[str, Any]:
+        """Exactly the object ``detaudit run --json`` prints (for a Run from
+        ``detaudit.run``) or ``detaudit report --json`` prints (for ``open_run``)."""
+        with RunStore.open(self.path) as store:
+            return session.summary(store, threshold_pct, self.result)
+
+    def analysis(self, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> "Analysis":
+        """The analysis as dataclasses (``detaudit.analysis.Analysis``)."""
+        with RunStore.open(self.path) as store:
+            return session.analyze_store(store, threshold_pct)
+
+    def samples(self) -> "pd.DataFrame":
+        """One row per (sample, tracked token): index, slot, label, token, position,
+        logprob (NaN when the token is not in that sample's top-k), logprob_text,
+        system_fingerprint, output, group (docs/ARCHITECTURE.md, Analysis frames)."""
+        with RunStore.open(self.path) as store:
+            return session.frames_of(store).tracked
+
+
+def open_run(path: str | Path) -> Run:
+    """A run folder made by ``detaudit run``, ``gate`` or ``detaudit.run``; a folder that
+    is not one raises ``detaudit.store.StoreError`` saying why."""
+    with RunStore.open(path):
+        pass
+    return Run(path)
+
+
+def run(probe: str = DEFAULT_PROBE, model: str | None = None, base_url: str | None = None,
+        n: int | None = None, out: str | Path = "results", **overrides: Any) -> Run:
+    """Send ``probe`` (a built-in name or a .toml file) ``n`` times and store every
+    answer under ``out``; returns the stored ``Run``.
+
+    Without ``model`` (or with ``"tiny"`` or a model folder) the bundled engine runs in
+    process; with ``base_url`` any OpenAI-compatible server. ``overrides`` are the
+    flags of ``detaudit run``: api, api_key_env, backend, kernels, kernel_impl,
+    batch_sizes, levels, max_level, prompt, max_tokens, temperature, seed, top_logprobs,
+    concurrency, max_attempts, request_timeout, max_errors, rpm, tpm, and progress (a
+    progress bar on stderr). Bad input raises ``detaudit.UsageProblem`` (or the probe's
+    ``ProbeError``); a run that stopped (endpoint down, every request failed) raises
+    ``detaudit.RunFailed``, whose ``run`` is the stored, resumable run.
+    """
+    unknown = sorted(set(overrides) - set(PREPARE_OPTIONS) - set(SEND_OPTIONS))
+    if unknown:
+        raise TypeError(f"detaudit.run() got unknown options {', '.join(unknown)}; it takes "
+                        f"{', '.join(PREPARE_OPTIONS + SEND_OPTIONS)}")
+    send = {key: overrides.pop(key) for key in SEND_OPTIONS if key in overrides}
+    max_attempts = send.get("max_attempts", 5)
+    error_limit = session.parse_max_errors(send.get("max_errors"))
+    session.check_request_timeout(send.get("request_timeout"))
+    prepared = session.prepare(probe, model=model, base_url=base_url, n=n, **overrides)
+    timeout = send.get("request_timeout") or DEFAULT_REQUEST_TIMEOUT_S
+    limits = session.rate_limits(prepared.probe, prepared.config, send.get("rpm"), send.get("tpm"))
+    store, backend, concurrency = session.start(
+        prepared, Path(out), concurrency=send.get("concurrency"), timeout=timeout,
+        max_attempts=max_attempts, max_errors=send.get("max_errors"), limits=limits,
+        command=["detaudit.run", prepared.probe.name])
+    progress = stderr if send.get("progress") else None
+    try:
+        result = session.execute(prepared.probe, backend, store, prepared.n, concurrency,
+                                 max_attempts, progress, limits, error_limit)
+    finally:
+        store.close()
+    stored = Run(store.path, result)
+    if result.status == "failed" or result.ok == 0:
+        why = result.reason or f"no request succeeded ({result.errors:,} errors)"
+        failure = RunFailed(f"{why}; the run is stored in {store.path} (finish it with "
+                            f"detaudit run --resume {store.path})")
+        failure.run = stored
+        raise failure
+    return stored
