@@ -19,8 +19,8 @@ from detaudit.analysis.divergence import Divergence, divergence
 from detaudit.analysis.frame import Frames, natural_key, tracked_slots
 from detaudit.analysis.logit_grid import log_odds_of_pct
 from detaudit.analysis.stats import Spread, spread, wilson_interval
+from detaudit.defaults import DEFAULT_THRESHOLD_PCT
 
-DEFAULT_THRESHOLD_PCT = 0.01
 COMPLETION_KINDS = ("fixed-seed", "greedy-divergence", "top-logprobs")
 OUTCOME_KINDS = ("outcome", "load-sweep")
 VALUES_CAP = 100  # distinct values listed per token in the JSON summary
