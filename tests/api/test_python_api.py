@@ -157,3 +157,16 @@ def test_import_detaudit_is_light():
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_run_works_inside_a_running_event_loop(fake_openai, tmp_path):
+    """A notebook cell runs inside an event loop: ``detaudit.run`` must not need its own."""
+    import asyncio
+
+    fake_openai.configure(states=outcome_states("Heads", [(-0.25, 1)], alternatives={"T": -1.5}))
+
+    async def cell():
+        return detaudit.run(model=MODEL, base_url=fake_openai.url, n=6, out=tmp_path)
+
+    run = asyncio.run(cell())
+    assert run.summary()["ok"] == 6 and len(fake_openai.received) == 6
