@@ -22,7 +22,7 @@ from detaudit.records import Position, Sample, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
-                  "tokens", "logprobs"]
+                  "tokens", "logprobs", "bad_logprobs"]
 TRACKED_COLUMNS = ["index", "slot", "label", "token", "position", "logprob",
                    "logprob_text", "system_fingerprint", "output", "group"]
 
@@ -67,9 +67,26 @@ def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
                   tracked_tokens=slots)
 
 
+def is_bad_logprob(value: float) -> bool:
+    """NaN or infinite: a value a server sent that is no logprob. Counted as bad, never
+    as missing (the token was there) nor as a distinct value."""
+    return not math.isfinite(value)
+
+
 def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
     completions = [s.completion for s in samples]
     positions = [c.positions if c else () for c in completions]
+    parsed: dict[str, float] = {}  # few distinct texts, many samples: parse each once
+
+    def value(p: Position) -> float:
+        found = parsed.get(p.logprob_text)
+        if found is None:
+            found = parsed[p.logprob_text] = _parse_or(p.logprob_text, p.logprob)
+        return found
+
+    def bad(ps: list[Position]) -> int:
+        return sum(is_bad_logprob(p.logprob) + sum(is_bad_logprob(t.logprob) for t in p.top)
+                   for p in ps)
     columns = {
         "index": np.fromiter((s.index for s in samples), dtype=np.int64, count=len(samples)),
         "status": [s.status for s in samples],
@@ -82,7 +99,9 @@ def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
         "attempts": [s.attempts for s in samples],
         "latency_s": np.array([s.latency_s for s in samples], dtype=np.float64),
         "tokens": [tuple([p.token for p in ps]) for ps in positions],
-        "logprobs": [tuple([p.logprob for p in ps]) for ps in positions],
+        "logprobs": [tuple([value(p) for p in ps]) for ps in positions],
+        "bad_logprobs": np.fromiter((bad(ps) for ps in positions), dtype=np.int64,
+                                    count=len(positions)),
     }
     return pd.DataFrame(columns, columns=SAMPLE_COLUMNS)
 
