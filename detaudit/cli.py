@@ -561,7 +561,7 @@ def report(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Re-analyse a stored run (any threshold, no requests sent)."""
-    with RunStore.open(run_dir) as store:
+    with RunStore.open_read_only(run_dir) as store:
         analysis = _analyze_store(store, threshold_pct)
         info = _run_info(store)
         notes = _data_notes(store)
@@ -586,7 +586,7 @@ def export(
     """Write a stored run as CSV files: clusters and/or samples."""
     if clusters is None and samples is None:
         raise UsageProblem("nothing to export: give --clusters FILE.csv and/or --samples FILE.csv")
-    with RunStore.open(run_dir) as store:
+    with RunStore.open_read_only(run_dir) as store:
         analysis = _analyze_store(store, threshold_pct)
     _write_csvs(analysis, clusters, samples)
 
