@@ -22,7 +22,7 @@ from detaudit.analysis import Analysis, Frames, analyze, build_frames
 from detaudit.analysis.summary import OUTCOME_KINDS
 from detaudit.records import Sample
 
-from detaudit.terminal import fail, print_json as _print_json
+from detaudit.terminal import fail, print_json as _print_json, threshold_option
 
 EXIT_DIFFER = 4
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -148,7 +148,7 @@ PLOT_EXAMPLES = """\
 def plot(
     run: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL)."),
     output: Path = typer.Option(..., "--output", "-o", help="Picture to write: .png, .svg or .pdf."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0,
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option,
                                         help="Cluster gap, in percentage points of probability."),
     title: Optional[str] = typer.Option(None, help="Title above the picture [default: probe x n]."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"plot\": PATH} on stdout."),

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from detaudit.terminal import fail, stderr  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
+from detaudit.terminal import fail, stderr, threshold_option  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
 
 
 class Kernels(str, Enum):
@@ -101,7 +101,7 @@ def gate(
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
     max_distinct_logprob_vectors: Optional[int] = typer.Option(None, min=1, help="Completion probes: limit on distinct logprob vectors (tokens + chosen-token logprob bits) \\[default: max_distinct_logprobs]."),
     max_distinct_token_sequences: Optional[int] = typer.Option(None, min=1, help="Completion probes: limit on distinct token sequences \\[default: max_distinct_outputs]."),
-    threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
+    threshold_pct: Optional[float] = typer.Option(None, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).

@@ -145,10 +145,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     """Every figure of a run. ``probe_kind`` switches on the outcome shares (outcome,
     load-sweep) and the completion analysis (fixed-seed, greedy-divergence,
     top-logprobs; also any run with multi-token answers). None: data from a file."""
-    if not (isinstance(threshold_pct, (int, float)) and math.isfinite(threshold_pct)
-            and threshold_pct >= 0):
-        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a number of "
-                         "percentage points >= 0, e.g. 0.01")
+    check_threshold(threshold_pct)
     samples, tracked = frames.samples, frames.tracked
     ok = samples[samples["status"] == "ok"]
     errors = samples[samples["status"] != "ok"]
@@ -174,6 +171,16 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         bad_logprobs=_bad_logprobs(ok),
         frames=frames,
     )
+
+
+def check_threshold(threshold_pct: Any) -> float:
+    """The cluster threshold, or ValueError: a finite number of percentage points >= 0
+    (inf or NaN would make every value one cluster, or none)."""
+    if not (isinstance(threshold_pct, (int, float)) and not isinstance(threshold_pct, bool)
+            and math.isfinite(threshold_pct) and threshold_pct >= 0):
+        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a finite "
+                         "number of percentage points >= 0, e.g. 0.01")
+    return threshold_pct
 
 
 def _bad_logprobs(ok: pd.DataFrame) -> dict[str, int]:

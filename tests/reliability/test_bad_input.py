@@ -243,3 +243,41 @@ def test_nan_and_infinite_logprobs_are_bad_values_and_never_deterministic(fake_o
     no_traceback(gated)
     check = json.loads(gated.stdout)["gate"]["checks"][0]
     assert check["status"] == "error" and "NaN or infinite" in check["message"]
+
+
+# --- flags that used to end in a traceback ------------------------------------------------
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "-inf"])
+def test_a_threshold_that_is_not_a_finite_number_is_a_usage_error(fake_openai, tmp_path, value):
+    remote(fake_openai, tmp_path / "runs", "--n", "2")
+    run_dir = only_run(tmp_path / "runs")
+    for args in (["report", run_dir], ["export", run_dir, "--samples", tmp_path / "s.csv"],
+                 ["plot", run_dir, "-o", tmp_path / "p.png"],
+                 ["run", "--model", MODEL, "--base-url", fake_openai.url, "--out", tmp_path / "new"],
+                 ["gate", "--model", MODEL, "--base-url", fake_openai.url, "--out", tmp_path / "new"]):
+        result = cli(*args, "--threshold-pct", value)
+        usage_error(result, "--threshold-pct")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "s.csv").exists()
+    assert len(fake_openai.received) == 2  # only the first run's requests were sent
+
+
+@pytest.mark.parametrize("url, needles", [
+    ("http://127.0.0.1:99999/v1", ["port '99999'", "1 to 65535"]),
+    ("http://127.0.0.1:abc/v1", ["port 'abc'"]),
+    ("http://[::1/v1", ["IPv6", "http://[::1]:8000/v1"]),
+    ("http://[zz::1]/v1", ["not a valid address"]),
+    ("ftp://127.0.0.1/v1", ["http or https", "'ftp'"]),
+    ("http:///v1", ["names no host"]),
+    ("http://user:hunter2@127.0.0.1:99999/v1", ["port '99999'"]),
+])
+def test_a_base_url_no_request_can_go_to_is_a_usage_error(tmp_path, url, needles):
+    result = cli("run", "--model", MODEL, "--base-url", url, "--out", tmp_path / "out", "--quiet")
+    usage_error(result, "--base-url", *needles)
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+    gated = cli("gate", "--model", MODEL, "--base-url", url, "--out", tmp_path / "out")
+    usage_error(gated, *needles)
+    from_env = cli("run", "--model", MODEL, "--out", tmp_path / "out", "--quiet",
+                   env={"OPENAI_BASE_URL": url, "OPENAI_API_KEY": "sk-test"})
+    usage_error(from_env, "base URL", *needles)
+    assert not (tmp_path / "out").exists()
