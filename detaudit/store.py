@@ -160,13 +160,14 @@ class RunStore:
         file = path / DATABASE
         if not file.is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
-        if file.stat().st_size == 0:
+        wal = Path(f"{file}-wal")
+        in_wal = wal.is_file() and wal.stat().st_size > 0
+        if file.stat().st_size == 0 and not in_wal:
             raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples are "
                              "lost; nothing can be reported from it")
-        wal = Path(f"{file}-wal")
         scratch = None
         try:
-            if wal.is_file() and wal.stat().st_size > 0:
+            if in_wal:
                 scratch = tempfile.TemporaryDirectory(prefix="detaudit-read-")
                 copy = Path(scratch.name) / DATABASE
                 shutil.copyfile(wal, f"{copy}-wal")
