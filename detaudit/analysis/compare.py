@@ -259,8 +259,8 @@ def _token_keys(frames: Frames) -> dict[tuple[str, int], int]:
 
 
 def _logprobs(frames: Frames, slot: int) -> np.ndarray:
-    rows = frames.tracked[frames.tracked["slot"] == slot]
-    return rows["logprob"].dropna().to_numpy(np.float64)
+    values = frames.tracked.loc[frames.tracked["slot"] == slot, "logprob"].to_numpy(np.float64)
+    return values[np.isfinite(values)]  # absent (NaN) and bad (NaN, inf) values left out
 
 
 def _fingerprints(frames: Frames) -> dict[str, int]:
