@@ -149,8 +149,10 @@ class RunStore:
         A database without a WAL file holds every commit in its main file and is read
         in place (SQLite ``mode=ro&immutable=1``: no -wal or -shm is created). One with
         a WAL (a killed or running run) would have SQLite write its -shm even when read
-        only, so its two files are copied to a temporary folder and read there; the WAL
-        is copied first, so a checkpoint meanwhile cannot leave the copy inconsistent."""
+        only, so its two files are copied to a temporary folder and read there, a copy
+        kept only if neither file changed while it was made. A run committing so often
+        that no copy holds still is read in place with ``mode=ro``: its -wal and -shm
+        exist already, and its own writer changes them anyway."""
         path = Path(path)
         manifest = read_manifest(path)
         for key in _REQUIRED_TO_READ:
@@ -170,9 +172,15 @@ class RunStore:
             if in_wal:
                 scratch = tempfile.TemporaryDirectory(prefix="detaudit-read-")
                 copy = Path(scratch.name) / DATABASE
-                shutil.copyfile(wal, f"{copy}-wal")
-                shutil.copyfile(file, copy)
-                uri = f"file:{quote(str(copy))}?mode=ro"
+                copied = _still_copy(file, wal, copy)
+                if copied:
+                    uri = f"file:{quote(str(copy))}?mode=ro"
+                else:
+                    _discard(scratch)
+                    scratch = None
+                    # None: the writer closed meanwhile and folded its WAL into the file
+                    mode = "mode=ro" if copied is False else "mode=ro&immutable=1"
+                    uri = f"file:{quote(str(file.resolve()))}?{mode}"
             else:
                 uri = f"file:{quote(str(file.resolve()))}?mode=ro&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
@@ -403,6 +411,25 @@ def _check_tables(conn: sqlite3.Connection, file: Path) -> None:
     if missing:
         raise StoreError(f"{file}: the samples table lacks column(s) {', '.join(missing)}; "
                          "it was not written by this detaudit")
+
+
+def _still_copy(file: Path, wal: Path, copy: Path, tries: int = 5) -> bool | None:
+    """Copy the database and its WAL to ``copy`` (+ ``-wal``) while neither changes;
+    False when a writer kept changing them through every try, None when the WAL went
+    away (its writer closed, which folds the WAL into the main file)."""
+    def state() -> tuple:
+        return tuple((s.st_size, s.st_mtime_ns) for s in (file.stat(), wal.stat()))
+
+    try:
+        for _ in range(tries):
+            before = state()
+            shutil.copyfile(wal, f"{copy}-wal")
+            shutil.copyfile(file, copy)
+            if state() == before:
+                return True
+    except FileNotFoundError:
+        return None
+    return False
 
 
 def _discard(scratch: tempfile.TemporaryDirectory | None) -> None:
