@@ -28,8 +28,8 @@ A config file lists checks (probe, n, concurrency or load levels) and limits::
 
 Exit codes: 0 within limits, 3 (``EXIT_NONDETERMINISTIC``) beyond them, 1 when a run
 failed (endpoint down, errors over budget, NaN or infinite logprobs: bad data), 2 for
-a bad config. This module parses,
-evaluates and writes (JSON summary, JUnit XML); the CLI runs the probes.
+a bad config. This module parses, evaluates and writes (JSON summary, JUnit XML); the
+CLI runs the probes.
 """
 
 from __future__ import annotations
