@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 
+import functools
+import itertools
 import math
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -76,17 +79,20 @@ def is_bad_logprob(value: float) -> bool:
 def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
     completions = [s.completion for s in samples]
     positions = [c.positions if c else () for c in completions]
-    parsed: dict[str, float] = {}  # few distinct texts, many samples: parse each once
-
-    def value(p: Position) -> float:
-        found = parsed.get(p.logprob_text)
-        if found is None:
-            found = parsed[p.logprob_text] = _parse_or(p.logprob_text, p.logprob)
-        return found
+    # few distinct texts, many samples: parse each once (a C-level cache, as this sees
+    # every generated position of the run)
+    value = functools.lru_cache(maxsize=None)(_parse_or)
+    texts, top = operator.attrgetter("logprob_text", "logprob"), operator.attrgetter("top")
+    logprob = operator.attrgetter("logprob")
 
     def bad(ps: list[Position]) -> int:
-        return sum(is_bad_logprob(p.logprob) + sum(is_bad_logprob(t.logprob) for t in p.top)
-                   for p in ps)
+        # A sum of finite logprobs is finite: count one by one only when it is not
+        # (bad values are rare, and this sees every top-k entry of the run).
+        entries = list(itertools.chain(ps, itertools.chain.from_iterable(map(top, ps))))
+        if math.isfinite(sum(map(logprob, entries))):
+            return 0
+        return sum(map(is_bad_logprob, map(logprob, entries)))
+
     columns = {
         "index": np.fromiter((s.index for s in samples), dtype=np.int64, count=len(samples)),
         "status": [s.status for s in samples],
@@ -99,7 +105,7 @@ def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
         "attempts": [s.attempts for s in samples],
         "latency_s": np.array([s.latency_s for s in samples], dtype=np.float64),
         "tokens": [tuple([p.token for p in ps]) for ps in positions],
-        "logprobs": [tuple([value(p) for p in ps]) for ps in positions],
+        "logprobs": [tuple(itertools.starmap(value, map(texts, ps))) for ps in positions],
         "bad_logprobs": np.fromiter((bad(ps) for ps in positions), dtype=np.int64,
                                     count=len(positions)),
     }
