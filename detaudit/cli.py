@@ -496,7 +496,9 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
                 "batch_sizes": _parse_batch_sizes(batch_sizes, max_level) if batch_sizes else [1, 3, 8, 32]}
     if model is None:
         raise UsageProblem("--backend openai needs --model NAME (e.g. --model gpt-4o)")
-    if backend is None and model.startswith(("/", "./", "../", "~")):
+    # With --base-url (or --backend openai) the name is the server's, path-like or not:
+    # vLLM, SGLang and transformers serve name a folder-served model by its path.
+    if backend is None and base_url is None and model.startswith(("/", "./", "../", "~")):
         raise UsageProblem(f"--model {model}: no such model folder (a local model is a folder "
                            "with config.json and *.safetensors; a remote model is a name)")
     for flag, value in (("--kernels", kernels), ("--batch-sizes", batch_sizes), ("--kernel-impl", kernel_impl)):
