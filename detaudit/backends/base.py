@@ -10,7 +10,8 @@ from detaudit.records import Completion
 
 class BackendError(Exception):
     """A request failed. ``kind`` is one of: rate_limit, server_error, timeout,
-    connection, bad_request, auth, not_found, bad_response. ``retryable`` tells the
+    connection, bad_request, auth, not_found, bad_response, no_logprobs (asked
+    for, none came back). ``retryable`` tells the
     runner whether another attempt may succeed; ``retry_after`` is the server's hint
     in seconds, if it gave one."""
 
