@@ -101,6 +101,7 @@ def gate(
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
     threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Every check text only, for servers without logprobs (one check: logprobs = false in its [[check]])."),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).
 
@@ -124,7 +125,7 @@ def gate(
         fail(f"{cfg.source}: the endpoint {target['base_url']} needs a model name: give --model NAME "
              "or model = \"...\" in [endpoint]", gating.EXIT_USAGE)
     threshold = threshold_pct if threshold_pct is not None else cfg.threshold_pct
-    plans = [_plan(cfg, i, check, target) for i, check in enumerate(cfg.checks)]
+    plans = [_plan(cfg, i, check, target, no_logprobs) for i, check in enumerate(cfg.checks)]
     if target["base_url"]:
         _check_reachable(target["base_url"], plans, cfg, junit, json_out)
     folder = out or Path(cfg.out or "results")
@@ -132,7 +133,7 @@ def gate(
     _report(results, cfg, junit, json_out)
 
 
-def _plan(cfg, index: int, check, target: dict) -> dict:
+def _plan(cfg, index: int, check, target: dict, no_logprobs: bool = False) -> dict:
     """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
     from detaudit import cli
     from detaudit import load as load_sweep
@@ -140,7 +141,8 @@ def _plan(cfg, index: int, check, target: dict) -> dict:
     from detaudit.probes import ProbeError
 
     try:
-        probe = cli._build_probe(check.probe, api=None, prompt=None)
+        probe = cli._build_probe(check.probe, api=None, prompt=None,
+                                 no_logprobs=no_logprobs or not check.logprobs)
         local_kernels = target["kernels"] if not target["base_url"] else None
         config = cli._backend_config(None, target["model"], target["base_url"], target["api_key_env"],
                                      local_kernels, None)
