@@ -125,9 +125,11 @@ def _agreement_table(result: Analysis) -> Table:
                       f"(answer {_short(a.reference_answer)}; {a.n - a.parsed:,} unparsed, "
                       f"{a.distinct_answers:,} distinct)")
     if a.unit is not None:
-        unit = f"{a.unit}(s)" + (f", {escape(a.tokenizer)}" if a.tokenizer else "")
         table.add_row("most common output", f"{a.reference_count:,} samples, "
-                      f"{a.reference_length:,} {unit}")
+                      f"{a.reference_length:,} {a.unit}(s)")
+        if a.tokenizer:  # a long path would squeeze the table: its end says enough
+            shown = a.tokenizer if len(a.tokenizer) <= 40 else "…" + a.tokenizer[-39:]
+            table.add_row("tokenizer", escape(shown))
         table.add_row("diverged from it", f"{a.diverged:,}")
         if a.min_position is not None:
             table.add_row(f"first divergence ({a.unit}): min / median",
@@ -195,7 +197,8 @@ def _groups_table(result: Analysis) -> Table:
     columns = ["group", "n", "errors", "outputs"]
     for t in result.tokens[:MAX_TOKEN_COLUMNS]:
         columns += [f"{_name(t)} dist", f"{_name(t)} P %"]
-    table = _table("By group (load level / batch size; dist: distinct logprobs, P: mean)", columns)
+    table = _table("By group (load level / batch size)" if result.text_only else
+                   "By group (load level / batch size; dist: distinct logprobs, P: mean)", columns)
     for g in result.groups:
         row = [escape(g["group"]), f"{g['n']:,}", f"{g['errors']:,}", _count(g["distinct_outputs"])]
         for entry in g["tokens"][:MAX_TOKEN_COLUMNS]:
