@@ -22,6 +22,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "local_backend" / "models" / "tiny"
+# A small paged KV cache: sized by default from a share of memory, its first allocation
+# took 20-35 s of the first request on a 2-core CPU; 128 blocks take ~2 s and hold the
+# tests' requests (16 in flight x ~120 tokens) many times over.
+CACHE_BLOCKS = 128
 _RUNNING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
@@ -29,8 +33,8 @@ class TransformersServe:
     """``url`` (…/v1), ``model`` (the name it serves: the folder path), ``log`` lines.
 
     Ready means: the port is open, /health answers 200 and one chat request has been
-    answered (its first one builds the continuous-batching manager, ~30 s on a small
-    CPU), so tests do not pay that start-up cost themselves."""
+    answered (the first one builds the continuous-batching manager), so tests do not
+    pay that start-up cost themselves."""
 
     def __init__(self, model: Path = TINY, startup_s: float = 240.0):
         self.model = str(model)
@@ -42,7 +46,7 @@ class TransformersServe:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model,
              "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
-             "--log-level", "info"],
+             "--log-level", "info", "--cb-num-blocks", str(CACHE_BLOCKS)],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True)
         threading.Thread(target=self._drain, daemon=True).start()
