@@ -101,7 +101,7 @@ def gate(
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
     threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
-    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Every check text only, for servers without logprobs (one check: logprobs = false in its [[check]])."),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Every check text only, for servers without logprobs (or logprobs = false in one check of the config)."),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).
 
