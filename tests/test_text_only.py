@@ -141,3 +141,13 @@ def test_bad_answer_regex_is_a_usage_error(tmp_path, regex, needle):
     assert result.exit_code == 2, result.stderr
     assert "track.answer_regex" in result.stderr and needle in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_gate_config_takes_logprobs_false_per_check():
+    from detaudit.gate import GateConfigError, parse_config
+
+    text = '[[check]]\nprobe = "coin-flip"\nlogprobs = false\n[[check]]\nname = "b"\nprobe = "coin-flip"\n'
+    first, second = parse_config(text, "g.toml").checks
+    assert (first.logprobs, second.logprobs) == (False, True)
+    with pytest.raises(GateConfigError, match=r"check\[0\]\.logprobs: must be true or false"):
+        parse_config('[[check]]\nprobe = "coin-flip"\nlogprobs = "no"\n', "g.toml")
