@@ -105,6 +105,7 @@ def gate(
     threshold_pct: Optional[float] = typer.Option(None, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
     request_timeout: Optional[float] = typer.Option(None, min=0.001, help="Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: 60].", metavar="SECONDS"),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Every check text only, for servers without logprobs (or logprobs = false in one check of the config)."),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).
 
@@ -138,7 +139,7 @@ def gate(
         fail(f"{cfg.source}: the endpoint {target['base_url']} needs a model name: give --model NAME "
              "or model = \"...\" in [endpoint]", gating.EXIT_USAGE)
     threshold = threshold_pct if threshold_pct is not None else cfg.threshold_pct
-    plans = [_plan(cfg, i, check, target) for i, check in enumerate(cfg.checks)]
+    plans = [_plan(cfg, i, check, target, no_logprobs) for i, check in enumerate(cfg.checks)]
     if target["base_url"]:
         _check_reachable(target["base_url"], plans, cfg, junit, json_out)
     folder = out or Path(cfg.out or "results")
@@ -147,7 +148,7 @@ def gate(
     _report(results, cfg, junit, json_out)
 
 
-def _plan(cfg, index: int, check, target: dict) -> dict:
+def _plan(cfg, index: int, check, target: dict, no_logprobs: bool = False) -> dict:
     """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
     from detaudit import cli
     from detaudit import load as load_sweep
@@ -155,7 +156,8 @@ def _plan(cfg, index: int, check, target: dict) -> dict:
     from detaudit.probes import ProbeError
 
     try:
-        probe = cli._build_probe(check.probe, api=None, prompt=None)
+        probe = cli._build_probe(check.probe, api=None, prompt=None,
+                                 no_logprobs=no_logprobs or not check.logprobs)
         local_kernels = target["kernels"] if not target["base_url"] else None
         config = cli._backend_config(None, target["model"], target["base_url"], target["api_key_env"],
                                      local_kernels, None)
