@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # keyword arguments of ``run`` beyond its named ones, as the flags of ``detaudit run``
 PREPARE_OPTIONS = ("api", "api_key_env", "backend", "kernels", "kernel_impl", "batch_sizes",
                    "levels", "max_level", "prompt", "max_tokens", "temperature", "seed",
-                   "top_logprobs")
+                   "top_logprobs", "no_logprobs")
 SEND_OPTIONS = ("concurrency", "max_attempts", "request_timeout", "max_errors", "rpm", "tpm",
                 "progress")
 
@@ -52,32 +52,32 @@ class Run:
     @property
     def manifest(self) -> dict[str, Any]:
         """The run's manifest.json (see docs/ARCHITECTURE.md, Store)."""
-        with RunStore.open(self.path) as store:
+        with RunStore.open_read_only(self.path) as store:
             return dict(store.manifest)
 
     def summary(self, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> dict[str, Any]:
         """Exactly the object ``detaudit run --json`` prints (for a Run from
         ``detaudit.run``) or ``detaudit report --json`` prints (for ``open_run``)."""
-        with RunStore.open(self.path) as store:
+        with RunStore.open_read_only(self.path) as store:
             return session.summary(store, threshold_pct, self.result)
 
     def analysis(self, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> "Analysis":
         """The analysis as dataclasses (``detaudit.analysis.Analysis``)."""
-        with RunStore.open(self.path) as store:
+        with RunStore.open_read_only(self.path) as store:
             return session.analyze_store(store, threshold_pct)
 
     def samples(self) -> "pd.DataFrame":
         """One row per (sample, tracked token): index, slot, label, token, position,
         logprob (NaN when the token is not in that sample's top-k), logprob_text,
         system_fingerprint, output, group (docs/ARCHITECTURE.md, Analysis frames)."""
-        with RunStore.open(self.path) as store:
+        with RunStore.open_read_only(self.path) as store:
             return session.frames_of(store).tracked
 
 
 def open_run(path: str | Path) -> Run:
     """A run folder made by ``detaudit run``, ``gate`` or ``detaudit.run``; a folder that
     is not one raises ``detaudit.store.StoreError`` saying why."""
-    with RunStore.open(path):
+    with RunStore.open_read_only(path):
         pass
     return Run(path)
 
@@ -91,8 +91,9 @@ def run(probe: str = DEFAULT_PROBE, model: str | None = None, base_url: str | No
     process; with ``base_url`` any OpenAI-compatible server. ``overrides`` are the
     flags of ``detaudit run``: api, api_key_env, backend, kernels, kernel_impl,
     batch_sizes, levels, max_level, prompt, max_tokens, temperature, seed, top_logprobs,
-    concurrency, max_attempts, request_timeout, max_errors, rpm, tpm, and progress (a
-    progress bar on stderr). Bad input raises ``detaudit.UsageProblem`` (or the probe's
+    no_logprobs (a text-only audit, for servers without logprobs), concurrency,
+    max_attempts, request_timeout, max_errors, rpm, tpm, and progress (a progress bar
+    on stderr). Bad input raises ``detaudit.UsageProblem`` (or the probe's
     ``ProbeError``); a run that stopped (endpoint down, every request failed) raises
     ``detaudit.RunFailed``, whose ``run`` is the stored, resumable run.
     """

@@ -72,13 +72,15 @@ def prepare(probe: str = DEFAULT_PROBE, *, model: str | None = None, base_url: s
             levels: str | list[int] | None = None, max_level: int = load_sweep.MAX_LEVEL,
             prompt: str | None = None, max_tokens: int | None = None,
             temperature: float | None = None, seed: int | None = None,
-            top_logprobs: int | None = None) -> Prepared:
-    """Probe, backend config and n of a fresh run; ``n`` per level for a load sweep."""
+            top_logprobs: int | None = None, no_logprobs: bool = False) -> Prepared:
+    """Probe, backend config and n of a fresh run; ``n`` per level for a load sweep;
+    ``no_logprobs``: a text-only audit (the probe asks for no logprobs)."""
     check_api_key_env(api_key_env)
     if isinstance(batch_sizes, (list, tuple)):
         batch_sizes = ",".join(str(size) for size in batch_sizes)
     probe_obj = build_probe(probe, api=api, prompt=prompt, max_tokens=max_tokens,
-                            temperature=temperature, seed=seed, top_logprobs=top_logprobs)
+                            temperature=temperature, seed=seed, top_logprobs=top_logprobs,
+                            no_logprobs=no_logprobs)
     config = backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes,
                             max_level, kernel_impl)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
@@ -92,7 +94,8 @@ def prepare(probe: str = DEFAULT_PROBE, *, model: str | None = None, base_url: s
     return Prepared(probe_obj, config, n)
 
 
-def build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **overrides: Any) -> Probe:
+def build_probe(name_or_path: str, *, api: str | None, prompt: str | None,
+                no_logprobs: bool = False, **overrides: Any) -> Probe:
     """A built-in probe or a probe file, with the run's overrides applied."""
     try:
         probe = load_probe(name_or_path)
@@ -104,9 +107,12 @@ def build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **ove
     if api is not None and api != probe.api:
         probe = switch_api(probe, api)
     top = overrides.get("top_logprobs")
+    if no_logprobs and top is not None:
+        raise UsageProblem("--top-logprobs asks for logprobs and --no-logprobs for none; drop one")
     if top is not None:
         overrides["logprobs"] = top > 0 or probe.request.get("logprobs", False)
-    return probe.with_overrides(prompt=prompt, **overrides)
+    probe = probe.with_overrides(prompt=prompt, **overrides)
+    return probe.without_logprobs() if no_logprobs else probe
 
 
 def switch_api(probe: Probe, api: str) -> Probe:
@@ -142,7 +148,9 @@ def backend_config(backend: str | None, model: str | None, base_url: str | None,
                 else list(DEFAULT_BATCH_SIZES)}
     if model is None:
         raise UsageProblem("--backend openai needs --model NAME (e.g. --model gpt-4o)")
-    if backend is None and model.startswith(("/", "./", "../", "~")):
+    # With --base-url (or --backend openai) the name is the server's, path-like or not:
+    # vLLM, SGLang and transformers serve name a folder-served model by its path.
+    if backend is None and base_url is None and model.startswith(("/", "./", "../", "~")):
         raise UsageProblem(f"--model {model}: no such model folder (a local model is a folder "
                            "with config.json and *.safetensors; a remote model is a name)")
     for flag, value in (("--kernels", kernels), ("--batch-sizes", batch_sizes), ("--kernel-impl", kernel_impl)):
@@ -422,15 +430,33 @@ def frames_of(store: RunStore, samples: "list[Sample] | None" = None) -> "Frames
 
 def analyze_store(store: RunStore, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> "Analysis":
     """The analysis of a stored run, with its logit grid and top-k entropy."""
+    from detaudit import tokenization
     from detaudit.analysis import analyze
+    from detaudit.analysis.agreement import NO_LOGPROBS_KIND
     from detaudit.analysis.insight import build_insight
 
     m = store.manifest
     samples = store.samples()
     frames = frames_of(store, samples)
-    analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=m["probe"].get("kind"))
-    analysis.insight = build_insight(frames, samples)  # logit grid, top-k entropy
+    probe = Probe.from_dict(m["probe"], source=f"{store.path}/manifest.json")
+    split = None  # a text-only run's first divergence: the model's tokens, else characters
+    if not probe.asks_logprobs or any(s.error_kind == NO_LOGPROBS_KIND for s in samples):
+        config = m.get("backend_config") or {}
+        split = tokenization.text_splitter(str(config.get("model", "")),
+                                           local=config.get("backend") == "local")
+    analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=probe.kind,
+                       logprobs_requested=probe.asks_logprobs, answer_regex=probe.answer_regex,
+                       tokenize=split[1] if split else None, tokenizer=split[0] if split else None)
+    if not analysis.text_only:
+        analysis.insight = build_insight(frames, samples)  # logit grid, top-k entropy
     return analysis
+
+
+def logprobs_not_returned(analysis: "Analysis") -> bool:
+    """The run asked for logprobs and the server sent none: only a text-only run helps."""
+    from detaudit.analysis.agreement import NOT_RETURNED
+
+    return analysis.logprobs == NOT_RETURNED
 
 
 def run_info(store: RunStore, result: RunResult | None = None) -> dict[str, Any]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from detaudit.analysis.agreement import REQUESTED, Agreement, agreement, logprobs_status
 from detaudit.analysis.clusters import cluster_table, distinct_values
 from detaudit.analysis.divergence import Divergence, divergence
 from detaudit.analysis.frame import Frames, natural_key, tracked_slots
@@ -37,6 +38,7 @@ class TokenResult:
     position: int
     n: int  # successful samples
     missing: int  # samples whose top-k lacked the token
+    bad: int  # samples whose value for the token was NaN or infinite (see frame.is_bad_logprob)
     distinct_logprobs: int
     logprob: Spread
     prob: Spread
@@ -57,7 +59,7 @@ class TokenResult:
                    "count": int(r.count)} for r in self.values.head(VALUES_CAP).itertuples()]
         return {
             "label": self.label, "token": self.token, "position": self.position,
-            "n": self.n, "missing": self.missing,
+            "n": self.n, "missing": self.missing, "bad_values": self.bad,
             "distinct_logprobs": self.distinct_logprobs, "clusters": len(self.clusters),
             "threshold_pct": threshold_pct,
             "prob": self.prob.to_dict(), "logprob": self.logprob.to_dict(),
@@ -103,16 +105,30 @@ class Analysis:
     fingerprints: dict[str, int]
     groups: list[dict[str, Any]]
     divergence: Divergence | None
+    # NaN or infinite logprobs among the successful samples (chosen and top-k): how
+    # many samples carried any, and how many values in all. Never "deterministic".
+    bad_logprobs: dict[str, int] = field(default_factory=lambda: {"samples": 0, "values": 0})
     frames: Frames | None = field(default=None, repr=False)
     # Logit grid and top-k entropy (detaudit.analysis.insight), attached by the caller
     # when the samples' top-k lists are at hand; in the JSON as "insight".
     insight: Any = field(default=None, repr=False)
+    # requested | not_requested | not_returned (detaudit.analysis.agreement); without
+    # logprobs the run is text-only: no tokens, no divergence, agreement figures instead
+    logprobs: str = REQUESTED
+    agreement: Agreement | None = None
+
+    @property
+    def text_only(self) -> bool:
+        return self.logprobs != REQUESTED
 
     @property
     def deterministic(self) -> bool:
-        """One distinct value for every tracked token and one distinct output."""
-        return (self.ok > 0 and self.outputs_distinct <= 1
-                and all(t.distinct_logprobs <= 1 for t in self.tokens))
+        """One distinct value for every tracked token, one distinct output, no bad
+        (NaN, infinite) logprob, and for completions one token sequence and one
+        logprob vector: the same text with other numbers is not deterministic."""
+        return (self.ok > 0 and self.outputs_distinct <= 1 and not self.bad_logprobs["samples"]
+                and all(t.distinct_logprobs <= 1 and not t.bad for t in self.tokens)
+                and (self.divergence is None or self.divergence.deterministic))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary: plain types only, NaN and inf as null."""
@@ -121,6 +137,7 @@ class Analysis:
             "errors_by_kind": self.errors_by_kind,
             "probe_kind": self.probe_kind, "threshold_pct": self.threshold_pct,
             "deterministic": self.deterministic,
+            "bad_logprobs": self.bad_logprobs,
             "tokens": [t.to_dict(self.threshold_pct) for t in self.tokens],
             "outcomes": [o.to_dict() for o in self.outcomes],
             "outputs": {"distinct": self.outputs_distinct,
@@ -128,47 +145,82 @@ class Analysis:
             "fingerprints": self.fingerprints,
             "groups": self.groups,
             "divergence": self.divergence.to_dict() if self.divergence else None,
+            "logprobs": self.logprobs,
+            "agreement": self.agreement.to_dict() if self.agreement else None,
             **({"insight": self.insight.to_dict()} if self.insight is not None else {}),
         })
 
 
 def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
-            probe_kind: str | None = "outcome") -> Analysis:
+            probe_kind: str | None = "outcome", *, logprobs_requested: bool = True,
+            answer_regex: str | None = None, tokenize: Callable[[str], Sequence[Any]] | None = None,
+            tokenizer: str | None = None) -> Analysis:
     """Every figure of a run. ``probe_kind`` switches on the outcome shares (outcome,
     load-sweep) and the completion analysis (fixed-seed, greedy-divergence,
-    top-logprobs; also any run with multi-token answers). None: data from a file."""
-    if not (isinstance(threshold_pct, (int, float)) and math.isfinite(threshold_pct)
-            and threshold_pct >= 0):
-        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a number of "
-                         "percentage points >= 0, e.g. 0.01")
+    top-logprobs; also any run with multi-token answers). None: data from a file.
+
+    Text-only runs (logprobs not requested, or not returned) get no token figures and
+    no logprob divergence; their agreement carries the first divergence by ``tokenize``
+    (the model's tokenizer, named ``tokenizer``) or by character."""
+    check_threshold(threshold_pct)
     samples, tracked = frames.samples, frames.tracked
     ok = samples[samples["status"] == "ok"]
     errors = samples[samples["status"] != "ok"]
     outputs = ok["output"].value_counts(dropna=False)
     fingerprints = ok["system_fingerprint"].fillna(NO_FINGERPRINT).value_counts()
     slots = tracked_slots(frames)
+    status = logprobs_status(samples, logprobs_requested)
+    text_only = status != REQUESTED
+    labels = [s["label"] for s in slots] if text_only else None  # outcomes by text alone
+    if text_only:
+        slots = []
     tokens = [_token_result(tracked[tracked["slot"] == slot], t, threshold_pct)
               for slot, t in enumerate(slots)]
     multi_token = bool(len(ok)) and int(ok["tokens"].map(len).max()) > 1
-    completions = multi_token or (probe_kind in COMPLETION_KINDS and len(ok) > 0)
+    completions = not text_only and (multi_token or (probe_kind in COMPLETION_KINDS and len(ok) > 0))
     return Analysis(
         n=len(samples), ok=len(ok), errors=len(errors),
         errors_by_kind={str(k): int(v) for k, v in
                         errors["error_kind"].fillna("unknown").value_counts().items()},
         threshold_pct=threshold_pct, probe_kind=probe_kind, tokens=tokens,
-        outcomes=_outcomes(outputs, len(ok), tokens) if probe_kind in OUTCOME_KINDS else [],
+        outcomes=_outcomes(outputs, len(ok), tokens, labels) if probe_kind in OUTCOME_KINDS else [],
         outputs_distinct=len(outputs),
         outputs_top=[(None if _isnull(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
         fingerprints={str(k): int(v) for k, v in fingerprints.items()},
-        groups=_groups(samples, tracked, slots, threshold_pct),
-        divergence=divergence(samples) if completions else None,
-        frames=frames,
+        groups=_groups(samples, tracked, slots, threshold_pct, completions),
+        divergence=divergence(ok) if completions else None,
+        bad_logprobs=_bad_logprobs(ok),
+        frames=frames, logprobs=status,
+        agreement=agreement(samples, answer_regex, tokenize, tokenizer, divergence=text_only),
     )
 
 
+def check_threshold(threshold_pct: Any) -> float:
+    """The cluster threshold, or ValueError: a finite number of percentage points >= 0
+    (inf or NaN would make every value one cluster, or none)."""
+    if not (isinstance(threshold_pct, (int, float)) and not isinstance(threshold_pct, bool)
+            and math.isfinite(threshold_pct) and threshold_pct >= 0):
+        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a finite "
+                         "number of percentage points >= 0, e.g. 0.01")
+    return threshold_pct
+
+
+def _bad_logprobs(ok: pd.DataFrame) -> dict[str, int]:
+    counts = ok["bad_logprobs"].to_numpy(np.int64) if "bad_logprobs" in ok else np.zeros(0, np.int64)
+    return {"samples": int((counts > 0).sum()), "values": int(counts.sum())}
+
+
+def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """Tracked rows -> (rows with a finite value, missing count, bad count). Missing: the
+    token was not in the top-k (no text). Bad: the server sent it as NaN or infinity."""
+    finite = np.isfinite(rows["logprob"].to_numpy(np.float64))
+    received = rows["logprob_text"].notna().to_numpy()
+    return rows[finite], int((~received & ~finite).sum()), int((received & ~finite).sum())
+
+
 def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float) -> TokenResult:
-    present = rows[rows["logprob"].notna()]
+    present, missing, bad = _split(rows)
     logprob = present["logprob"].to_numpy(dtype=np.float64)
     distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
     fps = present["system_fingerprint"].to_numpy()
@@ -177,7 +229,7 @@ def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float
     values = values.sort_values(["count", "logprob"], ascending=[False, False], kind="stable")
     return TokenResult(
         label=slot["label"], token=slot["token"], position=int(slot["position"]),
-        n=len(rows), missing=len(rows) - len(present),
+        n=len(rows), missing=missing, bad=bad,
         distinct_logprobs=len(distinct.count), logprob=spread(logprob),
         prob=spread(np.exp(logprob)),
         clusters=cluster_table(distinct, threshold_pct, fps), values=values,
@@ -199,28 +251,34 @@ def _by_fingerprint(present: pd.DataFrame) -> dict[str, dict[str, Any]]:
                       "mean_prob": float(r.mean_prob)} for fp, r in table.iterrows()}
 
 
-def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult]) -> list[Outcome]:
+def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult],
+              labels: list[str] | None = None) -> list[Outcome]:
     """For each label: the share of outputs starting with it (leading whitespace ignored).
-    ``outputs`` are the distinct outputs with their counts, so this is cheap at any n."""
+    ``outputs`` are the distinct outputs with their counts, so this is cheap at any n.
+    ``labels``: a text-only run's labels, with no reported probability (NaN)."""
     texts = ["" if _isnull(t) else str(t).lstrip() for t in outputs.index]
     counts = outputs.to_numpy()
     result = []
     seen: set[str] = set()
-    for t in tokens:
-        if t.label in seen or not t.label:
+    pairs = [(t.label, t.prob.mean) for t in tokens] if labels is None else \
+        [(label, math.nan) for label in labels]
+    for label, reported in pairs:
+        if label in seen or not label:
             continue
-        seen.add(t.label)
-        count = int(sum(c for text, c in zip(texts, counts) if text.startswith(t.label)))
+        seen.add(label)
+        count = int(sum(c for text, c in zip(texts, counts) if text.startswith(label)))
         low, high = wilson_interval(count, n)
-        result.append(Outcome(label=t.label, count=count, n=n,
+        result.append(Outcome(label=label, count=count, n=n,
                               share=count / n if n else math.nan, ci_low=low, ci_high=high,
-                              mean_reported_prob=t.prob.mean))
+                              mean_reported_prob=reported))
     return result
 
 
 def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, Any]],
-            threshold_pct: float) -> list[dict[str, Any]]:
-    """Per group (load level, batch size): distinct outputs and logprobs of each token."""
+            threshold_pct: float, completions: bool = False) -> list[dict[str, Any]]:
+    """Per group (load level, batch size): distinct outputs and logprobs of each token;
+    for completions also distinct token sequences and logprob vectors, and the first
+    position where the vectors differ."""
     if samples["group"].isna().all():
         return []
     result = []
@@ -231,14 +289,20 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
         entry: dict[str, Any] = {"group": str(key), "n": len(rows),
                                  "errors": int((rows["status"] != "ok").sum()),
                                  "distinct_outputs": int(ok["output"].nunique(dropna=False)),
+                                 "bad_logprobs": _bad_logprobs(ok)["samples"],
                                  "tokens": []}
+        if completions:
+            d = divergence(ok)
+            entry.update(distinct_token_sequences=d.distinct_token_sequences,
+                         distinct_logprob_vectors=d.distinct_logprob_vectors,
+                         first_difference=d.first_difference)
         for slot, t in enumerate(slots):
             sub = tracked[(tracked["slot"] == slot) & (tracked["group"] == key)]
-            present = sub[sub["logprob"].notna()]
+            present, missing, bad = _split(sub)
             logprob = present["logprob"].to_numpy(np.float64)
             distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
             entry["tokens"].append({
-                "label": t["label"], "missing": len(sub) - len(present),
+                "label": t["label"], "missing": missing, "bad_values": bad,
                 "distinct_logprobs": len(distinct.count),
                 "clusters": len(cluster_table(distinct, threshold_pct)),
                 "mean_prob": float(np.exp(logprob).mean()) if logprob.size else math.nan,

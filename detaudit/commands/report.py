@@ -13,7 +13,7 @@ from detaudit.defaults import DEFAULT_THRESHOLD_PCT
 from detaudit.probes import builtin_names, load_probe
 from detaudit.session import UsageProblem
 from detaudit.store import RunStore
-from detaudit.terminal import print_json, stderr
+from detaudit.terminal import print_json, stderr, threshold_option
 
 if TYPE_CHECKING:
     from detaudit.analysis import Analysis
@@ -41,11 +41,11 @@ def print_notes(notes: list[str]) -> None:
 
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Re-analyse a stored run (any threshold, no requests sent)."""
-    with RunStore.open(run_dir) as store:
+    with RunStore.open_read_only(run_dir) as store:
         analysis = session.analyze_store(store, threshold_pct)
         data = session.summary(store, threshold_pct, analysis=analysis)
     status = data["run"]["status"]
@@ -63,12 +63,12 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
     clusters: Optional[Path] = typer.Option(None, help="Write one row per logprob cluster here."),
     samples: Optional[Path] = typer.Option(None, help="Write one row per sample here."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
 ) -> None:
     """Write a stored run as CSV files: clusters and/or samples."""
     if clusters is None and samples is None:
         raise UsageProblem("nothing to export: give --clusters FILE.csv and/or --samples FILE.csv")
-    with RunStore.open(run_dir) as store:
+    with RunStore.open_read_only(run_dir) as store:
         analysis = session.analyze_store(store, threshold_pct)
     write_csvs(analysis, clusters, samples)
 
@@ -76,7 +76,7 @@ def export(
 def analyze_file(
     file: Path = typer.Argument(..., help="CSV or JSONL, one row per sample, with a 'logprob' column."),
     token: Optional[str] = typer.Option(None, help="Analyse only the rows of this token."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     clusters: Optional[Path] = typer.Option(None, help="Also write the clusters CSV here."),
     samples: Optional[Path] = typer.Option(None, help="Also write the samples CSV here."),

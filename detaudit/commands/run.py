@@ -8,6 +8,7 @@ picks the exit code: 0 ok, 1 the run failed, 2 usage error, 130 Ctrl-C, 143 SIGT
 from __future__ import annotations
 
 import asyncio
+import shlex
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,7 +28,7 @@ from detaudit.redact import redact
 from detaudit.runner import RunFailed
 from detaudit.session import Terminated, UsageProblem
 from detaudit.store import RunStore, utc_now
-from detaudit.terminal import print_json, stderr
+from detaudit.terminal import print_json, stderr, threshold_option
 from detaudit.urls import without_userinfo
 
 
@@ -51,6 +52,7 @@ RUN_EXAMPLES = """\
   detaudit run                           [dim]# bundled local engine, no key[/]
   detaudit run --model gpt-4o --n 10000  [dim]# key in $OPENAI_API_KEY[/]
   detaudit run --model qwen --base-url http://localhost:8000/v1
+  detaudit run --model /models/qwen --base-url http://localhost:8000/v1 --no-logprobs  [dim]# text only[/]
   detaudit run --probe my-probe.toml --model gpt-4o-mini --json
   detaudit run --resume results/<run-id>
 """
@@ -90,7 +92,8 @@ def run(
     temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Override the probe's temperature."),
     seed: Optional[int] = typer.Option(None, help="Override the probe's seed."),
     top_logprobs: Optional[int] = typer.Option(None, min=0, max=20, help="Override how many top logprobs to ask for (0-20)."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Text-only audit, for servers without logprobs: ask for none; report distinct outputs, agreement rates (TARr@N, TARa@N) and first divergence."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
     resume: Optional[Path] = typer.Option(None, help="Finish an interrupted run: results/<run-id>.", metavar="RUN_DIR"),
     max_attempts: int = typer.Option(5, min=1, help="Tries per request before it is stored as an error."),
@@ -117,7 +120,7 @@ def run(
     session.check_request_timeout(request_timeout)
     if resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in _MEASUREMENT_FLAGS
-                 if ctx.params.get(name) is not None]
+                 if ctx.params.get(name) is not None] + (["--no-logprobs"] if no_logprobs else [])
         if given:
             raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
                                f"manifest; drop {', '.join(given)}")
@@ -143,7 +146,8 @@ def run(
             probe or DEFAULT_PROBE, model=model, base_url=base_url, n=n, api=api,
             api_key_env=api_key_env, backend=backend, kernels=kernels, kernel_impl=kernel_impl,
             batch_sizes=batch_sizes, levels=levels, max_level=max_level, prompt=prompt,
-            max_tokens=max_tokens, temperature=temperature, seed=seed, top_logprobs=top_logprobs)
+            max_tokens=max_tokens, temperature=temperature, seed=seed, top_logprobs=top_logprobs,
+            no_logprobs=no_logprobs)
         probe_obj, config, n = prepared.probe, prepared.config, prepared.n
         root = out or Path("results")
         session.check_out(root)
@@ -192,6 +196,9 @@ def run(
             render(analysis, store.manifest)
         print_notes(data["run"]["notes"])
         typer.echo(f"Run folder: {store.path}")
+    if session.logprobs_not_returned(analysis):  # a resume would ask for logprobs again
+        raise RunFailed(f"{result.reason}\nAudit this server's text with a new run:\n  "
+                        f"{_text_only_command(store.manifest.get('command'))}")
     if result.status == "failed":
         raise RunFailed(f"{result.reason}. Fix it, then finish the run with: "
                         f"detaudit run --resume {store.path}")
@@ -202,6 +209,18 @@ def run(
         raise RunFailed(f"stopped by --max-cost {max_cost:g} USD after {result.ok + result.errors:,} "
                         f"of {n:,} samples; finish with: detaudit run --resume {store.path} "
                         "--max-cost USD")
+
+
+def _text_only_command(command: list[str] | None) -> str:
+    """The run's command as a text-only run: --no-logprobs added, --top-logprobs dropped."""
+    words, kept = list(command or ["detaudit", "run"]), []
+    while words:
+        word = words.pop(0)
+        if word == "--top-logprobs":
+            words = words[1:]
+        elif word != "--no-logprobs":
+            kept.append(word)
+    return shlex.join(kept + ["--no-logprobs"])
 
 
 def _within_budget(store: RunStore | None, probe: Probe, config: dict[str, Any], n: int,

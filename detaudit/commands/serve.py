@@ -19,7 +19,7 @@ from rich.console import Console
 from detaudit import session
 from detaudit.defaults import DEFAULT_KERNELS, DEFAULT_THRESHOLD_PCT, LOCAL_MODEL, KERNEL_MODES, model_id
 from detaudit.redact import redact
-from detaudit.terminal import fail, stderr
+from detaudit.terminal import fail, stderr, threshold_option
 
 # typer's choices, from the one list of kernel names (local_backend.kernel_names)
 Kernels = Enum("Kernels", {name.replace("-", "_"): name for name in KERNEL_MODES}, type=str)
@@ -98,9 +98,12 @@ def gate(
     max_distinct_outputs: Optional[int] = typer.Option(None, min=1, help="Limit on distinct output texts."),
     max_prob_range: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Limit on max - min probability of a tracked token (0..1)."),
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
-    threshold_pct: Optional[float] = typer.Option(None, min=0.0, help=f"Cluster gap, in percentage points \\[default: {DEFAULT_THRESHOLD_PCT:g}]."),
+    max_distinct_logprob_vectors: Optional[int] = typer.Option(None, min=1, help="Completion probes: limit on distinct logprob vectors (tokens + chosen-token logprob bits) \\[default: max_distinct_logprobs]."),
+    max_distinct_token_sequences: Optional[int] = typer.Option(None, min=1, help="Completion probes: limit on distinct token sequences \\[default: max_distinct_outputs]."),
+    threshold_pct: Optional[float] = typer.Option(None, min=0.0, callback=threshold_option, help=f"Cluster gap, in percentage points \\[default: {DEFAULT_THRESHOLD_PCT:g}]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
     request_timeout: Optional[float] = typer.Option(None, min=0.001, help="Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: 60].", metavar="SECONDS"),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Every check text only, for servers without logprobs (or logprobs = false in one check of the config)."),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).
 
@@ -112,7 +115,9 @@ def gate(
 
     flags = {"max_distinct_logprobs": max_distinct_logprobs, "max_clusters": max_clusters,
              "max_distinct_outputs": max_distinct_outputs, "max_prob_range": max_prob_range,
-             "max_error_rate": max_error_rate}
+             "max_error_rate": max_error_rate,
+             "max_distinct_logprob_vectors": max_distinct_logprob_vectors,
+             "max_distinct_token_sequences": max_distinct_token_sequences}
     try:
         cfg = gating.load_config(config, flags)
     except gating.GateConfigError as exc:
@@ -131,7 +136,7 @@ def gate(
         fail(f"{cfg.source}: the endpoint {target['base_url']} needs a model name: give --model NAME "
              "or model = \"...\" in [endpoint]", gating.EXIT_USAGE)
     threshold = threshold_pct if threshold_pct is not None else cfg.threshold_pct
-    plans = [_plan(cfg, i, check, target) for i, check in enumerate(cfg.checks)]
+    plans = [_plan(cfg, i, check, target, no_logprobs) for i, check in enumerate(cfg.checks)]
     if target["base_url"]:
         _check_reachable(target["base_url"], plans, cfg, junit, json_out)
     folder = out or Path(cfg.out or "results")
@@ -140,7 +145,7 @@ def gate(
     _report(results, cfg, junit, json_out)
 
 
-def _plan(cfg, index: int, check, target: dict) -> dict:
+def _plan(cfg, index: int, check, target: dict, no_logprobs: bool = False) -> dict:
     """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
     from detaudit.backends.base import BackendError
     from detaudit.probes import ProbeError
@@ -149,6 +154,7 @@ def _plan(cfg, index: int, check, target: dict) -> dict:
         prepared = session.prepare(
             check.probe, model=target["model"], base_url=target["base_url"], n=check.n,
             api_key_env=target["api_key_env"], levels=check.levels,
+            no_logprobs=no_logprobs or not check.logprobs,
             kernels=target["kernels"] if not target["base_url"] else None)
     except (ProbeError, BackendError, session.UsageProblem) as exc:
         fail(f"{cfg.source}: check[{index}] ({check.name}): {exc}", 2)
@@ -218,7 +224,8 @@ def _report(results: list, cfg, junit: Path | None, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(data, allow_nan=False, ensure_ascii=False))
     else:
-        table = Table("check", "status", "logprobs", "clusters", "outputs", "P range", "errors",
+        table = Table("check", "status", "logprobs", "clusters", "outputs", "vectors", "P range",
+                      "errors",
                       title="detaudit gate (measured / limit)", title_justify="left")
         style = {"pass": "green", "fail": "red", "error": "yellow"}
         for r in results:
@@ -232,6 +239,7 @@ def _report(results: list, cfg, junit: Path | None, json_out: bool) -> None:
                           show("distinct_logprobs", "max_distinct_logprobs"),
                           show("clusters", "max_clusters"),
                           show("distinct_outputs", "max_distinct_outputs"),
+                          show("distinct_logprob_vectors", "max_distinct_logprob_vectors"),
                           show("prob_range", "max_prob_range", "{:.3g}"),
                           show("error_rate", "max_error_rate", "{:.1%}"))
         console = Console(highlight=False)
