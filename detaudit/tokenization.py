@@ -21,6 +21,8 @@ from typing import Any
 
 import tiktoken
 
+from detaudit.defaults import LOCAL_MODEL
+
 # Families tiktoken may not know yet (older tiktoken versions): longest prefix wins.
 _FAMILY_ENCODINGS = {
     "gpt-5": "o200k_base", "gpt-4.1": "o200k_base", "gpt-4.5": "o200k_base",
@@ -145,8 +147,8 @@ def split_with(encoding: tiktoken.Encoding, text: str) -> list[str]:
 
 
 def _model_folder(model: str, local: bool) -> Path | None:
-    if local and model == "tiny":
-        folder = Path(str(resources.files("local_backend"))) / "models" / "tiny"
+    if local and model == LOCAL_MODEL:
+        folder = Path(str(resources.files("local_backend"))) / "models" / LOCAL_MODEL
     else:
         folder = Path(model).expanduser()
     try:
