@@ -14,10 +14,11 @@ LOCAL_MODEL = "tiny"  # the bundled model
 DEFAULT_KERNELS = KERNEL_MODES[0]  # batch-invariant
 DEFAULT_KERNEL_IMPL = KERNEL_IMPLS[0]  # auto
 DEFAULT_BATCH_SIZES = (1, 3, 8, 32)  # the local engine's repeats cycle through these
+MAX_LEVEL = 256  # default cap on a load level (requests in flight beside the target)
 
 __all__ = ["DEFAULT_PROBE", "DEFAULT_THRESHOLD_PCT", "LOCAL_MODEL", "KERNEL_MODES",
            "KERNEL_IMPLS", "DEFAULT_KERNELS", "DEFAULT_KERNEL_IMPL", "DEFAULT_BATCH_SIZES",
-           "is_local_model", "model_id"]
+           "MAX_LEVEL", "is_local_model", "model_id"]
 
 
 def is_local_model(model: str | None) -> bool:

@@ -30,12 +30,12 @@ import random
 from typing import Any
 
 from detaudit.backends.base import Backend, BackendError
+from detaudit.defaults import MAX_LEVEL
 from detaudit.probes import LoadSpec, Probe, ProbeError
 from detaudit.records import Completion
 
 FILLER_MAX_NEW_TOKENS = 8  # short generations: the load changes often and drains fast
 SETTLE_S = 0.05  # after a level change, time for the fillers to reach the server
-MAX_LEVEL = 256  # default cap on a load level (requests in flight beside the target)
 _WORDS = ("the sea is wide and grey a lighthouse keeper lived alone by the shore heads tails "
           "coin flip red green blue story wind night light boat rope storm morning").split()
 

@@ -26,7 +26,8 @@ from detaudit import __version__, budget
 from detaudit import load as load_sweep
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
 from detaudit.defaults import (DEFAULT_BATCH_SIZES, DEFAULT_KERNEL_IMPL, DEFAULT_KERNELS,
-                               DEFAULT_PROBE, DEFAULT_THRESHOLD_PCT, LOCAL_MODEL, is_local_model)
+                               DEFAULT_PROBE, DEFAULT_THRESHOLD_PCT, LOCAL_MODEL, MAX_LEVEL,
+                               is_local_model)
 from detaudit.probes import Probe, load_probe
 from detaudit.ratelimit import RateLimits, tokens_per_request
 from detaudit.redact import api_key_env_problem
@@ -69,7 +70,7 @@ def prepare(probe: str = DEFAULT_PROBE, *, model: str | None = None, base_url: s
             n: int | None = None, api: str | None = None, api_key_env: str = "OPENAI_API_KEY",
             backend: str | None = None, kernels: str | None = None,
             kernel_impl: str | None = None, batch_sizes: str | list[int] | None = None,
-            levels: str | list[int] | None = None, max_level: int = load_sweep.MAX_LEVEL,
+            levels: str | list[int] | None = None, max_level: int = MAX_LEVEL,
             prompt: str | None = None, max_tokens: int | None = None,
             temperature: float | None = None, seed: int | None = None,
             top_logprobs: int | None = None, no_logprobs: bool = False) -> Prepared:
@@ -133,7 +134,7 @@ def switch_api(probe: Probe, api: str) -> Probe:
 
 def backend_config(backend: str | None, model: str | None, base_url: str | None,
                    api_key_env: str, kernels: str | None, batch_sizes: str | None,
-                   max_level: int = load_sweep.MAX_LEVEL,
+                   max_level: int = MAX_LEVEL,
                    kernel_impl: str | None = None) -> dict[str, Any]:
     """Which backend, with the arguments that rebuild it on --resume (no secrets)."""
     # a local model at a URL is detaudit serve: the openai backend
@@ -185,7 +186,7 @@ def default_n(probe: Probe, config: dict[str, Any]) -> int:
     return LOCAL_CPU_DEFAULT_N
 
 
-def parse_batch_sizes(text: str, max_level: int = load_sweep.MAX_LEVEL) -> list[int]:
+def parse_batch_sizes(text: str, max_level: int = MAX_LEVEL) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:

@@ -11,13 +11,6 @@ from typing import Any, Callable
 import typer
 
 from detaudit import __version__
-from detaudit.backends.base import BackendError
-from detaudit.budget import BudgetError
-from detaudit.probes import ProbeError
-from detaudit.runlock import RunLocked
-from detaudit.runner import RunFailed
-from detaudit.session import Terminated, UsageProblem
-from detaudit.store import StoreError
 from detaudit.terminal import fail, stderr
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -41,20 +34,29 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Does an LLM give the same answer twice? Send one request many times, store every answer, and count the distinct logprobs and outputs."""
 
 
-def interrupt_code(exc: BaseException) -> int:
-    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+# Expected errors, by the module that defines them: bad input (exit 2), a failed run
+# (exit 1), SIGTERM (143). They are looked up among the loaded modules only (an error
+# of a module never imported cannot have been raised), so --help imports none of them.
+USAGE_ERRORS = {"detaudit.session": "UsageProblem", "detaudit.probes": "ProbeError",
+                "detaudit.ingest": "IngestError", "detaudit.store": "StoreError",
+                "detaudit.backends.base": "BackendError", "detaudit.budget": "BudgetError",
+                "detaudit.runlock": "RunLocked", "local_backend.config": "ModelLoadError"}
+RUN_FAILED = ("detaudit.runner", "RunFailed")
+TERMINATED = ("detaudit.session", "Terminated")
+
+
+def _loaded(*where: tuple[str, str]) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in where
+                 if module in sys.modules)
 
 
 def usage_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (exit 2). Those of modules that pull in heavy
-    libraries (pandas, torch) count only once loaded: unloaded, they cannot be raised."""
-    errors: list[type[BaseException]] = [UsageProblem, ProbeError, StoreError, BackendError,
-                                         BudgetError, RunLocked]
-    for module, name in (("detaudit.ingest", "IngestError"), ("local_backend.config", "ModelLoadError")):
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            errors.append(getattr(loaded, name))
-    return tuple(errors)
+    """The exception classes that mean bad input (exit 2), of the modules loaded."""
+    return _loaded(*USAGE_ERRORS.items())
+
+
+def interrupt_code(exc: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(exc, _loaded(TERMINATED)) else EXIT_INTERRUPTED
 
 
 def guard(command: Callable) -> Callable:
@@ -64,12 +66,15 @@ def guard(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except RunFailed as exc:
-            fail(str(exc), 1)
-        except (KeyboardInterrupt, Terminated) as exc:
+        except KeyboardInterrupt:
             stderr.print("[yellow]interrupted[/]")
-            raise typer.Exit(interrupt_code(exc)) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
+            if isinstance(exc, _loaded(TERMINATED)):
+                stderr.print("[yellow]interrupted[/]")
+                raise typer.Exit(EXIT_TERMINATED) from None
+            if isinstance(exc, _loaded(RUN_FAILED)):
+                fail(str(exc), 1)
             if isinstance(exc, usage_errors()):
                 fail(str(exc), 2)
             raise

@@ -1,5 +1,6 @@
 """``detaudit report``, ``export``, ``analyze`` and ``probes``: reading stored runs and
-recorded files (no request is sent), and the report rendering ``run`` shares."""
+recorded files (no request is sent), and the report rendering ``run`` shares. The
+session layer and the analysis are imported by the commands that use them."""
 
 from __future__ import annotations
 
@@ -8,11 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
-from detaudit import session
 from detaudit.defaults import DEFAULT_THRESHOLD_PCT
 from detaudit.probes import builtin_names, load_probe
-from detaudit.session import UsageProblem
-from detaudit.store import RunStore
 from detaudit.terminal import print_json, stderr, threshold_option
 
 if TYPE_CHECKING:
@@ -23,6 +21,8 @@ def render(analysis: "Analysis", manifest: dict[str, Any] | None, title: str | N
     from rich.console import Console
 
     from detaudit.report import render_report
+
+    from detaudit import session
 
     if title is None and manifest is not None:
         title = f"{manifest['probe']['name']} x {manifest['n']:,} on {session.backend_name(manifest)}"
@@ -45,6 +45,9 @@ def report(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Re-analyse a stored run (any threshold, no requests sent)."""
+    from detaudit import session
+    from detaudit.store import RunStore
+
     with RunStore.open_read_only(run_dir) as store:
         analysis = session.analyze_store(store, threshold_pct)
         data = session.summary(store, threshold_pct, analysis=analysis)
@@ -66,6 +69,10 @@ def export(
     threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
 ) -> None:
     """Write a stored run as CSV files: clusters and/or samples."""
+    from detaudit import session
+    from detaudit.session import UsageProblem
+    from detaudit.store import RunStore
+
     if clusters is None and samples is None:
         raise UsageProblem("nothing to export: give --clusters FILE.csv and/or --samples FILE.csv")
     with RunStore.open_read_only(run_dir) as store:
@@ -100,6 +107,7 @@ def analyze_file(
 def write_csvs(analysis: "Analysis", clusters: Path | None, samples: Path | None,
                 quiet: bool = False) -> None:
     from detaudit.export import write_clusters_csv, write_samples_csv
+    from detaudit.session import UsageProblem
 
     for path, write in ((clusters, write_clusters_csv), (samples, write_samples_csv)):
         if path is None:

@@ -3,33 +3,34 @@
 A shell over ``detaudit.session``: it turns flags into the session's arguments, prints
 progress, the report (or ``--json``: exactly ``session.summary``) and the run folder, and
 picks the exit code: 0 ok, 1 the run failed, 2 usage error, 130 Ctrl-C, 143 SIGTERM.
+The session layer (asyncio, the runner, the store) is imported when a run starts, so
+``detaudit --help`` does not pay for it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
-from detaudit import budget
-from detaudit import load as load_sweep
-from detaudit import session
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
 from detaudit.commands import insight
 from detaudit.commands.app import EXIT_INTERRUPTED, EXIT_TERMINATED, interrupt_code
 from detaudit.commands.report import print_notes, render
-from detaudit.defaults import DEFAULT_BATCH_SIZES, DEFAULT_PROBE, DEFAULT_THRESHOLD_PCT, KERNEL_IMPLS, KERNEL_MODES
-from detaudit.probes import Probe, builtin_names
+from detaudit.defaults import (DEFAULT_BATCH_SIZES, DEFAULT_PROBE, DEFAULT_THRESHOLD_PCT,
+                               KERNEL_IMPLS, KERNEL_MODES, MAX_LEVEL)
+from detaudit.probes import builtin_names
 from detaudit.redact import redact
-from detaudit.runner import RunFailed
-from detaudit.session import Terminated, UsageProblem
-from detaudit.store import RunStore, utc_now
 from detaudit.terminal import print_json, stderr, threshold_option
 from detaudit.urls import without_userinfo
+
+if TYPE_CHECKING:
+    from detaudit.budget import RequestPlan
+    from detaudit.probes import Probe
+    from detaudit.store import RunStore
 
 
 class Api(str, Enum):
@@ -85,7 +86,7 @@ def run(
     batch_sizes: Optional[str] = typer.Option(None, help="Local engine: batch sizes the repeats cycle through "
                                                      f"\\[default: {','.join(map(str, DEFAULT_BATCH_SIZES))}]."),
     levels: Optional[str] = typer.Option(None, help="load-sweep: requests in flight beside the target, e.g. 0,1,4,16 \\[default: the probe's]; --n is then per level."),
-    max_level: int = typer.Option(load_sweep.MAX_LEVEL, min=0, help="Cap on --levels and on a local --batch-sizes (batch B = level B-1): requests in flight beside the target."),
+    max_level: int = typer.Option(MAX_LEVEL, min=0, help="Cap on --levels and on a local --batch-sizes (batch B = level B-1): requests in flight beside the target."),
     concurrency: Optional[int] = typer.Option(None, min=1, help="Requests in flight \\[default: the probe's]."),
     prompt: Optional[str] = typer.Option(None, help="Replace the probe's prompt (one user message for chat)."),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="Override the probe's max_tokens."),
@@ -113,6 +114,14 @@ def run(
 
     Every sample lands in results/<run-id>/ as it arrives, so an interrupted run can be finished with --resume.
     """
+    import asyncio
+
+    from detaudit import budget, session
+    from detaudit import load as load_sweep
+    from detaudit.runner import RunFailed
+    from detaudit.session import Terminated, UsageProblem
+    from detaudit.store import utc_now
+
     api, backend, kernels, kernel_impl = (e.value if e is not None else None
                                           for e in (api, backend, kernels, kernel_impl))
     session.check_api_key_env(api_key_env)
@@ -223,27 +232,29 @@ def _text_only_command(command: list[str] | None) -> str:
     return shlex.join(kept + ["--no-logprobs"])
 
 
-def _within_budget(store: RunStore | None, probe: Probe, config: dict[str, Any], n: int,
-                   plan: budget.RequestPlan, max_cost: float | None,
-                   prices: Path | None) -> tuple[int, budget.RequestPlan]:
+def _within_budget(store: "RunStore | None", probe: "Probe", config: dict[str, Any], n: int,
+                   plan: "RequestPlan", max_cost: float | None,
+                   prices: Path | None) -> "tuple[int, RequestPlan]":
     """The n to give the runner, and what it will send, so that at most the affordable
     missing indices (each with its fillers) are sent; exit 2 when not one fits."""
     if max_cost is None:
         return n, plan
     cost = insight.cost_plan(probe, config, plan.targets, prices, plan.fillers)
-    end, session = insight.affordable(cost, plan, max_cost, store)
-    if session.total < plan.total:
-        fillers = f" and {session.fillers:,} of {plan.fillers:,} filler requests" if plan.fillers else ""
-        stderr.print(f"[yellow]--max-cost {max_cost:g} USD[/]: sending {session.targets:,} of the "
+    end, sending = insight.affordable(cost, plan, max_cost, store)
+    if sending.total < plan.total:
+        fillers = f" and {sending.fillers:,} of {plan.fillers:,} filler requests" if plan.fillers else ""
+        stderr.print(f"[yellow]--max-cost {max_cost:g} USD[/]: sending {sending.targets:,} of the "
                      f"{plan.targets:,} requests left{fillers} (at most "
                      f"{cost.per_request_usd:.6g} USD each)", highlight=False)
-    return end, session
+    return end, sending
 
 
-def _interrupted(store: RunStore, n: int, threshold_pct: float, json_out: bool,
+def _interrupted(store: "RunStore", n: int, threshold_pct: float, json_out: bool,
                  code: int = EXIT_INTERRUPTED) -> None:
     """Ctrl-C or SIGTERM: in-flight requests were cancelled (resume sends them again);
     report what is stored, say how to finish, exit 130 (143 for SIGTERM)."""
+    from detaudit import session
+
     done = len(store.done_indices())
     try:
         analysis = session.analyze_store(store, threshold_pct)

@@ -16,7 +16,6 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-from detaudit import session
 from detaudit.defaults import DEFAULT_KERNELS, DEFAULT_THRESHOLD_PCT, LOCAL_MODEL, KERNEL_MODES, model_id
 from detaudit.redact import redact
 from detaudit.terminal import fail, stderr, threshold_option
@@ -111,6 +110,7 @@ def gate(
     within limits, 3 beyond them, 1 when a run failed, 2 on a bad config.
     """
     from detaudit import gate as gating
+    from detaudit import session
     from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
 
     flags = {"max_distinct_logprobs": max_distinct_logprobs, "max_clusters": max_clusters,
@@ -147,6 +147,7 @@ def gate(
 
 def _plan(cfg, index: int, check, target: dict, no_logprobs: bool = False) -> dict:
     """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
+    from detaudit import session
     from detaudit.backends.base import BackendError
     from detaudit.probes import ProbeError
 
@@ -182,6 +183,7 @@ def _run_check(plan: dict, folder: Path, threshold: float | None, max_attempts: 
                timeout: float):
     """One stored run, as ``detaudit run`` makes it, then its verdict."""
     from detaudit import gate as gating
+    from detaudit import session
 
     check, prepared = plan["check"], plan["prepared"]
     probe, n = prepared.probe, prepared.n
