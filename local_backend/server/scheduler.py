@@ -8,7 +8,8 @@ finished ``Result`` back to the event loop that waits for it.
 
 Backpressure: at most ``max_batch`` sequences run and ``max_queue`` more wait; beyond
 that ``QueueFull`` (HTTP 429), whose Retry-After is the queued work over the measured
-throughput: tokens still to generate / (sequences per step / seconds per step). Each
+throughput: tokens still to generate / tokens generated per second over the last
+``THROUGHPUT_STEPS`` steps. Each
 call has a deadline (``ServerTimeout``, HTTP 504). On shutdown, new work is refused
 (``ShuttingDown``) and what is still in flight after the grace period gets that error.
 
@@ -26,9 +27,13 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 from local_backend.engine import Engine, Request, Result
+
+
+THROUGHPUT_STEPS = 64  # steps over which the throughput behind Retry-After is measured
 
 
 class SchedulerError(Exception):
@@ -90,7 +95,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = False
         self._accepting = True
-        self._step_s: float | None = None  # moving average of a step's duration
+        self._recent: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_STEPS)  # (tokens, s)
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -149,11 +154,15 @@ class Scheduler:
     def retry_after_s(self) -> int:
         """Seconds until the work queued now is done: tokens still to generate over the
         measured throughput (one token per running sequence per step)."""
-        running, waiting, tokens = self.engine.backlog()
-        if self._step_s is None:
-            return 1
-        lanes = max(1, min(self.max_batch, running + waiting))
-        return max(1, min(3600, math.ceil(tokens / lanes * self._step_s)))
+        _, _, tokens = self.engine.backlog()
+        rate = self.tokens_per_s()
+        return 1 if rate is None else max(1, min(3600, math.ceil(tokens / rate)))
+
+    def tokens_per_s(self) -> float | None:
+        """Tokens generated per second of stepping, over the last THROUGHPUT_STEPS steps."""
+        recent = list(self._recent)
+        seconds = sum(s for _, s in recent)
+        return sum(n for n, _ in recent) / seconds if seconds > 0 else None
 
     def stats(self) -> dict:
         with self._lock:
@@ -162,7 +171,7 @@ class Scheduler:
         return {"in_flight": in_flight, "running": running, "waiting": waiting,
                 "free_slots": self.engine.cache.free_slots, "queued_tokens": tokens,
                 "aborted": self.aborted, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "steps": self.steps, "step_s": self._step_s,
+                "steps": self.steps, "tokens_per_s": self.tokens_per_s(),
                 "accepting": self._accepting and self.failure is None}
 
     def stop_accepting(self) -> None:
@@ -192,6 +201,7 @@ class Scheduler:
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
                 continue
+            running, waiting, _ = self.engine.backlog()
             started = time.monotonic()
             try:
                 finished = self.engine.step()
@@ -204,8 +214,8 @@ class Scheduler:
                     _deliver(waiter, EngineFailed(f"the engine failed: {self.failure}"))
                 return
             self.steps += 1
-            took = time.monotonic() - started
-            self._step_s = took if self._step_s is None else 0.8 * self._step_s + 0.2 * took
+            if running + waiting:  # one token per sequence the step ran
+                self._recent.append((min(self.max_batch, running + waiting), time.monotonic() - started))
             for result in finished:
                 with self._lock:
                     if result.request_id not in self._live:  # aborted while it ran
