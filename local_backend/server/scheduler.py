@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from local_backend.engine import Engine, Request, Result
 
 
-THROUGHPUT_STEPS = 64  # steps over which the throughput behind Retry-After is measured
+THROUGHPUT_STEPS = 256  # steps over which the throughput behind Retry-After is measured
 
 
 class SchedulerError(Exception):
@@ -159,7 +159,8 @@ class Scheduler:
         return 1 if rate is None else max(1, min(3600, math.ceil(tokens / rate)))
 
     def tokens_per_s(self) -> float | None:
-        """Tokens generated per second of stepping, over the last THROUGHPUT_STEPS steps."""
+        """Tokens generated per second while busy (wall time from one step's end to the
+        next, so the loop's own overhead counts), over the last THROUGHPUT_STEPS steps."""
         recent = list(self._recent)
         seconds = sum(s for _, s in recent)
         return sum(n for n, _ in recent) / seconds if seconds > 0 else None
@@ -196,13 +197,15 @@ class Scheduler:
     # ---- the step thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        previous_end: float | None = None  # of the step before, when no idle wait came between
         while not self._stop:
             self._wake.clear()
             if not self.engine.has_unfinished():
+                previous_end = None
                 self._wake.wait(0.5)
                 continue
             running, waiting, _ = self.engine.backlog()
-            started = time.monotonic()
+            started = time.monotonic() if previous_end is None else previous_end
             try:
                 finished = self.engine.step()
             except Exception as exc:  # a bug or a device fault: say so, never hang handlers
@@ -214,8 +217,9 @@ class Scheduler:
                     _deliver(waiter, EngineFailed(f"the engine failed: {self.failure}"))
                 return
             self.steps += 1
-            if running + waiting:  # one token per sequence the step ran
-                self._recent.append((min(self.max_batch, running + waiting), time.monotonic() - started))
+            previous_end = time.monotonic()
+            if running + waiting:  # one token per sequence; wall time, overheads included
+                self._recent.append((min(self.max_batch, running + waiting), previous_end - started))
             for result in finished:
                 with self._lock:
                     if result.request_id not in self._live:  # aborted while it ran
