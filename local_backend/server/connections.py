@@ -26,9 +26,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from local_backend.server.logs import RateLimiter
 
 FD_RESERVE = 64  # handles kept for everything else: model files, pipes, the listening socket
-# The listen backlog; asyncio also accepts up to this many connections in one go, and
-# a refused one holds its handle until the loop closes it, so the budget counts them.
-BACKLOG = 128
+# asyncio accepts up to its "backlog" connections in one go, and a refused one holds its
+# handle for a few loop iterations until it is closed: the file budget keeps room for
+# three such batches. The kernel's queue of connections not yet accepted holds no handle
+# of ours, so it is longer (a burst waits there instead of losing its SYNs).
+ACCEPT_BATCH = 64
+IN_CLOSING = 3 * ACCEPT_BATCH
+LISTEN_QUEUE = 2048
 
 
 def _canned(status: str, message: str, code: str, extra: str = "") -> bytes:
@@ -136,7 +140,7 @@ def fit_to_file_limit(max_connections: int) -> tuple[int, str | None]:
         in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 32
     except (OSError, ValueError):
         return max_connections, None
-    needed = max_connections + BACKLOG + in_use + FD_RESERVE
+    needed = max_connections + IN_CLOSING + in_use + FD_RESERVE
     if soft != resource.RLIM_INFINITY and soft < needed:
         target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
         try:
@@ -145,7 +149,7 @@ def fit_to_file_limit(max_connections: int) -> tuple[int, str | None]:
         except (OSError, ValueError):
             pass
     if soft != resource.RLIM_INFINITY and soft < needed:
-        fits = max(1, soft - BACKLOG - in_use - FD_RESERVE)
+        fits = max(1, soft - IN_CLOSING - in_use - FD_RESERVE)
         return fits, (f"--max-connections {max_connections} lowered to {fits}: this process may "
                       f"open {soft} files (ulimit -n); raise it to serve more")
     return max_connections, None

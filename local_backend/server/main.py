@@ -23,8 +23,8 @@ import uvicorn
 
 from local_backend.engine import Engine
 from local_backend.server.app import create_app
-from local_backend.server.connections import (BACKLOG, ConnectionGuard, GuardedProtocol,
-                                                fit_to_file_limit)
+from local_backend.server.connections import (ACCEPT_BATCH, LISTEN_QUEUE, ConnectionGuard,
+                                                GuardedProtocol, fit_to_file_limit)
 from local_backend.server.logs import RateLimiter
 from local_backend.server.scheduler import fingerprint
 
@@ -55,6 +55,8 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets=None) -> None:
         self.log.install(asyncio.get_running_loop(), ("uvicorn.error", "asyncio"))
         await super().startup(sockets=sockets)
+        for sock in sockets or ():  # asyncio set the kernel's queue to its accept batch: lengthen it
+            sock.listen(LISTEN_QUEUE)
         if not self.should_exit:
             self.on_ready()
 
@@ -99,7 +101,7 @@ def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 80
 
     config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, ws="none",
                             http=functools.partial(GuardedProtocol, guard=guard),  # type: ignore[arg-type]
-                            backlog=BACKLOG,
+                            backlog=ACCEPT_BATCH,
                             timeout_graceful_shutdown=shutdown_grace_s + 5)
     server = _Server(config, ready, shutdown_grace_s, limiter)
     server.run(sockets=[sock])
