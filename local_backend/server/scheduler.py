@@ -9,9 +9,9 @@ finished ``Result`` back to the event loop that waits for it.
 Backpressure: at most ``max_batch`` sequences run and ``max_queue`` more wait; beyond
 that ``QueueFull`` (HTTP 429), whose Retry-After is the queued work over the measured
 throughput: tokens still to generate / tokens generated per second over the last
-``THROUGHPUT_STEPS`` steps. Each
-call has a deadline (``ServerTimeout``, HTTP 504). On shutdown, new work is refused
-(``ShuttingDown``) and what is still in flight after the grace period gets that error.
+``THROUGHPUT_STEPS`` steps. Each call has a deadline (``ServerTimeout``, HTTP 504). On
+shutdown, new work is refused (``ShuttingDown``) and what is still in flight after the
+grace period gets that error.
 
 A call that ends without its results (timeout, shutdown, or its task cancelled because
 the client went away) aborts its requests in the engine: they stop at the next step
