@@ -123,13 +123,19 @@ class Scheduler:
                     raise
                 futures.append(future)
                 self._wake.set()
-            try:
-                return list(await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout_s))
-            except asyncio.TimeoutError:
+            done, pending = await asyncio.wait(futures, timeout=self.request_timeout_s,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                raise errors[0]
+            if pending:
                 raise ServerTimeout(f"no answer within the server's request timeout of "
                                     f"{self.request_timeout_s:g} s; send fewer max_tokens or "
-                                    "retry when the server is less busy") from None
+                                    "retry when the server is less busy")
+            return [f.result() for f in futures]
         finally:  # results, an error, or cancelled: whatever has not finished is dropped
+            for future in futures:
+                future.cancel()  # a late outcome is then dropped, never logged as unretrieved
             with self._lock:
                 unfinished = [r.request_id for r in requests if r.request_id in self._live]
                 self._live.difference_update(unfinished)

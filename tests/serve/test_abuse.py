@@ -56,8 +56,9 @@ def server():
     server = Server("--kernels", "default", "--max-batch", "32", "--request-timeout", "1.5")
     yield server
     assert server.stop() == 0
-    log = "".join(server.stderr)  # clients that left and 504s are not errors of the server
-    assert "Traceback" not in log and len(log) < 2000, log[-2000:]
+    # Clients that left and 504s are not errors of the server: nothing else is logged.
+    assert [line for line in server.stderr
+            if not line.startswith(("serving tiny at", "server stopped"))] == []
 
 
 def test_32_clients_that_disconnect_do_not_hold_the_engine(server):
