@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resolve_model_dir
+from local_backend.decode_graphs import MODES as DECODE_MODES
+from local_backend.decode_graphs import DecodeRunner
 from local_backend.kernels import Ops, get_ops, resolve_implementation
 from local_backend.kv_cache import KVCache
 from local_backend.loader import load_model
@@ -91,14 +93,21 @@ class _Sequence:
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
                  device: torch.device, dtype: torch.dtype, weights_sha256: str,
-                 max_slots: int, max_len: int, path: Path | None = None):
+                 max_slots: int, max_len: int, path: Path | None = None, decode_graphs: str = "auto"):
         self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
         self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
         self.max_slots, self.max_len = max_slots, max_len
         if model.rope is None:
             model.rope = RotaryTable(config, max_len, dtype, device)
-        self.cache = KVCache(config.num_layers, max_slots, max_len, config.num_kv_heads,
+        if decode_graphs not in DECODE_MODES:
+            raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_MODES)}, got {decode_graphs!r}")
+        graphs = decode_graphs == "on" or (decode_graphs == "auto" and device.type == "cuda")
+        padded = graphs or decode_graphs == "buckets"  # one more slot: the padding rows' scratch slot
+        self.cache = KVCache(config.num_layers, max_slots + padded, max_len, config.num_kv_heads,
                              config.head_dim, dtype, device)
+        # Decode steps at fixed batch-size buckets, replayed from CUDA graphs on a GPU (decode_graphs.py).
+        self.decode = DecodeRunner(model, ops, self.cache, self.cache.reserve(), max_slots, device,
+                                   graphs) if padded else None
         eos = set(config.eos_token_ids)
         if tokenizer is not None and (eos_id := tokenizer.token_id(tokenizer.eos_token)) is not None:
             eos.add(eos_id)
@@ -111,11 +120,14 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
              device: str | None = None, dtype: str | torch.dtype | None = None,
-             max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto") -> "Engine":
+             max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto",
+             decode_graphs: str = "auto") -> "Engine":
         """A model folder (or "tiny") on a device, with one kernel mode for every op.
 
         ``kernel_impl`` picks how batch-invariant ops run (kernels.IMPLEMENTATIONS):
-        by default the Triton kernels on a GPU and the exact-order torch ops on a CPU."""
+        by default the Triton kernels on a GPU and the exact-order torch ops on a CPU.
+        ``decode_graphs`` (decode_graphs.MODES): CUDA graphs per batch-size bucket for
+        decode steps; by default on a GPU only."""
         torch_device = _pick_device(device)
         try:  # bad names fail before anything loads
             resolve_implementation(kernels, torch_device.type, kernel_impl)
@@ -131,7 +143,7 @@ class Engine:
             max_len = min(max_len, config.sliding_window)
         net, sha = load_model(folder, config, torch_dtype, torch_device)
         return cls(net, config, ops, tokenizer, torch_device, torch_dtype, sha,
-                   max_slots=max_slots, max_len=max_len, path=folder)
+                   max_slots=max_slots, max_len=max_len, path=folder, decode_graphs=decode_graphs)
 
     # ---- requests -------------------------------------------------------------
 
@@ -207,6 +219,8 @@ class Engine:
             return [self._result(seq) for seq in finished]
 
     def _forward(self, token_ids, slots, positions, rows):
+        if self.decode is not None and len(rows) == len(token_ids) == len(set(slots)):
+            return self.decode.run(token_ids, slots, positions)  # one token per sequence: a decode step
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         hidden = self.model(as_tensor(token_ids), as_tensor(slots), as_tensor(positions), self.cache, self.ops)
         logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()

@@ -27,6 +27,12 @@ class KVCache:
         self.k[layer][slots, positions] = k
         self.v[layer][slots, positions] = v
 
+    def reserve(self) -> int:
+        """Take the highest slot out of service for good: a scratch slot that padding
+        rows write into (decode_graphs), which no request is ever given."""
+        self._free.sort()
+        return self._free.pop()
+
     @property
     def free_slots(self) -> int:
         return len(self._free)

@@ -76,6 +76,8 @@ class TorchOps:
         T, Hq, D = q.shape
         Hkv = k_cache.shape[2]
         G = Hq // Hkv
+        if memo.decode_only:
+            return _decode_attention(q, k_cache, v_cache, slots, positions, scale)
         plan = memo.get("default", (slots, positions, G), lambda: _padded_plan(slots, positions, G))
         B, Tq, L = plan.B, plan.Tq, plan.kv_len
         qp = q.new_zeros(B, Tq, Hkv, G, D)
@@ -90,3 +92,17 @@ class TorchOps:
                                              attn_mask=plan.mask, scale=scale)
         out = out.view(B, Hkv, Tq, G, D).permute(0, 2, 1, 3, 4)
         return out[plan.inverse, plan.row].reshape(T, Hq, D)
+
+
+def _decode_attention(q, k_cache, v_cache, slots, positions, scale):
+    """One query token per sequence, with no device -> host copy (CUDA graphs): every
+    sequence's whole cache row is read and the keys past its position are masked, so
+    the reduction length is the cache's, and SDPA picks its kernel for that shape."""
+    T, Hq, D = q.shape
+    Hkv, L = k_cache.shape[2], k_cache.shape[1]
+    k = k_cache[slots].transpose(1, 2)  # [T, Hkv, L, D]
+    v = v_cache[slots].transpose(1, 2)
+    mask = torch.arange(L, device=q.device)[None, :] <= positions[:, None]  # [T, L]
+    out = F.scaled_dot_product_attention(q.view(T, Hkv, Hq // Hkv, D), k, v,
+                                         attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(T, Hq, D)
