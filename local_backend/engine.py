@@ -97,7 +97,7 @@ class Engine:
         self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
         self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
         self.max_slots, self.max_len = max_slots, max_len
-        if model.rope is None:
+        if model.rope is None or model.rope.cos.shape[0] < max_len:  # a model shared by engines
             model.rope = RotaryTable(config, max_len, dtype, device)
         if decode_graphs not in DECODE_MODES:
             raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_MODES)}, got {decode_graphs!r}")
@@ -108,6 +108,8 @@ class Engine:
         # Decode steps at fixed batch-size buckets, replayed from CUDA graphs on a GPU (decode_graphs.py).
         self.decode = DecodeRunner(model, ops, self.cache, self.cache.reserve(), max_slots, device,
                                    graphs) if padded else None
+        # With a queue, requests join in groups of this many (see _should_admit).
+        self.admit_group = max(1, max_slots // 8) if graphs else 1
         eos = set(config.eos_token_ids)
         if tokenizer is not None and (eos_id := tokenizer.token_id(tokenizer.eos_token)) is not None:
             eos.add(eos_id)
@@ -192,7 +194,8 @@ class Engine:
         """One forward pass over every running request; returns those that finished."""
         with self._lock:
             with self._queue_lock:
-                while self._waiting and self.cache.free_slots:
+                admit = self._should_admit()
+                while admit and self._waiting and self.cache.free_slots:
                     seq = self._waiting.popleft()
                     seq.slot = self.cache.allocate()
                     self._running.append(seq)
@@ -217,6 +220,13 @@ class Engine:
                     self._running.remove(seq)
                     self.cache.free(seq.slot)
             return [self._result(seq) for seq in finished]
+
+    def _should_admit(self) -> bool:
+        """Admit the next waiting request now? A pass that prefills runs eagerly, while a
+        pure decode step replays a CUDA graph, so with a queue, new requests join in groups
+        of ``admit_group`` (once that many slots are free) rather than one per step. A lone
+        request joins at once. Scheduling only: no request's bits depend on it."""
+        return not self._running or self.cache.free_slots >= min(len(self._waiting), self.admit_group)
 
     def _forward(self, token_ids, slots, positions, rows):
         if self.decode is not None and len(rows) == len(token_ids) == len(set(slots)):
