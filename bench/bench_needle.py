@@ -11,7 +11,9 @@ once per batch size: alone, then among B - 1 other requests of similar length wh
 own lengths (8-64 tokens) differ, so the batch around the needle shrinks while it
 decodes. Counted: distinct completions (token ids) and distinct logprob vectors (the
 48 chosen-token logprobs and their top-5 lists, as exact bits). Batch-invariant
-kernels must give 1 and 1; the default kernels' counts are the measurement.
+kernels must give 1 and 1, also with the prefix cache on (batch-invariant+prefix: from
+the second batch size on, the needle's prompt comes from the cache); the default
+kernels' counts are the measurement.
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ def batch_for(kind: str, size: int) -> tuple[list[Request], int]:
 
 
 def sweep(model, config, mode: str, kind: str, sizes, decode_graphs: str) -> dict:
+    """One kernel mode ("+prefix": with the prefix cache on, so from the second batch
+    size on the needle's prompt comes from the cache) over every batch size."""
     longest = max(PROMPT[kind] + PROMPT[kind] // 8, PROMPT[kind]) + 64
-    engine = Engine(model, config, get_ops(mode, "cuda"), None, torch.device("cuda"), torch.bfloat16,
-                    "random-init", max_slots=max(sizes), max_len=longest, decode_graphs=decode_graphs)
+    kernels, _, extra = mode.partition("+")
+    engine = Engine(model, config, get_ops(kernels, "cuda"), None, torch.device("cuda"), torch.bfloat16,
+                    "random-init", max_slots=max(sizes), max_len=longest, decode_graphs=decode_graphs,
+                    prefix_cache=extra == "prefix")
     completions, vectors, per_size = {}, {}, []
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -89,19 +95,22 @@ def sweep(model, config, mode: str, kind: str, sizes, decode_graphs: str) -> dic
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     captured = engine.decode.captured if engine.decode is not None else []
+    prefix = engine.prefix.stats() if engine.prefix is not None else None
     del engine
     torch.cuda.empty_cache()
     return {"mode": mode, "kind": kind, "prompt_tokens": PROMPT[kind], "sizes": list(sizes),
             "distinct_completions": len(completions), "distinct_logprob_vectors": len(vectors),
             "completion_groups": list(completions.values()), "vector_groups": list(vectors.values()),
-            "seconds": seconds, "per_size": per_size, "graph_buckets": captured, "decode_graphs": decode_graphs}
+            "seconds": seconds, "per_size": per_size, "graph_buckets": captured, "decode_graphs": decode_graphs,
+            "prefix_cache": prefix}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="batch sizes, comma-separated")
     parser.add_argument("--kinds", default="short,long", help="prompt kinds: short, long")
-    parser.add_argument("--modes", default="batch-invariant,default")
+    parser.add_argument("--modes", default="batch-invariant,default,batch-invariant+prefix",
+                        help="kernel modes; +prefix: with the prefix cache on")
     parser.add_argument("--decode-graphs", default="auto", help="engine decode_graphs: auto, off, buckets")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()

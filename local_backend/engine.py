@@ -30,6 +30,7 @@ from local_backend.kernels import Ops, get_ops, resolve_implementation
 from local_backend.kv_cache import KVCache
 from local_backend.loader import load_model
 from local_backend.model import RotaryTable, Transformer
+from local_backend.prefix_cache import PrefixCache
 from local_backend.sampler import sample
 from local_backend.tokenizer import TemplateError, Tokenizer
 
@@ -93,7 +94,8 @@ class _Sequence:
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
                  device: torch.device, dtype: torch.dtype, weights_sha256: str,
-                 max_slots: int, max_len: int, path: Path | None = None, decode_graphs: str = "auto"):
+                 max_slots: int, max_len: int, path: Path | None = None, decode_graphs: str = "auto",
+                 prefix_cache: bool = False):
         self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
         self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
         self.max_slots, self.max_len = max_slots, max_len
@@ -108,6 +110,7 @@ class Engine:
         # Decode steps at fixed batch-size buckets, replayed from CUDA graphs on a GPU (decode_graphs.py).
         self.decode = DecodeRunner(model, ops, self.cache, self.cache.reserve(), max_slots, device,
                                    graphs) if padded else None
+        self.prefix = PrefixCache(self.cache) if prefix_cache else None  # prefix_cache.py
         # With a queue, requests join in groups of this many (see _should_admit).
         self.admit_group = max(1, max_slots // 8) if graphs else 1
         eos = set(config.eos_token_ids)
@@ -123,13 +126,14 @@ class Engine:
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
              device: str | None = None, dtype: str | torch.dtype | None = None,
              max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto",
-             decode_graphs: str = "auto") -> "Engine":
+             decode_graphs: str = "auto", prefix_cache: bool = False) -> "Engine":
         """A model folder (or "tiny") on a device, with one kernel mode for every op.
 
         ``kernel_impl`` picks how batch-invariant ops run (kernels.IMPLEMENTATIONS):
         by default the Triton kernels on a GPU and the exact-order torch ops on a CPU.
         ``decode_graphs`` (decode_graphs.MODES): CUDA graphs per batch-size bucket for
-        decode steps; by default on a GPU only."""
+        decode steps; by default on a GPU only. ``prefix_cache``: reuse the K/V of prompt
+        prefixes already computed (prefix_cache.py)."""
         torch_device = _pick_device(device)
         try:  # bad names fail before anything loads
             resolve_implementation(kernels, torch_device.type, kernel_impl)
@@ -145,7 +149,8 @@ class Engine:
             max_len = min(max_len, config.sliding_window)
         net, sha = load_model(folder, config, torch_dtype, torch_device)
         return cls(net, config, ops, tokenizer, torch_device, torch_dtype, sha,
-                   max_slots=max_slots, max_len=max_len, path=folder, decode_graphs=decode_graphs)
+                   max_slots=max_slots, max_len=max_len, path=folder, decode_graphs=decode_graphs,
+                   prefix_cache=prefix_cache)
 
     # ---- requests -------------------------------------------------------------
 
@@ -193,11 +198,16 @@ class Engine:
     def step(self) -> list[Result]:
         """One forward pass over every running request; returns those that finished."""
         with self._lock:
+            joined = []
             with self._queue_lock:
                 admit = self._should_admit()
                 while admit and self._waiting and self.cache.free_slots:
                     seq = self._waiting.popleft()
-                    seq.slot = self.cache.allocate()
+                    if self.prefix is None:
+                        seq.slot = self.cache.allocate()
+                    else:  # the cached part of the prompt is copied in, not prefilled
+                        seq.slot, seq.cached = self.prefix.admit(seq.prompt_ids)
+                        joined.append(seq)
                     self._running.append(seq)
             if not self._running:
                 return []
@@ -210,6 +220,8 @@ class Engine:
                 last_rows.append(len(token_ids) - 1)
                 seq.cached += len(new)
             logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
+            for seq in joined:  # their prompts' K/V are written now
+                self.prefix.record(seq.slot, seq.prompt_ids)
             picks = self._pick(logits, logprobs)
             finished = []
             for seq, (token, logprob, top) in zip(self._running, picks):
@@ -218,6 +230,8 @@ class Engine:
             with self._queue_lock:
                 for seq in finished:
                     self._running.remove(seq)
+                    if self.prefix is not None:  # generated tokens' K/V are a prefix too
+                        self.prefix.record(seq.slot, seq.all_ids[:seq.cached])
                     self.cache.free(seq.slot)
             return [self._result(seq) for seq in finished]
 
@@ -335,6 +349,8 @@ class Engine:
                 if not 0 < len(ids) <= self.max_len:
                     raise RequestError(f"sequence length {len(ids)} not in 1..{self.max_len}")
             held = [self.cache.allocate() for _ in sequences]
+            for slot in held if self.prefix is not None else ():
+                self.prefix.forget(slot)
             try:
                 token_ids = [t for ids in sequences for t in ids]
                 slots = [s for s, ids in zip(held, sequences) for _ in ids]
@@ -377,6 +393,7 @@ class Engine:
             "triton_interpret": self.ops.implementation == "triton-interpreter",
             "max_slots": self.max_slots,
             "max_len": self.max_len,
+            "prefix_cache": self.prefix is not None,
         }
 
 

@@ -37,11 +37,19 @@ class KVCache:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
+    def allocate(self, slot: int | None = None) -> int:
+        """The lowest free slot, or ``slot`` if it is free (the prefix cache picks one)."""
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
         self._free.sort()
-        return self._free.pop(0)
+        if slot is None:
+            return self._free.pop(0)
+        self._free.remove(slot)
+        return slot
+
+    def free_list(self) -> list[int]:
+        """The free slots, lowest first."""
+        return sorted(self._free)
 
     def free(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.max_slots:
