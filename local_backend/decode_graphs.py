@@ -41,6 +41,7 @@ class DecodeRunner:
         self._inputs = torch.zeros((3, max_rows), dtype=torch.long, device=device)
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
+        self.replays = 0  # decode steps run from a graph (or, without graphs, padded eagerly)
 
     @property
     def captured(self) -> list[int]:
@@ -62,6 +63,7 @@ class DecodeRunner:
     def run(self, token_ids: list[int], slots: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits fp32, logprobs) [n, vocab] of one decode step of n rows."""
         n = len(token_ids)
+        self.replays += 1
         host = self.padded(token_ids, slots, positions)
         b = host.shape[1]
         if not self.graphs:
