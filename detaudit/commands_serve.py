@@ -53,6 +53,8 @@ def serve(
     device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda when available]."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 \\[default: the model's]."),
     max_len: int = typer.Option(2048, min=2, help="Context length per sequence (capped by the model's)."),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Reuse the K/V of prompt prefixes already "
+                                      "computed (batch-invariant kernels: the same bits as without)."),
 ) -> None:
     """Serve the bundled engine over an OpenAI-compatible API (chat, completions, logprobs).
 
@@ -67,7 +69,9 @@ def serve(
         fail(f"detaudit serve needs the local extras ({exc.name} is missing): "
              "pip install 'detaudit[local]'", 2)
     engine = Engine.load(model, kernels=kernels.value, device=device, dtype=dtype,
-                         max_slots=max_batch, max_len=max_len)
+                         max_slots=max_batch, max_len=max_len, prefix_cache=prefix_cache)
+    if prefix_cache:
+        stderr.print("prefix cache on", highlight=False)
     model_id = model if model == "tiny" else Path(model).name
     try:
         run_server(engine, model_id, host, port, max_queue=max_queue, max_body_bytes=max_body_bytes,
