@@ -75,20 +75,34 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def run_engine(model, config, mode: str, requests: list[Request], slots: int, check: int) -> dict:
-    engine = Engine(model, config, get_ops(mode), None, torch.device("cuda"), torch.bfloat16, "random-init",
-                    max_slots=slots, max_len=256)
+def run_engine(model, config, mode: str, requests: list[Request], slots: int, check: int,
+               decode_graphs: str = "auto", admit_group: str = "auto") -> dict:
+    engine = Engine(model, config, get_ops(mode, "cuda"), None, torch.device("cuda"), torch.bfloat16,
+                    "random-init", max_slots=slots, max_len=256, decode_graphs=decode_graphs)
+    if admit_group != "auto":
+        engine.admit_group = int(admit_group)
+    passes = [0]
+    forward = engine._forward
+    engine._forward = lambda *a: passes.__setitem__(0, passes[0] + 1) or forward(*a)  # count passes
     engine.generate([Request(prompt_ids=r.prompt_ids, max_tokens=3, ignore_eos=True)
                      for r in requests[:slots + 8]])  # compile every kernel shape first
     engine.generate([Request(prompt_ids=requests[0].prompt_ids[:5], max_tokens=3, ignore_eos=True)])
+    if engine.decode is not None and engine.decode.graphs:
+        engine.decode.capture_all()  # outside the timed run, as a server would at start
+    replays = engine.decode.replays if engine.decode is not None else 0
+    passes[0] = 0
     results, seconds = timed(lambda: engine.generate([copy(r) for r in requests]))
+    steps, graphed = passes[0], (engine.decode.replays - replays if engine.decode is not None else 0)
     tokens = sum(len(r.token_ids) for r in results)
     same = []
     for i in range(min(check, len(requests))):
         alone = engine.generate([copy(requests[i])])[0]
         same.append(alone.token_ids == results[i].token_ids and
                     [t.logprob for t in alone.tokens] == [t.logprob for t in results[i].tokens])
-    return {"mode": mode, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+    del engine
+    torch.cuda.empty_cache()
+    return {"mode": mode, "decode_graphs": decode_graphs, "admit_group": admit_group, "steps": steps,
+            "decode_steps_padded_or_graphed": graphed, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "bitwise_alone_vs_batched": all(same), "checked": len(same)}
 
 
@@ -118,6 +132,10 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=128, help="transformers: prompts per generate() call")
     parser.add_argument("--check", type=int, default=2, help="requests re-run alone for the bitwise check")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--admit-group", default="auto",
+                        help="comma-separated: engine admit_group values to run (auto: the engine's own)")
+    parser.add_argument("--decode-graphs", default="auto", choices=("auto", "off", "both"),
+                        help="engine decode steps from CUDA graphs (auto), eager (off), or each mode both ways")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -127,18 +145,23 @@ def main() -> None:
     hf, ours, config = build_models("cuda")
     requests = workload(args.requests)
     rows = []
-    for mode in ("batch-invariant", "default"):
-        rows.append(run_engine(ours, config, mode, requests, args.slots, args.check))
-        print(rows[-1], flush=True)
+    graph_modes = ("off", "auto") if args.decode_graphs == "both" else (args.decode_graphs,)
+    for graphs in graph_modes:
+        for group in args.admit_group.split(","):
+            for mode in ("batch-invariant", "default"):
+                rows.append(run_engine(ours, config, mode, requests, args.slots, args.check, graphs, group))
+                print(rows[-1], flush=True)
     if not args.skip_hf:
         rows.append(run_hf(hf, requests, args.hf_batch))
         print(rows[-1], flush=True)
     print(f"\n{args.requests} requests, {rows[0]['tokens']} generated tokens, Llama-1B shape (random init), bf16")
-    print(f"{'mode':>24} | {'seconds':>8} {'tokens/s':>9} | {'vs default':>10} | bitwise alone = batched")
-    base = rows[1]["tokens_per_s"]
-    for r in rows:
-        print(f"{r['mode']:>24} | {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} | {r['tokens_per_s'] / base:>10.2f} | "
-              f"{r.get('bitwise_alone_vs_batched', '-')}")
+    print(f"{'mode':>24} {'graphs':>6} {'admit':>5} | {'seconds':>8} {'tokens/s':>9} | {'vs default':>10} | bitwise alone = batched")
+    for r in rows:  # each engine row against the default-mode row of the same decode_graphs setting
+        base = next((d["tokens_per_s"] for d in rows if d["mode"] == "default"
+                     and d.get("decode_graphs") == r.get("decode_graphs", "auto")
+                     and d.get("admit_group") == r.get("admit_group", "auto")), rows[-1]["tokens_per_s"])
+        print(f"{r['mode']:>24} {r.get('decode_graphs', '-'):>6} {r.get('admit_group', '-'):>5} | {r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} | "
+              f"{r['tokens_per_s'] / base:>10.2f} | {r.get('bitwise_alone_vs_batched', '-')}")
     write_json(args.json, {"info": info, "args": vars(args), "rows": rows,
                            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
     print(header(gpu_info()))

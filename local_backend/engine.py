@@ -6,7 +6,8 @@ prompt tokens of newly admitted requests plus one decode token of every running
 request, samples one token per request, and returns the requests that finished
 (their slots are freed for the next step). ``generate`` is that loop, run to the end.
 A server drives ``step`` from one background thread while other threads call
-``add_request``: the queue has its own lock, so adding never waits for a forward pass.
+``add_request`` and ``abort``: the queue has its own lock, so neither waits for a
+forward pass. An aborted request leaves at the start of the next step, slot and all.
 
 Logprobs are ``ops.log_softmax`` in fp32 of the logits the token was sampled from,
 before temperature (as OpenAI reports them).
@@ -25,10 +26,13 @@ from typing import Any
 import torch
 
 from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resolve_model_dir
+from local_backend.decode_graphs import MODES as DECODE_MODES
+from local_backend.decode_graphs import DecodeRunner
 from local_backend.kernels import Ops, get_ops, resolve_implementation
 from local_backend.kv_cache import KVCache
 from local_backend.loader import load_model
 from local_backend.model import RotaryTable, Transformer
+from local_backend.prefix_cache import PrefixCache
 from local_backend.sampler import sample
 from local_backend.tokenizer import TemplateError, Tokenizer
 
@@ -92,14 +96,25 @@ class _Sequence:
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
                  device: torch.device, dtype: torch.dtype, weights_sha256: str,
-                 max_slots: int, max_len: int, path: Path | None = None):
+                 max_slots: int, max_len: int, path: Path | None = None, decode_graphs: str = "auto",
+                 prefix_cache: bool = False):
         self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
         self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
         self.max_slots, self.max_len = max_slots, max_len
-        if model.rope is None:
+        if model.rope is None or model.rope.cos.shape[0] < max_len:  # a model shared by engines
             model.rope = RotaryTable(config, max_len, dtype, device)
-        self.cache = KVCache(config.num_layers, max_slots, max_len, config.num_kv_heads,
+        if decode_graphs not in DECODE_MODES:
+            raise ValueError(f"decode_graphs must be one of {', '.join(DECODE_MODES)}, got {decode_graphs!r}")
+        graphs = decode_graphs == "on" or (decode_graphs == "auto" and device.type == "cuda")
+        padded = graphs or decode_graphs == "buckets"  # one more slot: the padding rows' scratch slot
+        self.cache = KVCache(config.num_layers, max_slots + padded, max_len, config.num_kv_heads,
                              config.head_dim, dtype, device)
+        # Decode steps at fixed batch-size buckets, replayed from CUDA graphs on a GPU (decode_graphs.py).
+        self.decode = DecodeRunner(model, ops, self.cache, self.cache.reserve(), max_slots, device,
+                                   graphs) if padded else None
+        self.prefix = PrefixCache(self.cache) if prefix_cache else None  # prefix_cache.py
+        # With a queue, requests join in groups of this many (see _should_admit).
+        self.admit_group = max(1, max_slots // 8) if graphs else 1
         eos = set(config.eos_token_ids)
         if tokenizer is not None and (eos_id := tokenizer.token_id(tokenizer.eos_token)) is not None:
             eos.add(eos_id)
@@ -107,16 +122,21 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._lock = threading.RLock()  # the running batch and the cache
-        self._queue_lock = threading.Lock()  # the waiting queue
+        self._queue_lock = threading.Lock()  # the waiting queue, _aborted, membership of _running
+        self._aborted: set[str] = set()  # running requests to drop at the next step
 
     @classmethod
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
              device: str | None = None, dtype: str | torch.dtype | None = None,
-             max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto") -> "Engine":
+             max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto",
+             decode_graphs: str = "auto", prefix_cache: bool = False) -> "Engine":
         """A model folder (or "tiny") on a device, with one kernel mode for every op.
 
         ``kernel_impl`` picks how batch-invariant ops run (kernels.IMPLEMENTATIONS):
-        by default the Triton kernels on a GPU and the exact-order torch ops on a CPU."""
+        by default the Triton kernels on a GPU and the exact-order torch ops on a CPU.
+        ``decode_graphs`` (decode_graphs.MODES): CUDA graphs per batch-size bucket for
+        decode steps; by default on a GPU only. ``prefix_cache``: reuse the K/V of prompt
+        prefixes already computed (prefix_cache.py)."""
         torch_device = _pick_device(device)
         try:  # bad names fail before anything loads
             resolve_implementation(kernels, torch_device.type, kernel_impl)
@@ -132,7 +152,8 @@ class Engine:
             max_len = min(max_len, config.sliding_window)
         net, sha = load_model(folder, config, torch_dtype, torch_device)
         return cls(net, config, ops, tokenizer, torch_device, torch_dtype, sha,
-                   max_slots=max_slots, max_len=max_len, path=folder)
+                   max_slots=max_slots, max_len=max_len, path=folder, decode_graphs=decode_graphs,
+                   prefix_cache=prefix_cache)
 
     # ---- requests -------------------------------------------------------------
 
@@ -160,6 +181,30 @@ class Engine:
             self._waiting.append(_Sequence(request, ids))
         return request.request_id
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a request whose client went away or timed out: at once if it is still
+        waiting, at the start of the next step if it runs (its slot is freed before new
+        requests are admitted). False when the engine does not hold it (finished, or
+        never added). Safe to call from any thread, during a step too."""
+        with self._queue_lock:
+            for seq in self._waiting:
+                if seq.request.request_id == request_id:
+                    self._waiting.remove(seq)
+                    return True
+            if any(seq.request.request_id == request_id for seq in self._running):
+                self._aborted.add(request_id)
+                return True
+        return False
+
+    def backlog(self) -> tuple[int, int, int]:
+        """(running, waiting, tokens still to generate for all of them, at most): what a
+        server needs to estimate how long new work would wait."""
+        with self._queue_lock:
+            running = [s for s in self._running if s.request.request_id not in self._aborted]
+            tokens = sum(s.request.max_tokens - len(s.generated) for s in running)
+            tokens += sum(s.request.max_tokens for s in self._waiting)
+            return len(running), len(self._waiting), tokens
+
     def has_unfinished(self) -> bool:
         with self._queue_lock:
             return bool(self._waiting or self._running)
@@ -180,10 +225,21 @@ class Engine:
     def step(self) -> list[Result]:
         """One forward pass over every running request; returns those that finished."""
         with self._lock:
+            joined = []
             with self._queue_lock:
-                while self._waiting and self.cache.free_slots:
+                if self._aborted:
+                    for seq in [s for s in self._running if s.request.request_id in self._aborted]:
+                        self._running.remove(seq)
+                        self.cache.free(seq.slot)
+                    self._aborted.clear()  # ids that finished meanwhile are simply gone
+                admit = self._should_admit()
+                while admit and self._waiting and self.cache.free_slots:
                     seq = self._waiting.popleft()
-                    seq.slot = self.cache.allocate()
+                    if self.prefix is None:
+                        seq.slot = self.cache.allocate()
+                    else:  # the cached part of the prompt is copied in, not prefilled
+                        seq.slot, seq.cached = self.prefix.admit(seq.prompt_ids)
+                        joined.append(seq)
                     self._running.append(seq)
             if not self._running:
                 return []
@@ -196,6 +252,8 @@ class Engine:
                 last_rows.append(len(token_ids) - 1)
                 seq.cached += len(new)
             logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
+            for seq in joined:  # their prompts' K/V are written now
+                self.prefix.record(seq.slot, seq.prompt_ids)
             picks = self._pick(logits, logprobs)
             finished = []
             for seq, (token, logprob, top) in zip(self._running, picks):
@@ -204,10 +262,21 @@ class Engine:
             with self._queue_lock:
                 for seq in finished:
                     self._running.remove(seq)
+                    if self.prefix is not None:  # generated tokens' K/V are a prefix too
+                        self.prefix.record(seq.slot, seq.all_ids[:seq.cached])
                     self.cache.free(seq.slot)
             return [self._result(seq) for seq in finished]
 
+    def _should_admit(self) -> bool:
+        """Admit the next waiting request now? A pass that prefills runs eagerly, while a
+        pure decode step replays a CUDA graph, so with a queue, new requests join in groups
+        of ``admit_group`` (once that many slots are free) rather than one per step. A lone
+        request joins at once. Scheduling only: no request's bits depend on it."""
+        return not self._running or self.cache.free_slots >= min(len(self._waiting), self.admit_group)
+
     def _forward(self, token_ids, slots, positions, rows):
+        if self.decode is not None and len(rows) == len(token_ids) == len(set(slots)):
+            return self.decode.run(token_ids, slots, positions)  # one token per sequence: a decode step
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         with _cpu_threads(getattr(self.ops, "cpu_threads", None) if self.device.type == "cpu" else None):
             hidden = self.model(as_tensor(token_ids), as_tensor(slots), as_tensor(positions), self.cache, self.ops)
@@ -313,6 +382,8 @@ class Engine:
                 if not 0 < len(ids) <= self.max_len:
                     raise RequestError(f"sequence length {len(ids)} not in 1..{self.max_len}")
             held = [self.cache.allocate() for _ in sequences]
+            for slot in held if self.prefix is not None else ():
+                self.prefix.forget(slot)
             try:
                 token_ids = [t for ids in sequences for t in ids]
                 slots = [s for s, ids in zip(held, sequences) for _ in ids]
@@ -355,6 +426,7 @@ class Engine:
             "triton_interpret": self.ops.implementation == "triton-interpreter",
             "max_slots": self.max_slots,
             "max_len": self.max_len,
+            "prefix_cache": self.prefix is not None,
         }
 
 

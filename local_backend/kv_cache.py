@@ -27,15 +27,29 @@ class KVCache:
         self.k[layer][slots, positions] = k
         self.v[layer][slots, positions] = v
 
+    def reserve(self) -> int:
+        """Take the highest slot out of service for good: a scratch slot that padding
+        rows write into (decode_graphs), which no request is ever given."""
+        self._free.sort()
+        return self._free.pop()
+
     @property
     def free_slots(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
+    def allocate(self, slot: int | None = None) -> int:
+        """The lowest free slot, or ``slot`` if it is free (the prefix cache picks one)."""
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
         self._free.sort()
-        return self._free.pop(0)
+        if slot is None:
+            return self._free.pop(0)
+        self._free.remove(slot)
+        return slot
+
+    def free_list(self) -> list[int]:
+        """The free slots, lowest first."""
+        return sorted(self._free)
 
     def free(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.max_slots:

@@ -134,12 +134,13 @@ class Transformer(nn.Module):
         self.rope: RotaryTable | None = None  # set by the engine once max_len is known
 
     def forward(self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, ops: Ops) -> torch.Tensor:
-        """Packed tokens [T] -> final hidden states [T, hidden]; writes their K/V into ``cache``."""
+                cache: KVCache, ops: Ops, decode_only: bool = False) -> torch.Tensor:
+        """Packed tokens [T] -> final hidden states [T, hidden]; writes their K/V into ``cache``.
+        ``decode_only``: each token is its sequence's only one in this pass (see pass_memo)."""
         from local_backend.kernels.pass_memo import one_plan_per_pass
 
         x = self.embed_tokens(token_ids)
-        with one_plan_per_pass():  # attention plans its tiles once, not once per layer
+        with one_plan_per_pass(decode_only):  # attention plans its tiles once, not once per layer
             for layer in self.layers:
                 x = layer(x, slots, positions, cache, self.rope, ops)
         return self.norm(x, ops)

@@ -43,11 +43,16 @@ def serve(
     max_batch: int = typer.Option(32, min=1, help="Sequences per forward pass (engine slots)."),
     max_queue: int = typer.Option(256, min=0, help="Sequences waiting beyond a full batch before 429."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body accepted (413 above)."),
-    request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may take, queue included (504 after)."),
+    request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may take, queue included (504 after; its work stops then)."),
+    header_timeout: float = typer.Option(20.0, min=0.001, help="Seconds a connection has to send a request's headers (closed with 408 after)."),
+    body_timeout: float = typer.Option(60.0, min=0.001, help="Seconds a request has to send its body (408 after)."),
+    max_connections: int = typer.Option(1024, min=1, help="Open connections at most; more get a 503 and are closed at once."),
     shutdown_grace: float = typer.Option(10.0, min=0.0, help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda when available]."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 \\[default: the model's]."),
     max_len: int = typer.Option(2048, min=2, help="Context length per sequence (capped by the model's)."),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Reuse the K/V of prompt prefixes already "
+                                      "computed (batch-invariant kernels: the same bits as without)."),
 ) -> None:
     """Serve the bundled engine over an OpenAI-compatible API (chat, completions, logprobs).
 
@@ -62,10 +67,14 @@ def serve(
         fail(f"detaudit serve needs the local extras ({exc.name} is missing): "
              "pip install 'detaudit[local]'", 2)
     engine = Engine.load(model, kernels=kernels.value, device=device, dtype=dtype,
-                         max_slots=max_batch, max_len=max_len)
+                         max_slots=max_batch, max_len=max_len, prefix_cache=prefix_cache)
+    if prefix_cache:
+        stderr.print("prefix cache on", highlight=False)
     try:
         run_server(engine, model_id(model), host, port, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                   request_timeout_s=request_timeout, shutdown_grace_s=shutdown_grace,
+                   request_timeout_s=request_timeout, header_timeout_s=header_timeout,
+                   body_timeout_s=body_timeout, max_connections=max_connections,
+                   shutdown_grace_s=shutdown_grace,
                    log=lambda line: stderr.print(line, highlight=False, soft_wrap=True))
     except OSError as exc:
         fail(str(exc), 2)

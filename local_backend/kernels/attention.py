@@ -322,6 +322,17 @@ def _make_plan(slots: torch.Tensor, positions: torch.Tensor, BLOCK_M: int, S: in
     return _Plan(tiles, int(host_positions.max()) // SPLIT + 1)
 
 
+def _decode_plan(T: int, device: torch.device, BLOCK_M: int, L: int) -> _Plan:
+    """A decode pass (each token the only one of its sequence): tile t is [t, -1, ...],
+    built on the device with no host copy, so a CUDA graph can capture it. The same
+    tiles as _make_plan's up to their order, which never touches the bits. The split
+    count covers the whole cache: splits past a row's position do no work and are
+    never folded, so it changes only how many programs exit at once."""
+    tiles = torch.full((T, BLOCK_M), -1, dtype=torch.int64, device=device)
+    tiles[:, 0] = torch.arange(T, device=device)
+    return _Plan(tiles, (L - 1) // SPLIT + 1)
+
+
 _sm_count: dict[torch.device, int] = {}
 
 
@@ -357,8 +368,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     group = Hq // Hkv
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
     S, L = k_cache.shape[:2]
-    plan = memo.get("batch-invariant", (slots, positions, BLOCK_M, S, L, SPLIT),
-                    lambda: _make_plan(slots, positions, BLOCK_M, S, L))
+    if memo.decode_only:  # planned on the device: capturable in a CUDA graph
+        plan = memo.get("batch-invariant-decode", (slots, BLOCK_M, L, SPLIT),
+                        lambda: _decode_plan(T, q.device, BLOCK_M, L))
+    else:
+        plan = memo.get("batch-invariant", (slots, positions, BLOCK_M, S, L, SPLIT),
+                        lambda: _make_plan(slots, positions, BLOCK_M, S, L))
     num_tiles = plan.tiles.shape[0]
     if split_kv is None:
         split_kv = _wants_split_kv(q.device, num_tiles * Hkv, plan.num_splits)

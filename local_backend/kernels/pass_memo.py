@@ -20,6 +20,10 @@ class _PassMemo:
     def __init__(self):
         self.depth = 0
         self.plans: dict[str, tuple[tuple, Any]] = {}
+        # True inside a decode pass: every token is the one new token of its own
+        # sequence. Attention may then plan on the device, with no device -> host
+        # copy, which is what lets a decode step be captured in a CUDA graph.
+        self.decode_only = False
 
     def get(self, name: str, key: tuple, build: Callable[[], Any]) -> Any:
         """The plan called ``name`` for ``key`` (tensors compared by identity, the
@@ -39,13 +43,18 @@ memo = _PassMemo()
 
 
 @contextlib.contextmanager
-def one_plan_per_pass():
+def one_plan_per_pass(decode_only: bool = False):
     """Reuse attention plans while the same slots/positions tensors come back (one
-    forward pass). The caller promises not to change them in place meanwhile."""
+    forward pass). The caller promises not to change them in place meanwhile, and,
+    with ``decode_only``, that each token is its sequence's only token in the pass
+    (the caller has checked the indices: a device plan cannot)."""
     memo.depth += 1
+    outer = memo.decode_only
+    memo.decode_only = decode_only
     try:
         yield
     finally:
         memo.depth -= 1
+        memo.decode_only = outer
         if not memo.depth:
             memo.plans.clear()

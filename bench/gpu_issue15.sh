@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 15 in one device call: CUDA-graph tests, the needle check, bench_e2e with decode
+# graphs off and on. Each step has its own time limit and writes its log/JSON into OUT_DIR.
+#   bash bench/gpu_issue15.sh OUT_DIR [steps...]     steps: tests needle e2e
+set -uo pipefail
+out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
+shift
+steps=${*:-tests needle e2e}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv > "$out/steps.txt"
+graphs=auto
+for step in $steps; do
+  start=$SECONDS
+  case $step in
+    tests)
+      timeout ${TESTS_S:-100} python -m pytest -q -x -p no:cacheprovider -p no:warnings \
+        tests/local/test_decode_buckets.py tests/local/test_engine.py > "$out/tests.log" 2>&1
+      rc=$?; tail -5 "$out/tests.log"
+      # a broken graph path must not cost the figures: measure the rest eagerly then
+      if [ $rc -ne 0 ] && grep -q "test_cuda_graph_buckets\|graph" "$out/tests.log"; then graphs=off; fi ;;
+    needle) timeout ${NEEDLE_S:-170} python bench/bench_needle.py --decode-graphs $graphs ${NEEDLE_ARGS:-} \
+              --json "$out/needle.json" > "$out/needle.log" 2>&1; tail -6 "$out/needle.log" ;;
+    e2e) eg=${E2E_GRAPHS:-both}; [ $graphs = off ] && eg=off
+         timeout ${E2E_S:-190} python bench/bench_e2e.py --decode-graphs $eg ${E2E_ARGS:-} \
+           --json "$out/e2e.json" > "$out/e2e.log" 2>&1; tail -12 "$out/e2e.log" ;;
+  esac
+  echo "== $step: $((SECONDS - start)) s (graphs=$graphs)" | tee -a "$out/steps.txt"
+done
