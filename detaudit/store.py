@@ -148,6 +148,8 @@ class RunStore:
         manifest = read_manifest(path)
         if not (path / DATABASE).is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
+        if lock:  # refuse a broken store before the lock file is touched
+            _check_before_writing(path / DATABASE)
         held = runlock.acquire(path) if lock else None
         try:
             conn = _connect(path / DATABASE, existing=True)
@@ -477,6 +479,25 @@ def _still_copy(file: Path, wal: Path, copy: Path, tries: int = 5) -> bool | Non
 def _discard(scratch: tempfile.TemporaryDirectory | None) -> None:
     if scratch is not None:
         scratch.cleanup()
+
+
+def _check_before_writing(file: Path) -> None:
+    """StoreError for an empty database or one without the run's tables, read-only."""
+    if file.stat().st_size == 0 and not Path(f"{file}-wal").is_file():
+        raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
+                         "are lost; start a new run instead of resuming this one")
+    try:
+        # Without a WAL file, immutable: SQLite would otherwise create -wal and -shm.
+        mode = "mode=ro" if Path(f"{file}-wal").is_file() else "mode=ro&immutable=1"
+        conn = sqlite3.connect(f"file:{quote(str(file.resolve()))}?{mode}", uri=True)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    try:
+        _check_tables(conn, file)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    finally:
+        conn.close()
 
 
 def _connect(file: Path, existing: bool = False) -> sqlite3.Connection:

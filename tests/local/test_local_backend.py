@@ -82,7 +82,7 @@ def test_a_request_the_engine_cannot_run_is_a_bad_request(backend):
     probe = load_probe("coin-flip").with_overrides(prompt="Heads " * 200)
     with pytest.raises(BackendError) as info:
         complete(backend, probe, 0)
-    assert info.value.kind == "bad_request" and "max_len" in info.value.message
+    assert info.value.kind == "bad_request" and "context is 128 tokens" in info.value.message
 
 
 def test_bad_batch_sizes_are_refused(chat_model_dir):

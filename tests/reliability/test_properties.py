@@ -143,7 +143,8 @@ def check_parse(content: bytes, api: str) -> None:
     try:
         completion = parse_body(content, api, True, "http://127.0.0.1/v1", top_k=20)
     except BackendError as exc:
-        assert exc.kind == "bad_response"
+        # a cut that still parses as a completion may have lost its logprobs: no_logprobs
+        assert exc.kind in ("bad_response", "no_logprobs")
         if exc.retryable:  # a transport fault: no completion at all, its body kept
             assert exc.status == 200 and exc.raw is not None
         return

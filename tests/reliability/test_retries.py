@@ -87,17 +87,17 @@ def test_after_the_last_attempt_the_sample_is_an_error_of_its_kind(fake_openai, 
     fake_openai.configure(faults=[
         Fault("status", status=503, headers=FAST_RETRY, on={0, 1, 2}),
         Fault("drop", on={4, 5, 6}),
-        Fault("no_logprobs", on={7}),  # not retried: the server answered, without logprobs
+        Fault("status", status=400, on={7}),  # not retried: the server refused the request
     ])
     result = remote(fake_openai, tmp_path, "--n", "6", "--concurrency", "1",
                     "--max-attempts", "3", "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["n"], summary["ok"], summary["errors"]) == (6, 3, 3)
-    assert summary["errors_by_kind"] == {"server_error": 1, "connection": 1, "bad_response": 1}
+    assert summary["errors_by_kind"] == {"server_error": 1, "connection": 1, "bad_request": 1}
     stored = rows(only_run(tmp_path), "SELECT idx, status, attempts, error_kind FROM samples ORDER BY idx")
     assert stored == [(0, "error", 3, "server_error"), (1, "ok", 1, None),
-                      (2, "error", 3, "connection"), (3, "error", 1, "bad_response"),
+                      (2, "error", 3, "connection"), (3, "error", 1, "bad_request"),
                       (4, "ok", 1, None), (5, "ok", 1, None)]
 
 

@@ -198,9 +198,10 @@ def test_full_queue_429_timeout_504_and_body_limit_413():
     """One slot, no queue: a second request meanwhile is refused with Retry-After; the
     first outlives its request timeout; a big body is refused before it is read."""
     server = Server("--kernels", "batch-invariant", "--max-batch", "1", "--max-queue", "0",
-                    "--request-timeout", "1.5", "--max-body-bytes", "4000")
+                    "--request-timeout", "0.5", "--max-body-bytes", "4000")
     try:
-        long = {"model": "tiny", "messages": COIN, "max_tokens": 40, "ignore_eos": True}
+        # 450 decode steps: longer than the timeout on any CPU path (cpu-exact takes ~5 ms a step)
+        long = {"model": "tiny", "messages": COIN, "max_tokens": 450, "ignore_eos": True}
 
         async def scenario():
             async with httpx.AsyncClient(timeout=60) as http:
