@@ -38,9 +38,14 @@ from detaudit.redact import api_key_env_problem, redact
 from detaudit.runlock import RunLocked, describe as describe_holder
 from detaudit.runner import RunFailed, RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
+<<<<<<< HEAD
 from detaudit.store import MANIFEST, RunStore, StoreError, new_run_id, utc_now
 from detaudit.terminal import fail as _fail, print_json as _print_json, stderr
 from detaudit.urls import BadBaseURL, check_base_url, without_userinfo
+=======
+from detaudit.store import RunStore, StoreError, new_run_id, utc_now
+from detaudit.terminal import fail as _fail, print_json as _print_json, stderr, threshold_option
+>>>>>>> trust
 
 DEFAULT_PROBE = "coin-flip"
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -170,7 +175,7 @@ def run(
     temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Override the probe's temperature."),
     seed: Optional[int] = typer.Option(None, help="Override the probe's seed."),
     top_logprobs: Optional[int] = typer.Option(None, min=0, max=20, help="Override how many top logprobs to ask for (0-20)."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
     resume: Optional[Path] = typer.Option(None, help="Finish an interrupted run: results/<run-id>.", metavar="RUN_DIR"),
     max_attempts: int = typer.Option(5, min=1, help="Tries per request before it is stored as an error."),
@@ -525,11 +530,23 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
         if value is not None:
             raise UsageProblem(f"{flag} is for the local engine (--backend local); "
                                f"it does not apply to {model}")
+<<<<<<< HEAD
     try:
         shown_url = check_base_url(base_url) if base_url else None
     except BadBaseURL as exc:
         raise UsageProblem(str(exc)) from None
     return {"backend": "openai", "model": model, "base_url": shown_url,
+=======
+    if base_url is not None:
+        from detaudit.backends.openai_backend import BadBaseUrl, check_base_url
+
+        try:
+            check_base_url(base_url)
+        except BadBaseUrl as exc:
+            raise UsageProblem(f"--base-url {exc.shown}: {exc.problem}") from None
+    return {"backend": "openai", "model": model,
+            "base_url": _without_userinfo(base_url) if base_url else None,
+>>>>>>> trust
             "api_key_env": api_key_env}
 
 
@@ -688,11 +705,11 @@ def _render(analysis: Analysis, manifest: dict[str, Any] | None, title: str | No
 @_cli_errors
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Re-analyse a stored run (any threshold, no requests sent)."""
-    with RunStore.open(run_dir) as store:
+    with RunStore.open_read_only(run_dir) as store:
         analysis = _analyze_store(store, threshold_pct)
         info = _run_info(store)
         notes = _data_notes(store)
@@ -712,12 +729,12 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
     clusters: Optional[Path] = typer.Option(None, help="Write one row per logprob cluster here."),
     samples: Optional[Path] = typer.Option(None, help="Write one row per sample here."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
 ) -> None:
     """Write a stored run as CSV files: clusters and/or samples."""
     if clusters is None and samples is None:
         raise UsageProblem("nothing to export: give --clusters FILE.csv and/or --samples FILE.csv")
-    with RunStore.open(run_dir) as store:
+    with RunStore.open_read_only(run_dir) as store:
         analysis = _analyze_store(store, threshold_pct)
     _write_csvs(analysis, clusters, samples)
 
@@ -729,7 +746,7 @@ def export(
 def analyze_file(
     file: Path = typer.Argument(..., help="CSV or JSONL, one row per sample, with a 'logprob' column."),
     token: Optional[str] = typer.Option(None, help="Analyse only the rows of this token."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, help="Cluster gap, in percentage points of probability."),
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     clusters: Optional[Path] = typer.Option(None, help="Also write the clusters CSV here."),
     samples: Optional[Path] = typer.Option(None, help="Also write the samples CSV here."),

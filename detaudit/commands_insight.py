@@ -22,7 +22,7 @@ from detaudit.analysis import Analysis, Frames, analyze, build_frames
 from detaudit.analysis.summary import OUTCOME_KINDS
 from detaudit.records import Sample
 
-from detaudit.terminal import fail, print_json as _print_json
+from detaudit.terminal import fail, print_json as _print_json, threshold_option
 
 EXIT_DIFFER = 4
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -55,6 +55,20 @@ class Source:
         return [t["label"] for t in self.frames.tracked_tokens] or \
             list(dict.fromkeys(self.frames.tracked["label"].astype(str)))
 
+    @property
+    def probe(self) -> dict[str, Any] | None:
+        return self.manifest.get("probe") if self.manifest is not None else None
+
+    @property
+    def tracked(self) -> list[dict[str, Any]]:
+        """The tracked tokens to match against another run's: as resolved from the data,
+        except for a ``positions = "all"`` run, whose per-position slots come from what
+        it generated (the manifest's entry stands for them)."""
+        listed = (self.manifest or {}).get("tracked") or []
+        if any(t.get("position") == "all" for t in listed):
+            return listed
+        return self.frames.tracked_tokens
+
     def analyze(self, threshold_pct: float) -> Analysis:
         return analyze(self.frames, threshold_pct=threshold_pct, probe_kind=self.probe_kind)
 
@@ -66,7 +80,7 @@ def load_source(path: Path) -> Source:
 
     if path.is_file():
         return Source(path, load_table(path), None, None)
-    with RunStore.open(path) as store:
+    with RunStore.open_read_only(path) as store:
         samples = store.samples()
         manifest = dict(store.manifest)
     return Source(path, build_frames(samples, manifest.get("tracked") or []), samples, manifest)
@@ -98,12 +112,16 @@ def compare(
     Holm-corrected together. Outcome shares: difference B - A with a 95% interval.
     Exits 4 when the runs differ significantly, 0 when they do not.
     """
-    from detaudit.analysis.compare import compare as compare_frames
+    from detaudit.analysis.compare import compare as compare_frames, incomparable
     from detaudit.report_insight import render_comparison
 
     if not 0.0 < alpha < 1.0:
         fail(f"--alpha {alpha:g}: give a significance level between 0 and 1, e.g. 0.05", 2)
     a, b = load_source(run_a), load_source(run_b)
+    problem = incomparable(a.probe, b.probe, a.tracked, b.tracked)
+    if problem:
+        fail(f"{run_a} and {run_b} cannot be compared: {problem}. Compare two runs of one "
+             "probe (the same request and tracked tokens)", 2)
     labels = [label for label in a.outcome_labels if label in b.outcome_labels]
     result = compare_frames(a.frames, b.frames, alpha=alpha, outcome_labels=labels)
     if result.n_a == 0 or result.n_b == 0:
@@ -130,7 +148,7 @@ PLOT_EXAMPLES = """\
 def plot(
     run: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL)."),
     output: Path = typer.Option(..., "--output", "-o", help="Picture to write: .png, .svg or .pdf."),
-    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0,
+    threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option,
                                         help="Cluster gap, in percentage points of probability."),
     title: Optional[str] = typer.Option(None, help="Title above the picture [default: probe x n]."),
     json_out: bool = typer.Option(False, "--json", help="Print {\"plot\": PATH} on stdout."),

@@ -17,8 +17,12 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+<<<<<<< HEAD
 from detaudit.redact import redact
 from detaudit.terminal import fail, stderr  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
+=======
+from detaudit.terminal import fail, stderr, threshold_option  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
+>>>>>>> trust
 
 
 class Kernels(str, Enum):
@@ -100,7 +104,9 @@ def gate(
     max_distinct_outputs: Optional[int] = typer.Option(None, min=1, help="Limit on distinct output texts."),
     max_prob_range: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Limit on max - min probability of a tracked token (0..1)."),
     max_error_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Share of failed requests above which the run counts as failed (exit 1)."),
-    threshold_pct: Optional[float] = typer.Option(None, min=0.0, help="Cluster gap, in percentage points \\[default: 0.01]."),
+    max_distinct_logprob_vectors: Optional[int] = typer.Option(None, min=1, help="Completion probes: limit on distinct logprob vectors (tokens + chosen-token logprob bits) \\[default: max_distinct_logprobs]."),
+    max_distinct_token_sequences: Optional[int] = typer.Option(None, min=1, help="Completion probes: limit on distinct token sequences \\[default: max_distinct_outputs]."),
+    threshold_pct: Optional[float] = typer.Option(None, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
     request_timeout: Optional[float] = typer.Option(None, min=0.001, help="Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: 60].", metavar="SECONDS"),
 ) -> None:
@@ -115,7 +121,9 @@ def gate(
 
     flags = {"max_distinct_logprobs": max_distinct_logprobs, "max_clusters": max_clusters,
              "max_distinct_outputs": max_distinct_outputs, "max_prob_range": max_prob_range,
-             "max_error_rate": max_error_rate}
+             "max_error_rate": max_error_rate,
+             "max_distinct_logprob_vectors": max_distinct_logprob_vectors,
+             "max_distinct_token_sequences": max_distinct_token_sequences}
     try:
         cfg = gating.load_config(config, flags)
     except gating.GateConfigError as exc:
@@ -236,7 +244,8 @@ def _report(results: list, cfg, junit: Path | None, json_out: bool) -> None:
     if json_out:
         typer.echo(json.dumps(data, allow_nan=False, ensure_ascii=False))
     else:
-        table = Table("check", "status", "logprobs", "clusters", "outputs", "P range", "errors",
+        table = Table("check", "status", "logprobs", "clusters", "outputs", "vectors", "P range",
+                      "errors",
                       title="detaudit gate (measured / limit)", title_justify="left")
         style = {"pass": "green", "fail": "red", "error": "yellow"}
         for r in results:
@@ -250,6 +259,7 @@ def _report(results: list, cfg, junit: Path | None, json_out: bool) -> None:
                           show("distinct_logprobs", "max_distinct_logprobs"),
                           show("clusters", "max_clusters"),
                           show("distinct_outputs", "max_distinct_outputs"),
+                          show("distinct_logprob_vectors", "max_distinct_logprob_vectors"),
                           show("prob_range", "max_prob_range", "{:.3g}"),
                           show("error_rate", "max_error_rate", "{:.1%}"))
         console = Console(highlight=False)

@@ -12,6 +12,9 @@ A config file lists checks (probe, n, concurrency or load levels) and limits::
     max_distinct_outputs = 1
     max_prob_range = 0.0           # max - min of the token's probability (0..1)
     max_error_rate = 0.0           # errors / n; above it the run failed (exit 1)
+    # completion probes (greedy-divergence, fixed-seed, top-logprobs), per check:
+    max_distinct_logprob_vectors = 1   # default: max_distinct_logprobs
+    max_distinct_token_sequences = 1   # default: max_distinct_outputs
 
     [[check]]
     probe = "coin-flip"
@@ -24,8 +27,9 @@ A config file lists checks (probe, n, concurrency or load levels) and limits::
     levels = [0, 1, 4]
 
 Exit codes: 0 within limits, 3 (``EXIT_NONDETERMINISTIC``) beyond them, 1 when a run
-failed (endpoint down, errors over budget), 2 for a bad config. This module parses,
-evaluates and writes (JSON summary, JUnit XML); the CLI runs the probes.
+failed (endpoint down, errors over budget, NaN or infinite logprobs: bad data), 2 for
+a bad config. This module parses, evaluates and writes (JSON summary, JUnit XML); the
+CLI runs the probes.
 """
 
 from __future__ import annotations
@@ -41,10 +45,16 @@ from detaudit.analysis import Analysis
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_NONDETERMINISTIC = 0, 1, 2, 3
 LIMIT_NAMES = ("max_distinct_logprobs", "max_clusters", "max_distinct_outputs",
-               "max_prob_range", "max_error_rate")
-_INT_LIMITS = {"max_distinct_logprobs", "max_clusters", "max_distinct_outputs"}
+               "max_prob_range", "max_error_rate", "max_distinct_logprob_vectors",
+               "max_distinct_token_sequences")
+_INT_LIMITS = {"max_distinct_logprobs", "max_clusters", "max_distinct_outputs",
+               "max_distinct_logprob_vectors", "max_distinct_token_sequences"}
 DETERMINISTIC = {"max_distinct_logprobs": 1, "max_clusters": 1, "max_distinct_outputs": 1,
                  "max_prob_range": 0.0, "max_error_rate": 0.0}
+# Limits that, unless set themselves, take the value of another once every level
+# (config [limits], [check.limits], flags) has been applied.
+DERIVED_LIMITS = {"max_distinct_logprob_vectors": "max_distinct_logprobs",
+                  "max_distinct_token_sequences": "max_distinct_outputs"}
 _TOP_KEYS = {"endpoint", "limits", "check", "out", "threshold_pct"}
 _ENDPOINT_KEYS = {"base_url", "model", "api_key_env", "kernels"}
 _CHECK_KEYS = {"name", "probe", "n", "concurrency", "levels", "limits"}
@@ -83,8 +93,16 @@ def load_config(path: Path | None, flag_limits: dict[str, float | None]) -> Gate
         config = parse_config(_read(path), str(path), base_dir=path.parent)
     flags = _limits({k: v for k, v in flag_limits.items() if v is not None}, "command line", "--")
     for check in config.checks:
-        check.limits.update(flags)
+        check.limits = effective_limits({**check.limits, **flags})
     return config
+
+
+def effective_limits(limits: dict[str, float]) -> dict[str, float]:
+    """The limits with each derived limit that was not set filled from its source."""
+    out = {**DETERMINISTIC, **limits}
+    for key, source in DERIVED_LIMITS.items():
+        out.setdefault(key, out[source])
+    return out
 
 
 def _read(path: Path) -> str:
@@ -221,32 +239,41 @@ def evaluate(check: Check, analysis: Analysis, run_dir: str | None = None,
              run_failure: str | None = None, elapsed_s: float = 0.0) -> CheckResult:
     """Compare one run's analysis with the check's limits."""
     measured, worst = measure(analysis)
-    result = CheckResult(check.name, check.probe, "pass", dict(check.limits), measured,
+    limits = effective_limits(check.limits)
+    result = CheckResult(check.name, check.probe, "pass", limits, measured,
                          run_dir=run_dir, elapsed_s=elapsed_s, groups=_groups(analysis))
     error_rate = measured["error_rate"]
     if run_failure or analysis.ok == 0:
         result.status = "error"
         result.message = run_failure or f"no request succeeded ({analysis.errors} errors)"
         return result
-    if error_rate > check.limits["max_error_rate"]:
+    if error_rate > limits["max_error_rate"]:
         result.status = "error"
         kinds = ", ".join(f"{k}: {v}" for k, v in analysis.errors_by_kind.items())
         result.message = (f"errors over budget: {analysis.errors} of {analysis.n} requests failed "
-                          f"({error_rate:.1%} > max_error_rate {check.limits['max_error_rate']:g}; {kinds})")
+                          f"({error_rate:.1%} > max_error_rate {limits['max_error_rate']:g}; {kinds})")
+        return result
+    bad = analysis.bad_logprobs
+    if bad["samples"]:
+        result.status = "error"
+        result.message = (f"bad data: {bad['values']} NaN or infinite logprob(s) in "
+                          f"{bad['samples']} of {analysis.ok} samples; such a server cannot be "
+                          "measured (see detaudit report on the run folder)")
         return result
     for key, value in (("max_distinct_logprobs", measured["distinct_logprobs"]),
                        ("max_clusters", measured["clusters"]),
                        ("max_distinct_outputs", measured["distinct_outputs"]),
-                       ("max_prob_range", measured["prob_range"])):
-        limit = check.limits[key]
+                       ("max_prob_range", measured["prob_range"]),
+                       ("max_distinct_token_sequences", measured["distinct_token_sequences"]),
+                       ("max_distinct_logprob_vectors", measured["distinct_logprob_vectors"])):
+        limit = limits[key]
         if value is not None and value > limit:
             result.exceeded.append({"limit": key, "max": limit, "measured": value,
                                     "over": value - limit, "where": worst.get(key)})
     if result.exceeded:
         result.status = "fail"
         result.message = "; ".join(_describe(e) for e in result.exceeded)
-        varying = [g["group"] for g in result.groups
-                   if g["distinct_outputs"] > 1 or any(t["distinct_logprobs"] > 1 for t in g["tokens"])]
+        varying = [g["group"] for g in result.groups if _varies(g)]
         if varying:
             result.message += f" (varies at {', '.join(varying)})"
     else:
@@ -267,6 +294,11 @@ def measure(analysis: Analysis) -> tuple[dict[str, Any], dict[str, str]]:
         worst[key] = label
         return value
 
+    d = analysis.divergence
+    if d is not None and d.first_difference is not None:
+        worst["max_distinct_logprob_vectors"] = f"position {d.first_difference}"
+    if d is not None and d.min_position is not None:
+        worst["max_distinct_token_sequences"] = f"position {d.min_position}"
     measured = {
         "n": analysis.n, "ok": analysis.ok, "errors": analysis.errors,
         "error_rate": analysis.errors / analysis.n if analysis.n else 0.0,
@@ -274,6 +306,10 @@ def measure(analysis: Analysis) -> tuple[dict[str, Any], dict[str, str]]:
         "clusters": top("max_clusters", lambda t: len(t.clusters)),
         "distinct_outputs": analysis.outputs_distinct,
         "prob_range": top("max_prob_range", lambda t: t.prob.range),
+        "distinct_token_sequences": d.distinct_token_sequences if d is not None else None,
+        "distinct_logprob_vectors": d.distinct_logprob_vectors if d is not None else None,
+        "first_difference": d.first_difference if d is not None else None,
+        "bad_logprobs": analysis.bad_logprobs["values"],
         "deterministic": analysis.deterministic,
         "tokens": {t.label: {"distinct_logprobs": t.distinct_logprobs, "clusters": len(t.clusters),
                              "prob_range": None if _nan(t.prob.range) else t.prob.range}
@@ -282,10 +318,21 @@ def measure(analysis: Analysis) -> tuple[dict[str, Any], dict[str, str]]:
     return measured, worst
 
 
+_GROUP_VECTOR_KEYS = ("distinct_token_sequences", "distinct_logprob_vectors", "first_difference")
+
+
 def _groups(analysis: Analysis) -> list[dict[str, Any]]:
+    """Per group: what varied there, and for completions the first differing position."""
     return [{"group": g["group"], "n": g["n"], "distinct_outputs": g["distinct_outputs"],
+             **{k: g[k] for k in _GROUP_VECTOR_KEYS if k in g},
              "tokens": [{"label": t["label"], "distinct_logprobs": t["distinct_logprobs"]}
                         for t in g["tokens"]]} for g in analysis.groups]
+
+
+def _varies(group: dict[str, Any]) -> bool:
+    return (group["distinct_outputs"] > 1 or group.get("distinct_token_sequences", 1) > 1
+            or group.get("distinct_logprob_vectors", 1) > 1
+            or any(t["distinct_logprobs"] > 1 for t in group["tokens"]))
 
 
 def _describe(e: dict[str, Any]) -> str:

@@ -180,6 +180,7 @@ def _frames(rows: list[dict[str, Any]], values: list[tuple[float, str | None]]) 
         "system_fingerprint": [s["system_fingerprint"] for s in samples.values()],
         "model": None, "group": [s["group"] for s in samples.values()], "attempts": 1,
         "latency_s": float("nan"), "tokens": [()] * len(samples), "logprobs": [()] * len(samples),
+        "bad_logprobs": 0,
     }, columns=SAMPLE_COLUMNS)
     tracked_frame = pd.DataFrame(tracked, columns=TRACKED_COLUMNS).astype(
         {"index": "int64", "slot": "int64", "position": "int64", "logprob": "float64"})

@@ -44,6 +44,8 @@ def render_report(result: Analysis, console: Console, title: str | None = None,
         console.print(_outputs_table(result))
     if result.errors:
         console.print(_errors_table(result))
+    if result.bad_logprobs["samples"]:
+        console.print(_bad_line(result))
     if len(result.fingerprints) > 1 or any(len(t.by_fingerprint) > 1 for t in result.tokens):
         console.print(_fingerprints_table(result))
     if result.groups:
@@ -59,14 +61,25 @@ def render_report(result: Analysis, console: Console, title: str | None = None,
 def _verdict(result: Analysis) -> Text:
     if result.ok == 0:
         return Text("No successful samples: nothing to measure.", style="bold red")
+    d = result.divergence
     if result.deterministic:
-        return Text(f"Deterministic: {result.ok:,} successful samples, one output, "
+        vector = ", one logprob vector" if d is not None else ""
+        return Text(f"Deterministic: {result.ok:,} successful samples, one output{vector}, "
                     "one logprob value per tracked token.", style="bold green")
     worst = max(result.tokens, key=lambda t: t.distinct_logprobs, default=None)
     parts = [f"{result.outputs_distinct:,} distinct output(s)"]
     if worst is not None:
         parts.insert(0, f"{worst.distinct_logprobs:,} distinct logprob(s) of "
                         f"{_plain_name(worst)} in {len(worst.clusters):,} cluster(s)")
+    if d is not None:
+        where = f", first differing at position {d.first_difference}" \
+            if d.first_difference is not None else ""
+        parts.append(f"{d.distinct_token_sequences:,} token sequence(s) and "
+                     f"{d.distinct_logprob_vectors:,} logprob vector(s){where}")
+    bad = result.bad_logprobs
+    if bad["samples"]:
+        parts.insert(0, f"{bad['values']:,} NaN or infinite logprob(s) in "
+                        f"{bad['samples']:,} sample(s)")
     return Text(f"Nondeterministic: {', '.join(parts)} over {result.ok:,} successful samples.",
                 style="bold yellow")
 
@@ -82,11 +95,15 @@ def _overview(result: Analysis) -> Text:
 
 def _tokens_table(result: Analysis) -> Table:
     # Narrow enough for 80 columns; the JSON and the clusters table carry min/max.
-    table = _table("Tracked tokens (dist: bitwise-distinct logprobs; P in %, sd and range in pp)",
-                   ["token", "pos", "n", "miss", "dist", "clust",
-                    "mean P", "sd", "range", "logprob"])
+    # The bad column (NaN or infinite values sent) shows only when there are some.
+    bad = any(t.bad for t in result.tokens)
+    table = _table("Tracked tokens (dist: bitwise-distinct logprobs; "
+                   + ("bad: NaN/inf values; " if bad else "") + "P in %, sd and range in pp)",
+                   ["token", "pos", "n", "miss"] + (["bad"] if bad else [])
+                   + ["dist", "clust", "mean P", "sd", "range", "logprob"])
     for t in result.tokens:
         table.add_row(_name(t), str(t.position), f"{t.n:,}", f"{t.missing:,}",
+                      *([f"[red]{t.bad:,}[/]" if t.bad else "0"] if bad else []),
                       _count(t.distinct_logprobs), f"{len(t.clusters):,}",
                       _pct(t.prob.mean), _pct(t.prob.std), _pct(t.prob.range),
                       "-" if not math.isfinite(t.logprob.mean) else f"{t.logprob.mean:.6f}")
@@ -133,6 +150,13 @@ def _errors_table(result: Analysis) -> Table:
     return table
 
 
+def _bad_line(result: Analysis) -> Text:
+    bad = result.bad_logprobs
+    return Text(f"Bad values: {bad['values']:,} logprob(s) in {bad['samples']:,} sample(s) came "
+                "back as NaN or infinity; they are neither missing nor distinct values, and the "
+                "run cannot be called deterministic.", style="red")
+
+
 def _fingerprints_table(result: Analysis) -> Table:
     columns = ["system_fingerprint", "samples"]
     for t in result.tokens[:MAX_TOKEN_COLUMNS]:
@@ -149,12 +173,17 @@ def _fingerprints_table(result: Analysis) -> Table:
 
 
 def _groups_table(result: Analysis) -> Table:
-    columns = ["group", "n", "errors", "outputs"]
+    vectors = result.divergence is not None
+    columns = ["group", "n", "errors", "outputs"] + (["vectors", "first diff"] if vectors else [])
     for t in result.tokens[:MAX_TOKEN_COLUMNS]:
         columns += [f"{_name(t)} dist", f"{_name(t)} P %"]
-    table = _table("By group (load level / batch size; dist: distinct logprobs, P: mean)", columns)
+    table = _table("By group (load level / batch size; dist: distinct logprobs, P: mean"
+                   + ("; vectors: distinct logprob vectors" if vectors else "") + ")", columns)
     for g in result.groups:
         row = [escape(g["group"]), f"{g['n']:,}", f"{g['errors']:,}", _count(g["distinct_outputs"])]
+        if vectors:
+            first = g.get("first_difference")
+            row += [_count(g["distinct_logprob_vectors"]), "-" if first is None else str(first)]
         for entry in g["tokens"][:MAX_TOKEN_COLUMNS]:
             row += [_count(entry["distinct_logprobs"]), _pct(entry["mean_prob"])]
         table.add_row(*row)
@@ -169,6 +198,8 @@ def _divergence_table(result: Analysis) -> Table:
     table.add_row("unique completions", _count(d.unique_completions))
     table.add_row("distinct token sequences", _count(d.distinct_token_sequences))
     table.add_row("distinct logprob vectors", _count(d.distinct_logprob_vectors))
+    if d.first_difference is not None:
+        table.add_row("first position where vectors differ", str(d.first_difference))
     table.add_row("most common sequence", f"{d.reference_count:,} samples, "
                   f"{d.reference_length} tokens")
     table.add_row("diverged from it", f"{d.diverged:,}")

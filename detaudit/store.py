@@ -12,6 +12,11 @@ A run lives in ``<root>/<run-id>/``:
 SQLite runs in WAL mode with synchronous=NORMAL: each commit is an append to the
 WAL without an fsync, so committing every sample is cheap, and a killed process
 loses at most the requests that were in flight (resume sends them again).
+
+``RunStore.open_read_only`` is for the commands that only read (report, export,
+plot, compare): it creates and changes no file in the run folder, and it refuses a
+store it would misread (an empty or foreign database, a manifest of the wrong
+types, a row that is not what this module writes) with ``StoreError``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import tempfile
 import time
+from urllib.parse import quote
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -106,11 +113,20 @@ class RunStore:
     """An open run folder: the manifest in memory, and one SQLite connection."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], conn: sqlite3.Connection,
+<<<<<<< HEAD
                  lock: runlock.RunLock | None = None):
         self.path = path
         self.manifest = manifest
         self._conn = conn
         self.lock = lock  # held by a store that writes samples (create, open(lock=True))
+=======
+                 read_only: bool = False, scratch: tempfile.TemporaryDirectory | None = None):
+        self.path = path
+        self.manifest = manifest
+        self._conn = conn
+        self.read_only = read_only
+        self._scratch = scratch  # a private copy of a database with a WAL (read-only opening)
+>>>>>>> trust
 
     # --- opening -------------------------------------------------------------
 
@@ -138,6 +154,7 @@ class RunStore:
         manifest = read_manifest(path)
         if not (path / DATABASE).is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
+<<<<<<< HEAD
         held = runlock.acquire(path) if lock else None
         try:
             conn = _connect(path / DATABASE)
@@ -146,6 +163,63 @@ class RunStore:
                 held.release()
             raise
         return cls(path, manifest, conn, held)
+=======
+        return cls(path, manifest, _connect(path / DATABASE, existing=True))
+
+    @classmethod
+    def open_read_only(cls, path: str | os.PathLike) -> "RunStore":
+        """Open a run to read it, leaving every file of the folder as it was.
+
+        A database without a WAL file holds every commit in its main file and is read
+        in place (SQLite ``mode=ro&immutable=1``: no -wal or -shm is created). One with
+        a WAL (a killed or running run) would have SQLite write its -shm even when read
+        only, so its two files are copied to a temporary folder and read there, a copy
+        kept only if neither file changed while it was made. A run committing so often
+        that no copy holds still is read in place with ``mode=ro``: its -wal and -shm
+        exist already, and its own writer changes them anyway."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        for key in _REQUIRED_TO_READ:
+            if key not in manifest:
+                raise StoreError(f"{path / MANIFEST}: {key} is missing; the manifest was edited "
+                                 "or damaged, so this run cannot be read")
+        file = path / DATABASE
+        if not file.is_file():
+            raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
+        wal = Path(f"{file}-wal")
+        in_wal = wal.is_file() and wal.stat().st_size > 0
+        if file.stat().st_size == 0 and not in_wal:
+            raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples are "
+                             "lost; nothing can be reported from it")
+        scratch = None
+        try:
+            if in_wal:
+                scratch = tempfile.TemporaryDirectory(prefix="detaudit-read-")
+                copy = Path(scratch.name) / DATABASE
+                copied = _still_copy(file, wal, copy)
+                if copied:
+                    uri = f"file:{quote(str(copy))}?mode=ro"
+                else:
+                    _discard(scratch)
+                    scratch = None
+                    # None: the writer closed meanwhile and folded its WAL into the file
+                    mode = "mode=ro" if copied is False else "mode=ro&immutable=1"
+                    uri = f"file:{quote(str(file.resolve()))}?{mode}"
+            else:
+                uri = f"file:{quote(str(file.resolve()))}?mode=ro&immutable=1"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            _check_tables(conn, file)
+        except OSError as exc:
+            _discard(scratch)
+            raise StoreError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+        except sqlite3.DatabaseError as exc:
+            _discard(scratch)
+            raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+        except StoreError:
+            _discard(scratch)
+            raise
+        return cls(path, manifest, conn, read_only=True, scratch=scratch)
+>>>>>>> trust
 
     # --- samples -------------------------------------------------------------
 
@@ -157,10 +231,12 @@ class RunStore:
         """Store samples that arrived together in one transaction (group commit):
         the runner passes every sample finished in one event-loop turn, so a commit
         is paid per turn, not per sample, and nothing waits for a timer."""
+        self._writable()
         self._conn.executemany(_UPSERT, map(_row, samples))
         self._conn.commit()
 
     def record_failed_attempt(self, index: int, attempt: int, kind: str,
+<<<<<<< HEAD
                               message: str | None, retry_after: float | None = None,
                               raw: str | None = None) -> None:
         """Log an attempt that failed, with the body that came back if it was not a
@@ -170,6 +246,13 @@ class RunStore:
             "INSERT INTO failed_attempts (idx, attempt, at, error_kind, error_message, "
             "retry_after, raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (index, attempt, time.time(), kind, _redacted(message), retry_after, _redacted(raw)))
+=======
+                              message: str | None, retry_after: float | None = None) -> None:
+        """Log an attempt that failed; committed with the next sample (it is only a log)."""
+        self._writable()
+        self._conn.execute("INSERT INTO failed_attempts VALUES (?, ?, ?, ?, ?, ?)",
+                           (index, attempt, time.time(), kind, message, retry_after))
+>>>>>>> trust
 
     def failed_attempts(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT idx, attempt, at, error_kind, error_message, retry_after, "
@@ -215,40 +298,70 @@ class RunStore:
         top logprobs than asked (and the fewest seen). Zero counts are left out."""
         notes = {"sentinel_samples": 0, "sentinel_entries": 0, "short_top_samples": 0}
         fewest = None
-        for (extra,) in self._conn.execute(
-                "SELECT extra FROM samples WHERE status = 'ok' AND extra IS NOT NULL "
+        for idx, extra in self._conn.execute(
+                "SELECT idx, extra FROM samples WHERE status = 'ok' AND extra IS NOT NULL "
                 "AND (extra LIKE '%sentinel_logprobs%' OR extra LIKE '%top_logprobs_short%')"):
-            data = json.loads(extra)
-            if data.get("sentinel_logprobs"):
+            try:
+                data = _json_object(extra, "extra")
+                sentinels = int(data.get("sentinel_logprobs") or 0)
+                short = data.get("top_logprobs_short")
+                short = None if short is None else int(short)
+            except (BadRow, TypeError, ValueError) as exc:
+                raise self._bad_row(idx, exc) from None
+            if sentinels:
                 notes["sentinel_samples"] += 1
-                notes["sentinel_entries"] += int(data["sentinel_logprobs"])
-            if data.get("top_logprobs_short") is not None:
+                notes["sentinel_entries"] += sentinels
+            if short is not None:
                 notes["short_top_samples"] += 1
-                short = int(data["top_logprobs_short"])
                 fewest = short if fewest is None else min(fewest, short)
         if fewest is not None:
             notes["short_top_fewest"] = fewest
         return {k: v for k, v in notes.items() if v or k == "short_top_fewest"}
 
     def samples(self) -> list[Sample]:
-        cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM samples ORDER BY idx")
-        return [_sample(row) for row in cur]
+        """Every stored sample; a row this module did not write that way -> StoreError."""
+        try:
+            cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM samples ORDER BY idx")
+            out = []
+            for row in cur:
+                try:
+                    out.append(_sample(row))
+                except BadRow as exc:
+                    raise self._bad_row(row[0], exc) from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path / DATABASE}: cannot read the samples ({exc})") from None
+        return out
+
+    def _bad_row(self, idx: Any, problem: Exception) -> StoreError:
+        return StoreError(f"{self.path / DATABASE}: the row of sample {idx!r} is not readable: "
+                          f"{problem}; the file was edited or damaged (detaudit never writes this)")
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path}: opened read-only; nothing may be written to it")
 
     # --- manifest ------------------------------------------------------------
 
     def update_manifest(self, **fields: Any) -> None:
+        self._writable()
         updated = {**self.manifest, **fields}
         _write_json_atomic(self.path / MANIFEST, updated)
         self.manifest = updated
 
     def close(self) -> None:
         if self._conn is not None:
-            self._conn.commit()
+            if not self.read_only:
+                self._conn.commit()
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
+<<<<<<< HEAD
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+=======
+        _discard(self._scratch)
+        self._scratch = None
+>>>>>>> trust
 
     def __enter__(self) -> "RunStore":
         return self
@@ -278,12 +391,129 @@ def read_manifest(path: Path) -> dict[str, Any]:
         newer = " (written by a newer detaudit; upgrade detaudit)" if version > FORMAT_VERSION else ""
         raise StoreError(f"{path}: run format version {version} is not supported{newer}; "
                          f"this detaudit reads version(s) {', '.join(map(str, SUPPORTED_VERSIONS))}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise StoreError(f"{file}: {problem}; the manifest was edited or damaged, so this run "
+                         "cannot be used (restore it, or start a new run)")
     return manifest
 
 
-def _connect(file: Path) -> sqlite3.Connection:
+_REQUIRED_TO_READ = ("run_id", "probe", "n")
+_TEXT, _LIST, _OBJECT, _NULL = (str,), (list,), (dict,), (type(None),)
+# The manifest fields this module writes or readers rely on, and the JSON types they
+# may have; fields not listed (added by newer code) are left alone.
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": _TEXT, "tool_version": _TEXT, "probe": _OBJECT, "n": (int,),
+    "concurrency": (int,), "backend": _OBJECT, "backend_config": _OBJECT,
+    "tracked": _LIST + _NULL, "status": _TEXT, "started_at": _TEXT + _NULL,
+    "ended_at": _TEXT + _NULL, "command": _LIST, "limits": _OBJECT + _NULL,
+    "resumed_at": _LIST,
+}
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
+               list: "a list", dict: "an object", type(None): "null"}
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the manifest's field types, or None: a string ``n`` or a list
+    ``probe`` must stop a reader with a message, not a traceback deep in the report."""
+    for key, allowed in _MANIFEST_TYPES.items():
+        if key in manifest and not _is_a(manifest[key], allowed):
+            return _wrong(key, manifest[key], allowed)
+    n = manifest.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n < 1:
+        return f"n is {n}, expected an integer >= 1"
+    probe = manifest.get("probe") or {}
+    for key in ("name", "kind", "api"):
+        if key in probe and not isinstance(probe[key], str):
+            return _wrong(f"probe.{key}", probe[key], _TEXT)
+    if "name" not in probe and "probe" in manifest:
+        return "probe.name is missing"
+    for key, allowed in (("request", _OBJECT), ("track", _OBJECT)):
+        if key in probe and not _is_a(probe[key], allowed):
+            return _wrong(f"probe.{key}", probe[key], allowed)
+    outcomes = (probe.get("track") or {}).get("outcomes")
+    if outcomes is not None and not (isinstance(outcomes, list)
+                                     and all(isinstance(o, str) for o in outcomes)):
+        return "probe.track.outcomes must be a list of strings"
+    for i, entry in enumerate(manifest.get("tracked") or []):
+        where = f"tracked[{i}]"
+        if not isinstance(entry, dict):
+            return _wrong(where, entry, _OBJECT)
+        for key, allowed in (("label", _TEXT + _NULL), ("token", _TEXT + _NULL)):
+            if key in entry and not _is_a(entry[key], allowed):
+                return _wrong(f"{where}.{key}", entry[key], allowed)
+        position = entry.get("position", 0)
+        if position != "all" and not (_is_a(position, (int,)) and position >= 0):
+            return f"{where}.position is {position!r}, expected an integer >= 0 or \"all\""
+    return None
+
+
+def _is_a(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # JSON true/false is no integer
+        return bool in allowed
+    return isinstance(value, allowed)
+
+
+def _wrong(key: str, value: Any, allowed: tuple[type, ...]) -> str:
+    got = _JSON_NAMES.get(type(value), type(value).__name__)
+    shown = json.dumps(value)[:40] if isinstance(value, (str, int, float, list, dict)) else ""
+    return (f"{key} is {got}{f' ({shown})' if shown else ''}, expected "
+            f"{' or '.join(_JSON_NAMES[t] for t in allowed)}")
+
+
+def _check_tables(conn: sqlite3.Connection, file: Path) -> None:
+    """The samples table with every column this module writes, or StoreError."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "samples" not in tables:
+        found = f" (it has {', '.join(sorted(tables))})" if tables else " (it has no tables)"
+        raise StoreError(f"{file}: no samples table{found}; this is not a detaudit run "
+                         "database, or its samples were removed")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(samples)")}
+    missing = [c.strip('"') for c in _COLUMNS if c.strip('"') not in columns]
+    if missing:
+        raise StoreError(f"{file}: the samples table lacks column(s) {', '.join(missing)}; "
+                         "it was not written by this detaudit")
+
+
+def _still_copy(file: Path, wal: Path, copy: Path, tries: int = 5) -> bool | None:
+    """Copy the database and its WAL to ``copy`` (+ ``-wal``) while neither changes;
+    False when a writer kept changing them through every try, None when the WAL went
+    away (its writer closed, which folds the WAL into the main file)."""
+    def state() -> tuple:
+        return tuple((s.st_size, s.st_mtime_ns) for s in (file.stat(), wal.stat()))
+
+    try:
+        for _ in range(tries):
+            before = state()
+            shutil.copyfile(wal, f"{copy}-wal")
+            shutil.copyfile(file, copy)
+            if state() == before:
+                return True
+    except FileNotFoundError:
+        return None
+    return False
+
+
+def _discard(scratch: tempfile.TemporaryDirectory | None) -> None:
+    if scratch is not None:
+        scratch.cleanup()
+
+
+def _connect(file: Path, existing: bool = False) -> sqlite3.Connection:
+    """Open (``existing``: a stored run, checked before anything is written to it, so
+    an empty or foreign file is refused instead of turned into an empty run)."""
     try:
         conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
+        if existing:
+            if file.stat().st_size == 0:
+                conn.close()
+                raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
+                                 "are lost; start a new run instead of resuming this one")
+            try:
+                _check_tables(conn, file)
+            except StoreError:
+                conn.close()
+                raise
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
@@ -340,16 +570,69 @@ def _position_dict(p: Position) -> dict[str, Any]:
             "bytes": p.bytes}
 
 
+class BadRow(ValueError):
+    """A stored row that is not what ``_row`` writes; the message says which field."""
+
+
 def _sample(row: tuple) -> Sample:
     (idx, status, output, finish_reason, model, fingerprint, group, attempts, started_at,
      latency_s, error_kind, error_message, positions, extra, raw, has_completion) = row
+    if status not in ("ok", "error"):
+        raise BadRow(f"status is {status!r}, expected 'ok' or 'error'")
+    for name, value in (("attempts", attempts), ("started_at", started_at), ("latency_s", latency_s)):
+        if not _is_a(value, (int,) if name == "attempts" else (int, float)):
+            raise BadRow(f"{name} is {value!r}, not a number")
     completion = None
     if has_completion:
+        if output is not None and not isinstance(output, str):
+            raise BadRow(f"output is {type(output).__name__}, not text")
         completion = Completion(
             text=output, finish_reason=finish_reason,
-            positions=[position_from_dict(p) for p in json.loads(positions or "[]")],
+            positions=_positions(positions),
             model=model, system_fingerprint=fingerprint,
-            extra=json.loads(extra) if extra else {}, raw=raw)
+            extra=_json_object(extra, "extra") if extra else {}, raw=raw)
     return Sample(index=idx, status=status, completion=completion, attempts=attempts,
                   started_at=started_at, latency_s=latency_s, error_kind=error_kind,
                   error_message=error_message, group=group)
+
+
+def _json(text: Any, name: str) -> Any:
+    if not isinstance(text, (str, bytes)):
+        raise BadRow(f"{name} is {type(text).__name__}, not JSON text")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise BadRow(f"{name} is not JSON ({exc}): {str(text)[:40]!r}") from None
+
+
+def _json_object(text: Any, name: str) -> dict[str, Any]:
+    value = _json(text, name)
+    if not isinstance(value, dict):
+        raise BadRow(f"{name} is {_JSON_NAMES.get(type(value), 'JSON')}, not a JSON object")
+    return value
+
+
+def _positions(text: Any) -> list[Position]:
+    """The positions column -> Positions, every field checked for its type."""
+    data = _json(text or "[]", "positions")
+    if not isinstance(data, list):
+        raise BadRow(f"positions is {_JSON_NAMES.get(type(data), 'JSON')}, not a list")
+    for i, p in enumerate(data):
+        _check_entry(p, f"positions[{i}]")
+        top = p.get("top", [])
+        if not isinstance(top, list):
+            raise BadRow(f"positions[{i}].top is not a list")
+        for j, t in enumerate(top):
+            _check_entry(t, f"positions[{i}].top[{j}]")
+    return [position_from_dict(p) for p in data]
+
+
+def _check_entry(entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise BadRow(f"{where} is not a JSON object")
+    if not isinstance(entry.get("token"), str):
+        raise BadRow(f"{where}.token is {entry.get('token')!r}, not a string")
+    if not _is_a(entry.get("logprob"), (int, float)):
+        raise BadRow(f"{where}.logprob is {entry.get('logprob')!r}, not a number")
+    if not isinstance(entry.get("logprob_text"), str):
+        raise BadRow(f"{where}.logprob_text is {entry.get('logprob_text')!r}, not a string")

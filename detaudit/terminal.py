@@ -31,6 +31,18 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def threshold_option(value: float | None) -> float | None:
+    """typer callback of every --threshold-pct: inf or NaN is a usage error (exit 2)."""
+    from detaudit.analysis.summary import check_threshold
+
+    if value is None:
+        return None
+    try:
+        return check_threshold(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def print_json(data: dict[str, Any]) -> None:
     """Exactly one JSON object on stdout: no NaN, nothing else."""
     sys.stdout.write(json.dumps(data, allow_nan=False, ensure_ascii=False) + "\n")

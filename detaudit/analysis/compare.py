@@ -116,6 +116,41 @@ def compare(a: Frames, b: Frames, alpha: float = DEFAULT_ALPHA,
         only_in_b=[_name(k) for k in keys_b if k not in keys_a])
 
 
+PROBE_KEYS = ("name", "kind", "api", "track", "request")
+
+
+def incomparable(probe_a: dict[str, Any] | None, probe_b: dict[str, Any] | None,
+                 tracked_a: list[dict[str, Any]], tracked_b: list[dict[str, Any]]) -> str | None:
+    """Why A and B cannot be compared, or None.
+
+    Two probes (or one probe sending other requests) measure different things, so a
+    "no significant difference" between them would mean nothing; ``None`` for a side
+    read from a file, which has no probe. A label tracked by two different tokens
+    (Tails as "T" under one tokenizer and as "Tails" under another) would pair the
+    logprobs of two tokens; an unresolved token (None) pairs with anything."""
+    if probe_a is not None and probe_b is not None:
+        for key in PROBE_KEYS:
+            value_a, value_b = probe_a.get(key), probe_b.get(key)
+            if value_a == value_b:
+                continue
+            if key == "request" and isinstance(value_a, dict) and isinstance(value_b, dict):
+                keys = sorted(k for k in set(value_a) | set(value_b) if value_a.get(k) != value_b.get(k))
+                return f"their probes send different requests ({', '.join(keys)} differ)"
+            return f"they ran different probes ({key}: {_short(value_a)} vs {_short(value_b)})"
+    tokens_b = {(str(t["label"]), t["position"]): t["token"] for t in tracked_b}
+    for t in tracked_a:
+        other = tokens_b.get((str(t["label"]), t["position"]))
+        if t["token"] is not None and other is not None and other != t["token"]:
+            return (f"they track {t['label']!r} by different tokens ({t['token']!r} vs "
+                    f"{other!r}: other tokenizers), so its logprobs are not the same quantity")
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def outputs_test(a: pd.Series, b: pd.Series, seed: int = 0) -> StatTest:
     """Are the outputs distributed alike? ``a``, ``b``: one output text per sample."""
     if a.empty or b.empty:
@@ -224,8 +259,8 @@ def _token_keys(frames: Frames) -> dict[tuple[str, int], int]:
 
 
 def _logprobs(frames: Frames, slot: int) -> np.ndarray:
-    rows = frames.tracked[frames.tracked["slot"] == slot]
-    return rows["logprob"].dropna().to_numpy(np.float64)
+    values = frames.tracked.loc[frames.tracked["slot"] == slot, "logprob"].to_numpy(np.float64)
+    return values[np.isfinite(values)]  # absent (NaN) and bad (NaN, inf) values left out
 
 
 def _fingerprints(frames: Frames) -> dict[str, int]:

@@ -5,6 +5,11 @@ position where its token differs from the reference's (or where the shorter of t
 two ends); a completion equal to the reference does not diverge. Among completions
 with the reference's tokens, the logprob divergence is the first position whose
 chosen-token logprob differs bitwise from the most common logprob vector's.
+
+A logprob vector is a completion's tokens with the float64 of each chosen token's
+logprob (parsed from the text received). ``first_difference`` is the earliest
+position where any vector departs from the most common one, by a token or by the
+bits of a logprob: where "the same text" stops being "the same numbers".
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ class Divergence:
     median_position: float | None = None
     logprob_positions: dict[int, int] = field(default_factory=dict)
     reference_length: int = 0
+    first_difference: int | None = None  # earliest departure from the most common vector
+
+    @property
+    def deterministic(self) -> bool:
+        """One token sequence and one logprob vector: the same text and the same bits."""
+        return self.distinct_token_sequences <= 1 and self.distinct_logprob_vectors <= 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,7 +57,9 @@ class Divergence:
             },
             "first_logprob_divergence": {
                 "histogram": {str(k): v for k, v in sorted(self.logprob_positions.items())},
+                "min": min(self.logprob_positions, default=None),
             },
+            "first_difference": self.first_difference,
         }
 
 
@@ -94,4 +107,19 @@ def divergence(samples: pd.DataFrame) -> Divergence:
         if differs.size:
             at = int(differs[0])
             result.logprob_positions[at] = result.logprob_positions.get(at, 0) + n
+    result.first_difference = min(
+        (_departure(tokens, np.frombuffer(bits, dtype=np.int64), reference, ref_values)
+         for tokens, bits in vector_counts if (tokens, bits) != (reference, ref_bits)),
+        default=None)
     return result
+
+
+def _departure(tokens: tuple, values: np.ndarray, reference: tuple,
+               ref_values: np.ndarray) -> int:
+    """The first position where (tokens, logprob bits) differs from the reference vector."""
+    at = first_divergence(tokens, reference)
+    common = len(tokens) if at is None else at  # logprobs compared before the tokens part
+    differs = np.flatnonzero(values[:common] != ref_values[:common])
+    if differs.size:
+        return int(differs[0])
+    return common if at is None else at

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 
+import functools
+import itertools
 import math
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -22,7 +25,7 @@ from detaudit.records import Position, Sample, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
-                  "tokens", "logprobs"]
+                  "tokens", "logprobs", "bad_logprobs"]
 TRACKED_COLUMNS = ["index", "slot", "label", "token", "position", "logprob",
                    "logprob_text", "system_fingerprint", "output", "group"]
 
@@ -67,9 +70,29 @@ def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
                   tracked_tokens=slots)
 
 
+def is_bad_logprob(value: float) -> bool:
+    """NaN or infinite: a value a server sent that is no logprob. Counted as bad, never
+    as missing (the token was there) nor as a distinct value."""
+    return not math.isfinite(value)
+
+
 def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
     completions = [s.completion for s in samples]
     positions = [c.positions if c else () for c in completions]
+    # few distinct texts, many samples: parse each once (a C-level cache, as this sees
+    # every generated position of the run)
+    value = functools.lru_cache(maxsize=None)(_parse_or)
+    texts, top = operator.attrgetter("logprob_text", "logprob"), operator.attrgetter("top")
+    logprob = operator.attrgetter("logprob")
+
+    def bad(ps: list[Position]) -> int:
+        # A sum of finite logprobs is finite: count one by one only when it is not
+        # (bad values are rare, and this sees every top-k entry of the run).
+        entries = list(itertools.chain(ps, itertools.chain.from_iterable(map(top, ps))))
+        if math.isfinite(sum(map(logprob, entries))):
+            return 0
+        return sum(map(is_bad_logprob, map(logprob, entries)))
+
     columns = {
         "index": np.fromiter((s.index for s in samples), dtype=np.int64, count=len(samples)),
         "status": [s.status for s in samples],
@@ -82,7 +105,9 @@ def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
         "attempts": [s.attempts for s in samples],
         "latency_s": np.array([s.latency_s for s in samples], dtype=np.float64),
         "tokens": [tuple([p.token for p in ps]) for ps in positions],
-        "logprobs": [tuple([p.logprob for p in ps]) for ps in positions],
+        "logprobs": [tuple(itertools.starmap(value, map(texts, ps))) for ps in positions],
+        "bad_logprobs": np.fromiter((bad(ps) for ps in positions), dtype=np.int64,
+                                    count=len(positions)),
     }
     return pd.DataFrame(columns, columns=SAMPLE_COLUMNS)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.entropy import ENTROPY_COLUMNS, entropy_by_position
-from detaudit.analysis.frame import Frames, tracked_slots
+from detaudit.analysis.frame import Frames, is_bad_logprob, tracked_slots
 from detaudit.analysis.logit_grid import Grid, detect_grid, log_odds, top_gap
 from detaudit.analysis.stats import Spread, spread
 from detaudit.records import Sample
@@ -27,7 +27,7 @@ class TopTable:
     index: np.ndarray  # sample index
     position: np.ndarray
     fingerprint: np.ndarray  # object
-    top: np.ndarray  # float64 [rows, k], NaN-padded
+    top: np.ndarray  # float64 [rows, k], NaN-padded; bad values (NaN, inf) as NaN too
 
 
 @dataclass
@@ -84,7 +84,7 @@ def top_table(samples: list[Sample]) -> TopTable:
             index.append(s.index)
             position.append(i)
             fingerprint.append(fp)
-            rows.append([t.logprob for t in p.top])
+            rows.append([np.nan if is_bad_logprob(t.logprob) else t.logprob for t in p.top])
     k = max((len(r) for r in rows), default=0)
     top = np.full((len(rows), k), np.nan)
     for i, r in enumerate(rows):
@@ -101,7 +101,7 @@ def build_insight(frames: Frames, samples: list[Sample] | None = None) -> Insigh
     tokens = []
     tracked = frames.tracked
     for slot, t in enumerate(tracked_slots(frames)):
-        rows = tracked[(tracked["slot"] == slot) & tracked["logprob"].notna()]
+        rows = tracked[(tracked["slot"] == slot) & np.isfinite(tracked["logprob"])]
         logprob = rows["logprob"].to_numpy(np.float64)
         odds = log_odds(logprob)
         grid = TokenGrid(

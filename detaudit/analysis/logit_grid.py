@@ -70,7 +70,8 @@ def top_gap(top_logprobs: np.ndarray) -> np.ndarray:
     if top.ndim != 2 or top.shape[1] < 2:
         return np.full(top.shape[0] if top.ndim else 0, np.nan)
     ranked = -np.sort(-np.where(np.isnan(top), -np.inf, top), axis=1)
-    gap = ranked[:, 0] - ranked[:, 1]
+    with np.errstate(invalid="ignore"):  # -inf - -inf in a row without two candidates
+        gap = ranked[:, 0] - ranked[:, 1]
     gap[~np.isfinite(ranked[:, 1])] = np.nan
     return gap
 

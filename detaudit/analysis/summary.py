@@ -37,6 +37,7 @@ class TokenResult:
     position: int
     n: int  # successful samples
     missing: int  # samples whose top-k lacked the token
+    bad: int  # samples whose value for the token was NaN or infinite (see frame.is_bad_logprob)
     distinct_logprobs: int
     logprob: Spread
     prob: Spread
@@ -57,7 +58,7 @@ class TokenResult:
                    "count": int(r.count)} for r in self.values.head(VALUES_CAP).itertuples()]
         return {
             "label": self.label, "token": self.token, "position": self.position,
-            "n": self.n, "missing": self.missing,
+            "n": self.n, "missing": self.missing, "bad_values": self.bad,
             "distinct_logprobs": self.distinct_logprobs, "clusters": len(self.clusters),
             "threshold_pct": threshold_pct,
             "prob": self.prob.to_dict(), "logprob": self.logprob.to_dict(),
@@ -103,6 +104,9 @@ class Analysis:
     fingerprints: dict[str, int]
     groups: list[dict[str, Any]]
     divergence: Divergence | None
+    # NaN or infinite logprobs among the successful samples (chosen and top-k): how
+    # many samples carried any, and how many values in all. Never "deterministic".
+    bad_logprobs: dict[str, int] = field(default_factory=lambda: {"samples": 0, "values": 0})
     frames: Frames | None = field(default=None, repr=False)
     # Logit grid and top-k entropy (detaudit.analysis.insight), attached by the caller
     # when the samples' top-k lists are at hand; in the JSON as "insight".
@@ -110,9 +114,12 @@ class Analysis:
 
     @property
     def deterministic(self) -> bool:
-        """One distinct value for every tracked token and one distinct output."""
-        return (self.ok > 0 and self.outputs_distinct <= 1
-                and all(t.distinct_logprobs <= 1 for t in self.tokens))
+        """One distinct value for every tracked token, one distinct output, no bad
+        (NaN, infinite) logprob, and for completions one token sequence and one
+        logprob vector: the same text with other numbers is not deterministic."""
+        return (self.ok > 0 and self.outputs_distinct <= 1 and not self.bad_logprobs["samples"]
+                and all(t.distinct_logprobs <= 1 and not t.bad for t in self.tokens)
+                and (self.divergence is None or self.divergence.deterministic))
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary: plain types only, NaN and inf as null."""
@@ -121,6 +128,7 @@ class Analysis:
             "errors_by_kind": self.errors_by_kind,
             "probe_kind": self.probe_kind, "threshold_pct": self.threshold_pct,
             "deterministic": self.deterministic,
+            "bad_logprobs": self.bad_logprobs,
             "tokens": [t.to_dict(self.threshold_pct) for t in self.tokens],
             "outcomes": [o.to_dict() for o in self.outcomes],
             "outputs": {"distinct": self.outputs_distinct,
@@ -137,10 +145,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     """Every figure of a run. ``probe_kind`` switches on the outcome shares (outcome,
     load-sweep) and the completion analysis (fixed-seed, greedy-divergence,
     top-logprobs; also any run with multi-token answers). None: data from a file."""
-    if not (isinstance(threshold_pct, (int, float)) and math.isfinite(threshold_pct)
-            and threshold_pct >= 0):
-        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a number of "
-                         "percentage points >= 0, e.g. 0.01")
+    check_threshold(threshold_pct)
     samples, tracked = frames.samples, frames.tracked
     ok = samples[samples["status"] == "ok"]
     errors = samples[samples["status"] != "ok"]
@@ -161,14 +166,38 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         outputs_top=[(None if _isnull(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
         fingerprints={str(k): int(v) for k, v in fingerprints.items()},
-        groups=_groups(samples, tracked, slots, threshold_pct),
-        divergence=divergence(samples) if completions else None,
+        groups=_groups(samples, tracked, slots, threshold_pct, completions),
+        divergence=divergence(ok) if completions else None,
+        bad_logprobs=_bad_logprobs(ok),
         frames=frames,
     )
 
 
+def check_threshold(threshold_pct: Any) -> float:
+    """The cluster threshold, or ValueError: a finite number of percentage points >= 0
+    (inf or NaN would make every value one cluster, or none)."""
+    if not (isinstance(threshold_pct, (int, float)) and not isinstance(threshold_pct, bool)
+            and math.isfinite(threshold_pct) and threshold_pct >= 0):
+        raise ValueError(f"cluster threshold {threshold_pct!r} is not valid; give a finite "
+                         "number of percentage points >= 0, e.g. 0.01")
+    return threshold_pct
+
+
+def _bad_logprobs(ok: pd.DataFrame) -> dict[str, int]:
+    counts = ok["bad_logprobs"].to_numpy(np.int64) if "bad_logprobs" in ok else np.zeros(0, np.int64)
+    return {"samples": int((counts > 0).sum()), "values": int(counts.sum())}
+
+
+def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """Tracked rows -> (rows with a finite value, missing count, bad count). Missing: the
+    token was not in the top-k (no text). Bad: the server sent it as NaN or infinity."""
+    finite = np.isfinite(rows["logprob"].to_numpy(np.float64))
+    received = rows["logprob_text"].notna().to_numpy()
+    return rows[finite], int((~received & ~finite).sum()), int((received & ~finite).sum())
+
+
 def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float) -> TokenResult:
-    present = rows[rows["logprob"].notna()]
+    present, missing, bad = _split(rows)
     logprob = present["logprob"].to_numpy(dtype=np.float64)
     distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
     fps = present["system_fingerprint"].to_numpy()
@@ -177,7 +206,7 @@ def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float
     values = values.sort_values(["count", "logprob"], ascending=[False, False], kind="stable")
     return TokenResult(
         label=slot["label"], token=slot["token"], position=int(slot["position"]),
-        n=len(rows), missing=len(rows) - len(present),
+        n=len(rows), missing=missing, bad=bad,
         distinct_logprobs=len(distinct.count), logprob=spread(logprob),
         prob=spread(np.exp(logprob)),
         clusters=cluster_table(distinct, threshold_pct, fps), values=values,
@@ -219,8 +248,10 @@ def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult]) -> list[Out
 
 
 def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, Any]],
-            threshold_pct: float) -> list[dict[str, Any]]:
-    """Per group (load level, batch size): distinct outputs and logprobs of each token."""
+            threshold_pct: float, completions: bool = False) -> list[dict[str, Any]]:
+    """Per group (load level, batch size): distinct outputs and logprobs of each token;
+    for completions also distinct token sequences and logprob vectors, and the first
+    position where the vectors differ."""
     if samples["group"].isna().all():
         return []
     result = []
@@ -231,14 +262,20 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
         entry: dict[str, Any] = {"group": str(key), "n": len(rows),
                                  "errors": int((rows["status"] != "ok").sum()),
                                  "distinct_outputs": int(ok["output"].nunique(dropna=False)),
+                                 "bad_logprobs": _bad_logprobs(ok)["samples"],
                                  "tokens": []}
+        if completions:
+            d = divergence(ok)
+            entry.update(distinct_token_sequences=d.distinct_token_sequences,
+                         distinct_logprob_vectors=d.distinct_logprob_vectors,
+                         first_difference=d.first_difference)
         for slot, t in enumerate(slots):
             sub = tracked[(tracked["slot"] == slot) & (tracked["group"] == key)]
-            present = sub[sub["logprob"].notna()]
+            present, missing, bad = _split(sub)
             logprob = present["logprob"].to_numpy(np.float64)
             distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
             entry["tokens"].append({
-                "label": t["label"], "missing": len(sub) - len(present),
+                "label": t["label"], "missing": missing, "bad_values": bad,
                 "distinct_logprobs": len(distinct.count),
                 "clusters": len(cluster_table(distinct, threshold_pct)),
                 "mean_prob": float(np.exp(logprob).mean()) if logprob.size else math.nan,

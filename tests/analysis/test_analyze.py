@@ -111,3 +111,22 @@ def test_no_successful_samples(make, coin_tracked):
     result = analyze(build_frames([make.error(0, "connection")], coin_tracked))
     assert result.ok == 0 and not result.deterministic
     json.dumps(result.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("bad", ["NaN", "-Infinity", "Infinity"])
+def test_nan_and_infinite_logprobs_are_bad_values_not_missing(make, coin_tracked, bad):
+    samples = [make.coin(0, "Heads", "-0.5", "-1.0"), make.coin(1, "Heads", bad, "-1.0"),
+               make.coin(2, "Heads", "-0.5", None), make.coin(3, "Heads", "-0.5", "-1.0")]
+    result = analyze(build_frames(samples, coin_tracked))
+    heads, tails = result.tokens
+    assert (heads.n, heads.missing, heads.bad, heads.distinct_logprobs) == (4, 0, 1, 1)
+    assert (tails.missing, tails.bad) == (1, 0)
+    assert math.isfinite(heads.prob.max) and heads.prob.max == pytest.approx(math.exp(-0.5))
+    assert result.bad_logprobs == {"samples": 1, "values": 2}  # chosen token and its top-k entry
+    assert not result.deterministic
+    summary = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert summary["deterministic"] is False
+    assert summary["bad_logprobs"] == {"samples": 1, "values": 2}
+    assert (summary["tokens"][0]["missing"], summary["tokens"][0]["bad_values"]) == (0, 1)
+    clean = analyze(build_frames([samples[0], samples[3]], coin_tracked))
+    assert clean.deterministic and clean.bad_logprobs == {"samples": 0, "values": 0}

@@ -1,5 +1,7 @@
 """Multi-token completions: unique texts, logprob vectors, first divergence."""
 
+import numpy as np
+
 from detaudit.analysis import analyze, build_frames
 from detaudit.analysis.divergence import first_divergence
 
@@ -45,3 +47,51 @@ def test_all_positions_tracks_the_most_common_token_of_each_position(make):
     first, second = result.tokens
     assert (first.distinct_logprobs, first.missing) == (1, 1)
     assert (second.distinct_logprobs, second.missing) == (2, 1)
+
+
+def test_same_text_with_other_logprobs_is_not_deterministic(make):
+    # One text, two logprob vectors: the verdict must see the numbers, not only the text.
+    ref = ["Once", " upon", " a", " time"]
+    samples = [make.text(i, ref, [-0.1, -0.2, -0.3, -0.4]) for i in range(3)]
+    samples.append(make.text(3, ref, [-0.1, -0.2, float(np.nextafter(-0.3, 0.0)), -0.4]))
+    result = analyze(build_frames(samples, []), probe_kind="greedy-divergence")
+    d = result.divergence
+    assert (result.outputs_distinct, d.distinct_token_sequences, d.distinct_logprob_vectors) == (1, 1, 2)
+    assert d.first_difference == 2 and not d.deterministic
+    assert not result.deterministic
+    summary = result.to_dict()
+    assert summary["deterministic"] is False
+    assert summary["divergence"]["first_difference"] == 2
+    assert summary["divergence"]["first_logprob_divergence"]["min"] == 2
+    steady = analyze(build_frames(samples[:3], []), probe_kind="greedy-divergence")
+    assert steady.deterministic and steady.divergence.first_difference is None
+
+
+def test_first_difference_is_the_earliest_departure_by_token_or_by_bits(make):
+    ref = ["The", " sea", " is", " blue"]
+    samples = [make.text(i, ref, [-0.1, -0.2, -0.3, -0.4]) for i in range(3)]
+    # other tokens from position 3, but its logprob at 1 already differs: departs at 1
+    samples.append(make.text(3, ["The", " sea", " is", " grey"], [-0.1, -0.25, -0.3, -0.9]))
+    d = analyze(build_frames(samples, []), probe_kind="greedy-divergence").divergence
+    assert (d.min_position, d.first_difference) == (3, 1)
+    samples[3] = make.text(3, ["The", " sea", " is", " grey"], [-0.1, -0.2, -0.3, -0.9])
+    d = analyze(build_frames(samples, []), probe_kind="greedy-divergence").divergence
+    assert (d.min_position, d.first_difference) == (3, 3)
+
+
+def test_vectors_are_counted_per_group(make):
+    ref = ["Once", " upon"]
+    samples = []
+    for i in range(6):
+        group = "batch=1" if i < 3 else "batch=8"
+        last = -0.2 if group == "batch=1" or i == 3 else float(np.nextafter(-0.2, 0.0))
+        sample = make.text(i, ref, [-0.1, last])
+        sample.group = group
+        samples.append(sample)
+    result = analyze(build_frames(samples, []), probe_kind="greedy-divergence")
+    groups = {g["group"]: g for g in result.groups}
+    assert groups["batch=1"]["distinct_logprob_vectors"] == 1
+    assert groups["batch=1"]["first_difference"] is None
+    assert groups["batch=8"]["distinct_logprob_vectors"] == 2
+    assert groups["batch=8"]["first_difference"] == 1
+    assert all(g["distinct_token_sequences"] == 1 for g in result.groups)

@@ -4,11 +4,12 @@ traceback, the right exit code, and nothing already stored lost."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from tests.reliability.helpers import MODEL, cli, manifest, only_run, remote, rows
-from tests.servers.fake_openai import Fault
+from tests.servers.fake_openai import Fault, State
 
 
 def no_traceback(result) -> None:
@@ -207,3 +208,79 @@ def test_a_corrupt_database_is_named(fake_openai, tmp_path):
         extra.unlink()
     (run_dir / "samples.sqlite").write_bytes(b"this is not sqlite" * 100)
     usage_error(cli("report", run_dir), "samples.sqlite")
+
+
+# --- logprobs that are no numbers -------------------------------------------------------------
+
+def test_nan_and_infinite_logprobs_are_bad_values_and_never_deterministic(fake_openai, tmp_path):
+    # Heads is always chosen (the text never varies); 3 of 6 answers send its logprob as
+    # NaN, and T's top-k entry comes back as -Infinity in every other answer of those.
+    fake_openai.configure(states=[State([{"Heads": -0.31, "T": -1.31}]),
+                                  State([{"Heads": math.nan, "T": -1.31}]),
+                                  State([{"Heads": -0.31, "T": -1.31}]),
+                                  State([{"Heads": math.nan, "T": -math.inf}])])
+    result = remote(fake_openai, tmp_path, "--n", "6", "--json")
+    assert result.exit_code == 0, result.stderr
+    no_traceback(result)
+    assert any("NaN" in s["logprobs"] for s in fake_openai.sent)  # the server did send them
+    summary = json.loads(result.stdout)
+    assert summary["deterministic"] is False
+    assert summary["outputs"]["distinct"] == 1
+    heads, tails = summary["tokens"]
+    assert (heads["missing"], heads["bad_values"], heads["distinct_logprobs"]) == (0, 3, 1)
+    assert (tails["missing"], tails["bad_values"]) == (0, 1)
+    sent_bad = sum(t in ("NaN", "Infinity", "-Infinity") for s in fake_openai.sent for t in s["logprobs"])
+    assert summary["bad_logprobs"] == {"samples": 3, "values": sent_bad}
+    report = cli("report", only_run(tmp_path))
+    assert report.exit_code == 0
+    no_traceback(report)
+    assert f"Nondeterministic: {sent_bad} NaN or infinite logprob(s) in 3 sample(s)" \
+        in " ".join(report.stdout.split())
+    assert "Deterministic" not in report.stdout
+
+    config = tmp_path / "gate.toml"
+    config.write_text(f'[endpoint]\nbase_url = "{fake_openai.url}"\nmodel = "{MODEL}"\n'
+                      '[[check]]\nname = "coin"\nprobe = "coin-flip"\nn = 6\n')
+    gated = cli("gate", "--config", config, "--json", "--out", tmp_path / "gate")
+    assert gated.exit_code == 1, gated.stdout
+    no_traceback(gated)
+    check = json.loads(gated.stdout)["gate"]["checks"][0]
+    assert check["status"] == "error" and "NaN or infinite" in check["message"]
+
+
+# --- flags that used to end in a traceback ------------------------------------------------
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "-inf"])
+def test_a_threshold_that_is_not_a_finite_number_is_a_usage_error(fake_openai, tmp_path, value):
+    remote(fake_openai, tmp_path / "runs", "--n", "2")
+    run_dir = only_run(tmp_path / "runs")
+    for args in (["report", run_dir], ["export", run_dir, "--samples", tmp_path / "s.csv"],
+                 ["plot", run_dir, "-o", tmp_path / "p.png"],
+                 ["run", "--model", MODEL, "--base-url", fake_openai.url, "--out", tmp_path / "new"],
+                 ["gate", "--model", MODEL, "--base-url", fake_openai.url, "--out", tmp_path / "new"]):
+        result = cli(*args, "--threshold-pct", value)
+        usage_error(result, "--threshold-pct")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "s.csv").exists()
+    assert len(fake_openai.received) == 2  # only the first run's requests were sent
+
+
+@pytest.mark.parametrize("url, needles", [
+    ("http://127.0.0.1:99999/v1", ["port '99999'", "1 to 65535"]),
+    ("http://127.0.0.1:abc/v1", ["port 'abc'"]),
+    ("http://[::1/v1", ["IPv6", "http://[::1]:8000/v1"]),
+    ("http://[zz::1]/v1", ["not a valid address"]),
+    ("ftp://127.0.0.1/v1", ["http or https", "'ftp'"]),
+    ("http:///v1", ["names no host"]),
+    ("http://user:hunter2@127.0.0.1:99999/v1", ["port '99999'"]),
+])
+def test_a_base_url_no_request_can_go_to_is_a_usage_error(tmp_path, url, needles):
+    result = cli("run", "--model", MODEL, "--base-url", url, "--out", tmp_path / "out", "--quiet")
+    usage_error(result, "--base-url", *needles)
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+    gated = cli("gate", "--model", MODEL, "--base-url", url, "--out", tmp_path / "out")
+    usage_error(gated, *needles)
+    from_env = cli("run", "--model", MODEL, "--out", tmp_path / "out", "--quiet",
+                   env={"OPENAI_BASE_URL": url, "OPENAI_API_KEY": "sk-test"})
+    usage_error(from_env, "base URL", *needles)
+    assert not (tmp_path / "out").exists()

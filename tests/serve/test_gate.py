@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from detaudit.gate import GateConfigError, parse_config
+from detaudit.gate import GateConfigError, load_config, parse_config
 from tests.serve.conftest import detaudit, json_out
-from tests.servers.fake_openai import Fault, outcome_states
+from tests.servers.fake_openai import Fault, outcome_states, same_text_states
 
 STEADY = outcome_states("Heads", [(-0.3132617, 1)], alternatives={"T": -1.3132617})
 VARYING = outcome_states("Heads", [(-0.3132617, 3), (-0.31326166, 1)], alternatives={"T": -1.3132617})
@@ -108,6 +108,80 @@ def test_errors_over_budget_and_endpoint_down_exit_1(fake_openai, tmp_path):
     assert ET.parse(tmp_path / "down.xml").getroot().find("testsuite/testcase/error") is not None
 
 
+GREEDY_CHECK = """
+[endpoint]
+base_url = "{url}"
+model = "gpt-4o-mini"
+
+[limits]
+max_distinct_logprobs = 1
+
+[[check]]
+name = "greedy"
+probe = "greedy-divergence"
+n = 14
+concurrency = 4
+"""
+STORY = ["Once", " upon", " a", " time", ",", " a", " keeper"]
+
+
+def test_same_text_with_varying_logprobs_is_not_deterministic_and_fails_the_gate(fake_openai, tmp_path):
+    # The text never varies; the logprob at position 3 takes 7 values (a last-bits change).
+    fake_openai.configure(states=same_text_states(STORY, vectors=7, at=3))
+    run = detaudit("run", "--probe", "greedy-divergence", "--model", "gpt-4o-mini", "--base-url",
+                   fake_openai.url, "--n", "14", "--out", str(tmp_path / "run"), "--json", "--quiet")
+    assert run.returncode == 0, run.stderr
+    summary = json_out(run)
+    assert summary["outputs"]["distinct"] == 1
+    assert summary["deterministic"] is False
+    d = summary["divergence"]
+    assert (d["distinct_token_sequences"], d["distinct_logprob_vectors"], d["first_difference"]) == (1, 7, 3)
+    texts = {json.loads(sent["body"])["choices"][0]["message"]["content"] for sent in fake_openai.sent}
+    assert texts == {"".join(STORY)}  # the server's text really was one and the same
+
+    config = write(tmp_path, GREEDY_CHECK.format(url=fake_openai.url))
+    junit = tmp_path / "gate.xml"
+    proc, data = gate(config, "--json", "--junit", str(junit), "--out", str(tmp_path / "gate"))
+    assert proc.returncode == 3, proc.stderr
+    check = data["gate"]["checks"][0]
+    assert check["status"] == "fail"
+    assert check["limits"]["max_distinct_logprob_vectors"] == 1  # from max_distinct_logprobs
+    assert check["measured"]["distinct_outputs"] == 1
+    assert check["measured"]["distinct_logprob_vectors"] == 7
+    assert check["measured"]["first_difference"] == 3
+    (exceeded,) = check["exceeded"]
+    assert exceeded["limit"] == "max_distinct_logprob_vectors" and exceeded["where"] == "position 3"
+    failure = ET.parse(junit).getroot().find("testsuite/testcase/failure")
+    assert "max_distinct_logprob_vectors 1 exceeded (position 3): 7 measured" in failure.get("message")
+
+    # The vector limit follows max_distinct_logprobs unless it is set itself.
+    proc, data = gate(config, "--json", "--max-distinct-logprobs", "7", "--out", str(tmp_path / "gate"))
+    assert proc.returncode == 0, proc.stderr
+    assert data["gate"]["checks"][0]["limits"]["max_distinct_logprob_vectors"] == 7
+
+
+def test_a_steady_server_passes_the_greedy_check(fake_openai, tmp_path):
+    fake_openai.configure(states=same_text_states(STORY, vectors=1))
+    config = write(tmp_path, GREEDY_CHECK.format(url=fake_openai.url))
+    proc, data = gate(config, "--json", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    measured = data["gate"]["checks"][0]["measured"]
+    assert (measured["distinct_logprob_vectors"], measured["first_difference"]) == (1, None)
+    assert measured["deterministic"] is True
+
+
+def test_the_vector_limit_set_itself_wins_over_max_distinct_logprobs(tmp_path):
+    config = write(tmp_path, "[limits]\nmax_distinct_logprobs = 2\n[[check]]\nprobe = 'greedy-divergence'\n"
+                   "[[check]]\nname = 'own'\nprobe = 'greedy-divergence'\n[check.limits]\n"
+                   "max_distinct_logprob_vectors = 5\n")
+    first, own = load_config(config, {}).checks
+    assert first.limits["max_distinct_logprob_vectors"] == 2
+    assert first.limits["max_distinct_token_sequences"] == 1  # from max_distinct_outputs
+    assert own.limits["max_distinct_logprob_vectors"] == 5
+    flagged = load_config(config, {"max_distinct_logprobs": 3}).checks
+    assert [c.limits["max_distinct_logprob_vectors"] for c in flagged] == [3, 5]
+
+
 BAD_CONFIGS = [
     ("not toml = [", "not valid TOML"),
     ("[[check]]\nprobe = 'coin-flip'\nn = 0\n", "check[0].n"),
@@ -115,6 +189,8 @@ BAD_CONFIGS = [
     ("[[check]]\nprobe = 'no-such-probe'\n", "check[0]"),
     ("[limits]\nmax_cluster = 1\n[[check]]\nprobe = 'coin-flip'\n", "limits.max_cluster"),
     ("[limits]\nmax_prob_range = 2\n[[check]]\nprobe = 'coin-flip'\n", "limits.max_prob_range"),
+    ("[limits]\nmax_distinct_logprob_vectors = 0\n[[check]]\nprobe = 'coin-flip'\n",
+     "limits.max_distinct_logprob_vectors"),
     ("[[check]]\nprobe = 'coin-flip'\n[check.limits]\nmax_clusters = 0\n", "check[0].limits.max_clusters"),
     ("[[check]]\nprobe = 'coin-flip'\nlevels = [-1]\n", "check[0].levels"),
     ("[endpoint]\nurl = 'x'\n[[check]]\nprobe = 'coin-flip'\n", "endpoint.url"),

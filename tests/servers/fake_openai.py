@@ -512,3 +512,13 @@ def _http(status: int, body: bytes, content_type: str = "application/json",
              f"content-length: {len(body)}", "connection: keep-alive"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def same_text_states(tokens: list[str], vectors: int, at: int = 0, logprob: float = -0.25,
+                     step: float = 2.0 ** -40) -> list[State]:
+    """A server whose text never varies while its logprobs do: ``vectors`` states that
+    all choose ``tokens``; the chosen token's logprob at position ``at`` moves by
+    ``step`` from one state to the next (a last-bits change, as batch-dependent
+    kernels make), every other number stays the same."""
+    return [State([{token: logprob - (k * step if p == at else 0.0), f"alt{p}": logprob - 3.0}
+                   for p, token in enumerate(tokens)]) for k in range(vectors)]
