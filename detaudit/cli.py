@@ -38,14 +38,9 @@ from detaudit.redact import api_key_env_problem, redact
 from detaudit.runlock import RunLocked, describe as describe_holder
 from detaudit.runner import RunFailed, RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
-<<<<<<< HEAD
 from detaudit.store import MANIFEST, RunStore, StoreError, new_run_id, utc_now
-from detaudit.terminal import fail as _fail, print_json as _print_json, stderr
-from detaudit.urls import BadBaseURL, check_base_url, without_userinfo
-=======
-from detaudit.store import RunStore, StoreError, new_run_id, utc_now
 from detaudit.terminal import fail as _fail, print_json as _print_json, stderr, threshold_option
->>>>>>> trust
+from detaudit.urls import BadBaseURL, check_base_url, without_userinfo
 
 DEFAULT_PROBE = "coin-flip"
 DEFAULT_THRESHOLD_PCT = 0.01
@@ -530,23 +525,11 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
         if value is not None:
             raise UsageProblem(f"{flag} is for the local engine (--backend local); "
                                f"it does not apply to {model}")
-<<<<<<< HEAD
     try:
         shown_url = check_base_url(base_url) if base_url else None
     except BadBaseURL as exc:
         raise UsageProblem(str(exc)) from None
     return {"backend": "openai", "model": model, "base_url": shown_url,
-=======
-    if base_url is not None:
-        from detaudit.backends.openai_backend import BadBaseUrl, check_base_url
-
-        try:
-            check_base_url(base_url)
-        except BadBaseUrl as exc:
-            raise UsageProblem(f"--base-url {exc.shown}: {exc.problem}") from None
-    return {"backend": "openai", "model": model,
-            "base_url": _without_userinfo(base_url) if base_url else None,
->>>>>>> trust
             "api_key_env": api_key_env}
 
 

@@ -17,12 +17,8 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
-<<<<<<< HEAD
 from detaudit.redact import redact
-from detaudit.terminal import fail, stderr  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
-=======
 from detaudit.terminal import fail, stderr, threshold_option  # exits directly: under python -m detaudit.cli, cli.UsageProblem exists twice
->>>>>>> trust
 
 
 class Kernels(str, Enum):

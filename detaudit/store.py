@@ -113,20 +113,14 @@ class RunStore:
     """An open run folder: the manifest in memory, and one SQLite connection."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], conn: sqlite3.Connection,
-<<<<<<< HEAD
-                 lock: runlock.RunLock | None = None):
+                 lock: runlock.RunLock | None = None, read_only: bool = False,
+                 scratch: tempfile.TemporaryDirectory | None = None):
         self.path = path
         self.manifest = manifest
         self._conn = conn
         self.lock = lock  # held by a store that writes samples (create, open(lock=True))
-=======
-                 read_only: bool = False, scratch: tempfile.TemporaryDirectory | None = None):
-        self.path = path
-        self.manifest = manifest
-        self._conn = conn
         self.read_only = read_only
         self._scratch = scratch  # a private copy of a database with a WAL (read-only opening)
->>>>>>> trust
 
     # --- opening -------------------------------------------------------------
 
@@ -154,17 +148,20 @@ class RunStore:
         manifest = read_manifest(path)
         if not (path / DATABASE).is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
-<<<<<<< HEAD
-        held = runlock.acquire(path) if lock else None
-        try:
-            conn = _connect(path / DATABASE)
+        conn = _open_existing(path / DATABASE)  # checked before the lock: a refused
+        try:                                    # resume touches no file of the folder
+            held = runlock.acquire(path) if lock else None
         except BaseException:
+            conn.close()
+            raise
+        try:
+            _prepare(conn, path / DATABASE)
+        except BaseException:
+            conn.close()
             if held:
                 held.release()
             raise
         return cls(path, manifest, conn, held)
-=======
-        return cls(path, manifest, _connect(path / DATABASE, existing=True))
 
     @classmethod
     def open_read_only(cls, path: str | os.PathLike) -> "RunStore":
@@ -219,7 +216,6 @@ class RunStore:
             _discard(scratch)
             raise
         return cls(path, manifest, conn, read_only=True, scratch=scratch)
->>>>>>> trust
 
     # --- samples -------------------------------------------------------------
 
@@ -236,23 +232,16 @@ class RunStore:
         self._conn.commit()
 
     def record_failed_attempt(self, index: int, attempt: int, kind: str,
-<<<<<<< HEAD
                               message: str | None, retry_after: float | None = None,
                               raw: str | None = None) -> None:
         """Log an attempt that failed, with the body that came back if it was not a
         completion; committed with the next sample (it is only a log). Message and
         body are redacted: no secret is written."""
+        self._writable()
         self._conn.execute(
             "INSERT INTO failed_attempts (idx, attempt, at, error_kind, error_message, "
             "retry_after, raw) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (index, attempt, time.time(), kind, _redacted(message), retry_after, _redacted(raw)))
-=======
-                              message: str | None, retry_after: float | None = None) -> None:
-        """Log an attempt that failed; committed with the next sample (it is only a log)."""
-        self._writable()
-        self._conn.execute("INSERT INTO failed_attempts VALUES (?, ?, ?, ?, ?, ?)",
-                           (index, attempt, time.time(), kind, message, retry_after))
->>>>>>> trust
 
     def failed_attempts(self) -> list[dict[str, Any]]:
         cur = self._conn.execute("SELECT idx, attempt, at, error_kind, error_message, retry_after, "
@@ -354,14 +343,11 @@ class RunStore:
                 self._conn.commit()
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
-<<<<<<< HEAD
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-=======
         _discard(self._scratch)
         self._scratch = None
->>>>>>> trust
 
     def __enter__(self) -> "RunStore":
         return self
@@ -499,21 +485,38 @@ def _discard(scratch: tempfile.TemporaryDirectory | None) -> None:
         scratch.cleanup()
 
 
-def _connect(file: Path, existing: bool = False) -> sqlite3.Connection:
-    """Open (``existing``: a stored run, checked before anything is written to it, so
-    an empty or foreign file is refused instead of turned into an empty run)."""
+def _connect(file: Path) -> sqlite3.Connection:
+    """Open (creating) a run's database for writing."""
     try:
         conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
-        if existing:
-            if file.stat().st_size == 0:
-                conn.close()
-                raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
-                                 "are lost; start a new run instead of resuming this one")
-            try:
-                _check_tables(conn, file)
-            except StoreError:
-                conn.close()
-                raise
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    _prepare(conn, file)
+    return conn
+
+
+def _open_existing(file: Path) -> sqlite3.Connection:
+    """A stored run's database, checked before anything is written to it, so an empty
+    or foreign file is refused instead of turned into an empty run."""
+    _refuse_empty(file)
+    try:
+        conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    try:
+        _check_tables(conn, file)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _prepare(conn: sqlite3.Connection, file: Path) -> None:
+    """WAL, the schema, and columns added since older runs were stored."""
+    try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
@@ -522,7 +525,12 @@ def _connect(file: Path, existing: bool = False) -> sqlite3.Connection:
             conn.execute("ALTER TABLE failed_attempts ADD COLUMN raw TEXT")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
-    return conn
+
+
+def _refuse_empty(file: Path) -> None:
+    if file.stat().st_size == 0:
+        raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
+                         "are lost; start a new run instead of resuming this one")
 
 
 def _write_json_atomic(file: Path, data: dict[str, Any]) -> None:

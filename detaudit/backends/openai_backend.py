@@ -68,20 +68,12 @@ class OpenAIBackend:
         self.api = api
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         try:
-<<<<<<< HEAD
             self.base_url = check_base_url(url)  # what messages and the manifest show
         except BadBaseURL as exc:
             raise BackendError("bad_request", str(exc)) from None
         if not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         self.timeout = float(timeout)
-=======
-            check_base_url(url)
-        except BadBaseUrl as exc:
-            raise BackendError("bad_request", str(exc)) from None
-        self.base_url = _without_userinfo(url)  # what messages and the manifest show
-        self.timeout = timeout
->>>>>>> trust
         self._key = _api_key(api_key_env, self.base_url)
         self.max_body_bytes = max_body_bytes
         http = _HttpClient(event_hooks={"response": [_body_cap(max_body_bytes)]})
@@ -413,43 +405,6 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 
 # -- configuration -------------------------------------------------------------------------
-
-
-class BadBaseUrl(ValueError):
-    """A base URL no request can be sent to: ``shown`` (without user:password) and
-    ``problem``, which says what to fix."""
-
-    def __init__(self, shown: str, problem: str):
-        super().__init__(f"base URL {shown!r}: {problem}")
-        self.shown, self.problem = shown, problem
-
-
-def check_base_url(url: str) -> str:
-    """``url`` if requests can be sent to it, else BadBaseUrl naming the part that is
-    wrong (scheme, host, port, IPv6 brackets). The message never repeats a
-    user:password part of the URL."""
-    shown = re.sub(r"//[^/@]*@", "//", url)
-    example = "; give a URL such as http://127.0.0.1:8000/v1 or https://api.openai.com/v1"
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        if str(exc) == "Invalid IPv6 URL":  # urlsplit: a "[" without its "]"
-            raise BadBaseUrl(shown, "the IPv6 address is not closed by ']' (write it as "
-                             "http://[::1]:8000/v1)") from None
-        raise BadBaseUrl(shown, f"the host is not a valid address ({exc}){example}") from None
-    if parts.scheme not in ("http", "https"):
-        raise BadBaseUrl(shown, f"the scheme must be http or https, not "
-                         f"{parts.scheme or 'missing'!r}{example}")
-    if not parts.hostname:
-        raise BadBaseUrl(shown, f"it names no host{example}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if port is not None and not 1 <= port <= 65535:
-        text = parts.netloc.rsplit("]", 1)[-1].rsplit(":", 1)[-1]
-        raise BadBaseUrl(shown, f"the port {text!r} is not a number from 1 to 65535{example}")
-    return url
 
 
 def _api_key(env_name: str, base_url: str) -> str:

@@ -49,7 +49,7 @@ def run_dir(fake_openai, tmp_path) -> Path:
 @pytest.mark.parametrize("reader", READERS, ids=list(READERS))
 def test_readers_create_and_change_no_file(run_dir, tmp_path, reader):
     before = snapshot(run_dir)
-    assert sorted(before) == ["manifest.json", "samples.sqlite"]  # closed cleanly: no WAL
+    assert sorted(before) == ["manifest.json", "run.lock", "samples.sqlite"]  # closed cleanly: no WAL
     result = cli(*READERS[reader](run_dir, tmp_path))
     assert result.exit_code == 0, result.stderr
     assert snapshot(run_dir) == before
