@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import traceback
@@ -25,10 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 from detaudit import __version__
-from detaudit import budget
+from detaudit import budget, tokenization
 from detaudit import commands_insight as insight
 from detaudit import load as load_sweep
 from detaudit.analysis import Analysis, analyze, build_frames
+from detaudit.analysis.agreement import NO_LOGPROBS_KIND, NOT_RETURNED
 from detaudit.analysis.insight import build_insight
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S, BackendError
 from detaudit.ingest import IngestError
@@ -130,6 +132,7 @@ RUN_EXAMPLES = """\
   detaudit run                           [dim]# bundled local engine, no key[/]
   detaudit run --model gpt-4o --n 10000  [dim]# key in $OPENAI_API_KEY[/]
   detaudit run --model qwen --base-url http://localhost:8000/v1
+  detaudit run --model /models/qwen --base-url http://localhost:8000/v1 --no-logprobs  [dim]# text only[/]
   detaudit run --probe my-probe.toml --model gpt-4o-mini --json
   detaudit run --resume results/<run-id>
 """
@@ -170,6 +173,7 @@ def run(
     temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Override the probe's temperature."),
     seed: Optional[int] = typer.Option(None, help="Override the probe's seed."),
     top_logprobs: Optional[int] = typer.Option(None, min=0, max=20, help="Override how many top logprobs to ask for (0-20)."),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Text-only audit, for servers without logprobs: ask for none; report distinct outputs, agreement rates (TARr@N, TARa@N) and first divergence."),
     threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
     resume: Optional[Path] = typer.Option(None, help="Finish an interrupted run: results/<run-id>.", metavar="RUN_DIR"),
@@ -197,7 +201,7 @@ def run(
     check_request_timeout(request_timeout)
     if resume is not None:
         given = [f"--{name.replace('_', '-')}" for name in _MEASUREMENT_FLAGS
-                 if ctx.params.get(name) is not None]
+                 if ctx.params.get(name) is not None] + (["--no-logprobs"] if no_logprobs else [])
         if given:
             raise UsageProblem(f"--resume takes the probe, model, n and backend from the run's "
                                f"manifest; drop {', '.join(given)}")
@@ -220,7 +224,8 @@ def run(
                               limits=limits_record(limits, max_attempts, max_errors, timeout))
     else:
         probe_obj = _build_probe(probe or DEFAULT_PROBE, api=api, prompt=prompt, max_tokens=max_tokens,
-                                 temperature=temperature, seed=seed, top_logprobs=top_logprobs)
+                                 temperature=temperature, seed=seed, top_logprobs=top_logprobs,
+                                 no_logprobs=no_logprobs)
         config = _backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes,
                                  max_level, kernel_impl)
         n = n or _default_n(probe_obj, config)
@@ -293,6 +298,9 @@ def run(
             _render(analysis, store.manifest)
         _print_notes(notes)
         typer.echo(f"Run folder: {store.path}")
+    if analysis.logprobs == NOT_RETURNED:  # a resume would ask for logprobs again
+        raise RunFailed(f"{result.reason}\nAudit this server's text with a new run:\n  "
+                        f"{_text_only_command(store.manifest.get('command'))}")
     if result.status == "failed":
         raise RunFailed(f"{result.reason}. Fix it, then finish the run with: "
                         f"detaudit run --resume {store.path}")
@@ -303,6 +311,18 @@ def run(
         raise RunFailed(f"stopped by --max-cost {max_cost:g} USD after {result.ok + result.errors:,} "
                         f"of {n:,} samples; finish with: detaudit run --resume {store.path} "
                         "--max-cost USD")
+
+
+def _text_only_command(command: list[str] | None) -> str:
+    """The run's command as a text-only run: --no-logprobs added, --top-logprobs dropped."""
+    words, kept = list(command or ["detaudit", "run"]), []
+    while words:
+        word = words.pop(0)
+        if word == "--top-logprobs":
+            words = words[1:]
+        elif word != "--no-logprobs":
+            kept.append(word)
+    return shlex.join(kept + ["--no-logprobs"])
 
 
 def _within_budget(store: RunStore | None, probe: Probe, config: dict[str, Any], n: int,
@@ -470,7 +490,8 @@ def _print_notes(notes: list[str]) -> None:
         out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
 
 
-def _build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **overrides: Any) -> Probe:
+def _build_probe(name_or_path: str, *, api: str | None, prompt: str | None,
+                 no_logprobs: bool = False, **overrides: Any) -> Probe:
     try:
         probe = load_probe(name_or_path)
     except UnicodeDecodeError:
@@ -481,9 +502,12 @@ def _build_probe(name_or_path: str, *, api: str | None, prompt: str | None, **ov
     if api is not None and api != probe.api:
         probe = _switch_api(probe, api)
     top = overrides.get("top_logprobs")
+    if no_logprobs and top is not None:
+        raise UsageProblem("--top-logprobs asks for logprobs and --no-logprobs for none; drop one")
     if top is not None:
         overrides["logprobs"] = top > 0 or probe.request.get("logprobs", False)
-    return probe.with_overrides(prompt=prompt, **overrides)
+    probe = probe.with_overrides(prompt=prompt, **overrides)
+    return probe.without_logprobs() if no_logprobs else probe
 
 
 def _switch_api(probe: Probe, api: str) -> Probe:
@@ -518,7 +542,9 @@ def _backend_config(backend: str | None, model: str | None, base_url: str | None
                 "batch_sizes": _parse_batch_sizes(batch_sizes, max_level) if batch_sizes else [1, 3, 8, 32]}
     if model is None:
         raise UsageProblem("--backend openai needs --model NAME (e.g. --model gpt-4o)")
-    if backend is None and model.startswith(("/", "./", "../", "~")):
+    # With --base-url (or --backend openai) the name is the server's, path-like or not:
+    # vLLM, SGLang and transformers serve name a folder-served model by its path.
+    if backend is None and base_url is None and model.startswith(("/", "./", "../", "~")):
         raise UsageProblem(f"--model {model}: no such model folder (a local model is a folder "
                            "with config.json and *.safetensors; a remote model is a name)")
     for flag, value in (("--kernels", kernels), ("--batch-sizes", batch_sizes), ("--kernel-impl", kernel_impl)):
@@ -667,8 +693,17 @@ def _analyze_store(store: RunStore, threshold_pct: float) -> Analysis:
     m = store.manifest
     samples = store.samples()
     frames = build_frames(samples, m.get("tracked") or [])
-    analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=m["probe"].get("kind"))
-    analysis.insight = build_insight(frames, samples)  # logit grid, top-k entropy
+    probe = Probe.from_dict(m["probe"], source=f"{store.path}/manifest.json")
+    split = None  # a text-only run's first divergence: the model's tokens, else characters
+    if not probe.asks_logprobs or any(s.error_kind == NO_LOGPROBS_KIND for s in samples):
+        config = m.get("backend_config") or {}
+        split = tokenization.text_splitter(str(config.get("model", "")),
+                                           local=config.get("backend") == "local")
+    analysis = analyze(frames, threshold_pct=threshold_pct, probe_kind=probe.kind,
+                       logprobs_requested=probe.asks_logprobs, answer_regex=probe.answer_regex,
+                       tokenize=split[1] if split else None, tokenizer=split[0] if split else None)
+    if not analysis.text_only:
+        analysis.insight = build_insight(frames, samples)  # logit grid, top-k entropy
     return analysis
 
 

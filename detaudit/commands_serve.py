@@ -45,7 +45,10 @@ def serve(
     max_batch: int = typer.Option(32, min=1, help="Sequences per forward pass (engine slots)."),
     max_queue: int = typer.Option(256, min=0, help="Sequences waiting beyond a full batch before 429."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body accepted (413 above)."),
-    request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may take, queue included (504 after)."),
+    request_timeout: float = typer.Option(600.0, min=0.001, help="Seconds a request may take, queue included (504 after; its work stops then)."),
+    header_timeout: float = typer.Option(20.0, min=0.001, help="Seconds a connection has to send a request's headers (closed with 408 after)."),
+    body_timeout: float = typer.Option(60.0, min=0.001, help="Seconds a request has to send its body (408 after)."),
+    max_connections: int = typer.Option(1024, min=1, help="Open connections at most; more get a 503 and are closed at once."),
     shutdown_grace: float = typer.Option(10.0, min=0.0, help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda when available]."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 \\[default: the model's]."),
@@ -68,7 +71,9 @@ def serve(
     model_id = model if model == "tiny" else Path(model).name
     try:
         run_server(engine, model_id, host, port, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                   request_timeout_s=request_timeout, shutdown_grace_s=shutdown_grace,
+                   request_timeout_s=request_timeout, header_timeout_s=header_timeout,
+                   body_timeout_s=body_timeout, max_connections=max_connections,
+                   shutdown_grace_s=shutdown_grace,
                    log=lambda line: stderr.print(line, highlight=False, soft_wrap=True))
     except OSError as exc:
         fail(str(exc), 2)
@@ -105,6 +110,7 @@ def gate(
     threshold_pct: Optional[float] = typer.Option(None, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points \\[default: 0.01]."),
     max_attempts: int = typer.Option(3, min=1, help="Tries per request before it is stored as an error."),
     request_timeout: Optional[float] = typer.Option(None, min=0.001, help="Seconds one attempt may take in all (connect, send, every read); a timeout is retried \\[default: 60].", metavar="SECONDS"),
+    no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Every check text only, for servers without logprobs (or logprobs = false in one check of the config)."),
 ) -> None:
     """Run the checks of a config file against an endpoint and compare them with limits (for CI).
 
@@ -138,7 +144,7 @@ def gate(
         fail(f"{cfg.source}: the endpoint {target['base_url']} needs a model name: give --model NAME "
              "or model = \"...\" in [endpoint]", gating.EXIT_USAGE)
     threshold = threshold_pct if threshold_pct is not None else cfg.threshold_pct
-    plans = [_plan(cfg, i, check, target) for i, check in enumerate(cfg.checks)]
+    plans = [_plan(cfg, i, check, target, no_logprobs) for i, check in enumerate(cfg.checks)]
     if target["base_url"]:
         _check_reachable(target["base_url"], plans, cfg, junit, json_out)
     folder = out or Path(cfg.out or "results")
@@ -147,7 +153,7 @@ def gate(
     _report(results, cfg, junit, json_out)
 
 
-def _plan(cfg, index: int, check, target: dict) -> dict:
+def _plan(cfg, index: int, check, target: dict, no_logprobs: bool = False) -> dict:
     """Probe, backend config and n of one check; a bad probe is a config error (exit 2)."""
     from detaudit import cli
     from detaudit import load as load_sweep
@@ -155,7 +161,8 @@ def _plan(cfg, index: int, check, target: dict) -> dict:
     from detaudit.probes import ProbeError
 
     try:
-        probe = cli._build_probe(check.probe, api=None, prompt=None)
+        probe = cli._build_probe(check.probe, api=None, prompt=None,
+                                 no_logprobs=no_logprobs or not check.logprobs)
         local_kernels = target["kernels"] if not target["base_url"] else None
         config = cli._backend_config(None, target["model"], target["base_url"], target["api_key_env"],
                                      local_kernels, None)

@@ -26,6 +26,10 @@ A config file lists checks (probe, n, concurrency or load levels) and limits::
     n = 5                          # per level
     levels = [0, 1, 4]
 
+    [[check]]                      # a server without logprobs: text only
+    probe = "greedy-divergence"    # (or --no-logprobs for every check)
+    logprobs = false               # only max_distinct_outputs and max_error_rate apply
+
 Exit codes: 0 within limits, 3 (``EXIT_NONDETERMINISTIC``) beyond them, 1 when a run
 failed (endpoint down, errors over budget, NaN or infinite logprobs: bad data), 2 for
 a bad config. This module parses, evaluates and writes (JSON summary, JUnit XML); the
@@ -57,7 +61,7 @@ DERIVED_LIMITS = {"max_distinct_logprob_vectors": "max_distinct_logprobs",
                   "max_distinct_token_sequences": "max_distinct_outputs"}
 _TOP_KEYS = {"endpoint", "limits", "check", "out", "threshold_pct"}
 _ENDPOINT_KEYS = {"base_url", "model", "api_key_env", "kernels"}
-_CHECK_KEYS = {"name", "probe", "n", "concurrency", "levels", "limits"}
+_CHECK_KEYS = {"name", "probe", "n", "concurrency", "levels", "limits", "logprobs"}
 DEFAULT_CHECK = {"probe": "coin-flip", "n": 20, "concurrency": 4}
 
 
@@ -73,6 +77,7 @@ class Check:
     concurrency: int | None = None
     levels: list[int] | None = None
     limits: dict[str, float] = field(default_factory=dict)
+    logprobs: bool = True  # false: a text-only check (the probe asks for no logprobs)
 
 
 @dataclass
@@ -170,8 +175,12 @@ def _check(data: dict, i: int, source: str, base: dict, base_dir: Path) -> Check
     if not isinstance(name, str) or not name:
         raise GateConfigError(f"{source}: {where}name: must be a non-empty string")
     own = _limits(_table(data, "limits", source, where), source, where + "limits.")
+    logprobs = data.get("logprobs", True)
+    if not isinstance(logprobs, bool):
+        raise GateConfigError(f"{source}: {where}logprobs: must be true or false (false: text only, "
+                              "for a server without logprobs)")
     return Check(name=name, probe=probe, n=data.get("n"), concurrency=data.get("concurrency"),
-                 levels=levels, limits={**base, **own})
+                 levels=levels, limits={**base, **own}, logprobs=logprobs)
 
 
 def _limits(table: dict, source: str, where: str) -> dict[str, float]:
@@ -311,6 +320,9 @@ def measure(analysis: Analysis) -> tuple[dict[str, Any], dict[str, str]]:
         "first_difference": d.first_difference if d is not None else None,
         "bad_logprobs": analysis.bad_logprobs["values"],
         "deterministic": analysis.deterministic,
+        "logprobs": analysis.logprobs,  # not_requested / not_returned: text only
+        "tar_raw": _number_or_none(analysis.agreement.tar_raw if analysis.agreement else None),
+        "tar_answer": _number_or_none(analysis.agreement.tar_answer if analysis.agreement else None),
         "tokens": {t.label: {"distinct_logprobs": t.distinct_logprobs, "clusters": len(t.clusters),
                              "prob_range": None if _nan(t.prob.range) else t.prob.range}
                    for t in tokens},
@@ -341,6 +353,10 @@ def _describe(e: dict[str, Any]) -> str:
         return (f"{e['limit']} {e['max']:g} exceeded{where}: probability range "
                 f"{e['measured']:.3g}, over by {e['over']:.3g}")
     return f"{e['limit']} {e['max']:g} exceeded{where}: {e['measured']} measured, over by {e['over']}"
+
+
+def _number_or_none(value: Any) -> Any:
+    return None if _nan(value) else value
 
 
 def _nan(value: Any) -> bool:

@@ -20,6 +20,8 @@ Format (every key but ``name`` and ``[request]`` is optional)::
     outcomes = ["Heads", "Tails"]   # tracked by the first token of each label
     tokens = ["Heads", "T"]     # or name the tracked tokens directly
     positions = "all"           # top-logprobs: every position
+    answer_regex = 'answer: (\\w+)'   # parse an answer from each output (TARa@N): the
+                                # first capture group if it has one, else the whole match
 
     [load]                      # load-sweep only
     levels = [0, 1, 4, 16, 64]
@@ -30,12 +32,16 @@ Format (every key but ``name`` and ``[request]`` is optional)::
     n = 1000
     concurrency = 16
 
+``logprobs = false`` (or no ``logprobs``) in [request] makes a text-only probe: the
+analysis then reports outputs and agreement rates only (``detaudit.analysis.agreement``).
+
 A malformed file raises ProbeError naming the file and the key (or line).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -45,7 +51,7 @@ from typing import Any
 KINDS = ("outcome", "top-logprobs", "fixed-seed", "greedy-divergence", "load-sweep")
 APIS = ("chat", "completions")
 _TOP_KEYS = {"name", "kind", "description", "api", "request", "track", "load", "defaults"}
-_TRACK_KEYS = {"position", "outcomes", "tokens", "positions"}
+_TRACK_KEYS = {"position", "outcomes", "tokens", "positions", "answer_regex"}
 _LOAD_KEYS = {"levels", "filler_min_tokens", "filler_max_tokens"}
 _DEFAULT_KEYS = {"n", "concurrency"}
 _ROLES = {"system", "user", "assistant", "developer", "tool"}
@@ -80,6 +86,7 @@ class Probe:
     outcomes: list[str] = field(default_factory=list)
     track_tokens: list[str] | None = None  # explicit tokens; otherwise derived from outcomes
     load: LoadSpec | None = None
+    answer_regex: str | None = None  # parses an answer out of each output (TARa@N)
     default_n: int = 100
     default_concurrency: int = 8
     source: str = ""
@@ -91,6 +98,20 @@ class Probe:
     @property
     def top_logprobs(self) -> int:
         return int(self.request.get("top_logprobs", 0) or 0)
+
+    @property
+    def asks_logprobs(self) -> bool:
+        """Whether the request asks for logprobs (legacy completions: ``logprobs = k``,
+        0 included); without them the probe is a text-only audit."""
+        value = self.request.get("logprobs")
+        return value is not None and value is not False
+
+    def without_logprobs(self) -> "Probe":
+        """The text-only copy (``--no-logprobs``): no logprobs, no top_logprobs asked."""
+        clone = copy.deepcopy(self)
+        clone.request["logprobs"] = False
+        clone.request.pop("top_logprobs", None)
+        return clone
 
     def with_overrides(self, **params: Any) -> "Probe":
         """A copy with request parameters replaced (None values are ignored)."""
@@ -117,6 +138,8 @@ class Probe:
             out["track"]["tokens"] = self.track_tokens
         if self.track_all_positions:
             out["track"] = {"positions": "all"}
+        if self.answer_regex is not None:
+            out["track"]["answer_regex"] = self.answer_regex
         if self.load is not None:
             out["load"] = {"levels": self.load.levels,
                            "filler_min_tokens": self.load.filler_min_tokens,
@@ -193,6 +216,9 @@ def _build(data: dict[str, Any], source: str) -> Probe:
     positions = track.get("positions")
     if positions not in (None, "all"):
         raise ProbeError(source, 'only "all" is supported', "track.positions")
+    answer_regex = track.get("answer_regex")
+    if answer_regex is not None:
+        _check_answer_regex(answer_regex, source)
     if kind == "outcome" and not outcomes and not tokens:
         raise ProbeError(source, "an outcome probe needs outcomes or tokens to track", "track")
 
@@ -221,9 +247,23 @@ def _build(data: dict[str, Any], source: str) -> Probe:
         description=str(data.get("description", "")),
         track_position=position, track_all_positions=positions == "all",
         outcomes=list(outcomes), track_tokens=list(tokens) if tokens is not None else None,
-        load=load, default_n=defaults.get("n", 100),
+        load=load, answer_regex=answer_regex, default_n=defaults.get("n", 100),
         default_concurrency=defaults.get("concurrency", 8), source=source,
     )
+
+
+def _check_answer_regex(pattern: Any, source: str) -> None:
+    key = "track.answer_regex"
+    if not isinstance(pattern, str) or not pattern:
+        raise ProbeError(source, "must be a non-empty string (a Python regular expression)", key)
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ProbeError(source, f"{pattern!r} is not a valid regular expression ({exc}); "
+                         "write it as a TOML literal string, e.g. 'answer: (\\w+)'", key) from None
+    if compiled.fullmatch("") is not None:
+        raise ProbeError(source, f"{pattern!r} matches the empty string, so every output "
+                         "would parse; make it require some text", key)
 
 
 def _table(data: dict[str, Any], key: str, allowed: set[str], source: str) -> dict[str, Any]:

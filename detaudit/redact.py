@@ -53,10 +53,12 @@ def redact(text: str) -> str:
     credential-looking token replaced by ``***``."""
     if not text:
         return text
-    for secret in sorted(_secrets, key=len, reverse=True):
-        text = _mask_secret(text, secret)
+    # Credential shapes first: a key-shaped token goes whole, whatever pieces of other
+    # registered secrets it happens to contain.
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
+    for secret in sorted(_secrets, key=len, reverse=True):
+        text = _mask_secret(text, secret)
     return text
 
 

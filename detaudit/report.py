@@ -31,6 +31,8 @@ def render_report(result: Analysis, console: Console, title: str | None = None,
         console.rule(f"[bold]{escape(title)}")
     if facts:
         console.print(Text(facts, style="dim"))
+    if result.text_only:
+        console.print(Text(_TEXT_ONLY[result.logprobs], style="yellow"))
     console.print(_verdict(result))
     console.print(_overview(result))
     if result.tokens:
@@ -52,6 +54,9 @@ def render_report(result: Analysis, console: Console, title: str | None = None,
         console.print(_groups_table(result))
     if result.divergence is not None:
         console.print(_divergence_table(result))
+    if result.agreement is not None and result.ok and (
+            result.text_only or result.agreement.answer_regex is not None):
+        console.print(_agreement_table(result))
     if result.insight is not None:
         from detaudit.report_insight import render_insight
 
@@ -61,6 +66,9 @@ def render_report(result: Analysis, console: Console, title: str | None = None,
 def _verdict(result: Analysis) -> Text:
     if result.ok == 0:
         return Text("No successful samples: nothing to measure.", style="bold red")
+    if result.deterministic and result.text_only:
+        return Text(f"Same text every time: {result.ok:,} successful samples, one output "
+                    "(text only: no logprob was compared).", style="bold green")
     d = result.divergence
     if result.deterministic:
         vector = ", one logprob vector" if d is not None else ""
@@ -111,12 +119,49 @@ def _tokens_table(result: Analysis) -> Table:
 
 
 def _outcomes_table(result: Analysis) -> Table:
-    table = _table("Outcomes (share of outputs; Wilson 95% CI) vs the model's reported probability",
-                   ["outcome", "count", "share %", "95% CI %", "mean reported P %"])
+    if result.text_only:  # no reported probability to set beside the shares
+        table = _table("Outcomes (share of outputs; Wilson 95% CI)",
+                       ["outcome", "count", "share %", "95% CI %"])
+    else:
+        table = _table("Outcomes (share of outputs; Wilson 95% CI) vs the model's reported probability",
+                       ["outcome", "count", "share %", "95% CI %", "mean reported P %"])
     for o in result.outcomes:
-        table.add_row(escape(o.label), f"{o.count:,}", _pct(o.share),
-                      f"{_pct(o.ci_low)} - {_pct(o.ci_high)}", _pct(o.mean_reported_prob))
+        row = [escape(o.label), f"{o.count:,}", _pct(o.share), f"{_pct(o.ci_low)} - {_pct(o.ci_high)}"]
+        table.add_row(*row, *([] if result.text_only else [_pct(o.mean_reported_prob)]))
     return table
+
+
+def _agreement_table(result: Analysis) -> Table:
+    a = result.agreement
+    assert a is not None
+    table = _table(f"Agreement of the text (N = {a.n:,})", ["measure", "value"])
+    table.add_row("distinct outputs", _count(a.distinct_outputs))
+    table.add_row("TARr@N (same raw text)", f"{_pct(a.tar_raw)} %")
+    if a.answer_regex is not None:
+        table.add_row("TARa@N (same parsed answer)", f"{_pct(a.tar_answer)} % "
+                      f"(answer {_short(a.reference_answer)}; {a.n - a.parsed:,} unparsed, "
+                      f"{a.distinct_answers:,} distinct)")
+    if a.unit is not None:
+        table.add_row("most common output", f"{a.reference_count:,} samples, "
+                      f"{a.reference_length:,} {a.unit}(s)")
+        if a.tokenizer:  # a long path would squeeze the table: its end says enough
+            shown = a.tokenizer if len(a.tokenizer) <= 40 else "…" + a.tokenizer[-39:]
+            table.add_row("tokenizer", escape(shown))
+        table.add_row("diverged from it", f"{a.diverged:,}")
+        if a.min_position is not None:
+            table.add_row(f"first divergence ({a.unit}): min / median",
+                          f"{a.min_position} / {a.median_position:g}")
+            hist = ", ".join(f"{p}: {n}" for p, n in sorted(a.positions.items())[:12])
+            table.add_row(f"first divergence ({a.unit}): position: count", hist)
+    return table
+
+
+_TEXT_ONLY = {
+    "not_requested": "Text only: logprobs were not requested (--no-logprobs, or logprobs = false "
+                     "in the probe); outputs and their agreement are compared, no logprob.",
+    "not_returned": "Text only: the probe asked for logprobs and the server returned none; "
+                    "audit its text with --no-logprobs.",
+}
 
 
 def _clusters_table(t: TokenResult, threshold_pct: float) -> Table:
@@ -177,7 +222,8 @@ def _groups_table(result: Analysis) -> Table:
     columns = ["group", "n", "errors", "outputs"] + (["vectors", "first diff"] if vectors else [])
     for t in result.tokens[:MAX_TOKEN_COLUMNS]:
         columns += [f"{_name(t)} dist", f"{_name(t)} P %"]
-    table = _table("By group (load level / batch size; dist: distinct logprobs, P: mean"
+    table = _table("By group (load level / batch size)" if result.text_only else
+                   "By group (load level / batch size; dist: distinct logprobs, P: mean"
                    + ("; vectors: distinct logprob vectors" if vectors else "") + ")", columns)
     for g in result.groups:
         row = [escape(g["group"]), f"{g['n']:,}", f"{g['errors']:,}", _count(g["distinct_outputs"])]

@@ -30,7 +30,7 @@ from detaudit.store import RunStore, utc_now
 
 # Errors that every further request would hit too: stop at once instead of
 # sending thousands of requests that cannot succeed.
-FATAL_KINDS = ("auth", "not_found")
+FATAL_KINDS = ("auth", "not_found", "no_logprobs")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import hashlib
 import threading
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import tiktoken
@@ -50,10 +51,7 @@ def split(text: str, model: str) -> list[str] | None:
     A token that is only part of a UTF-8 character is shown with U+FFFD, as it cannot
     be a string on its own."""
     encoding = _encoding_for_model(model)
-    if encoding is None:
-        return None
-    return [encoding.decode_single_token_bytes(t).decode("utf-8", errors="replace")
-            for t in encoding.encode(text, disallowed_special=())]
+    return None if encoding is None else split_with(encoding, text)
 
 
 def first_token(text: str, model: str) -> str | None:
@@ -118,3 +116,49 @@ def _bundled_ranks(filename: str, expected_hash: str | None) -> dict[bytes, int]
     if len(fields) % 2:
         return None
     return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
+
+
+def text_splitter(model: str, local: bool = False) -> tuple[str, Any] | None:
+    """(name, split) for cutting an output text into ``model``'s tokens, or None when
+    its tokenizer is not known here (a text-only audit then counts characters).
+
+    A model folder on this machine (the bundled engine's, or the path a server such as
+    vLLM or transformers serve names its model by) gives its tokenizer.json; an OpenAI
+    model name gives its tiktoken encoding. Nothing is downloaded."""
+    folder = _model_folder(model, local)
+    if folder is not None:
+        split = _folder_splitter(str(folder / "tokenizer.json"))
+        if split is not None:
+            return f"{folder / 'tokenizer.json'}", split
+    name = encoding_name(model)
+    encoding = load_encoding(name) if name else None
+    if encoding is None:
+        return None
+    return f"tiktoken {name}", lambda text: split_with(encoding, text)
+
+
+def split_with(encoding: tiktoken.Encoding, text: str) -> list[str]:
+    return [encoding.decode_single_token_bytes(t).decode("utf-8", errors="replace")
+            for t in encoding.encode(text, disallowed_special=())]
+
+
+def _model_folder(model: str, local: bool) -> Path | None:
+    if local and model == "tiny":
+        folder = Path(str(resources.files("local_backend"))) / "models" / "tiny"
+    else:
+        folder = Path(model).expanduser()
+    try:
+        return folder if (folder / "tokenizer.json").is_file() else None
+    except (OSError, ValueError):  # a remote name that is no valid path here
+        return None
+
+
+@lru_cache(maxsize=8)
+def _folder_splitter(path: str) -> Any:
+    """A tokenizer.json's split (token strings, no special tokens added), or None."""
+    try:
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:  # not installed, or a file it cannot read: fall back to characters
+        return None
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).tokens

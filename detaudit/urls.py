@@ -9,6 +9,7 @@ repeat its credentials.
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
 
 from detaudit.redact import redact, register
@@ -20,22 +21,32 @@ class BadBaseURL(ValueError):
 
 def check_base_url(url: str) -> str:
     """``url`` without its ``user:password@`` (which is registered as a secret);
-    BadBaseURL when it is not an http(s) URL with a host and a valid port."""
+    BadBaseURL naming the part that is wrong (scheme, host, port, IPv6 brackets)."""
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises for a port out of range or not a number
-        host = parts.hostname
     except ValueError as exc:
-        raise BadBaseURL(_problem(url, f"it is not a valid URL ({exc})")) from None
+        if str(exc) == "Invalid IPv6 URL":  # urlsplit: a "[" without its "]"
+            raise BadBaseURL(_problem(url, "the IPv6 address is not closed by ']' (write it as "
+                                           "http://[::1]:8000/v1)")) from None
+        raise BadBaseURL(_problem(url, f"the host is not a valid address ({exc})")) from None
     register(parts.password)
     if parts.username and parts.password is None:
         register(parts.username)  # https://TOKEN@host: the user name is the secret
+    try:
+        host = parts.hostname
+    except ValueError as exc:
+        raise BadBaseURL(_problem(url, f"the host is not a valid address ({exc})")) from None
     if parts.scheme not in ("http", "https"):
-        raise BadBaseURL(_problem(url, "it must start with http:// or https://"))
+        raise BadBaseURL(_problem(url, f"the scheme must be http or https, not {parts.scheme or 'missing'!r}"))
     if not host:
-        raise BadBaseURL(_problem(url, "it has no host name"))
-    if port == 0:
-        raise BadBaseURL(_problem(url, "port 0 is not a port a server listens on"))
+        raise BadBaseURL(_problem(url, "it names no host"))
+    try:
+        port = parts.port  # raises for a port out of range or not a number
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        text = parts.netloc.rsplit("]", 1)[-1].rsplit(":", 1)[-1]
+        raise BadBaseURL(_problem(url, f"the port {text!r} is not a number from 1 to 65535"))
     return without_userinfo(url)
 
 
@@ -47,6 +58,11 @@ def without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
-def _problem(url: str, why: str) -> str:
-    return (f"--base-url {redact(url)!r}: {why}; give the server's OpenAI-compatible base "
-            "URL, e.g. http://127.0.0.1:8000/v1")
+def _problem(url: str, why: str, example: bool = True) -> str:
+    hint = "; give the server's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1" if example else ""
+    return f"--base-url {redact(without_userinfo_loose(url))!r}: {why}{hint}"
+
+
+def without_userinfo_loose(url: str) -> str:
+    """Like without_userinfo, for text that may not even parse as a URL."""
+    return re.sub(r"//[^/@]*@", "//", url)

@@ -6,7 +6,8 @@ prompt tokens of newly admitted requests plus one decode token of every running
 request, samples one token per request, and returns the requests that finished
 (their slots are freed for the next step). ``generate`` is that loop, run to the end.
 A server drives ``step`` from one background thread while other threads call
-``add_request``: the queue has its own lock, so adding never waits for a forward pass.
+``add_request`` and ``abort``: the queue has its own lock, so neither waits for a
+forward pass. An aborted request leaves at the start of the next step, slot and all.
 
 Logprobs are ``ops.log_softmax`` in fp32 of the logits the token was sampled from,
 before temperature (as OpenAI reports them).
@@ -107,7 +108,8 @@ class Engine:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._lock = threading.RLock()  # the running batch and the cache
-        self._queue_lock = threading.Lock()  # the waiting queue
+        self._queue_lock = threading.Lock()  # the waiting queue, _aborted, membership of _running
+        self._aborted: set[str] = set()  # running requests to drop at the next step
 
     @classmethod
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
@@ -160,6 +162,30 @@ class Engine:
             self._waiting.append(_Sequence(request, ids))
         return request.request_id
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a request whose client went away or timed out: at once if it is still
+        waiting, at the start of the next step if it runs (its slot is freed before new
+        requests are admitted). False when the engine does not hold it (finished, or
+        never added). Safe to call from any thread, during a step too."""
+        with self._queue_lock:
+            for seq in self._waiting:
+                if seq.request.request_id == request_id:
+                    self._waiting.remove(seq)
+                    return True
+            if any(seq.request.request_id == request_id for seq in self._running):
+                self._aborted.add(request_id)
+                return True
+        return False
+
+    def backlog(self) -> tuple[int, int, int]:
+        """(running, waiting, tokens still to generate for all of them, at most): what a
+        server needs to estimate how long new work would wait."""
+        with self._queue_lock:
+            running = [s for s in self._running if s.request.request_id not in self._aborted]
+            tokens = sum(s.request.max_tokens - len(s.generated) for s in running)
+            tokens += sum(s.request.max_tokens for s in self._waiting)
+            return len(running), len(self._waiting), tokens
+
     def has_unfinished(self) -> bool:
         with self._queue_lock:
             return bool(self._waiting or self._running)
@@ -181,6 +207,11 @@ class Engine:
         """One forward pass over every running request; returns those that finished."""
         with self._lock:
             with self._queue_lock:
+                if self._aborted:
+                    for seq in [s for s in self._running if s.request.request_id in self._aborted]:
+                        self._running.remove(seq)
+                        self.cache.free(seq.slot)
+                    self._aborted.clear()  # ids that finished meanwhile are simply gone
                 while self._waiting and self.cache.free_slots:
                     seq = self._waiting.popleft()
                     seq.slot = self.cache.allocate()

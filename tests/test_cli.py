@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from detaudit.cli import app
 from detaudit.probes import builtin_names
+from tests.reliability.helpers import stored_count
 from tests.servers.fake_openai import Fault, State, outcome_states
 
 MODEL = "gpt-4o-mini"
@@ -176,8 +177,7 @@ def test_ctrl_c_exits_130_and_resume_completes_to_exactly_n(fake_openai, tmp_pat
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            runs = list(out.glob("*/samples.sqlite")) if out.exists() else []
-            if runs and sqlite3.connect(runs[0]).execute("SELECT COUNT(*) FROM samples").fetchone()[0] >= 20:
+            if stored_count(out) >= 20:  # 0 until the run folder and its table exist
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from detaudit.analysis.agreement import REQUESTED, Agreement, agreement, logprobs_status
 from detaudit.analysis.clusters import cluster_table, distinct_values
 from detaudit.analysis.divergence import Divergence, divergence
 from detaudit.analysis.frame import Frames, natural_key, tracked_slots
@@ -111,6 +112,14 @@ class Analysis:
     # Logit grid and top-k entropy (detaudit.analysis.insight), attached by the caller
     # when the samples' top-k lists are at hand; in the JSON as "insight".
     insight: Any = field(default=None, repr=False)
+    # requested | not_requested | not_returned (detaudit.analysis.agreement); without
+    # logprobs the run is text-only: no tokens, no divergence, agreement figures instead
+    logprobs: str = REQUESTED
+    agreement: Agreement | None = None
+
+    @property
+    def text_only(self) -> bool:
+        return self.logprobs != REQUESTED
 
     @property
     def deterministic(self) -> bool:
@@ -136,15 +145,23 @@ class Analysis:
             "fingerprints": self.fingerprints,
             "groups": self.groups,
             "divergence": self.divergence.to_dict() if self.divergence else None,
+            "logprobs": self.logprobs,
+            "agreement": self.agreement.to_dict() if self.agreement else None,
             **({"insight": self.insight.to_dict()} if self.insight is not None else {}),
         })
 
 
 def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
-            probe_kind: str | None = "outcome") -> Analysis:
+            probe_kind: str | None = "outcome", *, logprobs_requested: bool = True,
+            answer_regex: str | None = None, tokenize: Callable[[str], Sequence[Any]] | None = None,
+            tokenizer: str | None = None) -> Analysis:
     """Every figure of a run. ``probe_kind`` switches on the outcome shares (outcome,
     load-sweep) and the completion analysis (fixed-seed, greedy-divergence,
-    top-logprobs; also any run with multi-token answers). None: data from a file."""
+    top-logprobs; also any run with multi-token answers). None: data from a file.
+
+    Text-only runs (logprobs not requested, or not returned) get no token figures and
+    no logprob divergence; their agreement carries the first divergence by ``tokenize``
+    (the model's tokenizer, named ``tokenizer``) or by character."""
     check_threshold(threshold_pct)
     samples, tracked = frames.samples, frames.tracked
     ok = samples[samples["status"] == "ok"]
@@ -152,16 +169,21 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     outputs = ok["output"].value_counts(dropna=False)
     fingerprints = ok["system_fingerprint"].fillna(NO_FINGERPRINT).value_counts()
     slots = tracked_slots(frames)
+    status = logprobs_status(samples, logprobs_requested)
+    text_only = status != REQUESTED
+    labels = [s["label"] for s in slots] if text_only else None  # outcomes by text alone
+    if text_only:
+        slots = []
     tokens = [_token_result(tracked[tracked["slot"] == slot], t, threshold_pct)
               for slot, t in enumerate(slots)]
     multi_token = bool(len(ok)) and int(ok["tokens"].map(len).max()) > 1
-    completions = multi_token or (probe_kind in COMPLETION_KINDS and len(ok) > 0)
+    completions = not text_only and (multi_token or (probe_kind in COMPLETION_KINDS and len(ok) > 0))
     return Analysis(
         n=len(samples), ok=len(ok), errors=len(errors),
         errors_by_kind={str(k): int(v) for k, v in
                         errors["error_kind"].fillna("unknown").value_counts().items()},
         threshold_pct=threshold_pct, probe_kind=probe_kind, tokens=tokens,
-        outcomes=_outcomes(outputs, len(ok), tokens) if probe_kind in OUTCOME_KINDS else [],
+        outcomes=_outcomes(outputs, len(ok), tokens, labels) if probe_kind in OUTCOME_KINDS else [],
         outputs_distinct=len(outputs),
         outputs_top=[(None if _isnull(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
@@ -169,7 +191,8 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         groups=_groups(samples, tracked, slots, threshold_pct, completions),
         divergence=divergence(ok) if completions else None,
         bad_logprobs=_bad_logprobs(ok),
-        frames=frames,
+        frames=frames, logprobs=status,
+        agreement=agreement(samples, answer_regex, tokenize, tokenizer, divergence=text_only),
     )
 
 
@@ -228,22 +251,26 @@ def _by_fingerprint(present: pd.DataFrame) -> dict[str, dict[str, Any]]:
                       "mean_prob": float(r.mean_prob)} for fp, r in table.iterrows()}
 
 
-def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult]) -> list[Outcome]:
+def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult],
+              labels: list[str] | None = None) -> list[Outcome]:
     """For each label: the share of outputs starting with it (leading whitespace ignored).
-    ``outputs`` are the distinct outputs with their counts, so this is cheap at any n."""
+    ``outputs`` are the distinct outputs with their counts, so this is cheap at any n.
+    ``labels``: a text-only run's labels, with no reported probability (NaN)."""
     texts = ["" if _isnull(t) else str(t).lstrip() for t in outputs.index]
     counts = outputs.to_numpy()
     result = []
     seen: set[str] = set()
-    for t in tokens:
-        if t.label in seen or not t.label:
+    pairs = [(t.label, t.prob.mean) for t in tokens] if labels is None else \
+        [(label, math.nan) for label in labels]
+    for label, reported in pairs:
+        if label in seen or not label:
             continue
-        seen.add(t.label)
-        count = int(sum(c for text, c in zip(texts, counts) if text.startswith(t.label)))
+        seen.add(label)
+        count = int(sum(c for text, c in zip(texts, counts) if text.startswith(label)))
         low, high = wilson_interval(count, n)
-        result.append(Outcome(label=t.label, count=count, n=n,
+        result.append(Outcome(label=label, count=count, n=n,
                               share=count / n if n else math.nan, ci_low=low, ci_high=high,
-                              mean_reported_prob=t.prob.mean))
+                              mean_reported_prob=reported))
     return result
 
 

@@ -14,7 +14,8 @@ DEFAULT_REQUEST_TIMEOUT_S = 60.0
 
 class BackendError(Exception):
     """A request failed. ``kind`` is one of: rate_limit, server_error, timeout,
-    connection, bad_request, auth, not_found, bad_response. ``retryable`` tells the
+    connection, bad_request, auth, not_found, bad_response, no_logprobs (asked
+    for, none came back). ``retryable`` tells the
     runner whether another attempt may succeed; ``retry_after`` is the server's hint
     in seconds, if it gave one; ``raw`` is the body that came back, when it was not a
     completion (kept in the store's failed-attempt log). Message and raw text are

@@ -51,6 +51,8 @@ SENTINEL_LOGPROB = -9999.0  # OpenAI's stand-in for some tokens outside the top 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # How much of a body that was not a completion is kept in the failed-attempt log.
 MAX_RAW_KEPT = 64 * 1024
+NO_LOGPROBS_HINT = ("this server (or model) does not return logprobs; audit its text only "
+                    "with --no-logprobs (or logprobs = false in the probe's [request])")
 
 
 class OpenAIBackend:
@@ -337,8 +339,10 @@ def _bytes(value: Any) -> list[int] | None:
 
 
 def _missing_logprobs(source: str) -> BackendError:
-    return _bad(source, "the request asked for logprobs but the response has none; "
-                "does this server (or model) support logprobs?")
+    """Its own kind: not a broken body but a server without logprobs, which every
+    further request would meet too (the runner stops at once; see ``runner.FATAL_KINDS``)."""
+    return BackendError("no_logprobs", f"{source} returned no logprobs though the request asked "
+                        f"for them: {NO_LOGPROBS_HINT}")
 
 
 def _bad(source: str, message: str) -> BackendError:

@@ -4,10 +4,14 @@
     GET  /v1/models             GET  /v1/models/{id}      GET /health
 
 Every failure is an OpenAI-style error body ``{"error": {message, type, param, code}}``
-with a 4xx/5xx status: bad JSON or parameters 400, unknown model 404, body too large
-413, queue full 429 (with Retry-After), request timeout 504, shutting down 503.
-Nothing a client sends reaches the engine unvalidated, and no exception escapes a
-handler as anything but a 500 error body.
+with a 4xx/5xx status: bad JSON or parameters 400, unknown model 404, body not sent
+within the body deadline 408, body too large 413, queue full 429 (with Retry-After),
+request timeout 504, shutting down 503. Nothing a client sends reaches the engine
+unvalidated, and no exception escapes a handler as anything but a 500 error body
+(its traceback logged, rate-limited).
+
+A client that disconnects while its request runs cancels it: the request leaves the
+engine at the next step (``until_disconnected``).
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ import sys
 import time
 import traceback
 from contextlib import asynccontextmanager
+from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from local_backend.engine import Engine, RequestError
 from local_backend.server import protocol
+from local_backend.server.logs import RateLimiter
 from local_backend.server.protocol import InvalidRequest, error_body
 from local_backend.server.scheduler import (EngineFailed, QueueFull, Scheduler, ServerTimeout,
                                             ShuttingDown, fingerprint)
@@ -36,14 +43,47 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+CLIENT_CLOSED = 499  # nginx's status for it; nobody reads the answer
+
+
+async def until_disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Return when the client has gone. Called once the body is read, so the only
+    message left for this request is ``http.disconnect``."""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected; never spin
+
+
+async def unless_disconnected(work: Awaitable[Any], receive: Callable[[], Awaitable[dict]]) -> Any:
+    """``await work``, unless the client goes first: then ``work`` is cancelled (and has
+    finished cancelling) and ClientGone is raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(until_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone()
+    finally:
+        task.cancel()
+        watcher.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
 def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_bytes: int = 1 << 20,
-               request_timeout_s: float = 600.0) -> Starlette:
+               request_timeout_s: float = 600.0, body_timeout_s: float = 60.0,
+               log: RateLimiter | None = None,
+               connection_stats: Callable[[], dict] | None = None) -> Starlette:
     scheduler = Scheduler(engine, max_queue=max_queue, request_timeout_s=request_timeout_s)
+    log = log or RateLimiter()
     system_fingerprint = fingerprint(engine)
     created = int(time.time())
     facts = engine.describe()
@@ -62,7 +102,7 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
                     raise BodyTooLarge()
                 chunks.append(chunk)
 
-        await asyncio.wait_for(read(), request_timeout_s)  # a client that never finishes its body
+        await asyncio.wait_for(read(), body_timeout_s)  # a client that never finishes its body
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, RecursionError):
@@ -73,7 +113,9 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
         try:
             body = await read_json(request)
             parsed = protocol.parse(body, api, engine, model_id)
-            results = await scheduler.generate(parsed.requests)
+            results = await unless_disconnected(scheduler.generate(parsed.requests), request.receive)
+        except (ClientGone, ClientDisconnect):
+            return Response(status_code=CLIENT_CLOSED)
         except InvalidRequest as exc:
             return error(exc.status, exc.message, exc.kind, exc.param, exc.code)
         except RequestError as exc:  # the engine's own checks
@@ -84,9 +126,12 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
         except QueueFull as exc:
             return error(429, str(exc), "rate_limit_error", code="queue_full",
                          headers={"Retry-After": str(exc.retry_after_s)})
-        except (ServerTimeout, asyncio.TimeoutError) as exc:
-            return error(504, str(exc) or f"the request body did not arrive within "
-                         f"{request_timeout_s:g} s", "timeout_error", code="timeout")
+        except asyncio.TimeoutError:  # only the body read has this deadline
+            return error(408, f"the request body did not arrive within {body_timeout_s:g} s "
+                         "(--body-timeout)", "timeout_error", code="body_timeout",
+                         headers={"connection": "close"})
+        except ServerTimeout as exc:
+            return error(504, str(exc), "timeout_error", code="timeout")
         except (ShuttingDown, EngineFailed) as exc:
             return error(503, str(exc), "server_error", code="unavailable")
         build = protocol.chat_response if api == "chat" else protocol.completions_response
@@ -120,7 +165,8 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
                              "system_fingerprint": system_fingerprint,
                              "kernels": facts["kernels"], "dtype": facts["dtype"],
                              "device": facts["device"], "weights_sha256": facts["weights_sha256"],
-                             **stats}, status_code=status)
+                             **stats, **(connection_stats() if connection_stats else {})},
+                            status_code=status)
 
     async def http_error(request: HttpRequest, exc: HTTPException) -> Response:
         if exc.status_code == 404:
@@ -129,7 +175,8 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
         return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
     async def internal_error(request: HttpRequest, exc: Exception) -> Response:
-        traceback.print_exception(exc, file=sys.stderr)
+        if log.allow(f"internal error {type(exc).__name__}"):
+            traceback.print_exception(exc, file=sys.stderr)
         return error(500, f"internal server error ({type(exc).__name__}); the server logged it",
                      "server_error")
 

@@ -4,12 +4,16 @@ SIGTERM or Ctrl-C: stop accepting connections and new requests, let in-flight
 requests finish for up to ``shutdown_grace_s``, answer the rest with 503, stop the
 engine thread, exit. SIGTERM exits 0 (a supervisor asked for it); Ctrl-C raises
 KeyboardInterrupt afterwards, for the usual 130. A second Ctrl-C forces the exit.
+
+Connections go through ``connections.GuardedProtocol`` (bounded count, header
+deadline); uvicorn's and asyncio's error logs go through one rate limiter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import sys
@@ -19,14 +23,19 @@ import uvicorn
 
 from local_backend.engine import Engine
 from local_backend.server.app import create_app
+from local_backend.server.connections import (ACCEPT_BATCH, LISTEN_QUEUE, ConnectionGuard,
+                                                GuardedProtocol, fit_to_file_limit)
+from local_backend.server.logs import RateLimiter
 from local_backend.server.scheduler import fingerprint
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None], grace_s: float):
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None], grace_s: float,
+                 log: RateLimiter):
         super().__init__(config)
         self.on_ready = on_ready
         self.grace_s = grace_s
+        self.log = log
         self.signals: list[int] = []
 
     @contextlib.contextmanager
@@ -44,7 +53,10 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def startup(self, sockets=None) -> None:
+        self.log.install(asyncio.get_running_loop(), ("uvicorn.error", "asyncio"))
         await super().startup(sockets=sockets)
+        for sock in sockets or ():  # asyncio set the kernel's queue to its accept batch: lengthen it
+            sock.listen(LISTEN_QUEUE)
         if not self.should_exit:
             self.on_ready()
 
@@ -59,11 +71,18 @@ class _Server(uvicorn.Server):
 
 def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 8000, *,
           max_queue: int = 256, max_body_bytes: int = 1 << 20, request_timeout_s: float = 600.0,
+          header_timeout_s: float = 20.0, body_timeout_s: float = 60.0, max_connections: int = 1024,
           shutdown_grace_s: float = 10.0, log: Callable[[str], None] = print) -> None:
     """Serve until SIGTERM/Ctrl-C; ``log`` gets the URL once the server accepts requests
     (port 0 picks a free port: the URL says which)."""
+    max_connections, note = fit_to_file_limit(max_connections)
+    if note:
+        log(note)
+    limiter = RateLimiter()
+    guard = ConnectionGuard(max_connections, header_timeout_s, limiter)
     app = create_app(engine, model_id, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                     request_timeout_s=request_timeout_s)
+                     request_timeout_s=request_timeout_s, body_timeout_s=body_timeout_s,
+                     log=limiter, connection_stats=guard.stats)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,9 +99,11 @@ def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 80
     def ready() -> None:
         log(f"serving {model_id} at {url} (system_fingerprint {fingerprint(engine)})")
 
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False, ws="none",
+                            http=functools.partial(GuardedProtocol, guard=guard),  # type: ignore[arg-type]
+                            backlog=ACCEPT_BATCH,
                             timeout_graceful_shutdown=shutdown_grace_s + 5)
-    server = _Server(config, ready, shutdown_grace_s)
+    server = _Server(config, ready, shutdown_grace_s, limiter)
     server.run(sockets=[sock])
     if signal.SIGINT in server.signals:
         raise KeyboardInterrupt

@@ -7,12 +7,15 @@ background thread runs ``engine.step()`` while anything is unfinished and hands 
 finished ``Result`` back to the event loop that waits for it.
 
 Backpressure: at most ``max_batch`` sequences run and ``max_queue`` more wait; beyond
-that ``QueueFull`` (HTTP 429 with Retry-After). Each call has a deadline
-(``ServerTimeout``, HTTP 504). On shutdown, new work is refused (``ShuttingDown``) and
-what is still in flight after the grace period gets that error too.
+that ``QueueFull`` (HTTP 429), whose Retry-After is the queued work over the measured
+throughput: tokens still to generate / tokens generated per second over the last
+``THROUGHPUT_STEPS`` steps. Each call has a deadline (``ServerTimeout``, HTTP 504). On
+shutdown, new work is refused (``ShuttingDown``) and what is still in flight after the
+grace period gets that error.
 
-The engine cannot drop a sequence it has started: a request that timed out keeps its
-slot until it ends, and keeps counting against the queue bound while it does.
+A call that ends without its results (timeout, shutdown, or its task cancelled because
+the client went away) aborts its requests in the engine: they stop at the next step
+and their slots are free for the next request.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 
 from local_backend.engine import Engine, Request, Result
+
+
+THROUGHPUT_STEPS = 256  # steps over which the throughput behind Retry-After is measured
 
 
 class SchedulerError(Exception):
@@ -78,14 +85,15 @@ class Scheduler:
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self.steps = 0
+        self.aborted = 0  # requests dropped because their call ended without them
         self.failure: str | None = None  # set when a forward pass raised: the engine is unusable
         self._waiters: dict[str, _Waiter] = {}
-        self._in_engine = 0  # sequences the engine holds (running or waiting), timed out ones too
-        self._lock = threading.Lock()  # _waiters and _in_engine
+        self._live: set[str] = set()  # request ids the engine holds for a caller
+        self._lock = threading.Lock()  # _waiters and _live
         self._wake = threading.Event()
         self._stop = False
         self._accepting = True
-        self._latency_ema_s = 1.0
+        self._recent: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_STEPS)  # (tokens, s)
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -99,34 +107,41 @@ class Scheduler:
         self._admit(len(requests))
         loop = asyncio.get_running_loop()
         futures = []
-        started = time.monotonic()
         try:
             for request in requests:
                 future = loop.create_future()
                 with self._lock:
                     self._waiters[request.request_id] = _Waiter(loop, future)
-                    self._in_engine += 1
+                    self._live.add(request.request_id)
                 try:
                     self.engine.add_request(request)  # validates; RequestError -> 400
                 except BaseException:
                     with self._lock:
-                        self._waiters.pop(request.request_id, None)
-                        self._in_engine -= 1
+                        self._live.discard(request.request_id)
                     raise
                 futures.append(future)
                 self._wake.set()
-            try:
-                results = await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout_s)
-            except asyncio.TimeoutError:
+            done, pending = await asyncio.wait(futures, timeout=self.request_timeout_s,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            errors = [f.exception() for f in done if f.exception() is not None]
+            if errors:
+                raise errors[0]
+            if pending:
                 raise ServerTimeout(f"no answer within the server's request timeout of "
                                     f"{self.request_timeout_s:g} s; send fewer max_tokens or "
-                                    "retry when the server is less busy") from None
-        finally:
+                                    "retry when the server is less busy")
+            return [f.result() for f in futures]
+        finally:  # results, an error, or cancelled: whatever has not finished is dropped
+            for future in futures:
+                future.cancel()  # a late outcome is then dropped, never logged as unretrieved
             with self._lock:
+                unfinished = [r.request_id for r in requests if r.request_id in self._live]
+                self._live.difference_update(unfinished)
                 for request in requests:
                     self._waiters.pop(request.request_id, None)
-        self._latency_ema_s = 0.8 * self._latency_ema_s + 0.2 * (time.monotonic() - started)
-        return list(results)
+            for request_id in unfinished:
+                self.engine.abort(request_id)
+            self.aborted += len(unfinished)
 
     def _admit(self, count: int) -> None:
         if self.failure is not None:
@@ -134,23 +149,35 @@ class Scheduler:
         if not self._accepting:
             raise ShuttingDown("the server is shutting down; retry against another instance")
         with self._lock:
-            free = self.max_batch + self.max_queue - self._in_engine
+            free = self.max_batch + self.max_queue - len(self._live)
         if count > free:
             raise QueueFull(f"the server is at capacity ({self.max_batch} running, "
                             f"{self.max_queue} queued); retry after the Retry-After interval",
                             self.retry_after_s())
 
     def retry_after_s(self) -> int:
-        """A hint for 429s: about one request latency per full batch waiting ahead."""
-        with self._lock:
-            batches_ahead = self._in_engine / max(1, self.max_batch)
-        return max(1, math.ceil(self._latency_ema_s * max(1.0, batches_ahead)))
+        """Seconds until the work queued now is done: tokens still to generate over the
+        measured throughput (one token per running sequence per step)."""
+        _, _, tokens = self.engine.backlog()
+        rate = self.tokens_per_s()
+        return 1 if rate is None else max(1, min(3600, math.ceil(tokens / rate)))
+
+    def tokens_per_s(self) -> float | None:
+        """Tokens generated per second while busy (wall time from one step's end to the
+        next, so the loop's own overhead counts), over the last THROUGHPUT_STEPS steps."""
+        recent = list(self._recent)
+        seconds = sum(s for _, s in recent)
+        return sum(n for n, _ in recent) / seconds if seconds > 0 else None
 
     def stats(self) -> dict:
         with self._lock:
-            in_engine = self._in_engine
-        return {"in_flight": in_engine, "max_batch": self.max_batch, "max_queue": self.max_queue,
-                "steps": self.steps, "accepting": self._accepting and self.failure is None}
+            in_flight = len(self._live)
+        running, waiting, tokens = self.engine.backlog()
+        return {"in_flight": in_flight, "running": running, "waiting": waiting,
+                "free_slots": self.engine.cache.free_slots, "queued_tokens": tokens,
+                "aborted": self.aborted, "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "steps": self.steps, "tokens_per_s": self.tokens_per_s(),
+                "accepting": self._accepting and self.failure is None}
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -174,11 +201,15 @@ class Scheduler:
     # ---- the step thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
+        previous_end: float | None = None  # of the step before, when no idle wait came between
         while not self._stop:
             self._wake.clear()
             if not self.engine.has_unfinished():
+                previous_end = None
                 self._wake.wait(0.5)
                 continue
+            running, waiting, _ = self.engine.backlog()
+            started = time.monotonic() if previous_end is None else previous_end
             try:
                 finished = self.engine.step()
             except Exception as exc:  # a bug or a device fault: say so, never hang handlers
@@ -190,11 +221,16 @@ class Scheduler:
                     _deliver(waiter, EngineFailed(f"the engine failed: {self.failure}"))
                 return
             self.steps += 1
+            previous_end = time.monotonic()
+            if running + waiting:  # one token per sequence; wall time, overheads included
+                self._recent.append((min(self.max_batch, running + waiting), previous_end - started))
             for result in finished:
                 with self._lock:
-                    self._in_engine -= 1
+                    if result.request_id not in self._live:  # aborted while it ran
+                        continue
+                    self._live.discard(result.request_id)
                     waiter = self._waiters.pop(result.request_id, None)
-                if waiter is not None:  # None: its handler timed out or went away
+                if waiter is not None:
                     _deliver(waiter, result)
 
 

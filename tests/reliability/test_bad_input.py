@@ -30,7 +30,6 @@ def usage_error(result, *needles: str) -> None:
 BAD_ANSWERS = [
     (Fault("malformed_json"), "the body is not JSON", 2),
     (Fault("html", status=200), "nginx", 2),
-    (Fault("no_logprobs"), "asked for logprobs but the response has none", 1),
     (Fault("empty_choices"), "the response has no choices", 2),
     (Fault("huge", size=40 * 2**20), "over 32 MiB", 1),
     (Fault("huge", size=40 * 2**20, chunked=True), "over 32 MiB", 1),
@@ -38,7 +37,7 @@ BAD_ANSWERS = [
 
 
 @pytest.mark.parametrize("fault, message, attempts", BAD_ANSWERS,
-                         ids=["malformed", "html", "no-logprobs", "empty-choices", "huge", "huge-chunked"])
+                         ids=["malformed", "html", "empty-choices", "huge", "huge-chunked"])
 def test_bad_answers_are_stored_as_errors_and_good_samples_stay(fake_openai, tmp_path, fault,
                                                                 message, attempts):
     fault.on = set(range(4, 100))  # the first four answers are good, the rest broken

@@ -26,11 +26,16 @@ def cli_env() -> dict[str, str]:
 class Server:
     """A running ``detaudit serve``: ``url`` (…/v1), ``root`` (no /v1), ``stderr`` lines."""
 
-    def __init__(self, *args: str, startup_s: float = 120.0):
+    def __init__(self, *args: str, startup_s: float = 120.0, open_files: int | None = None):
+        """``open_files``: the server's limit on open files (ulimit -n), soft and hard."""
         self.args = ["--port", "0", *args]
+        limit = None
+        if open_files is not None:
+            import resource
+            limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))  # noqa: E731
         self.proc = subprocess.Popen([sys.executable, "-m", "detaudit.cli", "serve", *self.args],
                                      cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=limit)
         self.stderr: list[str] = []
         self._ready = threading.Event()
         self.url = ""
@@ -54,6 +59,12 @@ class Server:
 
     def health(self) -> dict:
         return httpx.get(self.root + "/health").json()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port), for raw sockets."""
+        host, port = self.root.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
