@@ -301,8 +301,9 @@ def _chat_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
         top = [TokenLogprob(_token(t["token"], source), *_number(t["logprob"], source),
                             _bytes(t.get("bytes")))
                for t in item.get("top_logprobs") or []]
-        positions.append(Position(_token(item["token"], source), *_number(item["logprob"], source),
-                                  top, _bytes(item.get("bytes"))))
+        value, text = _number(item["logprob"], source)
+        positions.append(Position(_token(item["token"], source), value, text, top,
+                                  _bytes(item.get("bytes"))))
     return positions
 
 
