@@ -232,7 +232,8 @@ def _attributes(objects: list, *names: str) -> list[list]:
 
 _INDEX, _LOGPROB, _TOKEN, _TOP = map(operator.attrgetter, ("index", "logprob", "token", "top"))
 _NO_COMPLETION = Completion(text=None, positions=[])  # type: ignore[arg-type]  # an error row
-_NO_POSITION = Position(token=object(), logprob=math.nan, logprob_text="", top=[])  # type: ignore[arg-type]  # past the end: equals no token
+# a position past the end of a sample's positions: its token equals no token
+_NO_POSITION = Position(token=object(), logprob=math.nan, logprob_text="", top=[])  # type: ignore[arg-type]
 
 
 def _parsed(texts: list[str], floats: list[float], per_entry: bool) -> np.ndarray:

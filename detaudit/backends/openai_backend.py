@@ -3,9 +3,9 @@
 Requests go through the official SDK (``AsyncOpenAI``) with its retries off: the
 runner retries, and counts attempts. Bodies are posted as built (``client.post``),
 responses read raw and parsed here with ``json.loads``, keeping every number's JSON
-text as received, so two logprobs are "distinct" only if the server really sent distinct numbers, and
-so no pydantic model is built per response (the runner is meant to keep up with a
-bare SDK loop). Nothing is cached: every call is a new request.
+text as received, so two logprobs are "distinct" only if the server really sent
+distinct numbers, and so no pydantic model is built per response (the runner is meant
+to keep up with a bare SDK loop). Nothing is cached: every call is a new request.
 
 ``timeout`` is an overall deadline per attempt (connect, send and every read), not
 httpx's per-read timeout, so a server that dribbles a byte every few seconds cannot

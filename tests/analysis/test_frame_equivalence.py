@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detaudit.analysis import build_frames
-from detaudit.analysis.frame import SAMPLE_COLUMNS, TRACKED_COLUMNS, is_bad_logprob, parse_logprob_text
+from detaudit.analysis.frame import (SAMPLE_COLUMNS, TRACKED_COLUMNS, is_bad_logprob,
+                                     parse_logprob_text)
 from detaudit.records import Completion, Position, Sample, TokenLogprob
 
 # --- the reference: build_frames's loop as it was (with bad values), verbatim ------------
@@ -118,7 +119,8 @@ def _parse_or(text: str, fallback: float) -> float:
         return float(fallback)
 
 
-def reference_frames(samples: list[Sample], slots: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def reference_frames(samples: list[Sample], slots: list[dict[str, Any]]
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     samples = sorted(samples, key=lambda s: s.index)
     return _samples_frame(samples), _tracked_frame(samples, slots)
 
@@ -140,7 +142,8 @@ def logprob(draw) -> tuple[float, str]:
     if form == "hex":
         return value, value.hex()
     if form == "json":
-        return value, {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}.get(repr(value), repr(value))
+        json_text = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+        return value, json_text.get(repr(value), repr(value))
     if form == "other" and math.isfinite(value):
         return value, f"{value:.3e}"
     return value, repr(value)
@@ -191,7 +194,8 @@ def bits(values) -> list[str]:
     return [struct.pack("<d", v).hex() if isinstance(v, float) else repr(v) for v in values]
 
 
-def assert_same(frame: pd.DataFrame, reference: pd.DataFrame, float_tuples: tuple[str, ...] = ()) -> None:
+def assert_same(frame: pd.DataFrame, reference: pd.DataFrame,
+                float_tuples: tuple[str, ...] = ()) -> None:
     assert list(frame.columns) == list(reference.columns)
     assert frame.dtypes.to_dict() == reference.dtypes.to_dict()
     for column in frame.columns:
