@@ -148,12 +148,16 @@ class RunStore:
         manifest = read_manifest(path)
         if not (path / DATABASE).is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
-        if lock:  # refuse a broken store before the lock file is touched
-            _check_before_writing(path / DATABASE)
-        held = runlock.acquire(path) if lock else None
-        try:
-            conn = _connect(path / DATABASE, existing=True)
+        conn = _open_existing(path / DATABASE)  # checked before the lock: a refused
+        try:                                    # resume touches no file of the folder
+            held = runlock.acquire(path) if lock else None
         except BaseException:
+            conn.close()
+            raise
+        try:
+            _prepare(conn, path / DATABASE)
+        except BaseException:
+            conn.close()
             if held:
                 held.release()
             raise
@@ -481,40 +485,38 @@ def _discard(scratch: tempfile.TemporaryDirectory | None) -> None:
         scratch.cleanup()
 
 
-def _check_before_writing(file: Path) -> None:
-    """StoreError for an empty database or one without the run's tables, read-only."""
-    if file.stat().st_size == 0 and not Path(f"{file}-wal").is_file():
-        raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
-                         "are lost; start a new run instead of resuming this one")
+def _connect(file: Path) -> sqlite3.Connection:
+    """Open (creating) a run's database for writing."""
     try:
-        # Without a WAL file, immutable: SQLite would otherwise create -wal and -shm.
-        mode = "mode=ro" if Path(f"{file}-wal").is_file() else "mode=ro&immutable=1"
-        conn = sqlite3.connect(f"file:{quote(str(file.resolve()))}?{mode}", uri=True)
+        conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    _prepare(conn, file)
+    return conn
+
+
+def _open_existing(file: Path) -> sqlite3.Connection:
+    """A stored run's database, checked before anything is written to it, so an empty
+    or foreign file is refused instead of turned into an empty run."""
+    _refuse_empty(file)
+    try:
+        conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
     try:
         _check_tables(conn, file)
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
-    finally:
         conn.close()
+        raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
-def _connect(file: Path, existing: bool = False) -> sqlite3.Connection:
-    """Open (``existing``: a stored run, checked before anything is written to it, so
-    an empty or foreign file is refused instead of turned into an empty run)."""
+def _prepare(conn: sqlite3.Connection, file: Path) -> None:
+    """WAL, the schema, and columns added since older runs were stored."""
     try:
-        conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
-        if existing:
-            if file.stat().st_size == 0:
-                conn.close()
-                raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
-                                 "are lost; start a new run instead of resuming this one")
-            try:
-                _check_tables(conn, file)
-            except StoreError:
-                conn.close()
-                raise
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
@@ -523,7 +525,12 @@ def _connect(file: Path, existing: bool = False) -> sqlite3.Connection:
             conn.execute("ALTER TABLE failed_attempts ADD COLUMN raw TEXT")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
-    return conn
+
+
+def _refuse_empty(file: Path) -> None:
+    if file.stat().st_size == 0:
+        raise StoreError(f"{file}: the file is empty (0 bytes), so the run's samples "
+                         "are lost; start a new run instead of resuming this one")
 
 
 def _write_json_atomic(file: Path, data: dict[str, Any]) -> None:

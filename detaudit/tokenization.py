@@ -10,7 +10,7 @@ models) go through tiktoken's normal download; any failure means "unknown" (None
 
 from __future__ import annotations
 
-import base64
+import binascii
 import gzip
 import hashlib
 import threading
@@ -114,12 +114,10 @@ def _bundled_ranks(filename: str, expected_hash: str | None) -> dict[bytes, int]
         return None
     if expected_hash and hashlib.sha256(contents).hexdigest() != expected_hash:
         return None
-    ranks: dict[bytes, int] = {}
-    for line in contents.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    fields = contents.split()  # "token rank" lines: tokens at even places, ranks at odd
+    if len(fields) % 2:
+        return None
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
 
 
 def text_splitter(model: str, local: bool = False) -> tuple[str, Any] | None:

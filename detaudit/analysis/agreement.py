@@ -104,9 +104,12 @@ def agreement(samples: pd.DataFrame, answer_regex: str | None = None,
     it positions are characters. ``divergence=False`` leaves the first divergence out
     (runs with logprobs have it from their tokens: ``analysis.divergence``)."""
     ok = samples[samples["status"] == "ok"]
-    texts = ok["output"].map(lambda t: "" if t is None or (isinstance(t, float) and math.isnan(t))
-                             else str(t))
-    counts = texts.value_counts(sort=False)
+    # count the outputs first, then make text of the few distinct ones (not of every row)
+    raw = ok["output"].value_counts(dropna=False, sort=False)
+    texts = ["" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t)
+             for t in raw.index]
+    counts = raw.groupby(pd.Index(texts, dtype=object), sort=False).sum() if len(raw) else \
+        pd.Series([], dtype=np.int64)
     n = int(counts.sum())
     result = Agreement(n=n, distinct_outputs=len(counts), reference_count=0, tar_raw=math.nan,
                        answer_regex=answer_regex)

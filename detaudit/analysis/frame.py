@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-import functools
+import contextlib
+import gc
 import itertools
 import math
 import operator
@@ -21,7 +22,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from detaudit.records import Position, Sample, TokenLogprob
+from detaudit.records import Completion, Position, Sample, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
@@ -60,14 +61,36 @@ def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
     position is ``"all"``): every generated position then tracks its most common
     chosen token.
     """
-    samples = sorted(samples, key=lambda s: s.index)
+    with _collector_paused():
+        return _build(list(samples), tracked, all_positions)
+
+
+def _build(samples: list[Sample], tracked: list[dict[str, Any]], all_positions: bool) -> Frames:
+    order = np.fromiter(map(_INDEX, samples), dtype=np.int64, count=len(samples))
+    if len(order) > 1 and not (order[1:] >= order[:-1]).all():
+        samples = [samples[i] for i in np.argsort(order, kind="stable").tolist()]
     all_positions = all_positions or any(t.get("position") == "all" for t in tracked)
     if all_positions:
         slots = _most_common_chosen(samples)
     else:
         slots = [_resolve(t, samples) for t in tracked]
-    return Frames(samples=_samples_frame(samples), tracked=_tracked_frame(samples, slots),
+    columns = _read(samples)
+    return Frames(samples=_samples_frame(columns), tracked=_tracked_frame(columns, slots),
                   tracked_tokens=slots)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off while frames are built: they make millions of
+    tuples and lists but no cycle, and each collection would walk every object of the
+    samples (seconds for a run of a million)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def is_bad_logprob(value: float) -> bool:
@@ -76,98 +99,197 @@ def is_bad_logprob(value: float) -> bool:
     return not math.isfinite(value)
 
 
-def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
-    completions = [s.completion for s in samples]
-    positions = [c.positions if c else () for c in completions]
-    # few distinct texts, many samples: parse each once (a C-level cache, as this sees
-    # every generated position of the run)
-    value = functools.lru_cache(maxsize=None)(_parse_or)
-    texts, top = operator.attrgetter("logprob_text", "logprob"), operator.attrgetter("top")
-    logprob = operator.attrgetter("logprob")
-
-    def bad(ps: list[Position]) -> int:
-        # A sum of finite logprobs is finite: count one by one only when it is not
-        # (bad values are rare, and this sees every top-k entry of the run).
-        entries = list(itertools.chain(ps, itertools.chain.from_iterable(map(top, ps))))
-        if math.isfinite(sum(map(logprob, entries))):
-            return 0
-        return sum(map(is_bad_logprob, map(logprob, entries)))
-
-    columns = {
-        "index": np.fromiter((s.index for s in samples), dtype=np.int64, count=len(samples)),
-        "status": [s.status for s in samples],
-        "error_kind": [s.error_kind for s in samples],
-        "output": [c.text if c else None for c in completions],
-        "finish_reason": [c.finish_reason if c else None for c in completions],
-        "system_fingerprint": [c.system_fingerprint if c else None for c in completions],
-        "model": [c.model if c else None for c in completions],
-        "group": [s.group for s in samples],
-        "attempts": [s.attempts for s in samples],
-        "latency_s": np.array([s.latency_s for s in samples], dtype=np.float64),
-        "tokens": [tuple([p.token for p in ps]) for ps in positions],
-        "logprobs": [tuple(itertools.starmap(value, map(texts, ps))) for ps in positions],
-        "bad_logprobs": np.fromiter((bad(ps) for ps in positions), dtype=np.int64,
-                                    count=len(positions)),
-    }
-    return pd.DataFrame(columns, columns=SAMPLE_COLUMNS)
+def _read(samples: list[Sample]) -> dict[str, list]:
+    """Every field the frames need, one list per field, each read by one C-level pass."""
+    columns = dict(zip(_SAMPLE_FIELDS, _attributes(samples, *_SAMPLE_FIELDS)))
+    completions = [c if c is not None else _NO_COMPLETION for c in columns.pop("completion")]
+    columns.update(zip(_COMPLETION_FIELDS, _attributes(completions, *_COMPLETION_FIELDS)))
+    columns["ok"] = [s == "ok" and c is not _NO_COMPLETION
+                     for s, c in zip(columns["status"], completions)]
+    return columns
 
 
-def _tracked_frame(samples: list[Sample], slots: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (successful sample, tracked slot), sample-major; NaN where the token
-    is absent. Per-slot and per-sample columns are filled by numpy, not row by row."""
-    ok = [s for s in samples if s.status == "ok" and s.completion is not None]
-    texts: list[str | None] = []
-    values: list[float] = []
-    parsed: dict[str, float] = {}  # few distinct texts, many samples: parse each once
-    for s in ok:
-        positions = s.completion.positions
-        for t in slots:
-            found = _find(positions, t["position"], t["token"])
-            if found is None:
-                texts.append(None)
-                values.append(math.nan)
-                continue
-            text = found.logprob_text
-            value = parsed.get(text)
-            if value is None:
-                value = parsed[text] = _parse_or(text, found.logprob)
-            texts.append(text)
-            values.append(value)
-    k = len(slots)
-    per_sample = lambda values: np.repeat(np.array(values, dtype=object), k)  # noqa: E731
-    per_slot = lambda key: np.tile(np.array([t[key] for t in slots], dtype=object), len(ok))  # noqa: E731
+def _samples_frame(columns: dict[str, list]) -> pd.DataFrame:
+    """One row per sample. Every distinct logprob text is parsed once, and the
+    per-sample tuples are cut by ``zip`` over the samples of one length at a time."""
+    positions = columns["positions"]
+    n = len(positions)
+    lengths = np.fromiter(map(len, positions), dtype=np.int64, count=n)
+    flat = list(itertools.chain.from_iterable(positions))
+    tokens, texts, floats, tops = _attributes(flat, "token", "logprob_text", "logprob", "top")
     return pd.DataFrame({
-        "index": np.repeat(np.array([s.index for s in ok], dtype=np.int64), k),
-        "slot": np.tile(np.arange(k, dtype=np.int64), len(ok)),
+        "index": np.array(columns["index"], dtype=np.int64),
+        "status": columns["status"],
+        "error_kind": columns["error_kind"],
+        "output": columns["text"],
+        "finish_reason": columns["finish_reason"],
+        "system_fingerprint": columns["system_fingerprint"],
+        "model": columns["model"],
+        "group": columns["group"],
+        "attempts": columns["attempts"],
+        "latency_s": np.array(columns["latency_s"], dtype=np.float64),
+        "tokens": _tuples(tokens, lengths),
+        "logprobs": _tuples(_parsed(texts, floats, per_entry=True).tolist(), lengths),
+        "bad_logprobs": _bad_counts(floats, tops, lengths),
+    }, columns=SAMPLE_COLUMNS)
+
+
+def _bad_counts(floats: list[float], tops: list[list[TokenLogprob]],
+                lengths: np.ndarray) -> np.ndarray:
+    """Per sample, the NaN/infinite logprobs among its chosen and top-k entries. One
+    float sum over all of them shows there are none (a sum of finite values is finite,
+    bar an overflow, which then takes the counting path too); only otherwise count."""
+    n = len(lengths)
+    entries = itertools.chain.from_iterable(tops)
+    if math.isfinite(sum(floats)) and math.isfinite(sum(map(_LOGPROB, entries))):
+        return np.zeros(n, dtype=np.int64)
+    owner = np.repeat(np.arange(n), lengths)  # the sample of each position
+    chosen = np.array(floats, dtype=np.float64)
+    counts = np.bincount(owner[~np.isfinite(chosen)], minlength=n)
+    top_lengths = np.fromiter(map(len, tops), dtype=np.int64, count=len(tops))
+    top = np.fromiter(map(_LOGPROB, itertools.chain.from_iterable(tops)), dtype=np.float64,
+                      count=int(top_lengths.sum()))
+    counts += np.bincount(np.repeat(owner, top_lengths)[~np.isfinite(top)], minlength=n)
+    return counts.astype(np.int64)
+
+
+def _tracked_frame(columns: dict[str, list], slots: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (successful sample, tracked slot), sample-major; NaN where the token
+    is absent. Values come from each distinct text parsed once."""
+    ok = columns["ok"]
+    if all(ok):
+        index, group, output, fingerprint, positions = (
+            columns[key] for key in ("index", "group", "text", "system_fingerprint", "positions"))
+    else:
+        keep = list(itertools.compress(range(len(ok)), ok))
+        index, group, output, fingerprint, positions = (
+            [columns[key][i] for i in keep]
+            for key in ("index", "group", "text", "system_fingerprint", "positions"))
+    n, k = len(positions), len(slots)
+    texts = np.full((n, k), None, dtype=object)
+    floats = np.full((n, k), np.nan)
+    at_position: dict[int, tuple[list, list]] = {}
+    for j, t in enumerate(slots):
+        token, position = t["token"], t["position"]
+        if token is None or not n:
+            continue
+        if position not in at_position:
+            here = [ps[position] if position < len(ps) else _NO_POSITION for ps in positions]
+            at_position[position] = (here, list(map(_TOP, here)))
+        here, tops = at_position[position]
+        found = _first_with(token, here, tops)
+        rows = [i for i, f in enumerate(found) if f is not None]
+        if rows:
+            hit = [found[i] for i in rows]
+            texts[rows, j] = [f.logprob_text for f in hit]
+            floats[rows, j] = [f.logprob for f in hit]
+    flat_texts = texts.reshape(-1)
+    present = np.flatnonzero(flat_texts != None)  # noqa: E711 (elementwise)
+    values = np.full(n * k, np.nan)
+    values[present] = _parsed(flat_texts[present].tolist(), floats.reshape(-1)[present].tolist(),
+                              per_entry=False)
+    per_sample = lambda values: np.repeat(_object_array(values), k)  # noqa: E731
+    per_slot = lambda key: np.tile(_object_array([t[key] for t in slots]), n)  # noqa: E731
+    return pd.DataFrame({
+        "index": np.repeat(np.array(index, dtype=np.int64), k),
+        "slot": np.tile(np.arange(k, dtype=np.int64), n),
         "label": per_slot("label"),
         "token": per_slot("token"),
-        "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), len(ok)),
-        "logprob": np.array(values, dtype=np.float64),
-        "logprob_text": np.array(texts, dtype=object),
-        "system_fingerprint": per_sample([s.completion.system_fingerprint for s in ok]),
-        "output": per_sample([s.completion.text for s in ok]),
-        "group": per_sample([s.group for s in ok]),
+        "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), n),
+        "logprob": values,
+        "logprob_text": flat_texts,
+        "system_fingerprint": per_sample(fingerprint),
+        "output": per_sample(output),
+        "group": per_sample(group),
     }, columns=TRACKED_COLUMNS)
 
 
-def _find(positions: list[Position], position: int,
-          token: str | None) -> TokenLogprob | Position | None:
-    """``token`` at ``position``: its top-k entry, else the chosen token if it is that one."""
-    if token is None or position >= len(positions):
-        return None
-    p = positions[position]
-    for candidate in p.top:
-        if candidate.token == token:
-            return candidate
-    return p if p.token == token else None
+_SAMPLE_FIELDS = ("index", "status", "error_kind", "group", "attempts", "latency_s", "completion")
+_COMPLETION_FIELDS = ("text", "finish_reason", "system_fingerprint", "model", "positions")
 
 
-def _parse_or(text: str, fallback: float) -> float:
-    """The value of the text; the record's float if a backend stored text that is no number."""
-    try:
-        return parse_logprob_text(text)
-    except (TypeError, ValueError):
-        return float(fallback)
+def _first_with(token: str, here: list[Position], tops: list[list[TokenLogprob]]
+                ) -> list[TokenLogprob | Position | None]:
+    """Per sample, ``token``'s first top-k entry, else the chosen token if it is that one.
+    A plain loop that stops at the match: tracked tokens sit near the top of the top-k,
+    so this touches a few entries per sample where a vector op would touch all."""
+    found: list[TokenLogprob | Position | None] = []
+    append = found.append
+    for p, top in zip(here, tops):
+        for candidate in top:
+            if candidate.token == token:
+                append(candidate)
+                break
+        else:
+            append(p if p.token == token else None)
+    return found
+
+
+def _attributes(objects: list, *names: str) -> list[list]:
+    """One list per attribute, each read by one C-level ``map`` (no tuple per object)."""
+    return [list(map(operator.attrgetter(name), objects)) for name in names]
+
+
+_INDEX, _LOGPROB, _TOKEN, _TOP = map(operator.attrgetter, ("index", "logprob", "token", "top"))
+_NO_COMPLETION = Completion(text=None, positions=[])  # type: ignore[arg-type]  # an error row
+# a position past the end of a sample's positions: its token equals no token
+_NO_POSITION = Position(token=object(), logprob=math.nan, logprob_text="", top=[])  # type: ignore[arg-type]
+
+
+def _parsed(texts: list[str], floats: list[float], per_entry: bool) -> np.ndarray:
+    """float64 of each text, each distinct text parsed once. A text that is no number
+    falls back to the record's float: that entry's own (``per_entry``), or the first
+    float seen with that text."""
+    if not len(texts):
+        return np.zeros(0, dtype=np.float64)
+    codes, uniques = pd.factorize(np.asarray(texts, dtype=object), use_na_sentinel=False)
+    parsed = np.empty(len(uniques), dtype=np.float64)
+    unparsable = []
+    for u, text in enumerate(uniques.tolist()):
+        try:
+            parsed[u] = parse_logprob_text(text)
+        except (TypeError, ValueError):
+            parsed[u] = math.nan
+            unparsable.append(u)
+    values = parsed[codes]
+    if unparsable:
+        rows = np.flatnonzero(np.isin(codes, unparsable))
+        fallback = np.asarray(floats, dtype=np.float64)
+        if per_entry:
+            values[rows] = fallback[rows]
+        else:
+            _, first = np.unique(codes, return_index=True)
+            values[rows] = fallback[first][codes[rows]]
+    return values
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def _tuples(flat: list, lengths: np.ndarray) -> list[tuple]:
+    """``flat`` cut into one tuple per sample of ``lengths[i]`` items, built by ``zip``
+    over the samples of each length together."""
+    n = len(lengths)
+    items = np.empty(len(flat), dtype=object)
+    items[:] = flat
+    starts = _starts(lengths)
+    out = np.empty(n, dtype=object)
+    for length in np.unique(lengths).tolist():
+        rows = np.flatnonzero(lengths == length)
+        first = starts[rows]
+        columns = [items[first + j].tolist() for j in range(length)]
+        built = list(zip(*columns)) if length else [()] * len(rows)
+        out[rows] = _object_array(built)
+    return out.tolist()
+
+
+def _object_array(values: list) -> np.ndarray:
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
 
 
 def _resolve(entry: dict[str, Any], samples: Iterable[Sample]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import norm
 
 
 @dataclass
@@ -40,9 +39,24 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     behaves at 0 and n successes, where the normal approximation does not."""
     if n <= 0:
         return (math.nan, math.nan)
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = normal_quantile(0.5 + confidence / 2)
     p = successes / n
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# scipy.stats.norm.ppf(0.975): the level every report and summary uses, so a run's
+# analysis does not import scipy (about a second) to compute one constant
+_Z_975 = 1.959963984540054
+
+
+def normal_quantile(q: float) -> float:
+    """The standard normal quantile, as scipy computes it (scipy imported only for a
+    level other than the 95 % one)."""
+    if q == 0.975:
+        return _Z_975
+    from scipy.stats import norm
+
+    return float(norm.ppf(q))

@@ -1,11 +1,11 @@
 """Any OpenAI-compatible API (OpenAI, vLLM, SGLang, llama.cpp, Ollama, hosted providers).
 
 Requests go through the official SDK (``AsyncOpenAI``) with its retries off: the
-runner retries, and counts attempts. Responses are read raw (``with_raw_response``)
-and parsed here with ``json.loads``, keeping every number's JSON text as received,
-so two logprobs are "distinct" only if the server really sent distinct numbers, and
-so no pydantic model is built per response (the runner is meant to keep up with a
-bare SDK loop). Nothing is cached: every call is a new request.
+runner retries, and counts attempts. Bodies are posted as built (``client.post``),
+responses read raw and parsed here with ``json.loads``, keeping every number's JSON
+text as received, so two logprobs are "distinct" only if the server really sent
+distinct numbers, and so no pydantic model is built per response (the runner is meant
+to keep up with a bare SDK loop). Nothing is cached: every call is a new request.
 
 ``timeout`` is an overall deadline per attempt (connect, send and every read), not
 httpx's per-read timeout, so a server that dribbles a byte every few seconds cannot
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import inspect
 from dataclasses import replace
 import ipaddress
 import json
@@ -81,9 +80,7 @@ class OpenAIBackend:
         http = _HttpClient(event_hooks={"response": [_body_cap(max_body_bytes)]})
         self._client = openai.AsyncOpenAI(base_url=url, api_key=self._key, max_retries=0,
                                           timeout=timeout, http_client=http)
-        resource = self._client.chat.completions if api == "chat" else self._client.completions
-        self._create = resource.with_raw_response.create
-        self._sdk_params = set(inspect.signature(resource.create).parameters)
+        self._path = "/chat/completions" if api == "chat" else "/completions"
 
     # -- Backend -------------------------------------------------------------------------
 
@@ -92,10 +89,10 @@ class OpenAIBackend:
             raise BackendError("bad_request", f"probe {probe.name!r} uses the {probe.api} API "
                                f"but this backend was set up for {self.api}; create the "
                                "backend with api=probe.api")
-        params, wants_logprobs = self._params(probe)
+        body, wants_logprobs = self._body(probe)
         try:
             async with asyncio.timeout(self.timeout):  # the whole attempt, not each read
-                response = await self._create(**params)
+                response = await self._client.post(self._path, cast_to=_http.Response, body=body)
                 content = response.content
         except (TimeoutError, openai.APITimeoutError):
             raise BackendError("timeout", f"no complete answer from {self.base_url} within "
@@ -115,7 +112,7 @@ class OpenAIBackend:
                                f"{self.base_url}: {type(exc).__name__}: {exc}") from None
         try:
             return parse_body(content, self.api, wants_logprobs, self.base_url,
-                              top_k=_asked_top_k(params, self.api))
+                              top_k=_asked_top_k(body, self.api))
         except BackendError as exc:
             if exc.retryable:  # a transport fault: its wait hint counts, as a 502's does
                 exc.retry_after = retry_after_seconds(response.headers)
@@ -133,21 +130,19 @@ class OpenAIBackend:
 
     # -- requests ------------------------------------------------------------------------
 
-    def _params(self, probe: Probe) -> tuple[dict[str, Any], bool]:
-        """The SDK call's keyword arguments, and whether logprobs were asked for.
+    def _body(self, probe: Probe) -> tuple[dict[str, Any], bool]:
+        """The request body, and whether logprobs were asked for.
 
-        Parameters the SDK does not name (e.g. vLLM's ``top_k``) go in ``extra_body``.
-        The body itself is ``wire.request_body``: the in-process engine reads the same."""
+        The body is ``wire.request_body`` (the in-process engine reads the same), posted
+        as it is through the SDK's client (auth, headers, errors as for ``create``):
+        it is already the wire format, so the SDK's per-call walk of its typed
+        parameters (the largest client cost per request) is skipped. Parameters the
+        SDK does not name (e.g. vLLM's ``top_k``) are sent like any other."""
         request, wants_logprobs = request_body(probe.request, self.api, self.model)
-        model = request.pop("model")
         if request.get("stream"):
             raise BackendError("bad_request", f"probe {probe.name!r} sets stream = true; "
                                "detaudit reads whole responses, remove stream from [request]")
-        extra = {k: request.pop(k) for k in list(request) if k not in self._sdk_params}
-        params: dict[str, Any] = {**request, "model": model}
-        if extra:
-            params["extra_body"] = extra
-        return params, wants_logprobs
+        return request, wants_logprobs
 
     def _status_error(self, exc: openai.APIStatusError) -> BackendError:
         status = exc.status_code
@@ -301,13 +296,15 @@ def _chat_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
         if wanted:
             raise _missing_logprobs(source)
         return []
-    return [Position(token=_token(item["token"], source), **_number(item["logprob"], source),
-                     bytes=_bytes(item.get("bytes")),
-                     top=[TokenLogprob(token=_token(t["token"], source),
-                                       **_number(t["logprob"], source),
-                                       bytes=_bytes(t.get("bytes")))
-                          for t in item.get("top_logprobs") or []])
-            for item in content]
+    positions = []
+    for item in content:
+        top = [TokenLogprob(_token(t["token"], source), *_number(t["logprob"], source),
+                            _bytes(t.get("bytes")))
+               for t in item.get("top_logprobs") or []]
+        value, text = _number(item["logprob"], source)
+        positions.append(Position(_token(item["token"], source), value, text, top,
+                                  _bytes(item.get("bytes"))))
+    return positions
 
 
 def _completions_positions(logprobs: Any, wanted: bool, source: str) -> list[Position]:
@@ -319,15 +316,16 @@ def _completions_positions(logprobs: Any, wanted: bool, source: str) -> list[Pos
     positions = []
     for i, (token, value) in enumerate(zip(logprobs["tokens"], logprobs["token_logprobs"])):
         top = tops[i] if i < len(tops) and tops[i] else {}
-        positions.append(Position(token=_token(token, source), **_number(value, source), top=[
-            TokenLogprob(token=t, **_number(v, source)) for t, v in top.items()]))
+        positions.append(Position(_token(token, source), *_number(value, source), [
+            TokenLogprob(t, *_number(v, source)) for t, v in top.items()]))
     return positions
 
 
-def _number(value: Any, source: str) -> dict[str, Any]:
-    if not isinstance(value, _NumberText):
+def _number(value: Any, source: str) -> tuple[float, str]:
+    """(logprob, logprob_text): the float, and the JSON text it was read from."""
+    if value.__class__ is not _NumberText:
         raise _bad(source, f"a logprob is {value!r}, not a JSON number")
-    return {"logprob": float(value), "logprob_text": str(value)}
+    return float(value), str.__str__(value)
 
 
 def _token(value: Any, source: str) -> str:
@@ -338,7 +336,7 @@ def _token(value: Any, source: str) -> str:
 
 def _bytes(value: Any) -> list[int] | None:
     """A token's UTF-8 bytes (every JSON number was read as text, these included)."""
-    return None if value is None else [int(b) for b in value]
+    return None if value is None else list(map(int, value))
 
 
 def _missing_logprobs(source: str) -> BackendError:

@@ -32,3 +32,12 @@ def test_spread_hand_computed():
     assert s.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
     assert spread(np.array([5.0])).std == 0.0
     assert math.isnan(spread(np.array([])).mean)
+
+
+def test_normal_quantile_is_scipys_at_95_and_elsewhere():
+    from scipy.stats import norm
+
+    from detaudit.analysis.stats import normal_quantile
+
+    for q in (0.5 + 0.95 / 2, 0.995, 0.9, 0.5):  # the first is the constant, kept without scipy
+        assert normal_quantile(q) == float(norm.ppf(q))
