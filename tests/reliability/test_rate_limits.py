@@ -120,7 +120,9 @@ def test_rpm_paces_a_real_run_and_is_in_the_manifest(fake_openai, tmp_path):
 def test_retries_count_against_rpm(fake_openai, tmp_path):
     fake_openai.configure(faults=[Fault("status", status=500, headers={"Retry-After": "0"},
                                         on=set(range(0, 20, 2)))])
-    result = remote(fake_openai, tmp_path, "--n", "10", "--concurrency", "4", "--rpm", "600")
+    # One request in flight, so every sample fails once (even arrival numbers) and then
+    # succeeds: exactly 20 requests. With several in flight the count depends on timing.
+    result = remote(fake_openai, tmp_path, "--n", "10", "--concurrency", "1", "--rpm", "600")
     assert result.exit_code == 0, result.stderr
     assert len(fake_openai.received) == 20
     assert_never_faster(arrival_offsets(fake_openai), 10, 10)
@@ -138,7 +140,9 @@ def test_tpm_counts_tokens_with_the_models_tokenizer(fake_openai, tmp_path):
     assert limits["tpm"] == tpm and limits["tokens_per_request"] == per_request
     assert limits["token_count"].startswith("o200k")
     assert_never_faster(arrival_offsets(fake_openai), 10, 10)
-    assert arrival_offsets(fake_openai)[-1] >= (25 - 10) / 10 - 0.1
+    # Offsets count from the first arrival, which may come late (a new connection) while
+    # the burst was already taken: 0.25 s of slack, against ~0.2 s for an unpaced run.
+    assert arrival_offsets(fake_openai)[-1] >= (25 - 10) / 10 - 0.25
 
 
 def test_an_unknown_model_gets_an_estimate_that_says_so(fake_openai, tmp_path):
