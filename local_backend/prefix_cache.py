@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-
 from local_backend.kv_cache import KVCache
 
 BLOCK = 16  # tokens per hashed block

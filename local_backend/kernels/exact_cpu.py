@@ -176,11 +176,6 @@ def exact_matmul_integers(a: torch.Tensor, b_ints: torch.Tensor) -> torch.Tensor
     return _chunk_products(left, ib, None)
 
 
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Products of bf16/fp16 values are exact in fp32; fp32 and wider stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 class ExactCpuOps:
     """The ``batch-invariant`` ops on a CPU (see the module docstring)."""
 

@@ -38,6 +38,18 @@ def targets_and_fillers(received: list[dict]) -> tuple[list[dict], list[dict]]:
     return targets, [b for b in bodies if b["messages"][0]["content"] != COIN]
 
 
+def dry_plan(fake, out, prices, *args) -> dict:
+    """The --dry-run plan (JSON) of a sweep with the test's price table."""
+    return json.loads(sweep(fake, out, *args, "--dry-run", "--json", "--prices", prices).stdout)
+
+
+@pytest.fixture
+def prices(tmp_path):
+    path = tmp_path / "prices.toml"
+    path.write_text(PRICES)
+    return path
+
+
 def sweep(fake, out, *args):
     return remote(fake, out, "--probe", "load-sweep", *args)
 
@@ -68,13 +80,10 @@ def test_dry_run_counts_the_fillers_and_the_run_sends_no_more(fake_openai, tmp_p
     assert counted["sent"] - counted["cancelled"] <= len(fillers) <= counted["sent"]
 
 
-def test_max_cost_counts_the_fillers_of_each_target(fake_openai, tmp_path):
+def test_max_cost_counts_the_fillers_of_each_target(fake_openai, tmp_path, prices):
     """The issue's case: --levels 0,500 --n 1 --max-cost 0.0001 sent 1,004 requests."""
-    prices = tmp_path / "prices.toml"
-    prices.write_text(PRICES)
     out = tmp_path / "results"
-    plan = json.loads(sweep(fake_openai, out, "--levels", "0,4", "--n", "3", "--dry-run",
-                            "--json", "--prices", prices).stdout)
+    plan = dry_plan(fake_openai, out, prices, "--levels", "0,4", "--n", "3")
     target, filler = plan["cost_per_request_usd"], plan["cost_per_filler_usd"]
     with_fillers = target + 4 * rounds(1) * filler
     budget = 3 * target + 1.5 * with_fillers  # level 0, and one target of level 4
@@ -98,12 +107,9 @@ def test_max_cost_counts_the_fillers_of_each_target(fake_openai, tmp_path):
     assert len(targets) == 6 and len(fillers) <= 3 * 4 * rounds(1)
 
 
-def test_max_cost_that_covers_no_target_with_its_fillers_sends_nothing(fake_openai, tmp_path):
-    prices = tmp_path / "prices.toml"
-    prices.write_text(PRICES)
+def test_max_cost_that_covers_no_target_with_its_fillers_sends_nothing(fake_openai, tmp_path, prices):
     out = tmp_path / "results"
-    plan = json.loads(sweep(fake_openai, out, "--levels", "8", "--n", "2", "--dry-run",
-                            "--json", "--prices", prices).stdout)
+    plan = dry_plan(fake_openai, out, prices, "--levels", "8", "--n", "2")
     budget = plan["cost_per_request_usd"] * 2  # two bare targets, but not one with fillers
     result = sweep(fake_openai, out, "--levels", "8", "--n", "2", "--max-cost", budget,
                    "--prices", prices)
