@@ -181,30 +181,31 @@ def _log_odds_ticks(ax, top, renderer) -> None:
         return
     values = MaxNLocator(nbins=24, steps=[1, 2, 5, 10]).tick_values(lo, hi)
     values = values[(values >= lo) & (values <= hi)]
-    if len(values) < 2:
+    step = float(values[1] - values[0]) if len(values) > 1 else 0.0
+    exponent = int(np.floor(np.log10(step) + 1e-9)) if step > 0 else 0
+    if len(values) < 2 or step < 1e-12 * max(1.0, abs(lo)):  # below what a label can write
+        top.set_xticks([])
+        top.set_xlabel(f"log-odds (all {(lo + hi) / 2:.12g})", fontsize=8)
         return
-    step = float(values[1] - values[0])
-    steps = [int(round(v / step)) for v in values]
-    widest = _decimals([k * step for k in steps])  # labels measured at their longest
-    texts = [_tick_text(k * step, widest) for k in steps]
+    mantissa = int(round(step / 10.0 ** exponent))  # 1, 2 or 5 (MaxNLocator's steps)
+    grid = [int(round(v / step)) for v in values]  # ticks as whole steps from zero
+    texts = [_tick_text(k, mantissa, exponent, max(0, -exponent)) for k in grid]
     x = top.transData.transform(np.column_stack([values, np.zeros(len(values))]))[:, 0]
     widths = [_text_width_height(ax.figure, renderer, t, LABEL_SIZE)[0] for t in texts]
     box = ax.get_window_extent(renderer)
-    keep = pick_ticks(steps, list(x), widths, box.x0, box.x1)
-    decimals = _decimals([steps[i] * step for i in keep])
+    keep = pick_ticks(grid, list(x), widths, box.x0, box.x1)
+    decimals = max(0, -exponent)  # then as few as the ticks kept need: 1.00, 1.01, not 1.000
+    while decimals > 0 and all(grid[i] * mantissa % 10 ** (-exponent - decimals + 1) == 0
+                               for i in keep):
+        decimals -= 1
     top.set_xticks([float(values[i]) for i in keep],
-                   labels=[_tick_text(steps[i] * step, decimals) for i in keep])
+                   labels=[_tick_text(grid[i], mantissa, exponent, decimals) for i in keep])
 
 
-def _decimals(values: list[float]) -> int:
-    """The fewest decimals that write every value exactly (1.000, 1.010 -> 2)."""
-    return max((next(d for d in range(13) if abs(v * 10 ** d - round(v * 10 ** d)) < 1e-6)
-                for v in values), default=0)
-
-
-def _tick_text(value: float, decimals: int) -> str:
-    text = f"{value:.{decimals}f}"
-    return "0" if float(text) == 0 else text.replace("-", "\u2212")
+def _tick_text(k: int, mantissa: int, exponent: int, decimals: int) -> str:
+    """k grid steps of ``mantissa`` x 10**exponent, with ``decimals`` decimals."""
+    value = k * mantissa * 10.0 ** exponent
+    return "0" if k == 0 else f"{value:.{decimals}f}".replace("-", "\u2212")
 
 
 def _cluster_labels(ax, token: TokenResult, highest: float, renderer) -> None:
