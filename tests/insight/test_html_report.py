@@ -190,3 +190,25 @@ def test_html_into_an_unwritable_place_is_one_line_exit_2(local_run, tmp_path):
     assert len(lines) == 1 and "cannot write there" in lines[0], result.stderr
     assert not target.exists()
     assert not list(target.parent.glob(f".{target.name}.*"))  # no scratch file left
+
+
+def test_without_matplotlib_the_page_says_so_and_keeps_the_tables(fake_openai, tmp_path,
+                                                                   monkeypatch):
+    run_dir = make_run(fake_openai, tmp_path / "results", "--n", "8")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    text = detaudit.open_run(run_dir).html(tmp_path / "plain.html").read_text(encoding="utf-8")
+    assert "No picture: detaudit plot needs matplotlib" in text and "<img" not in text
+    assert "Tracked tokens" in text and "Outputs (" in text
+
+
+def test_a_missing_browser_skips_unless_ci_requires_it(monkeypatch):
+    import tests.browser as browser
+
+    monkeypatch.setattr(browser, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("DETAUDIT_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Chromium is not installed"):
+        browser.require_browser()
+    monkeypatch.setenv("DETAUDIT_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="DETAUDIT_REQUIRE_BROWSER=1 but Chromium"):
+        browser.require_browser()
