@@ -215,7 +215,9 @@ def _cluster_labels(ax, token: TokenResult, highest: float, renderer) -> None:
     fig, box = ax.figure, ax.get_window_extent(renderer)
     clusters = token.clusters.sort_values("count", ascending=False, kind="stable")
     counts = [int(c) for c in clusters["count"]]
-    texts = [f"{c:,} in cluster" for c in counts]
+    # more than rows x (width / a label's) cannot fit: those are not even measured
+    clusters = clusters.head(MAX_LABEL_ROWS * int(box.width // 40) + 1)
+    texts = [f"{c:,} in cluster" for c in counts[:len(clusters)]]
     sizes = [_text_width_height(fig, renderer, t, LABEL_SIZE) for t in texts]
     row_height = max((h for _, h in sizes), default=0.0) + GAP_PX / 2
     left, right = box.x0 + GAP_PX, box.x1 - GAP_PX
@@ -226,7 +228,7 @@ def _cluster_labels(ax, token: TokenResult, highest: float, renderer) -> None:
     placed = place_in_rows(centres, [w for w, _ in sizes], left, right, MAX_LABEL_ROWS,
                            blocked=blocked)
     labels = [(texts[p.index], p.x0, p.row) for p in placed]
-    left_out = sorted(set(range(len(texts))) - {p.index for p in placed})
+    left_out = sorted(set(range(len(counts))) - {p.index for p in placed})
     if left_out:
         more = len(left_out)
         text = (f"+ {more:,} more cluster{'s' if more > 1 else ''} "
