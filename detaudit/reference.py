@@ -189,7 +189,12 @@ class TransformersReference:
 
         self.folder = resolve_model_dir(model)
         self.torch_dtype = parse_dtype(dtype or "float32", "--dtype")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise ModelLoadError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
         config = ModelConfig.from_folder(self.folder)
         self.tokenizer = Tokenizer(self.folder)
         bar = transformers.utils.logging.is_progress_bar_enabled()

@@ -15,6 +15,7 @@ differences (|Δ|, k3, Pearson) use the float64 values as read.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import pandas as pd
 TOKEN_COLUMNS = ["index", "position", "token", "server_logprob", "server_logprob_text",
                  "reference_logprob"]
 WORST_DEFAULT = 10
+SENTINEL_LOGPROB = -9999.0  # what OpenAI-style servers send for -inf: not a logprob
 BITWISE_RULE = ("float32(server logprob, read from its text as float64) == the reference's "
                 "float32 logprob")
 
@@ -55,7 +57,7 @@ class WorstToken:
 @dataclass
 class Crosscheck:
     """Over the sampled tokens with finite logprobs on both sides (``non_finite``: the
-    others, left out). ``bitwise_equal`` is a share; ``k3_kl`` estimates
+    others, the -9999 sentinel included, left out). ``bitwise_equal`` is a share; ``k3_kl`` estimates
     KL(server || reference) from tokens the server sampled: mean of r - 1 - log r,
     r = p_ref / p_server; ``pearson`` is between the two sides' probabilities (None
     with fewer than 2 tokens or a constant side). ``worst``: the largest |Δ| > 0."""
@@ -72,7 +74,18 @@ class Crosscheck:
     worst: list[WorstToken] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON has it: a figure that overflowed (k3 of a huge ratio) is null."""
+        return _json_safe(asdict(self))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def same_float32(server: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -86,7 +99,8 @@ def same_float32(server: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def k3_terms(server: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """r - 1 - log r per token, r = p_ref / p_server (>= 0; 0 only where r = 1)."""
     d = np.asarray(reference, np.float64) - np.asarray(server, np.float64)  # log r
-    return np.expm1(d) - d
+    with np.errstate(over="ignore"):  # r beyond float64: inf, which to_dict writes as null
+        return np.expm1(d) - d
 
 
 def compare(frame: pd.DataFrame, worst: int = WORST_DEFAULT) -> Crosscheck:
@@ -96,7 +110,7 @@ def compare(frame: pd.DataFrame, worst: int = WORST_DEFAULT) -> Crosscheck:
         raise ValueError(f"the token frame lacks columns {', '.join(missing)}")
     server = frame["server_logprob"].to_numpy(np.float64)
     reference = frame["reference_logprob"].to_numpy(np.float64)
-    finite = np.isfinite(server) & np.isfinite(reference)
+    finite = np.isfinite(server) & np.isfinite(reference) & (server != SENTINEL_LOGPROB)
     rows = frame[finite]
     server, reference = server[finite], reference[finite]
     n = len(rows)

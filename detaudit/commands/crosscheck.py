@@ -37,6 +37,15 @@ CROSSCHECK_EXAMPLES = """\
 """
 
 
+def finite_option(value: float | None) -> float | None:
+    """--max-abs-diff: a finite number (NaN would pass every run, and JSON has no inf)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number; give e.g. 1e-3")
+    return value
+
+
 def crosscheck(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
     reference: str = typer.Option(..., help="The reference model: a Hugging Face folder, or 'tiny' (bundled)."),
@@ -51,7 +60,8 @@ def crosscheck(
                                                    "the model's; transformers: float32]."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda \\[default: cuda when available]."),
     worst: int = typer.Option(10, min=0, help="How many of the largest |Δ logprob| tokens to list."),
-    max_abs_diff: Optional[float] = typer.Option(None, min=0.0, help="Exit 3 when max |Δ logprob| is above this."),
+    max_abs_diff: Optional[float] = typer.Option(None, min=0.0, callback=finite_option,
+                                                 help="Exit 3 when max |Δ logprob| is above this."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
     """Teacher-force a stored run's sampled tokens through a reference model and compare

@@ -102,10 +102,19 @@ def test_a_float32_written_as_its_shortest_decimal_is_bitwise_equal():
     assert result.bitwise_equal == 1.0 and 0 < result.max_abs_diff < 1e-8
 
 
-def test_non_finite_values_are_counted_and_left_out():
-    result = compare(frame([-0.5, float("nan"), -1.0, float("-inf")], [-0.5, -0.7, -1.25, -2.0]))
-    assert result.non_finite == 2 and result.tokens == 2
+def test_non_finite_values_and_the_sentinel_are_counted_and_left_out():
+    result = compare(frame([-0.5, float("nan"), -1.0, float("-inf"), -9999.0],
+                           [-0.5, -0.7, -1.25, -2.0, -30.0]))
+    assert result.non_finite == 3 and result.tokens == 2
     assert result.max_abs_diff == 0.25
+
+
+def test_an_overflowing_figure_is_null_in_json():
+    result = compare(frame([-800.0, -1.0], [-0.125, -1.0]))  # r = e^799.875: inf in float64
+    assert result.k3_kl == float("inf")
+    data = result.to_dict()
+    assert data["k3_kl"] is None and data["by_position"][0]["k3_kl"] is None
+    assert data["max_abs_diff"] == 799.875
 
 
 def test_pearson_is_none_when_undefined():

@@ -119,6 +119,12 @@ def test_bad_flags_are_one_line(coin_run, args, expected):
     assert digest(coin_run) == before
 
 
+def test_a_gate_that_is_not_a_number_is_refused(coin_run):
+    for value in ("nan", "inf"):
+        result = cli("crosscheck", coin_run, "--reference", "tiny", "--max-abs-diff", value)
+        assert result.exit_code == 2 and "--max-abs-diff" in result.stderr and "Traceback" not in result.output
+
+
 def test_not_a_run_folder(tmp_path):
     assert str(tmp_path / "missing") in one_error_line(cli("crosscheck", tmp_path / "missing", "--reference", "tiny"))
 
