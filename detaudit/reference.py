@@ -184,7 +184,7 @@ class TransformersReference:
         import torch
         import transformers
 
-        from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resolve_model_dir
+        from local_backend.config import ModelLoadError, parse_dtype, resolve_model_dir
         from local_backend.tokenizer import Tokenizer
 
         self.folder = resolve_model_dir(model)
@@ -195,7 +195,6 @@ class TransformersReference:
             raise ModelLoadError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-        config = ModelConfig.from_folder(self.folder)
         self.tokenizer = Tokenizer(self.folder)
         bar = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()  # stderr is for detaudit's own lines
@@ -207,8 +206,9 @@ class TransformersReference:
             if bar:
                 transformers.utils.logging.enable_progress_bar()
         self.model = net.to(self.device).eval()
-        self.name = config.name
-        self.max_len = config.max_position_embeddings
+        config = net.config.get_text_config()  # any architecture transformers runs, not only the engine's
+        self.name = self.folder.name
+        self.max_len = getattr(config, "max_position_embeddings", None) or 1 << 30
         self.vocab_size = config.vocab_size
         self.versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
