@@ -15,6 +15,8 @@ differences (|Δ|, k3, Pearson) use the float64 values as read.
 
 from __future__ import annotations
 
+from detaudit.defaults import SENTINEL_LOGPROB
+
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,7 +30,6 @@ import pandas as pd
 TOKEN_COLUMNS = ["index", "position", "token", "server_logprob", "server_logprob_text",
                  "reference_logprob"]
 WORST_DEFAULT = 10
-SENTINEL_LOGPROB = -9999.0  # what OpenAI-style servers send for -inf: not a logprob
 BITWISE_RULE = ("float32(server logprob, read from its text as float64) == the reference's "
                 "float32 logprob")
 

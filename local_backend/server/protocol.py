@@ -19,7 +19,8 @@ from local_backend.server.scheduler import choice_seed
 
 MAX_N = 16
 MAX_STOP = 4
-SENTINEL_LOGPROB = -9999.0  # what OpenAI sends where a logprob is -inf
+SENTINEL_LOGPROB = -9999.0  # what OpenAI sends where a logprob is -inf (detaudit.defaults has the
+#                             client's copy: the engine package does not import detaudit)
 ROLES = ("system", "developer", "user", "assistant")
 
 # Accepted and ignored: they do not change what is computed.
