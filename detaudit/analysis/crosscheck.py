@@ -15,14 +15,14 @@ differences (|Δ|, k3, Pearson) use the float64 values as read.
 
 from __future__ import annotations
 
-from detaudit.defaults import SENTINEL_LOGPROB
-
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from detaudit.defaults import SENTINEL_LOGPROB
 
 # index: the sample; position: the token's place in its completion; token: its text;
 # server_logprob: float64 parsed from server_logprob_text; reference_logprob: the

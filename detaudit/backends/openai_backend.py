@@ -15,8 +15,6 @@ off, an ``{"error": ...}``, no choices) is a transport fault, retried like a 502
 
 from __future__ import annotations
 
-from detaudit.defaults import SENTINEL_LOGPROB
-
 import asyncio
 import email.utils
 from dataclasses import replace
@@ -37,6 +35,7 @@ except (ImportError, AttributeError):
     import httpx as _http
     _HttpClient = openai.DefaultAsyncHttpxClient
 
+from detaudit.defaults import SENTINEL_LOGPROB
 from detaudit import tokenization
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S, BackendError
 from detaudit.probes import Probe
