@@ -39,8 +39,8 @@ _REPLACEMENT = "\ufffd"  # what decoding writes for bytes that may yet become a 
 class TextDeltas:
     """The text each new token of one choice adds to what was sent."""
 
-    def __init__(self, engine: Engine, stops: list[str]):
-        self._decode = engine.tokenizer.decode if engine.tokenizer is not None else None
+    def __init__(self, decode: Callable[[list[int]], str] | None, stops: list[str]):
+        self._decode = decode  # the engine's: how the whole answer's text is made
         self._stops = stops
         self._ids: list[int] = []
         self.sent = ""
@@ -51,11 +51,10 @@ class TextDeltas:
         self._ids.append(token_id)
         text = self._decode(self._ids)
         cuts = [i for stop in self._stops if (i := text.find(stop)) >= 0]
-        if cuts:
-            text = text[:min(cuts)]
-        else:
-            text = text[:len(text) - _stop_prefix(text, self._stops)]
-        return self._advance(text.rstrip(_REPLACEMENT))
+        if cuts:  # the engine ends the answer here: this much is final
+            return self._advance(text[:min(cuts)])
+        text = text.rstrip(_REPLACEMENT)
+        return self._advance(text[:len(text) - _stop_prefix(text, self._stops)])
 
     def finish(self, text: str) -> str:
         """The rest of the whole answer's ``text``."""
@@ -101,7 +100,8 @@ async def answer(parsed: Parsed, stream: TokenStream, engine: Engine, fingerprin
     chat = parsed.api == "chat"
     chunk = _Chunks(parsed, fingerprint)
     n = len(parsed.requests)
-    deltas = [TextDeltas(engine, request.stop) for request in parsed.requests]
+    decode = engine.tokenizer.decode if engine.tokenizer is not None else None
+    deltas = [TextDeltas(decode, request.stop) for request in parsed.requests]
     offsets = [0] * n  # completions: where the next token starts in the token texts
     results: list[Result | None] = [None] * n
     failure = None
