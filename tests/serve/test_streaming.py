@@ -184,7 +184,7 @@ def test_deltas_join_to_the_whole_text(tokenizer, data):
 def short_timeout():
     """A request timeout that 480 tokens cannot meet. (The hang-up tests use a server
     without one, so that only the hang-up can have ended their requests.)"""
-    server = Server("--kernels", "default", "--max-batch", "4", "--request-timeout", "1.5")
+    server = Server("--kernels", "default", "--max-batch", "4", "--request-timeout", "0.4")
     yield server
     assert server.stop() == 0
 
