@@ -4,7 +4,9 @@ Handlers call ``await scheduler.generate(requests)``; the requests join the engi
 waiting queue and enter the running batch at its next step (continuous batching), so
 whatever else is in flight shares their forward passes, as on vLLM or SGLang. One
 background thread runs ``engine.step()`` while anything is unfinished and hands each
-finished ``Result`` back to the event loop that waits for it.
+finished ``Result`` back to the event loop that waits for it. A streamed request
+(``open_stream``) gets each generated token as well, as the step makes it
+(``TokenStream.events``).
 
 Backpressure: at most ``max_batch`` sequences run and ``max_queue`` more wait; beyond
 that ``QueueFull`` (HTTP 429), whose Retry-After is the queued work over the measured
@@ -14,8 +16,9 @@ shutdown, new work is refused (``ShuttingDown``) and what is still in flight aft
 grace period gets that error.
 
 A call that ends without its results (timeout, shutdown, or its task cancelled because
-the client went away) aborts its requests in the engine: they stop at the next step
-and their slots are free for the next request.
+the client went away; for a stream, ``TokenStream.close`` before the last token) aborts
+its requests in the engine: they stop at the next step and their slots are free for
+the next request.
 """
 
 from __future__ import annotations
