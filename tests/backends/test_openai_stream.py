@@ -112,15 +112,19 @@ def test_a_data_field_over_several_lines_is_joined_with_a_line_feed(sse):
     assert completion.positions[0].logprob_text == "-0.25"
 
 
+def error_event(message: str, kind: str, code: int) -> bytes:
+    return event(json.dumps({"error": {"message": message, "type": kind, "code": code}}))
+
+
 BROKEN = [
     # (what the server sends, error kind, retryable, words in the message)
     (Answer(chat_events(TOKENS)[:3], end="cut"), "connection", True, "broke off (3 chunks had come)"),
     (Answer(chat_events(TOKENS)), "bad_response", True, "without data: [DONE]"),
-    (Answer(chat_events(TOKENS)[:2] + [event('{"error":{"message":"engine fell over","type":"server_error","code":500}}'), DONE]),
+    (Answer(chat_events(TOKENS)[:2] + [error_event("engine fell over", "server_error", 500), DONE]),
      "server_error", True, "an error event after 2 chunks: 'engine fell over'"),
-    (Answer(chat_events(TOKENS)[:2] + [event('{"error":{"message":"slow down","type":"rate_limit_error","code":429}}'), DONE]),
+    (Answer(chat_events(TOKENS)[:2] + [error_event("slow down", "rate_limit_error", 429), DONE]),
      "rate_limit", True, "slow down"),
-    (Answer(chat_events(TOKENS)[:2] + [event('{"error":{"message":"bad top_k","type":"BadRequestError","code":400}}'), DONE]),
+    (Answer(chat_events(TOKENS)[:2] + [error_event("bad top_k", "BadRequestError", 400), DONE]),
      "bad_request", False, "bad top_k"),
     (Answer(chat_events(TOKENS)[:1] + [b"event: error\ndata: overloaded, try later\n\n", DONE]),
      "server_error", True, "overloaded, try later"),
@@ -227,9 +231,10 @@ def test_stream_is_a_probe_switch_and_asks_for_usage():
     assert "stream_options" not in own.with_overrides(stream=False).request
 
 
-@pytest.mark.parametrize("line, key", [('stream = "yes"', "request.stream"),
-                                       ("stream_options = { include_usage = true }", "request.stream_options"),
-                                       ("stream = true\nstream_options = { include_usage = 1 }", "request.stream_options")])
+@pytest.mark.parametrize("line, key", [
+    ('stream = "yes"', "request.stream"),
+    ("stream_options = { include_usage = true }", "request.stream_options"),
+    ("stream = true\nstream_options = { include_usage = 1 }", "request.stream_options")])
 def test_bad_stream_settings_name_the_key(line, key):
     from detaudit.probes import ProbeError
     text = _coin_flip_text().replace("stream = true", line)
