@@ -16,25 +16,32 @@ samples: ``detaudit.analysis.two_sample``, ``mmd``), with k baseline runs:
    For completions this is the MMD test of Model Equality Testing (Gao et al., ICLR 2025:
    unbiased MMD^2, Hamming kernel).
 3. The noise floor, from the baseline runs alone. Leave one run out: d_i = D(run i, the
-   other baseline runs pooled), and m_i = the mean of d^2 over random splits of those
+   other baseline runs pooled), and m_i = the mean of D^2 over random splits of those
    samples into groups of the same sizes (what sampling alone gives that split). Then
-   tau^2 = max(0, (k-1)/k * mean(d_i^2 - m_i))   (E d_i^2 = tau^2 k/(k-1) + m_i), and
-   sampling noise at NEW's size: noise^2 = mean(m_i * (1/n_NEW + 1/n_pool) / (1/n_i + 1/n_rest_i)).
-   The floor is floor^2 = tau^2 (1 + 1/k) + noise^2: the expected square distance of one
-   more run of the endpoint from the pooled baseline.
-4. p_runs = P(|t_v| >= d / floor), Student's t with Welch-Satterthwaite degrees of freedom
-   v = (k-1) * (floor^2 / (tau^2 (1 + 1/k)))^2: k - 1 when run-to-run variation dominates
-   (few runs estimate tau poorly: at alpha 0.05 NEW must be 12.7 floors away with 2 runs,
-   4.3 with 3, 2.8 with 5), infinite when sampling noise does (then about 2 floors).
-   ``bound`` = floor * t_v(1 - alpha/2) is the distance NEW must exceed.
+   tau^2 = max(0, (k-1)/k * mean(d_i^2 - m_i)), the run-to-run variance beyond sampling
+   noise (E d_i^2 = tau^2 k/(k-1) + m_i), and noise^2 = the m_i rescaled to NEW's and the
+   pool's sizes (as c (1/n_x + 1/n_y), the variance of a difference of two means).
+   floor = sqrt(tau^2 (1 + 1/k) + noise^2): the expected distance of one more run of the
+   endpoint from the pooled baseline. For a statistic that is one number per run (a
+   mean) and runs of equal size, floor = max(s sqrt(1 + 1/k), noise), s the standard
+   deviation of the k run values.
+4. p_runs = P(|t_(k-1)| >= d / floor), Student's t with k - 1 degrees of freedom: the
+   prediction interval of one more run under a normal random-effects model, exact there
+   whatever tau is (a floor that sampling noise bounds from below only makes it
+   safer). Few runs know the floor poorly and pay for it: at alpha 0.05 NEW must be
+   12.7 floors away with 2 baseline runs, 4.3 with 3, 2.8 with 5, 2.3 with 10 (``bound``
+   = floor * t_(k-1)(1 - alpha/2)). Without run-to-run variation the floor shrinks with
+   the sample size, so more samples per run find smaller shifts.
 5. p = max(p_runs, p_samples): a statistic differs only when it is beyond the endpoint's
    run-to-run floor and beyond sampling noise. Holm's correction across the statistics;
    NEW differs when any adjusted p < alpha.
 
-Statistics: the outputs (total variation distance); each tracked token present in NEW
-and in at least two baseline runs (Wasserstein-1 distance of its logprobs, in nats,
-over the samples where it is in the top-k); for completions, the token sequences (MMD
-with the Hamming kernel). Baseline runs of similar size estimate the floor best.
+Statistics: the outputs (total variation distance), or for completions the token
+sequences instead (MMD with the Hamming kernel: the outputs are their text, and a
+total variation over texts that are nearly all distinct says nothing); each tracked
+token present in NEW and in at least two baseline runs (Wasserstein-1 distance of its
+logprobs, in nats, over the samples where it is in the top-k). Baseline runs of similar
+size estimate the floor best.
 """
 
 from __future__ import annotations
@@ -68,9 +75,9 @@ class Floor:
     pairwise: list[list[float]]  # D(run i, run j)
     between_runs: float  # tau: run-to-run spread beyond sampling noise
     sampling_noise: float  # RMS distance sampling alone gives NEW vs the pooled baseline
-    floor: float  # sqrt(between_runs^2 (1 + 1/k) + sampling_noise^2)
-    degrees_of_freedom: float  # Welch-Satterthwaite: k - 1 when runs dominate, inf: noise
-    bound: float  # floor * t(1 - alpha/2): the distance at which p_runs = alpha
+    distance: float  # sqrt(between_runs^2 (1 + 1/k) + sampling_noise^2): expected for one more run
+    multiplier: float  # t_(k-1)(1 - alpha/2)
+    bound: float  # distance * multiplier: the distance at which p_runs = alpha
 
 
 @dataclass
@@ -84,7 +91,7 @@ class DriftTest:
     n_baseline: list[int]  # samples with this statistic, per baseline run
     new_distance: float | None = None
     floor: Floor | None = None
-    ratio: float | None = None  # new_distance / floor.floor: the t value
+    ratio: float | None = None  # new_distance / floor.distance: the t value
     p_runs: float | None = None
     test_statistic: float | None = None
     p_samples: float | None = None
@@ -139,11 +146,11 @@ class Drift:
 
 
 RULE = ("per statistic: d = distance of NEW from the pooled baseline; p_samples = "
-        "permutation p of NEW vs the pooled baseline; floor^2 = tau^2 (1 + 1/k) + noise^2, "
-        "tau^2 = max(0, (k-1)/k mean(d_i^2 - m_i)) from d_i = distance of baseline run i from "
-        "the other baseline runs and m_i = its permutation mean square, noise^2 = m_i scaled "
-        "to NEW's size; p_runs = P(|t_v| >= d / floor), v by Welch-Satterthwaite; "
-        "p = max(p_runs, p_samples); Holm across statistics; differs when any adjusted p < alpha")
+        "permutation p of NEW vs the pooled baseline; floor = sqrt(tau^2 (1 + 1/k) + noise^2), "
+        "tau^2 = max(0, (k-1)/k mean(d_i^2 - m_i)), d_i = distance of baseline run i from the "
+        "other baseline runs, m_i = its mean square under permutation, noise^2 = the m_i "
+        "rescaled to NEW's size; p_runs = P(|t_(k-1)| >= d / floor); p = max(p_runs, "
+        "p_samples); Holm across statistics; differs when any adjusted p < alpha")
 
 
 def drift(new: Frames, baselines: Sequence[Frames], alpha: float = DEFAULT_ALPHA,
@@ -165,19 +172,18 @@ def drift(new: Frames, baselines: Sequence[Frames], alpha: float = DEFAULT_ALPHA
         new_rows, *baseline_rows = _run_rows(sizes)
         return assess(stat, new_rows, baseline_rows, alpha, permutations, seed)
 
-    tests = [tested(OutputShares(pd.concat([o["output"] for o in ok]).tolist()),
-                    [len(o) for o in ok])]
+    lengths = [o["tokens"].map(len) for o in ok]
+    multi_token = any(len(n) and int(n.max()) > 1 for n in lengths)
+    sequences = [tuple(t) for o in ok for t in o["tokens"]]
+    completions = (multi_token or probe_kind in COMPLETION_KINDS) and any(sequences)
+    sizes = [len(o) for o in ok]
+    tests = [tested(HammingMMD(sequences), sizes) if completions else
+             tested(OutputShares(pd.concat([o["output"] for o in ok]).tolist()), sizes)]
     for key in _shared_keys(runs):
         values = [_logprobs(f, key) for f in runs]
         stat = ValueDistribution(np.concatenate(values))
-        stat.name, stat.distance_name = f"logprob of {_name(key)}", "wasserstein-1 (nats)"
+        stat.name, stat.distance_name = f"logprob of {_name(key)}", "W1, nats"
         tests.append(tested(stat, [len(v) for v in values]))
-    lengths = [o["tokens"].map(len) for o in ok]
-    multi_token = any(len(n) and int(n.max()) > 1 for n in lengths)
-    if multi_token or (probe_kind in COMPLETION_KINDS and all(len(o) for o in ok)):
-        sequences = [tuple(t) for o in ok for t in o["tokens"]]
-        if any(sequences):
-            tests.append(tested(HammingMMD(sequences), [len(o) for o in ok]))
     holm(tests, alpha)
     return Drift(alpha=alpha, permutations=permutations, seed=seed, n_new=len(ok[0]),
                  n_baseline=[len(o) for o in ok[1:]], tests=tests,
@@ -205,44 +211,44 @@ def assess(stat: TwoSample, new: np.ndarray, baseline: Sequence[np.ndarray], alp
     _, null = null_distribution(stat, new, pool, permutations, seed)
     test.p_samples = p_value(null, test.test_statistic)
     test.floor = noise_floor(stat, usable, len(new), alpha, permutations, seed)
-    floor, d = test.floor.floor, test.new_distance
+    floor, d = test.floor.distance, test.new_distance
     if d <= 0.0:
         test.ratio, test.p_runs = 0.0, 1.0
     elif floor == 0.0:  # the baseline runs agree exactly, and sampling moves nothing
         test.ratio, test.p_runs = math.inf, 0.0
     else:
         test.ratio = d / floor
-        test.p_runs = float(min(1.0, 2 * stats.t.sf(test.ratio, test.floor.degrees_of_freedom)))
+        test.p_runs = float(min(1.0, 2 * stats.t.sf(test.ratio, len(usable) - 1)))
     test.p = max(test.p_runs, test.p_samples)
     return test
 
 
 def noise_floor(stat: TwoSample, runs: Sequence[np.ndarray], n_new: int, alpha: float,
                 permutations: int = PERMUTATIONS, seed: int = 0) -> Floor:
-    """Step 3 of the module docstring: how far one more run of the endpoint, of
-    ``n_new`` samples, is expected to be from the pooled ``runs`` (two or more)."""
+    """Step 3 of the module docstring: how far one more run of the endpoint, of ``n_new``
+    samples, is expected to be from the pooled ``runs`` (two or more), and the bound."""
     k = len(runs)
-    pool_size = sum(len(r) for r in runs)
-    loo, loo_noise, scaled_noise = [], [], []
+    sizes = np.array([len(r) for r in runs], dtype=np.float64)
+    loo, loo_noise = [], []
     for i, run in enumerate(runs):
         rest = np.concatenate(list(runs[:i]) + list(runs[i + 1:]))
         loo.append(distance(stat, run, rest)[0])
         null, _ = null_distribution(stat, run, rest, min(permutations, FLOOR_PERMUTATIONS),
                                     seed + 1 + i)
-        mean_square = float(np.mean(np.square(null)))
-        loo_noise.append(mean_square)
-        scaled_noise.append(mean_square * (1 / n_new + 1 / pool_size) / (1 / len(run) + 1 / len(rest)))
-    between2 = max(0.0, (k - 1) / k * float(np.mean(np.square(loo) - np.array(loo_noise))))
-    run_part = between2 * (1 + 1 / k)  # variance of one more run's offset from the pool
-    noise2 = float(np.mean(scaled_noise))
-    floor = math.sqrt(run_part + noise2)
-    dof = math.inf if run_part == 0.0 else (k - 1) * ((run_part + noise2) / run_part) ** 2
+        loo_noise.append(float(np.mean(np.square(null))))
+    noise = np.array(loo_noise)
+    # each m_i is c (1/n_i + 1/n_rest_i), as for a difference of two means: c, then NEW's
+    unit = float(np.mean(noise / (1 / sizes + 1 / (sizes.sum() - sizes))))
+    noise2 = unit * (1 / n_new + 1 / sizes.sum())
+    between2 = max(0.0, (k - 1) / k * float(np.mean(np.square(loo) - noise)))
+    floor = math.sqrt(between2 * (1 + 1 / k) + noise2)
     pairwise = [[0.0 if i == j else distance(stat, a, b)[0] for j, b in enumerate(runs)]
                 for i, a in enumerate(runs)]
+    multiplier = float(stats.t.isf(alpha / 2, k - 1))
     return Floor(leave_one_out=loo, leave_one_out_noise=[math.sqrt(m) for m in loo_noise],
                  pairwise=pairwise, between_runs=math.sqrt(between2),
-                 sampling_noise=math.sqrt(noise2), floor=floor, degrees_of_freedom=dof,
-                 bound=floor * float(stats.t.isf(alpha / 2, dof)))
+                 sampling_noise=math.sqrt(noise2), distance=floor, multiplier=multiplier,
+                 bound=floor * multiplier)
 
 
 def _run_rows(sizes: list[int]) -> list[np.ndarray]:

@@ -4,6 +4,8 @@ Guestrin, ICLR 2025): do two sets of completions come from one distribution?
 Kernel (Hamming): sequences are padded to one length L with a pad token that equals
 only itself, and k(x, y) = (1/L) * #{i < L : x_i == y_i}, the share of positions where
 two completions agree (the paper's sum of agreements, normalised so that k(x, x) = 1).
+It compares completions position by position (the token distribution at each
+position): a change only in how positions go together is not what it sees.
 Statistic: the unbiased estimate of MMD^2 (Gretton et al. 2012),
 
     MMD^2_u = sum_{i != j} k(x_i, x_j) / (n(n-1)) + sum_{i != j} k(y_i, y_j) / (m(m-1))
@@ -45,7 +47,7 @@ class HammingMMD(TwoSample):
     """MMD with the Hamming kernel over the token sequences given (one per sample)."""
 
     name = "token sequences"
-    distance_name = "MMD (Hamming kernel)"
+    distance_name = "MMD, Hamming"
     test_name = "unbiased MMD^2 (Hamming kernel)"
     min_per_side = 2  # the unbiased estimate needs two samples on each side
 
