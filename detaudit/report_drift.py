@@ -29,41 +29,44 @@ def render_drift(result: Drift, console: Console, new: str, baseline: list[str])
     lines += [f"baseline: {path}  ({n:,} ok)" for path, n in zip(baseline, result.n_baseline)]
     console.print(Text("\n".join(lines)))
     verdicts = _table("NEW against the noise floor (bound: the distance NEW must exceed for "
-                      "p runs < alpha, before Holm)", ["statistic", "distance", "NEW", "bound", "p runs",
+                      "p runs < alpha, before Holm)", ["statistic", "NEW", "bound", "p runs",
                                                 "p samples", "p (Holm)", "differs"])
     floors = _table("The noise floor, from the baseline runs alone", [
-        "statistic", "runs apart", "beyond noise", "noise at NEW's n", "floor"])
+        "statistic", "distance", "apart", "runs", "noise", "floor"], text_columns=2)
     for t in result.tests:
         f = t.floor
         if f is None:
-            verdicts.add_row(escape(t.name), t.distance, "-", "-", "-", "-", "-",
+            verdicts.add_row(escape(t.name), "-", "-", "-", "-", "-",
                              f"not tested: {escape(t.reason or '')}")
             continue
-        verdicts.add_row(escape(t.name), t.distance, _num(t.new_distance), _num(f.bound),
+        verdicts.add_row(escape(t.name), _num(t.new_distance), _num(f.bound),
                          _p(t.p_runs), _p(t.p_samples), _p(t.p_holm),
                          "[yellow]yes[/]" if t.differs else "no")
-        floors.add_row(escape(t.name), f"{_num(min(f.leave_one_out))} .. {_num(max(f.leave_one_out))}",
+        floors.add_row(escape(t.name), t.distance,
+                       f"{_num(min(f.leave_one_out))} .. {_num(max(f.leave_one_out))}",
                        _num(f.between_runs), _num(f.sampling_noise), _num(f.distance))
     console.print(verdicts)
-    floors.caption = (f"runs apart: each baseline run's distance from the other baseline runs; "
-                      f"beyond noise: their spread beyond sampling noise; floor = sqrt(beyond^2 "
-                      f"(1 + 1/k) + noise^2); bound = floor x t_{k - 1}(1 - alpha/2)"
+    floors.caption = (f"apart: each baseline run's distance from the other baseline runs (least "
+                      f".. most); runs: their spread beyond sampling noise; noise: what sampling "
+                      f"alone gives at NEW's size; floor = sqrt(runs^2 (1 + 1/k) + noise^2); "
+                      f"bound = floor x t_{k - 1}(1 - alpha/2)"
                       + (f" = floor x {result.tests[0].floor.multiplier:.3g}"
                          if result.tests and result.tests[0].floor else ""))
     floors.caption_justify = "left"
     console.print(floors)
-    fps = _table("system_fingerprint", ["run", "fingerprints"])
+    fps = _table("system_fingerprint", ["run", "fingerprints"], text_columns=2)
     for name, counts in [("NEW", result.fingerprints_new),
                          *((f"baseline {i + 1}", c) for i, c in enumerate(result.fingerprints_baseline))]:
         fps.add_row(name, escape(", ".join(f"{fp} x{n:,}" for fp, n in counts.items()) or "-"))
     console.print(fps)
 
 
-def _table(title: str, columns: list[str]) -> Table:
+def _table(title: str, columns: list[str], text_columns: int = 1) -> Table:
+    """Text columns first (they fold), then numbers (never cut)."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i < 2 else "right",
-                         overflow="fold", no_wrap=i >= 2)
+        table.add_column(name, justify="left" if i < text_columns else "right",
+                         overflow="fold", no_wrap=i >= text_columns)
     return table
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import typer
 from rich import box
@@ -109,11 +109,11 @@ beyond the noise floor), 1 failed, 2 usage error.
 
 
 def compare(
-    runs: list[Path] = typer.Argument(..., metavar="RUN...", show_default=False,
+    runs: List[Path] = typer.Argument(..., metavar="RUN", show_default=False,
                                       help="A B: two runs or analysed files (CSV/JSONL). With "
                                            "--baseline: NEW first; runs after it are baseline "
                                            "runs too."),
-    baseline: Optional[list[Path]] = typer.Option(
+    baseline: Optional[List[Path]] = typer.Option(
         None, "--baseline", show_default=False,
         help="Baseline run (two or more: --baseline A B C, or --baseline A --baseline B): "
              "test NEW against the noise floor they measure."),
@@ -129,16 +129,19 @@ def compare(
     permutation test for other sparse tables); logprobs by two-sample Kolmogorov-Smirnov
     per tracked token; Holm-corrected together. Outcome shares: B - A with a 95% interval.
 
-    [bold]compare NEW --baseline A B ...[/]: does NEW differ by more than the baseline runs
-    differ from each other? Per statistic (outputs: total variation; each tracked token:
-    Wasserstein-1 of its logprobs; completions: MMD of the token sequences, Hamming
-    kernel), with d = distance of NEW from the pooled baseline:
-    p_samples = permutation test of NEW vs the pooled baseline (for completions the MMD
-    test of Model Equality Testing, unbiased MMD^2); the floor, from the k baseline runs
-    alone: floor^2 = tau^2 (1 + 1/k) + noise^2, where tau^2 = max(0, (k-1)/k mean(d_i^2 -
-    m_i)), d_i = distance of baseline run i from the others, m_i = its mean square under
-    permutation, and noise^2 = m_i scaled to NEW's size; p_runs = P(|t_v| >= d / floor),
-    v by Welch-Satterthwaite (k - 1 when runs vary, infinite when only sampling does).
+    [bold]compare NEW --baseline A B ...[/]: does NEW differ by more than the k baseline runs
+    differ from each other? Statistics: the outputs (total variation distance; for
+    completions the token sequences instead: MMD, Hamming kernel) and each tracked token
+    (Wasserstein-1 distance of its logprobs). Per statistic, d = distance of NEW from the
+    pooled baseline, and:
+    p_samples: permutation test of NEW vs the pooled baseline (for completions the MMD test
+    of Model Equality Testing: unbiased MMD^2, permutation p-value);
+    floor, from the baseline runs alone: floor^2 = tau^2 (1 + 1/k) + noise^2, where
+    tau^2 = max(0, (k-1)/k mean(d_i^2 - m_i)), d_i = distance of baseline run i from the
+    other baseline runs, m_i = its mean square under permutation, noise^2 = the m_i
+    rescaled to NEW's size;
+    p_runs = P(|t_(k-1)| >= d / floor) (the prediction interval of one more run: NEW must
+    be 12.7 floors away with 2 baseline runs, 4.3 with 3, 2.8 with 5, at alpha 0.05).
     A statistic differs when max(p_runs, p_samples), Holm-corrected, is below alpha.
 
     Exits 4 when the runs differ significantly, 0 when they do not.
