@@ -291,4 +291,4 @@ def _fingerprints(ok: pd.DataFrame) -> dict[str, int]:
 
 def _name(key: tuple[str, int, str]) -> str:
     label, position, _token = key
-    return label if position == 0 else f"{label} @ {position}"
+    return label if position == 0 or label == f"pos {position}" else f"{label} @ {position}"

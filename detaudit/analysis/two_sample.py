@@ -73,7 +73,7 @@ def null_distribution(stat: TwoSample, x: np.ndarray, y: np.ndarray, permutation
 def p_value(null: np.ndarray, observed: float) -> float:
     """(1 + #null draws at least ``observed``) / (1 + #draws): never 0, and exact in level
     for a permutation null at any sample size."""
-    tolerance = 1e-9 * max(1.0, abs(observed))  # equal splits whose sums rounded apart
+    tolerance = 1e-9 * abs(observed) + 1e-15  # equal splits whose sums rounded apart
     return (int((null >= observed - tolerance).sum()) + 1) / (len(null) + 1)
 
 
