@@ -3,7 +3,8 @@
 The command functions live here and ``detaudit.commands`` registers them with
 ``register(app, guard)``, where ``guard`` is its error wrapper (expected errors become
 one red line and an exit code). Exit codes: 0 ok; 1 failed; 2 usage;
-``compare`` exits ``EXIT_DIFFER`` (4) when the runs differ significantly.
+``compare`` exits ``EXIT_DIFFER`` (4) when the runs differ significantly (with
+``--baseline``: when NEW differs beyond the baseline runs' noise floor).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import typer
 from rich import box
@@ -99,23 +100,50 @@ COMPARE_EXAMPLES = """\
 
   detaudit compare results/<monday> results/<tuesday>
   detaudit compare results/<run-id> gpt4o-2024.csv --alpha 0.01 --json
+  detaudit compare results/<today> --baseline results/<mon> results/<tue> results/<wed>
+  detaudit compare results/<today> --baseline results/<mon> --baseline results/<tue> --json
 
-Exit codes: 0 no significant difference, 4 the runs differ, 1 failed, 2 usage error.
+Exit codes: 0 no significant difference, 4 the runs differ (with --baseline: NEW differs
+beyond the noise floor), 1 failed, 2 usage error.
 """
 
 
 def compare(
-    run_a: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL): A."),
-    run_b: Path = typer.Argument(..., help="Run folder or analysed file (CSV/JSONL): B."),
+    runs: List[Path] = typer.Argument(..., metavar="RUN", show_default=False,
+                                      help="A B: two runs or analysed files (CSV/JSONL). With "
+                                           "--baseline: NEW first; runs after it are baseline "
+                                           "runs too."),
+    baseline: Optional[List[Path]] = typer.Option(
+        None, "--baseline", show_default=False,
+        help="Baseline run (two or more: --baseline A B C, or --baseline A --baseline B): "
+             "test NEW against the noise floor they measure."),
     alpha: float = typer.Option(0.05, help="Significance level (0 < alpha < 1), after Holm's "
                                            "correction across the tests."),
+    permutations: int = typer.Option(2000, min=1, help="With --baseline: permutations per "
+                                                       "test (p-values are at least 1/(N+1))."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Did the outputs or the tracked-token logprobs change between two runs?
+    """Did the outputs or the tracked-token logprobs change between runs?
 
-    Outputs: chi-square (Fisher's exact test for small 2x2 tables, a permutation test for
-    other sparse tables). Logprobs: two-sample Kolmogorov-Smirnov per tracked token.
-    Holm-corrected together. Outcome shares: difference B - A with a 95% interval.
+    [bold]compare A B[/]: outputs by chi-square (Fisher's exact test for small 2x2 tables, a
+    permutation test for other sparse tables); logprobs by two-sample Kolmogorov-Smirnov
+    per tracked token; Holm-corrected together. Outcome shares: B - A with a 95% interval.
+
+    [bold]compare NEW --baseline A B ...[/]: does NEW differ by more than the k baseline runs
+    differ from each other? Statistics: the outputs (total variation distance; for
+    completions the token sequences instead: MMD, Hamming kernel) and each tracked token
+    (Wasserstein-1 distance of its logprobs). Per statistic, d = distance of NEW from the
+    pooled baseline, and:
+    p_samples: permutation test of NEW vs the pooled baseline (for completions the MMD test
+    of Model Equality Testing: unbiased MMD^2, permutation p-value);
+    floor, from the baseline runs alone: floor^2 = tau^2 (1 + 1/k) + noise^2, where
+    tau^2 = max(0, (k-1)/k mean(d_i^2 - m_i)), d_i = distance of baseline run i from the
+    other baseline runs, m_i = its mean square under permutation, noise^2 = the m_i
+    rescaled to NEW's size;
+    p_runs = P(|t_(k-1)| >= d / floor) (the prediction interval of one more run: NEW must
+    be 12.7 floors away with 2 baseline runs, 4.3 with 3, 2.8 with 5, at alpha 0.05).
+    A statistic differs when max(p_runs, p_samples), Holm-corrected, is below alpha.
+
     Exits 4 when the runs differ significantly, 0 when they do not.
     """
     from detaudit.analysis.compare import compare as compare_frames, incomparable
@@ -123,6 +151,13 @@ def compare(
 
     if not 0.0 < alpha < 1.0:
         fail(f"--alpha {alpha:g}: give a significance level between 0 and 1, e.g. 0.05", 2)
+    if baseline:
+        compare_baseline(runs[0], [*baseline, *runs[1:]], alpha, permutations, json_out)
+        return
+    if len(runs) != 2:
+        fail(f"compare takes two runs (compare A B) or a new run and two or more baseline runs "
+             f"(compare NEW --baseline A B); got {len(runs)} run(s) and no --baseline", 2)
+    run_a, run_b = runs
     a, b = load_source(run_a), load_source(run_b)
     problem = incomparable(a.probe, b.probe, a.tracked, b.tracked)
     if problem:
@@ -138,6 +173,45 @@ def compare(
     else:
         render_comparison(result, Console(highlight=False), str(run_a), str(run_b))
     if result.differ:
+        raise typer.Exit(EXIT_DIFFER)
+
+
+def compare_baseline(new_path: Path, baseline_paths: list[Path], alpha: float,
+                     permutations: int, json_out: bool) -> None:
+    """``compare NEW --baseline A B ...``: NEW against the noise floor of its baseline."""
+    from detaudit.analysis.compare import incomparable
+    from detaudit.analysis.drift import drift
+    from detaudit.report_drift import render_drift
+
+    if len(baseline_paths) < 2:
+        fail(f"--baseline {baseline_paths[0]}: one baseline run measures no noise floor; give "
+             "two or more runs of the same probe (compare NEW --baseline A B)", 2)
+    seen = {new_path.resolve()}
+    for path in baseline_paths:
+        if path.resolve() in seen:
+            what = "is NEW itself" if path.resolve() == new_path.resolve() else "is given twice"
+            fail(f"--baseline {path} {what}; each baseline run must be another run", 2)
+        seen.add(path.resolve())
+    new = load_source(new_path)
+    baselines = [load_source(path) for path in baseline_paths]
+    for path, other in zip(baseline_paths, baselines):
+        problem = incomparable(new.probe, other.probe, new.tracked, other.tracked)
+        if problem:
+            fail(f"{new_path} and baseline {path} cannot be compared: {problem}. Give runs of "
+                 "one probe (the same request and tracked tokens)", 2)
+    for path, source in zip([new_path, *baseline_paths], [new, *baselines]):
+        if not (source.frames.samples["status"] == "ok").any():
+            fail(f"{path}: no successful samples to compare; see detaudit report {path}", 1)
+    kinds = {source.probe_kind for source in [new, *baselines]}
+    result = drift(new.frames, [b.frames for b in baselines], alpha=alpha,
+                   permutations=permutations, probe_kind=kinds.pop() if len(kinds) == 1 else None)
+    if json_out:
+        print_json({"new": str(new_path), "baseline": [str(p) for p in baseline_paths],
+                    **result.to_dict()})
+    else:
+        render_drift(result, Console(highlight=False), str(new_path),
+                     [str(p) for p in baseline_paths])
+    if result.differs:
         raise typer.Exit(EXIT_DIFFER)
 
 
