@@ -106,7 +106,7 @@ def test_a_client_that_gives_up_mid_generation_frees_every_choice(server):
 
 
 def test_a_request_that_times_out_gets_504_and_stops(server):
-    """8 choices of 480 tokens cannot finish in 1.5 s (4 once did, on an idle machine,
+    """8 choices of 480 tokens cannot finish in 1.5 s (4 once did in a full-suite run,
     once a step cost 3 ms); after the 504 they leave the engine."""
     before = server.health()
     response, took_s = timed_post(server, {**LONG, "n": 8, "temperature": 1, "seed": 2})
