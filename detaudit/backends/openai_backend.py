@@ -85,6 +85,13 @@ class OpenAIBackend:
     # -- Backend -------------------------------------------------------------------------
 
     async def complete(self, probe: Probe, index: int) -> Completion:
+        return (await self._send(probe, all_choices=False))[0]
+
+    async def complete_choices(self, probe: Probe, index: int) -> list[Completion]:
+        """Every choice of one request (the probe's ``n``), in the order the server sent them."""
+        return await self._send(probe, all_choices=True)
+
+    async def _send(self, probe: Probe, all_choices: bool) -> list[Completion]:
         if probe.api != self.api:
             raise BackendError("bad_request", f"probe {probe.name!r} uses the {probe.api} API "
                                f"but this backend was set up for {self.api}; create the "
@@ -110,9 +117,14 @@ class OpenAIBackend:
         except openai.OpenAIError as exc:
             raise BackendError("bad_response",
                                f"{self.base_url}: {type(exc).__name__}: {exc}") from None
+        top_k = _asked_top_k(body, self.api)
         try:
-            return parse_body(content, self.api, wants_logprobs, self.base_url,
-                              top_k=_asked_top_k(body, self.api))
+            first = parse_body(content, self.api, wants_logprobs, self.base_url, top_k=top_k)
+            if not all_choices:
+                return [first]
+            count = choice_count(content)
+            return [first] + [parse_body(content, self.api, wants_logprobs, self.base_url,
+                                         top_k=top_k, choice=i) for i in range(1, count)]
         except BackendError as exc:
             if exc.retryable:  # a transport fault: its wait hint counts, as a 502's does
                 exc.retry_after = retry_after_seconds(response.headers)
@@ -232,8 +244,13 @@ class _NumberText(str):
     """A JSON number, kept as the exact text the server sent."""
 
 
+def choice_count(content: bytes) -> int:
+    """How many choices a completion body carries (parse_body has checked it is one)."""
+    return len(json.loads(content)["choices"])
+
+
 def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
-               top_k: int = 0) -> Completion:
+               top_k: int = 0, choice: int = 0) -> Completion:
     """A response body -> Completion; BackendError("bad_response") if it is not a
     completion (HTML page, truncated JSON, no choices, no logprobs when asked).
     A body that is no completion at all (not JSON, not an object, an error, no
@@ -242,7 +259,8 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
     Top-k entries sent as the -9999.0 sentinel are not logprobs: they are left out of
     ``top`` (the token then counts as missing) and counted in
     ``extra["sentinel_logprobs"]``; ``raw`` keeps them. Fewer top entries than the
-    ``top_k`` asked for are noted in ``extra["top_logprobs_short"]`` (the fewest)."""
+    ``top_k`` asked for are noted in ``extra["top_logprobs_short"]`` (the fewest).
+    ``choice``: which of the response's choices to read (an ``n > 1`` request)."""
     raw = content.decode("utf-8", errors="replace")
     try:
         body = json.loads(content, parse_float=_NumberText, parse_int=_NumberText,
@@ -257,15 +275,17 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
         raise _transport_fault(source, "the response has no choices", raw)
-    choice = choices[0]
+    if choice >= len(choices):
+        raise _bad(source, f"choice {choice} was asked for, but the response has {len(choices)}")
+    picked = choices[choice]
     try:
         if api == "chat":
-            text = (choice.get("message") or {}).get("content") or ""
-            positions = _chat_positions(choice.get("logprobs"), wants_logprobs, source)
+            text = (picked.get("message") or {}).get("content") or ""
+            positions = _chat_positions(picked.get("logprobs"), wants_logprobs, source)
         else:
-            text = choice.get("text") or ""
-            positions = _completions_positions(choice.get("logprobs"), wants_logprobs, source)
-        finish_reason = choice.get("finish_reason")
+            text = picked.get("text") or ""
+            positions = _completions_positions(picked.get("logprobs"), wants_logprobs, source)
+        finish_reason = picked.get("finish_reason")
         model, fingerprint = body.get("model"), body.get("system_fingerprint")
         if not isinstance(text, str):
             raise TypeError(f"the answer text is {type(text).__name__}, not a string")

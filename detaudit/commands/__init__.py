@@ -5,6 +5,7 @@
     report.py   report, export, analyze, probes
     insight.py  compare, plot, tokens; run's dry run and cost cap
     serve.py    serve, gate
+    matrix.py   matrix
 
 Conventions: logs, progress and errors go to stderr; results (the report, JSON, file
 paths) go to stdout. ``--json`` prints exactly one JSON object on stdout. Exit codes:
@@ -19,11 +20,11 @@ from __future__ import annotations
 import sys
 import traceback
 
-from detaudit.commands import insight, report, run, serve
+from detaudit.commands import insight, matrix, report, run, serve
 from detaudit.commands.app import app, guard
 from detaudit.redact import redact
 
-for _group in (run, report, insight, serve):
+for _group in (run, report, insight, serve, matrix):
     _group.register(app, guard)
 
 __all__ = ["app", "main"]
