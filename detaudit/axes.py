@@ -189,10 +189,15 @@ def new_nonce_run() -> str:
     return secrets.token_hex(4)
 
 
+def nonce_text(nonce: tuple[str, str], variant: int) -> str:
+    """The nonce of a variant: (template, this matrix's run id) filled in."""
+    return nonce[0].format(i=variant, run=nonce[1])
+
+
 def with_nonce(probe: Probe, template: str, run: str, variant: int) -> Probe:
     """The probe with the nonce before its first message (or its prompt): variants then
     differ from their first block on, so no prefix of one is cached for another."""
-    text = template.format(i=variant, run=run)
+    text = nonce_text((template, run), variant)
     request = copy.deepcopy(probe.request)
     if "messages" in request:
         request["messages"][0]["content"] = text + request["messages"][0]["content"]
@@ -366,6 +371,8 @@ class AxisBackend:
             group = level.group(self.axis.name)
         completion.extra = {**completion.extra, "group": group, "axis": self.axis.name,
                             "level": None if slot is None else level.label, "item": item}
+        if self.axis.name == "cache":
+            completion.extra["nonce"] = nonce_text(self.nonce, item)
         return completion
 
     async def _send(self, probe: Probe, level: Level, index: int, item: int,

@@ -31,9 +31,14 @@ def render_matrix(data: dict[str, Any], console: Console) -> None:
 
 
 def _count(axis: dict[str, Any], level: str) -> str:
+    """Distinct answers at a level; of them, new (never given at the baseline); errors."""
     text = f"{axis['distinct'][level]:,}"
-    errors = axis["errors"].get(level)
-    return text + (f" ({errors:,} errors)" if errors else "")
+    notes = []
+    if axis["new"].get(level):
+        notes.append(f"{axis['new'][level]:,} new")
+    if axis["errors"].get(level):
+        notes.append(f"{axis['errors'][level]:,} errors")
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _verdict(axis: dict[str, Any]) -> str:
