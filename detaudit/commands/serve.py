@@ -54,7 +54,7 @@ def serve(
     prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Reuse the K/V of prompt prefixes already "
                                       "computed (batch-invariant kernels: the same bits as without)."),
     prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Chunked prefill: prompt tokens of one request "
-                                                "per forward pass at most \[default: the whole prompt].", metavar="TOKENS"),
+                                                "per forward pass at most \\[default: the whole prompt].", metavar="TOKENS"),
 ) -> None:
     """Serve the bundled engine over an OpenAI-compatible API (chat, completions, logprobs).
 
