@@ -6,6 +6,7 @@
     run.summary()["tokens"][0]["distinct_values"]
     run.samples()                            # pandas: one row per sample and tracked token
     detaudit.open_run(run.path).summary()    # a stored run, as `detaudit report --json`
+    run.html("report.html")                  # as `detaudit report RUN --html report.html`
     m = detaudit.matrix(axes="load,n")       # the invariance matrix (`detaudit matrix`)
     m.summary()["axes"][0]["varies"]; m.run("load").summary()
 
@@ -69,6 +70,18 @@ class Run:
         """The analysis as dataclasses (``detaudit.analysis.Analysis``)."""
         with RunStore.open_read_only(self.path) as store:
             return session.analyze_store(store, threshold_pct)
+
+    def html(self, path: str | Path, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> Path:
+        """Write the report as one self-contained HTML file (``detaudit report RUN --html
+        FILE``) and return its path; a folder that does not exist or cannot be written
+        raises ``detaudit.html_report.HtmlReportError``."""
+        from detaudit.html_report import check_destination, write_report
+
+        check_destination(path)
+        with RunStore.open_read_only(self.path) as store:
+            analysis = session.analyze_store(store, threshold_pct)
+            data = session.summary(store, threshold_pct, self.result, analysis=analysis)
+            return write_report(path, analysis, data, store.manifest)
 
     def samples(self) -> "pd.DataFrame":
         """One row per (sample, tracked token): index, slot, label, token, position,

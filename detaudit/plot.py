@@ -5,6 +5,11 @@ stacked by system_fingerprint (one colour each), with the clusters shaded and a
 log-odds axis on top; for completion probes, a histogram of the positions where
 completions first diverge. matplotlib is optional (the ``plot`` extra) and imported
 only here, with a ``Figure`` and no pyplot, so no window or global backend is touched.
+
+No label prints over another: the layout is computed once and frozen, then the cluster
+labels and the log-odds ticks are measured by the renderer and set apart
+(``detaudit.plot_labels``): cluster labels in rows, the smallest clusters merged into one
+"+ K more clusters" label when the rows are full; ticks dropped where they would crowd.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pandas as pd
 
 from detaudit.analysis import Analysis, TokenResult
 from detaudit.analysis.logit_grid import log_odds_of_pct
+from detaudit.plot_labels import GAP_PX, pick_ticks, place_in_rows
 
 FORMATS = (".png", ".svg", ".pdf")
 MAX_TOKEN_PANELS = 4
@@ -24,6 +30,9 @@ PANEL_HEIGHT_IN = 3.0
 WIDTH_IN = 9.0
 DPI = 120
 MIN_SHADE_FRACTION = 0.006  # of the value range, each side of a cluster
+LABEL_SIZE = 7  # points: cluster labels and log-odds ticks
+MAX_LABEL_ROWS = 3  # rows of cluster labels under a panel's top; then one merged label
+HEADROOM = 1.15  # the y axis reaches this far above the highest stem, at least
 
 
 class PlotError(ValueError):
@@ -35,6 +44,27 @@ def plot_analysis(analysis: Analysis, path: str | Path, title: str | None = None
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise PlotError(f"{path}: give a file name ending in {', '.join(FORMATS)}, e.g. -o plot.png")
+    fig = build_figure(analysis, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise PlotError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def png_bytes(analysis: Analysis, title: str | None = None) -> bytes:
+    """The same picture as a PNG in memory (the HTML report embeds it)."""
+    import io
+
+    buffer = io.BytesIO()
+    build_figure(analysis, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def build_figure(analysis: Analysis, title: str | None = None):
+    """The matplotlib ``Figure`` of ``analysis``: one panel per tracked token (at most
+    four), then the first-divergence histogram of completion probes."""
     Figure = _figure_class()
     tokens = [t for t in analysis.tokens if t.n - t.missing > 0][:MAX_TOKEN_PANELS]
     divergence = analysis.divergence
@@ -45,19 +75,18 @@ def plot_analysis(analysis: Analysis, path: str | Path, title: str | None = None
     fig = Figure(figsize=(WIDTH_IN, PANEL_HEIGHT_IN * panels + 0.6), layout="constrained", dpi=DPI)
     axes = np.atleast_1d(fig.subplots(panels, 1, squeeze=False)[:, 0])
     tracked = analysis.frames.tracked if analysis.frames is not None else None
-    for ax, token in zip(axes, tokens):
-        _token_panel(ax, token, _value_counts(tracked, analysis.tokens.index(token), token),
-                     analysis.threshold_pct)
+    drawn = [(ax, token, _token_panel(ax, token, _value_counts(
+        tracked, analysis.tokens.index(token), token), analysis.threshold_pct))
+        for ax, token in zip(axes, tokens)]
     if divergence is not None:
         _divergence_panel(axes[-1], divergence)
     if title:
         fig.suptitle(title, fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path)
-    except OSError as exc:
-        raise PlotError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    return path
+    renderer = _freeze_layout(fig)
+    for ax, token, (top, highest) in drawn:
+        _log_odds_ticks(ax, top, renderer)
+        _cluster_labels(ax, token, highest, renderer)
+    return fig
 
 
 def _figure_class():
@@ -98,25 +127,139 @@ def _token_panel(ax, token: TokenResult, counts: pd.DataFrame, threshold_pct: fl
                   linewidth=2.0, label=f"{fp} ({int(totals.get(fp, part['count'].sum())):,})")
         bottom.loc[part["pct"]] += part["count"].to_numpy()
     span = float(counts["pct"].max() - counts["pct"].min())
-    if span == 0:  # one value: show it in a window of one percentage point
+    if span == 0:  # one value: show it in a window of one percentage point, inside 0-100 %
         span = 1.0
-        ax.set_xlim(float(counts["pct"].iloc[0]) - 0.5, float(counts["pct"].iloc[0]) + 0.5)
+        low = min(max(float(counts["pct"].iloc[0]) - 0.5, 0.0), 99.0)
+        ax.set_xlim(low, low + 1.0)
     pad = MIN_SHADE_FRACTION * span  # a cluster narrower than a pixel still shows
     for r in token.clusters.itertuples():
         ax.axvspan(r.min - pad, r.max + pad, color="0.5", alpha=0.2, linewidth=0)
-        ax.annotate(f"{int(r.count):,} in cluster", (r.centre, 0.97), xycoords=("data", "axes fraction"),
-                    ha="center", va="top", fontsize=7, color="0.3")
     ax.set_xlabel(f"P({token.label}) %  (shaded: clusters, gap > {threshold_pct:g} pp splits)")
     ax.set_ylabel("samples")
-    ax.set_ylim(0, float(bottom.max()) * 1.15 or 1.0)
+    highest = float(bottom.max()) or 1.0
+    ax.set_ylim(0, highest * HEADROOM)
     ax.ticklabel_format(axis="x", useOffset=True, style="plain")
+    low, high = ax.get_xlim()  # no probability below 0 % or above 100 %
+    ax.set_xlim(max(low, 0.0), min(high, 100.0))
     ax.set_title(f"{_name(token)}: {token.distinct_logprobs:,} distinct probabilities in "
                  f"{len(token.clusters):,} cluster(s), {token.n - token.missing:,} samples",
                  fontsize=10, loc="left")
     top = ax.secondary_xaxis("top", functions=(_pct_to_log_odds, _log_odds_to_pct))
     top.set_xlabel("log-odds", fontsize=8)
-    top.tick_params(labelsize=7)
+    top.tick_params(labelsize=LABEL_SIZE)
     ax.legend(title="system_fingerprint", fontsize=7, title_fontsize=7, loc="center left")
+    return top, highest
+
+
+def _freeze_layout(fig):
+    """Lay the figure out once (constrained layout) and keep it: labels placed in pixels
+    afterwards stay where they were measured. Returns the Agg renderer that measured."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    return fig.canvas.get_renderer()
+
+
+def _text_width_height(fig, renderer, text: str, size: float) -> tuple[float, float]:
+    from matplotlib.text import Text
+
+    probe = Text(0, 0, text, fontsize=size)
+    probe.set_figure(fig)
+    box = probe.get_window_extent(renderer)
+    return box.width, box.height
+
+
+def _log_odds_ticks(ax, top, renderer) -> None:
+    """Round log-odds ticks, as many as stand apart inside the axis: the axis is not
+    linear in log-odds, so evenly spaced ticks would crowd where it is steep."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = (float(v) for v in _pct_to_log_odds(np.array(ax.get_xlim())))
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        return
+    values = MaxNLocator(nbins=24, steps=[1, 2, 5, 10]).tick_values(lo, hi)
+    values = values[(values >= lo) & (values <= hi)]
+    step = float(values[1] - values[0]) if len(values) > 1 else 0.0
+    exponent = int(np.floor(np.log10(step) + 1e-9)) if step > 0 else 0
+    if len(values) < 2 or step < 1e-12 * max(1.0, abs(lo)):  # below what a label can write
+        top.set_xticks([])
+        top.set_xlabel(f"log-odds (all {(lo + hi) / 2:.12g})", fontsize=8)
+        return
+    mantissa = int(round(step / 10.0 ** exponent))  # 1, 2 or 5 (MaxNLocator's steps)
+    grid = [int(round(v / step)) for v in values]  # ticks as whole steps from zero
+    texts = [_tick_text(k, mantissa, exponent, max(0, -exponent)) for k in grid]
+    x = top.transData.transform(np.column_stack([values, np.zeros(len(values))]))[:, 0]
+    widths = [_text_width_height(ax.figure, renderer, t, LABEL_SIZE)[0] for t in texts]
+    box = ax.get_window_extent(renderer)
+    keep = pick_ticks(grid, list(x), widths, box.x0, box.x1)
+    decimals = max(0, -exponent)  # then as few as the ticks kept need: 1.00, 1.01, not 1.000
+    while decimals > 0 and all(grid[i] * mantissa % 10 ** (-exponent - decimals + 1) == 0
+                               for i in keep):
+        decimals -= 1
+    top.set_xticks([float(values[i]) for i in keep],
+                   labels=[_tick_text(grid[i], mantissa, exponent, decimals) for i in keep])
+
+
+def _tick_text(k: int, mantissa: int, exponent: int, decimals: int) -> str:
+    """k grid steps of ``mantissa`` x 10**exponent, with ``decimals`` decimals."""
+    value = k * mantissa * 10.0 ** exponent
+    return "0" if k == 0 else f"{value:.{decimals}f}".replace("-", "\u2212")
+
+
+def _cluster_labels(ax, token: TokenResult, highest: float, renderer) -> None:
+    """"N in cluster" under the panel's top, the largest clusters first, in rows; the
+    clusters no row has room for share one "+ K more clusters (S samples)" label. The
+    y axis then grows so that no stem reaches into the rows."""
+    fig, box = ax.figure, ax.get_window_extent(renderer)
+    clusters = token.clusters.sort_values("count", ascending=False, kind="stable")
+    counts = [int(c) for c in clusters["count"]]
+    # more than rows x (width / a label's) cannot fit: those are not even measured
+    clusters = clusters.head(MAX_LABEL_ROWS * int(box.width // 40) + 1)
+    texts = [f"{c:,} in cluster" for c in counts[:len(clusters)]]
+    sizes = [_text_width_height(fig, renderer, t, LABEL_SIZE) for t in texts]
+    row_height = max((h for _, h in sizes), default=0.0) + GAP_PX / 2
+    left, right = box.x0 + GAP_PX, box.x1 - GAP_PX
+    rows = MAX_LABEL_ROWS + 1  # the last one for the merged label
+    blocked = _legend_spans(ax, renderer, box.y1 - GAP_PX, row_height, rows)
+    centres = list(ax.transData.transform(np.column_stack(
+        [clusters["centre"].to_numpy(np.float64), np.zeros(len(clusters))]))[:, 0])
+    placed = place_in_rows(centres, [w for w, _ in sizes], left, right, MAX_LABEL_ROWS,
+                           blocked=blocked)
+    labels = [(texts[p.index], p.x0, p.row) for p in placed]
+    left_out = sorted(set(range(len(counts))) - {p.index for p in placed})
+    if left_out:
+        more = len(left_out)
+        text = (f"+ {more:,} more cluster{'s' if more > 1 else ''} "
+                f"({sum(counts[i] for i in left_out):,} samples)")
+        width = _text_width_height(fig, renderer, text, LABEL_SIZE)[0]
+        for r, x0, w in [(p.row, p.x0, sizes[p.index][0]) for p in placed]:
+            blocked[r].append((x0, x0 + w))
+        merged = place_in_rows([right], [width], left, right, rows, blocked=blocked)
+        labels += [(text, p.x0, p.row) for p in merged]
+    for text, x0, row in labels:
+        y = box.y1 - GAP_PX - row * row_height
+        ax.text((x0 - box.x0) / box.width, (y - box.y0) / box.height, text, transform=ax.transAxes,
+                ha="left", va="top", fontsize=LABEL_SIZE, color="0.3")
+    if labels:  # the stems stay below the lowest row
+        used = (max(row for _, _, row in labels) + 1) * row_height + 2 * GAP_PX
+        free = max(0.2, 1.0 - used / box.height)
+        ax.set_ylim(0, max(highest * HEADROOM, highest / free))
+
+
+def _legend_spans(ax, renderer, top: float, row_height: float, rows: int) -> list[list]:
+    """Per label row, the x span the legend holds there (if it reaches that high)."""
+    legend = ax.get_legend()
+    spans: list[list] = [[] for _ in range(rows)]
+    if legend is None:
+        return spans
+    frame = legend.get_window_extent(renderer)
+    for r in range(rows):
+        y1 = top - r * row_height
+        if frame.y0 < y1 and y1 - row_height < frame.y1:
+            spans[r].append((frame.x0, frame.x1))
+    return spans
 
 
 def _divergence_panel(ax, divergence) -> None:

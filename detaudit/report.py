@@ -29,38 +29,48 @@ def render_report(result: Analysis, console: Console, title: str | None = None,
     """``facts``: one line under the title on what produced the run (engine, kernels, batches)."""
     if title:
         console.rule(f"[bold]{escape(title)}")
+    for part in report_parts(result, facts):
+        console.print(part)
+
+
+def report_parts(result: Analysis, facts: str | None = None) -> list[Text | Table]:
+    """What the report shows under its title, in order: lines (``Text``) and tables
+    (``Table``, cells in rich markup). The terminal prints them; the HTML report
+    (``detaudit.html_report``) writes the same ones as HTML."""
+    parts: list[Text | Table] = []
     if facts:
-        console.print(Text(facts, style="dim"))
+        parts.append(Text(facts, style="dim"))
     if result.text_only:
-        console.print(Text(_TEXT_ONLY[result.logprobs], style="yellow"))
-    console.print(_verdict(result))
-    console.print(_overview(result))
+        parts.append(Text(_TEXT_ONLY[result.logprobs], style="yellow"))
+    parts.append(_verdict(result))
+    parts.append(_overview(result))
     if result.tokens:
-        console.print(_tokens_table(result))
+        parts.append(_tokens_table(result))
     if result.outcomes:
-        console.print(_outcomes_table(result))
+        parts.append(_outcomes_table(result))
     for token in result.tokens:
         if len(token.clusters) > 1 or token.distinct_logprobs > 1:
-            console.print(_clusters_table(token, result.threshold_pct))
+            parts.append(_clusters_table(token, result.threshold_pct))
     if result.ok:
-        console.print(_outputs_table(result))
+        parts.append(_outputs_table(result))
     if result.errors:
-        console.print(_errors_table(result))
+        parts.append(_errors_table(result))
     if result.bad_logprobs["samples"]:
-        console.print(_bad_line(result))
+        parts.append(_bad_line(result))
     if len(result.fingerprints) > 1 or any(len(t.by_fingerprint) > 1 for t in result.tokens):
-        console.print(_fingerprints_table(result))
+        parts.append(_fingerprints_table(result))
     if result.groups:
-        console.print(_groups_table(result))
+        parts.append(_groups_table(result))
     if result.divergence is not None:
-        console.print(_divergence_table(result))
+        parts.append(_divergence_table(result))
     if result.agreement is not None and result.ok and (
             result.text_only or result.agreement.answer_regex is not None):
-        console.print(_agreement_table(result))
+        parts.append(_agreement_table(result))
     if result.insight is not None:
-        from detaudit.report_insight import render_insight
+        from detaudit.report_insight import insight_parts
 
-        render_insight(result.insight, console)
+        parts.extend(insight_parts(result.insight))
+    return parts
 
 
 def _verdict(result: Analysis) -> Text:

@@ -24,12 +24,18 @@ MAX_ENTROPY_ROWS = 10
 
 def render_insight(insight: Insight, console: Console) -> None:
     """The logit-grid table when any value varies, and the entropy table when known."""
+    for table in insight_parts(insight):
+        console.print(table)
+
+
+def insight_parts(insight: Insight) -> list[Table]:
+    """The tables ``render_insight`` prints (the HTML report writes them too)."""
     varied = [t for t in insight.tokens
               if t.distinct_log_odds > 1 or (t.distinct_gaps or 0) > 1]
-    if varied:
-        console.print(_grid_table(varied))
+    tables = [_grid_table(varied)] if varied else []
     if not insight.entropy.empty:
-        console.print(_entropy_table(insight))
+        tables.append(_entropy_table(insight))
+    return tables
 
 
 def _grid_table(tokens: list[TokenGrid]) -> Table:

@@ -230,7 +230,6 @@ class Engine:
     def step(self) -> list[Result]:
         """One forward pass over every running request; returns those that finished."""
         with self._lock:
-            joined = []
             with self._queue_lock:
                 if self._aborted:
                     for seq in [s for s in self._running if s.request.request_id in self._aborted]:
@@ -244,7 +243,6 @@ class Engine:
                         seq.slot = self.cache.allocate()
                     else:  # the cached part of the prompt is copied in, not prefilled
                         seq.slot, seq.cached = self.prefix.admit(seq.prompt_ids)
-                        joined.append(seq)
                     self._running.append(seq)
             if not self._running:
                 return []
@@ -252,22 +250,24 @@ class Engine:
             prefilling, sampled = [], []  # sequences given prompt tokens / to sample this pass
             chunk = self.prefill_chunk
             for seq in self._running:
-                new = seq.all_ids[seq.cached:]  # the (rest of the) prompt, or the last sampled token
-                if seq.cached < len(seq.prompt_ids):
+                prompt = len(seq.prompt_ids)  # the (uncached part of the) prompt, or the last sampled token
+                if seq.cached < prompt:
                     prefilling.append(seq)
-                    if chunk is not None:
-                        new = new[:chunk]
+                    end = prompt if chunk is None else min(prompt, seq.cached + chunk)
+                    new = seq.prompt_ids[seq.cached:end]
+                else:
+                    new = seq.generated[seq.cached - prompt:]
                 token_ids += new
                 slots += [seq.slot] * len(new)
                 positions += range(seq.cached, seq.cached + len(new))
                 seq.cached += len(new)
-                if seq.cached == len(seq.all_ids):  # its last token's logits give the next token
+                if seq.cached == prompt + len(seq.generated):  # its last token's logits give the next
                     last_rows.append(len(token_ids) - 1)
                     sampled.append(seq)
             logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
             if self.prefix is not None:  # their prompts' K/V (so far) are written now
                 for seq in prefilling:
-                    self.prefix.record(seq.slot, seq.all_ids[:seq.cached])
+                    self.prefix.record(seq.slot, seq.prompt_ids[:seq.cached])
             picks = self._pick(sampled, logits, logprobs) if sampled else []
             finished = []
             for seq, (token, logprob, top) in zip(sampled, picks):
@@ -303,36 +303,43 @@ class Engine:
               logprobs: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
         """(token, its logprob, top (id, logprob) pairs) for each sequence's row.
 
-        Greedy picks and the top-k run on the device for the whole batch and come
-        back in a few copies, instead of a host round trip (and a copy of the whole
-        vocabulary) per row. Each is a selection, with no arithmetic, so a row's
-        picks are the same whatever the batch: argmax takes the first (lowest-id)
-        maximum, like ``sampler.greedy``; top-k ties are ordered by id (rows where
-        a tie crosses the k-th place are re-sorted exactly on the host)."""
+        Greedy picks, the chosen logprobs and the top-k run on the device for the whole
+        batch and come back in ONE copy (a float64 tensor: token ids and fp32 values are
+        exact in it), so a step waits on the device once, not once per row or per field.
+        Each is a selection, with no arithmetic, so a row's picks are the same whatever
+        the batch: argmax takes the first (lowest-id) maximum, like ``sampler.greedy``;
+        top-k ties are ordered by id, and a row whose tie crosses the k-th place (its
+        k-th and (k+1)-th values are equal) is re-sorted exactly on the host."""
         requests = [seq.request for seq in sequences]
-        tokens = torch.argmax(logprobs, dim=-1).tolist()
-        for row, (seq, req) in enumerate(zip(sequences, requests)):
-            if req.temperature > 0:
-                tokens[row] = sample(logits[row], logprobs[row], self.ops, req.temperature, req.top_p,
-                                     req.seed, position=len(seq.generated))
-        index = torch.tensor(tokens, dtype=torch.long, device=logprobs.device)
-        chosen = logprobs.gather(1, index[:, None])[:, 0].tolist()
+        if any(req.temperature > 0 for req in requests):  # seeded draws: one row at a time
+            tokens = torch.argmax(logprobs, dim=-1).tolist()
+            for row, (seq, req) in enumerate(zip(sequences, requests)):
+                if req.temperature > 0:
+                    tokens[row] = sample(logits[row], logprobs[row], self.ops, req.temperature, req.top_p,
+                                         req.seed, position=len(seq.generated))
+            index = torch.tensor(tokens, dtype=torch.long, device=logprobs.device)
+        else:
+            index = torch.argmax(logprobs, dim=-1)
+        parts = [index[:, None].double(), logprobs.gather(1, index[:, None]).double()]
         k = max(req.top_logprobs for req in requests)
-        tops: list[list[tuple[int, float]]] = [[] for _ in requests]
+        width = min(k + 1, logprobs.shape[-1])  # one past k: does a tie cross the k-th place?
         if k:
-            values, ids = torch.topk(logprobs, k, dim=-1)
-            crossing = ((logprobs >= values[:, -1:]).sum(-1) > k).tolist()
-            values, ids = values.tolist(), ids.tolist()
-            for row, req in enumerate(requests):
-                if not req.top_logprobs:
-                    continue
-                if crossing[row]:  # ties at the k-th place: the exact order, lower id first
+            values, ids = torch.topk(logprobs, width, dim=-1)
+            parts += [values.double(), ids.double()]
+        rows = torch.cat(parts, dim=1).cpu().tolist()  # the step's one device -> host copy
+        picks = []
+        for row, (req, packed) in enumerate(zip(requests, rows)):
+            top: list[tuple[int, float]] = []
+            if req.top_logprobs:
+                values, ids = packed[2:2 + width], packed[2 + width:]
+                if width > k and values[k - 1] == values[k]:  # ties at the k-th place: exact order
                     v, i = torch.sort(logprobs[row].cpu(), descending=True, stable=True)
                     pairs = list(zip(i[:k].tolist(), v[:k].tolist()))
                 else:
-                    pairs = sorted(zip(ids[row], values[row]), key=lambda p: (-p[1], p[0]))
-                tops[row] = pairs[:req.top_logprobs]
-        return list(zip(tokens, chosen, tops))
+                    pairs = sorted(zip(map(int, ids[:k]), values[:k]), key=lambda p: (-p[1], p[0]))
+                top = pairs[:req.top_logprobs]
+            picks.append((int(packed[0]), packed[1], top))
+        return picks
 
     def _advance(self, seq: _Sequence, token: int, logprob: float, top: list[tuple[int, float]]) -> bool:
         """Record the sampled token of ``seq``; True when it has finished."""

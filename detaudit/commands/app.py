@@ -40,7 +40,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 USAGE_ERRORS = {"detaudit.session": "UsageProblem", "detaudit.probes": "ProbeError",
                 "detaudit.ingest": "IngestError", "detaudit.store": "StoreError",
                 "detaudit.backends.base": "BackendError", "detaudit.budget": "BudgetError",
-                "detaudit.runlock": "RunLocked", "local_backend.config": "ModelLoadError"}
+                "detaudit.runlock": "RunLocked", "local_backend.config": "ModelLoadError",
+                "detaudit.html_report": "HtmlReportError"}
 RUN_FAILED = ("detaudit.runner", "RunFailed")
 TERMINATED = ("detaudit.session", "Terminated")
 

@@ -43,20 +43,31 @@ def report(
     run_dir: Path = typer.Argument(..., help="A run folder, e.g. results/<run-id>."),
     threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write the report as one self-contained HTML file (picture embedded) instead of printing it."),
 ) -> None:
     """Re-analyse a stored run (any threshold, no requests sent)."""
     from detaudit import session
     from detaudit.store import RunStore
 
+    if html is not None:
+        from detaudit.html_report import check_destination, write_report
+
+        check_destination(html)  # before any work
     with RunStore.open_read_only(run_dir) as store:
         analysis = session.analyze_store(store, threshold_pct)
         data = session.summary(store, threshold_pct, analysis=analysis)
+    if html is not None:
+        write_report(html, analysis, data, store.manifest)
     status = data["run"]["status"]
     if status != "complete":
         stderr.print(f"[yellow]note:[/] this run is {status}; finish it with "
                      f"detaudit run --resume {run_dir}", highlight=False)
     if json_out:
         print_json(data)
+        if html is not None:
+            stderr.print(f"HTML report written to {html}", highlight=False)
+    elif html is not None:
+        typer.echo(f"HTML report written to {html}")
     else:
         render(analysis, store.manifest)
         print_notes(data["run"]["notes"])
@@ -145,7 +156,8 @@ def probes(json_out: bool = typer.Option(False, "--json", help="Print one JSON o
 
 
 REPORT_EXAMPLES = ("[bold]Examples[/]\n\n  detaudit report results/<run-id>\n"
-                   "  detaudit report results/<run-id> --threshold-pct 0.001 --json")
+                   "  detaudit report results/<run-id> --threshold-pct 0.001 --json\n"
+                   "  detaudit report results/<run-id> --html report.html")
 EXPORT_EXAMPLES = ("[bold]Example[/]\n\n  detaudit export results/<run-id> --clusters clusters.csv "
                    "--samples samples.csv")
 ANALYZE_EXAMPLES = ("[bold]Examples[/]\n\n  detaudit analyze gpt4o-heads.csv\n"

@@ -1,6 +1,12 @@
-"""The ``default`` kernels: torch's own ops (cuBLAS and SDPA on a GPU, the CPU
-BLAS on a CPU). Fast, and not batch-invariant: their reduction order depends on
-the shapes in the batch, which is what detaudit measures."""
+"""The ``default`` kernels: torch's own ops (cuBLAS and flash attention on a GPU, the
+CPU BLAS and SDPA on a CPU). Fast, and not batch-invariant: their reduction order
+depends on the shapes in the batch, which is what detaudit measures.
+
+Attention on a GPU (bf16/fp16) is what vLLM's default does: ONE varlen flash-attention
+call per layer over the packed tokens, reading each sequence's keys straight from its
+KV-cache slot (``seqused_k``), whatever mix of whole prompts, cached-prefix chunks and
+decode tokens the pass holds; no padded batch and no copy of the cache. Elsewhere, a
+padded batch through SDPA with a mask (causal SDPA for whole prompts)."""
 
 from __future__ import annotations
 
@@ -74,11 +80,16 @@ class TorchOps:
         return torch.log_softmax(x.float(), dim=-1)
 
     def attention(self, q, k_cache, v_cache, slots, positions, scale):
-        """Padded-batch SDPA, as a typical server does: the reduction length is
-        the longest sequence in the batch, so it changes with the batch."""
+        """Varlen flash attention on a GPU; elsewhere padded-batch SDPA, as a typical
+        server does. Either way the kernel's split of the keys follows the batch."""
         T, Hq, D = q.shape
         Hkv = k_cache.shape[2]
         G = Hq // Hkv
+        if _flash_varlen_ok(q, k_cache):
+            plan = memo.get("default-varlen", (slots, positions),
+                            lambda: _varlen_plan(slots, positions, k_cache.shape[1], memo.decode_only))
+            if plan is not None:
+                return _flash_varlen(q, k_cache, v_cache, plan, scale)
         if memo.decode_only:
             return _decode_attention(q, k_cache, v_cache, slots, positions, scale)
         plan = memo.get("default", (slots, positions, G), lambda: _padded_plan(slots, positions, G))
@@ -128,3 +139,85 @@ def _causal_prefill(q, k_cache, v_cache, plan: _PaddedPlan, scale):
     out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=True, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)[plan.inverse, plan.row]
+
+
+# ---- varlen flash attention over the KV cache (GPU) ---------------------------------
+
+@dataclass
+class _VarlenPlan:
+    """The packed pass as flash-attention's varlen arguments: sequence i's queries are
+    rows cu_q[i]:cu_q[i+1]; its keys start at row cu_k[i] of the flattened cache (its
+    slot * max_len) and it uses the first seqused_k[i] of them (up to its last position)."""
+
+    cu_q: torch.Tensor      # [B + 1] int32
+    cu_k: torch.Tensor      # [B + 1] int32
+    seqused_k: torch.Tensor  # [B] int32
+    max_q: int
+    max_k: int
+
+
+_FLASH = {"ok": None}  # does this torch build run aten's varlen flash forward? decided once
+
+
+def _flash_varlen_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 256:
+        return False
+    if _FLASH["ok"] is None:
+        _FLASH["ok"] = hasattr(torch.ops.aten, "_flash_attention_forward") and _flash_self_check(q.device, q.dtype)
+    return _FLASH["ok"]
+
+
+def _varlen_plan(slots: torch.Tensor, positions: torch.Tensor, max_len: int, decode_only: bool):
+    """The varlen arguments of a pass, or None when its tokens are not laid out as the
+    kernel needs (each sequence's tokens adjacent and at consecutive positions)."""
+    T = slots.numel()
+    if decode_only:  # one token per sequence: no device -> host copy (CUDA graphs)
+        cu_q = torch.arange(T + 1, dtype=torch.int32, device=slots.device)
+        cu_k = torch.cat([slots * max_len, slots.new_zeros(1)]).to(torch.int32)
+        return _VarlenPlan(cu_q, cu_k, (positions + 1).to(torch.int32), 1, max_len)
+    new_seq = torch.ones(T, dtype=torch.bool, device=slots.device)
+    new_seq[1:] = (slots[1:] != slots[:-1]) | (positions[1:] != positions[:-1] + 1)
+    starts = torch.nonzero(new_seq)[:, 0]
+    ends = torch.cat([starts[1:], starts.new_tensor([T])])
+    seq_slots = slots[starts]
+    counts = ends - starts
+    ordered = seq_slots.sort().values
+    max_q, distinct = (int(x) for x in torch.stack(
+        [counts.max(), (ordered[1:] != ordered[:-1]).all()]).tolist())
+    if not distinct:  # one sequence's tokens split apart: not a layout the kernel reads
+        return None
+    cu_q = torch.cat([starts, starts.new_tensor([T])]).to(torch.int32)
+    cu_k = torch.cat([seq_slots * max_len, seq_slots.new_zeros(1)]).to(torch.int32)
+    return _VarlenPlan(cu_q, cu_k, (positions[ends - 1] + 1).to(torch.int32), max_q, max_len)
+
+
+def _flash_varlen(q, k_cache, v_cache, plan: _VarlenPlan, scale):
+    """Causal varlen flash attention: each query sees its sequence's keys up to its own
+    position (bottom-right aligned: a chunk after a cached prefix, or a decode token)."""
+    S, L, Hkv, D = k_cache.shape
+    out = torch.ops.aten._flash_attention_forward(
+        q, k_cache.view(S * L, Hkv, D), v_cache.view(S * L, Hkv, D), plan.cu_q, plan.cu_k,
+        plan.max_q, plan.max_k, 0.0, True, False, scale=scale, seqused_k=plan.seqused_k)[0]
+    return out
+
+
+def _flash_self_check(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run the varlen call once on a small cache and compare with masked SDPA: a torch
+    build whose flash forward lacks ``seqused_k`` (or reads the cache otherwise) falls
+    back to the padded path instead of giving wrong numbers."""
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        S, L, Hkv, G, D = 3, 64, 2, 2, 64
+        k = torch.randn(S, L, Hkv, D, generator=gen).to(device, dtype)
+        v = torch.randn(S, L, Hkv, D, generator=gen).to(device, dtype)
+        slots = torch.tensor([2, 2, 2, 0, 1, 1], device=device)
+        positions = torch.tensor([5, 6, 7, 30, 0, 1], device=device)
+        q = torch.randn(6, Hkv * G, D, generator=gen).to(device, dtype)
+        got = _flash_varlen(q, k, v, _varlen_plan(slots, positions, L, False), D ** -0.5)
+        mask = torch.arange(L, device=device)[None, :] <= positions[:, None]
+        want = F.scaled_dot_product_attention(q.view(6, Hkv, G, D), k[slots].transpose(1, 2),
+                                              v[slots].transpose(1, 2), attn_mask=mask[:, None, None, :],
+                                              scale=D ** -0.5).reshape(6, Hkv * G, D)
+        return bool((got.float() - want.float()).abs().max() < 2e-2)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False

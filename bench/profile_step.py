@@ -1,0 +1,114 @@
+"""Where a step of the engine spends its time, on a GPU: the graph replay alone, the
+whole decode step (replay + picks + bookkeeping), a whole-prompt prefill pass and a
+mixed prefill + decode pass, for both kernel modes, on bench_e2e's Llama-1B shape.
+
+    PYTHONPATH=.:bench python bench/profile_step.py --json out/profile_step.json
+
+"host" is the decode step minus the replay: what the step's Python and its one copy
+cost on top of the GPU's work. It says whether end to end is GPU- or host-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+from bench_e2e import build_models
+from gpu_info import gpu_info, header, write_json
+from local_backend.engine import Engine, Request
+from local_backend.kernels import get_ops
+
+
+def _ms(fn, repeat: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def _requests(n: int, prompt: int, new: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request(prompt_ids=[rng.randrange(1000, 120000) for _ in range(prompt)], max_tokens=new,
+                    ignore_eos=True) for _ in range(n)]
+
+
+def profile(model, config, mode: str, slots: int, prompt: int, group: int, repeat: int) -> dict:
+    engine = Engine(model, config, get_ops(mode, "cuda"), None, torch.device("cuda"), torch.bfloat16,
+                    "random-init", max_slots=slots, max_len=512, decode_graphs="auto")
+    engine.generate(_requests(slots, prompt, 3, 1))  # compile every kernel shape
+    engine.decode.capture_all()
+    row = {"mode": mode, "slots": slots}
+    # a full batch, prefilled in one pass, then decode steps
+    for r in _requests(slots, prompt, 10 * repeat, 2):
+        engine.add_request(r)
+    row["prefill_pass_ms"] = _ms(engine.step, 1)
+    engine.step()
+    row["decode_step_ms"] = _ms(engine.step, repeat)
+    # the replay alone, on the inputs of the last real step (its K/V rewritten in place)
+    graph = engine.decode._captured[engine.decode.bucket(slots)][0]
+    row["replay_ms"] = _ms(graph.replay, repeat)
+    forward, pick = engine._forward, engine._pick
+    spent = {"forward": 0.0, "pick": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*args)
+            torch.cuda.synchronize()
+            spent[name] += time.perf_counter() - start
+            return out
+        return wrapper
+    engine._forward, engine._pick = timed("forward", forward), timed("pick", pick)
+    total = _ms(engine.step, repeat)
+    row["decode_step_synced_ms"] = total
+    row["forward_ms"] = spent["forward"] / repeat * 1e3
+    row["pick_ms"] = spent["pick"] / repeat * 1e3
+    row["rest_ms"] = total - row["forward_ms"] - row["pick_ms"]
+    engine._forward, engine._pick = forward, pick
+    # a mixed pass: `group` requests abort, `group` new ones join beside slots - group decoding
+    running = [s.request.request_id for s in engine._running[:group]]
+    for rid in running:
+        engine.abort(rid)
+    engine.step()
+    for r in _requests(group, prompt, 4, 3):
+        engine.add_request(r)
+    engine.admit_group = 1
+    row["mixed_pass_ms"] = _ms(engine.step, 1)
+    row["host_ms"] = row["decode_step_ms"] - row["replay_ms"]
+    del engine
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slots", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=48)
+    parser.add_argument("--group", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_step needs a CUDA GPU")
+    info = gpu_info()
+    print(header(info))
+    _, ours, config = build_models("cuda")
+    rows = [profile(ours, config, mode, args.slots, args.prompt, args.group, args.repeat)
+            for mode in ("batch-invariant", "default")]
+    keys = ["replay_ms", "decode_step_ms", "host_ms", "forward_ms", "pick_ms", "rest_ms",
+            "prefill_pass_ms", "mixed_pass_ms"]
+    print(f"{'mode':>16} | " + " ".join(f"{k:>15}" for k in keys))
+    for r in rows:
+        print(f"{r['mode']:>16} | " + " ".join(f"{r[k]:>15.2f}" for k in keys))
+    write_json(args.json, {"info": info, "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
