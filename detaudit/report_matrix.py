@@ -15,9 +15,9 @@ from rich.text import Text
 def render_matrix(data: dict[str, Any], console: Console) -> None:
     """Axis, levels, bitwise-distinct answers per level, verdict."""
     facts = data["matrix"]
-    table = Table(title=f"Invariance matrix: {escape(facts['probe'])}, {facts['per_level']:,} "
-                        f"samples per level on {escape(_where(facts['backend']))}",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    console.print(f"[bold]Invariance matrix[/]: {escape(facts['probe'])}, {facts['per_level']:,} "
+                  f"samples per level on {escape(_where(facts['backend']))}", soft_wrap=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("axis", "levels", "distinct per level", "verdict"):
         table.add_column(name, overflow="fold")
     for axis in data["axes"]:
