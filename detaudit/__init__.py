@@ -6,6 +6,7 @@
     run.samples()                  # pandas, one row per sample and tracked token
     detaudit.open_run("results/<run-id>")
     detaudit.matrix(axes="load,n")  # detaudit.api.matrix: one verdict per axis
+    detaudit.crosscheck("results/<run-id>", reference="tiny")   # server vs teacher forcing
 
 The names below are loaded on first use, so ``import detaudit`` (and ``detaudit --help``)
 imports no pandas, scipy, torch or openai.
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "run": "detaudit.api", "open_run": "detaudit.api", "Run": "detaudit.api",
     "matrix": "detaudit.api", "open_matrix": "detaudit.api", "Matrix": "detaudit.api",
+    "crosscheck": "detaudit.api",
     "UsageProblem": "detaudit.session", "RunFailed": "detaudit.runner",
     "StoreError": "detaudit.store", "ProbeError": "detaudit.probes",
 }

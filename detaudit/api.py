@@ -18,6 +18,7 @@ session's notes on stderr (``progress=True`` adds the progress bar).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from detaudit.analysis import Analysis
+    from detaudit.analysis.crosscheck import Crosscheck
 
 # keyword arguments of ``run`` beyond its named ones, as the flags of ``detaudit run``
 PREPARE_OPTIONS = ("api", "api_key_env", "backend", "kernels", "kernel_impl", "batch_sizes",
@@ -89,6 +91,11 @@ class Run:
         system_fingerprint, output, group (docs/ARCHITECTURE.md, Analysis frames)."""
         with RunStore.open_read_only(self.path) as store:
             return session.frames_of(store).tracked
+
+    def crosscheck(self, reference: str | Path, **options: Any) -> "CrosscheckReport":
+        """``detaudit.crosscheck(self, reference, **options)``: this run's logprobs against
+        a teacher-forced reference forward pass."""
+        return crosscheck(self, reference, **options)
 
 
 def open_run(path: str | Path) -> Run:
@@ -208,3 +215,56 @@ def matrix(probe: str = DEFAULT_PROBE, model: str | None = None, base_url: str |
         max_attempts=max_attempts, progress=stderr if progress else None,
         command=["detaudit.matrix", plan.probe.name], quiet=not progress)
     return Matrix(folder)
+
+
+@dataclass
+class CrosscheckReport:
+    """``detaudit crosscheck``: the run, the reference, which samples were scored, and the
+    statistics (``detaudit.analysis.crosscheck.Crosscheck``). ``to_dict()`` is what
+    ``--json`` prints (without its ``gate``)."""
+
+    run: dict[str, Any]
+    reference: dict[str, Any]
+    samples: dict[str, Any]
+    stats: "Crosscheck"
+
+    def to_dict(self) -> dict[str, Any]:
+        from detaudit.analysis.crosscheck import BITWISE_RULE
+
+        stats = self.stats.to_dict()
+        head = {key: stats.pop(key) for key in ("tokens", "bitwise_equal", "max_abs_diff",
+                                                "mean_abs_diff", "k3_kl", "pearson")}
+        return {**head, **stats, "bitwise_rule": BITWISE_RULE, "run": self.run,
+                "reference": self.reference, "samples": self.samples}
+
+
+def crosscheck(run: "str | Path | Run", reference: str | Path, *, engine: str = "local",
+               kernels: str | None = None, kernel_impl: str | None = None, dtype: str | None = None,
+               device: str | None = None, worst: int | None = None) -> CrosscheckReport:
+    """Teacher-force every stored completion of ``run`` through ``reference`` (a model
+    folder, or "tiny") and compare its logprobs with the server's: bitwise-equal share,
+    max and mean |Δ logprob|, k3 KL(server || reference), Pearson of the probabilities,
+    per position and the ``worst`` tokens (default 10). ``engine``: "local" (the bundled engine with
+    ``kernels``, ``kernel_impl``, ``dtype``) or "transformers" (float32 unless ``dtype``).
+    A text-only run, a prompt the reference cannot rebuild, or no scorable sample raises
+    ``detaudit.UsageProblem``."""
+    from detaudit.analysis.crosscheck import compare
+    from detaudit.reference import SKIP_REASONS, load_reference, probe_of, score_run
+
+    path = run.path if isinstance(run, Run) else Path(run)
+    with RunStore.open_read_only(path) as store:
+        probe_of(store.manifest, str(path))  # a text-only run fails before a model loads
+        model = load_reference(reference, engine, kernels=kernels, kernel_impl=kernel_impl,
+                               dtype=dtype, device=device)
+        scored = score_run(store, model)
+        facts = session.run_info(store)
+        facts["backend"] = session.backend_name(store.manifest)
+    stats = compare(scored.frame) if worst is None else compare(scored.frame, worst=worst)
+    if stats.tokens == 0:
+        why = ", ".join(f"{count} {reason} ({SKIP_REASONS[reason]})"
+                        for reason, count in scored.skipped.items()) or "no sample stored"
+        example = f"; e.g. {scored.problems[0]}" if scored.problems else ""
+        raise session.UsageProblem(f"{path}: no sampled token could be scored: {why}{example}"
+                                   "; is --reference the model that was served?")
+    return CrosscheckReport(run=facts, reference=model.describe(), samples=scored.accounting(),
+                            stats=stats)

@@ -14,6 +14,7 @@ LOCAL_MODEL = "tiny"  # the bundled model
 DEFAULT_KERNELS = KERNEL_MODES[0]  # batch-invariant
 DEFAULT_KERNEL_IMPL = KERNEL_IMPLS[0]  # auto
 DEFAULT_BATCH_SIZES = (1, 3, 8, 32)  # the local engine's repeats cycle through these
+SENTINEL_LOGPROB = -9999.0  # what OpenAI-style servers send for some tokens / -inf: not a logprob
 MAX_LEVEL = 256  # default cap on a load level (requests in flight beside the target)
 
 __all__ = ["DEFAULT_PROBE", "DEFAULT_THRESHOLD_PCT", "LOCAL_MODEL", "KERNEL_MODES",

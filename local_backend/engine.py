@@ -95,6 +95,24 @@ class _Sequence:
         return self.prompt_ids + self.generated
 
 
+def encode_request(request: Request, tokenizer: Tokenizer | None, model_name: str) -> list[int]:
+    """The prompt token ids of a request (chat template for messages): the one rule, for
+    the engine and for anything that must rebuild its prompts (detaudit crosscheck)."""
+    given = [x is not None for x in (request.prompt_ids, request.messages, request.prompt)]
+    if sum(given) != 1:
+        raise RequestError("give exactly one of prompt_ids, messages or prompt")
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
+    if tokenizer is None:
+        raise RequestError(f"{model_name} has no tokenizer.json; send prompt_ids")
+    try:
+        if request.messages is not None:
+            return tokenizer.encode_chat(request.messages)
+    except TemplateError as exc:
+        raise RequestError(str(exc)) from None
+    return tokenizer.encode(request.prompt, add_special_tokens=True)
+
+
 class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
                  device: torch.device, dtype: torch.dtype, weights_sha256: str,
@@ -164,19 +182,7 @@ class Engine:
 
     def encode(self, request: Request) -> list[int]:
         """The prompt token ids of a request (chat template for messages)."""
-        given = [x is not None for x in (request.prompt_ids, request.messages, request.prompt)]
-        if sum(given) != 1:
-            raise RequestError("give exactly one of prompt_ids, messages or prompt")
-        if request.prompt_ids is not None:
-            return list(request.prompt_ids)
-        if self.tokenizer is None:
-            raise RequestError(f"{self.config.name} has no tokenizer.json; send prompt_ids")
-        try:
-            if request.messages is not None:
-                return self.tokenizer.encode_chat(request.messages)
-        except TemplateError as exc:
-            raise RequestError(str(exc)) from None
-        return self.tokenizer.encode(request.prompt, add_special_tokens=True)
+        return encode_request(request, self.tokenizer, self.config.name)
 
     def add_request(self, request: Request) -> str:
         """Queue a request; it joins the batch at the next step with a free slot."""
@@ -393,12 +399,36 @@ class Engine:
         if request.stop and self.tokenizer is None:
             raise RequestError("stop strings need the model's tokenizer.json")
 
-    # ---- whole-sequence scoring (tests, echo) ------------------------------------
+    # ---- whole-sequence scoring (tests, echo, teacher forcing) ------------------------
 
-    @torch.inference_mode()
     def forward_logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Logits [len, vocab] (fp32) at every position of each sequence, all of them
         packed into one forward pass, as a prefill of that batch would compute them."""
+        return [logits for logits, _ in self._prefill(sequences, [0] * len(sequences))]
+
+    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
+        """log_softmax rows [len, vocab]: row i is the distribution of token i + 1."""
+        return self.ops.log_softmax(self.forward_logits([token_ids])[0])
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        """Teacher forcing: the logprob of each completion token given the prompt and the
+        completion tokens before it, from ONE prefill pass over prompt + completion[:-1].
+        The rows go through the same ops, dtype and fp32 ``ops.log_softmax`` as a decode
+        step's logprobs (``_forward``), so with batch-invariant kernels each value is
+        bitwise the one generation reported (prefill = decode)."""
+        if not prompt_ids or not completion_ids:
+            raise RequestError("score needs a non-empty prompt and a non-empty completion")
+        ids = list(prompt_ids) + list(completion_ids[:-1])
+        if not all(0 <= i < self.config.vocab_size for i in ids + [completion_ids[-1]]):
+            raise RequestError(f"token ids must be in [0, {self.config.vocab_size})")
+        (_, logprobs), = self._prefill([ids], [len(prompt_ids) - 1])
+        index = torch.tensor(completion_ids, dtype=torch.long, device=logprobs.device)
+        return logprobs.gather(1, index[:, None])[:, 0].tolist()
+
+    @torch.inference_mode()
+    def _prefill(self, sequences: list[list[int]], first_rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, logprobs) of each sequence from row ``first_rows[i]`` to its end, all of
+        them packed into one forward pass in slots of their own (freed after)."""
         with self._lock:
             if len(sequences) > self.cache.free_slots:
                 raise RequestError(f"{len(sequences)} sequences but {self.cache.free_slots} free slots")
@@ -412,15 +442,16 @@ class Engine:
                 token_ids = [t for ids in sequences for t in ids]
                 slots = [s for s, ids in zip(held, sequences) for _ in ids]
                 positions = [p for ids in sequences for p in range(len(ids))]
-                logits, _ = self._forward(token_ids, slots, positions, list(range(len(token_ids))))
+                rows, starts = [], 0
+                for ids, first in zip(sequences, first_rows):
+                    rows += range(starts + first, starts + len(ids))
+                    starts += len(ids)
+                logits, logprobs = self._forward(token_ids, slots, positions, rows)
             finally:
                 for slot in held:
                     self.cache.free(slot)
-            return list(logits.split([len(ids) for ids in sequences]))
-
-    def prompt_logprobs(self, token_ids: list[int]) -> torch.Tensor:
-        """log_softmax rows [len, vocab]: row i is the distribution of token i + 1."""
-        return self.ops.log_softmax(self.forward_logits([token_ids])[0])
+            sizes = [len(ids) - first for ids, first in zip(sequences, first_rows)]
+            return list(zip(logits.split(sizes), logprobs.split(sizes)))
 
     def fingerprint(self) -> str:
         """system_fingerprint: what decides the numbers (weights, kernels and how they

@@ -35,6 +35,7 @@ except (ImportError, AttributeError):
     import httpx as _http
     _HttpClient = openai.DefaultAsyncHttpxClient
 
+from detaudit.defaults import SENTINEL_LOGPROB
 from detaudit import tokenization
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S, BackendError
 from detaudit.probes import Probe
@@ -45,7 +46,6 @@ from detaudit.wire import request_body
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "not-needed"  # what local servers get when no key is set; they ignore it
-SENTINEL_LOGPROB = -9999.0  # OpenAI's stand-in for some tokens outside the top 20
 # The most of a response body that is read. 20 top logprobs for 4,096 tokens is about
 # 9 MB; a body far beyond that is a broken proxy or server, and must not fill memory.
 MAX_BODY_BYTES = 32 * 1024 * 1024

@@ -19,7 +19,8 @@ from local_backend.server.scheduler import choice_seed
 
 MAX_N = 16
 MAX_STOP = 4
-SENTINEL_LOGPROB = -9999.0  # what OpenAI sends where a logprob is -inf
+SENTINEL_LOGPROB = -9999.0  # what OpenAI sends where a logprob is -inf (detaudit.defaults has the
+#                             client's copy: the engine package does not import detaudit)
 ROLES = ("system", "developer", "user", "assistant")
 
 # Accepted and ignored: they do not change what is computed.
@@ -114,6 +115,25 @@ def parse(body: Any, api: str, engine: Engine, model_id: str) -> Parsed:
 
 
 def _prompt_ids(body: dict, api: str, engine: Engine) -> list[int]:
+    request, where = prompt_request(body, api)
+    try:
+        ids = engine.encode(request)
+    except RequestError as exc:
+        raise InvalidRequest(str(exc), where) from None
+    except Exception as exc:  # the tokenizer on odd text (lone surrogates...)
+        raise InvalidRequest(f"the {where} cannot be tokenized: {type(exc).__name__}", where) from None
+    if not ids:
+        raise InvalidRequest(f"the {where} is empty", where)
+    vocab = engine.config.vocab_size
+    if not all(0 <= t < vocab for t in ids):
+        raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", where)
+    return ids
+
+
+def prompt_request(body: dict, api: str) -> tuple[Request, str]:
+    """The prompt part of a body as an engine Request (messages, prompt text or prompt
+    ids, nothing else set), and the parameter it came from: what the engine encodes, for
+    a server and for anything that rebuilds a served prompt (detaudit crosscheck)."""
     if api == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -133,18 +153,7 @@ def _prompt_ids(body: dict, api: str, engine: Engine) -> list[int]:
             raise InvalidRequest("prompt must be a string or a list of token ids (one prompt "
                                  "per request)", "prompt")
         where = "prompt"
-    try:
-        ids = engine.encode(request)
-    except RequestError as exc:
-        raise InvalidRequest(str(exc), where) from None
-    except Exception as exc:  # the tokenizer on odd text (lone surrogates...)
-        raise InvalidRequest(f"the {where} cannot be tokenized: {type(exc).__name__}", where) from None
-    if not ids:
-        raise InvalidRequest(f"the {where} is empty", where)
-    vocab = engine.config.vocab_size
-    if not all(0 <= t < vocab for t in ids):
-        raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", where)
-    return ids
+    return request, where
 
 
 def _message(message: Any, i: int) -> dict[str, str]:
