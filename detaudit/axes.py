@@ -269,6 +269,8 @@ def sampled(probe: Probe) -> bool:
 
 # --- one axis run ----------------------------------------------------------------------------
 
+WARMUP = Level(WARMUP_GROUP)  # the baseline request, alone
+
 @dataclass(frozen=True)
 class Layout:
     """Sample indices of an axis run: [warm-up] then ``per_level`` per level, in level
@@ -361,29 +363,29 @@ class AxisBackend:
 
     async def complete(self, probe: Probe, index: int) -> Completion:
         slot, item = self.layout.locate(index)
-        level = self.axis.baseline if slot is None else self.axis.levels[slot]
-        target = level_probe(self.axis, level, probe, item, self.nonce) if slot is not None else probe
-        if slot is None:
-            completion = await self._send(target, Level("warmup"), index, item)
-            group = WARMUP_GROUP
+        if slot is None:  # the warm-up: the probe as it is, alone
+            completion = await self._send(probe, WARMUP, index, item, None)
+            group, label = WARMUP_GROUP, None
         else:
+            level = self.axis.levels[slot]
+            target = level_probe(self.axis, level, probe, item, self.nonce)
             completion = await self._send(target, level, index, item, slot)
-            group = level.group(self.axis.name)
+            group, label = level.group(self.axis.name), level.label
         completion.extra = {**completion.extra, "group": group, "axis": self.axis.name,
-                            "level": None if slot is None else level.label, "item": item}
+                            "level": label, "item": item}
         if self.axis.name == "cache":
             completion.extra["nonce"] = nonce_text(self.nonce, item)
         return completion
 
     async def _send(self, probe: Probe, level: Level, index: int, item: int,
-                    slot: int = 0) -> Completion:
+                    slot: int | None) -> Completion:
         if level.choices > 1:
             return await self._choice(probe, level, item)
         if self.local:
             from detaudit.backends.local import BatchPlan
 
             return await self.inner.complete_in(probe, item, BatchPlan(**level.batch))
-        if self.sweep is not None and level.label != "warmup":
+        if self.sweep is not None and slot is not None:
             return await self.sweep.complete(probe, slot * self.layout.per_level + item)
         return await self.inner.complete(probe, index)
 
