@@ -308,7 +308,7 @@ def level_probe(axis: Axis, level: Level, probe: Probe, item: int, nonce: tuple[
     """What is sent for ``item`` at ``level``: the probe with the level's request fields
     (and, on the cache axis, the variant's nonce)."""
     if level.request:
-        probe = dataclasses.replace(probe, request={**probe.request, **level.request})
+        probe = probe.with_overrides(**level.request)
     if axis.name == "cache":
         probe = with_nonce(probe, nonce[0], nonce[1], item)
     return probe
