@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # keyword arguments of ``run`` beyond its named ones, as the flags of ``detaudit run``
 PREPARE_OPTIONS = ("api", "api_key_env", "backend", "kernels", "kernel_impl", "batch_sizes",
                    "levels", "max_level", "prompt", "max_tokens", "temperature", "seed",
-                   "top_logprobs", "no_logprobs")
+                   "top_logprobs", "no_logprobs", "stream")
 MATRIX_OPTIONS = ("nonce", "api", "api_key_env", "backend", "kernels", "kernel_impl", "prompt",
                   "max_level")
 SEND_OPTIONS = ("concurrency", "max_attempts", "request_timeout", "max_errors", "rpm", "tpm",
@@ -115,7 +115,8 @@ def run(probe: str = DEFAULT_PROBE, model: str | None = None, base_url: str | No
     process; with ``base_url`` any OpenAI-compatible server. ``overrides`` are the
     flags of ``detaudit run``: api, api_key_env, backend, kernels, kernel_impl,
     batch_sizes, levels, max_level, prompt, max_tokens, temperature, seed, top_logprobs,
-    no_logprobs (a text-only audit, for servers without logprobs), concurrency,
+    no_logprobs (a text-only audit, for servers without logprobs), stream (True:
+    server-sent events, False: whole answers; endpoints only), concurrency,
     max_attempts, request_timeout, max_errors, rpm, tpm, and progress (a progress bar
     on stderr). Bad input raises ``detaudit.UsageProblem`` (or the probe's
     ``ProbeError``); a run that stopped (endpoint down, every request failed) raises

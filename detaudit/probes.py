@@ -14,6 +14,8 @@ Format (every key but ``name`` and ``[request]`` is optional)::
     seed = 42
     logprobs = true
     top_logprobs = 20
+    stream = true               # server-sent events, assembled chunk by chunk (endpoints
+                                # only); stream_options.include_usage is sent as true
 
     [track]
     position = 0                # generated position whose top-k is read
@@ -114,13 +116,18 @@ class Probe:
         return clone
 
     def with_overrides(self, **params: Any) -> "Probe":
-        """A copy with request parameters replaced (None values are ignored)."""
+        """A copy with request parameters replaced (None values are ignored);
+        ``stream=True`` / ``stream=False`` is the switch between a streamed and a whole
+        answer."""
         clone = copy.deepcopy(self)
         for key, value in params.items():
             if value is None:
                 continue
             if key == "prompt" and clone.api == "chat":
                 clone.request["messages"] = [{"role": "user", "content": value}]
+            elif key == "stream" and value is False:  # a whole answer: no stream options
+                clone.request["stream"] = False
+                clone.request.pop("stream_options", None)
             else:
                 clone.request[key] = value
         validate_request(clone.request, clone.api, clone.source)
@@ -311,3 +318,21 @@ def validate_request(request: dict[str, Any], api: str, source: str) -> None:
     for key, ok in checks.items():
         if key in request and not ok(request[key]):
             raise ProbeError(source, f"{request[key]!r} is not valid; use {hints[key]}", f"request.{key}")
+    _check_stream(request, source)
+
+
+def _check_stream(request: dict[str, Any], source: str) -> None:
+    """``stream`` is the one switch between a streamed and a whole answer; its options
+    are the wire's (``include_usage``), and mean nothing without it."""
+    stream = request.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ProbeError(source, f"{stream!r} is not valid; use true or false", "request.stream")
+    options = request.get("stream_options")
+    if options is None:
+        return
+    if not stream:
+        raise ProbeError(source, "stream_options only applies to a streamed request; "
+                         "set stream = true or drop stream_options", "request.stream_options")
+    if not isinstance(options, dict) or not all(isinstance(v, bool) for v in options.values()):
+        raise ProbeError(source, "must be a table of true/false options, e.g. "
+                         "{ include_usage = true }", "request.stream_options")

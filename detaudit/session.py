@@ -73,17 +73,23 @@ def prepare(probe: str = DEFAULT_PROBE, *, model: str | None = None, base_url: s
             levels: str | list[int] | None = None, max_level: int = MAX_LEVEL,
             prompt: str | None = None, max_tokens: int | None = None,
             temperature: float | None = None, seed: int | None = None,
-            top_logprobs: int | None = None, no_logprobs: bool = False) -> Prepared:
+            top_logprobs: int | None = None, no_logprobs: bool = False,
+            stream: bool | None = None) -> Prepared:
     """Probe, backend config and n of a fresh run; ``n`` per level for a load sweep;
-    ``no_logprobs``: a text-only audit (the probe asks for no logprobs)."""
+    ``no_logprobs``: a text-only audit (the probe asks for no logprobs); ``stream``:
+    set the probe's ``stream`` (true: server-sent events, endpoints only)."""
     check_api_key_env(api_key_env)
     if isinstance(batch_sizes, (list, tuple)):
         batch_sizes = ",".join(str(size) for size in batch_sizes)
     probe_obj = build_probe(probe, api=api, prompt=prompt, max_tokens=max_tokens,
                             temperature=temperature, seed=seed, top_logprobs=top_logprobs,
-                            no_logprobs=no_logprobs)
+                            no_logprobs=no_logprobs, stream=stream)
     config = backend_config(backend, model, base_url, api_key_env, kernels, batch_sizes,
                             max_level, kernel_impl)
+    if probe_obj.request.get("stream") and config["backend"] == "local":
+        raise UsageProblem(f"{probe_obj.source}: stream = true needs an HTTP endpoint; the "
+                           "in-process engine answers whole. Serve it (detaudit serve) and "
+                           "run with --model tiny --base-url http://127.0.0.1:PORT/v1")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise UsageProblem(f"n = {n!r}: give a positive whole number of samples")
     n = n or default_n(probe_obj, config)

@@ -12,7 +12,9 @@ def request_body(request: dict[str, Any], api: str, model: str) -> tuple[dict[st
     """(the body, whether it asks for logprobs).
 
     Legacy completions take ``logprobs`` as the top-k count, so a probe's
-    ``logprobs = true, top_logprobs = k`` becomes ``logprobs = k`` there."""
+    ``logprobs = true, top_logprobs = k`` becomes ``logprobs = k`` there. A streamed
+    request asks for the usage chunk (``stream_options.include_usage``), as a whole
+    answer carries its usage; the probe's own ``stream_options`` win."""
     body = dict(request)
     if api == "completions":
         top = body.pop("top_logprobs", None)
@@ -23,5 +25,7 @@ def request_body(request: dict[str, Any], api: str, model: str) -> tuple[dict[st
         wants_logprobs = body.get("logprobs") is not None
     else:
         wants_logprobs = bool(body.get("logprobs"))
+    if body.get("stream"):
+        body["stream_options"] = {"include_usage": True, **(body.get("stream_options") or {})}
     body["model"] = model  # the backend's model wins
     return body, wants_logprobs

@@ -4,9 +4,11 @@ sampling, and OpenAI-style logprobs.
 ``add_request`` queues a request; each ``step`` runs ONE forward pass over the
 prompt tokens of newly admitted requests plus one decode token of every running
 request, samples one token per request, and returns the requests that finished
-(their slots are freed for the next step). With ``prefill_chunk`` C (chunked
-prefill, as vLLM's per-request long-prefill threshold) a prompt enters at most C
-tokens a pass; its first token is sampled in the pass that computes its last one. ``generate`` is that loop, run to the end.
+(their slots are freed for the next step); a caller that streams gets each new token
+as well (``step(on_token)``). With ``prefill_chunk`` C (chunked prefill, as vLLM's
+per-request long-prefill threshold) a prompt enters at most C tokens a pass; its first
+token is sampled in the pass that computes its last one. ``generate`` is that loop, run
+to the end.
 A server drives ``step`` from one background thread while other threads call
 ``add_request`` and ``abort``: the queue has its own lock, so neither waits for a
 forward pass. An aborted request leaves at the start of the next step, slot and all.
@@ -23,7 +25,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -233,8 +235,10 @@ class Engine:
     # ---- one step -------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self) -> list[Result]:
-        """One forward pass over every running request; returns those that finished."""
+    def step(self, on_token: Callable[[str, GeneratedToken], None] | None = None) -> list[Result]:
+        """One forward pass over every running request; returns those that finished.
+        ``on_token(request_id, token)`` is called for each token this step generated
+        (before the finished are returned): what a streaming server sends as it comes."""
         with self._lock:
             with self._queue_lock:
                 if self._aborted:
@@ -277,8 +281,11 @@ class Engine:
             picks = self._pick(sampled, logits, logprobs) if sampled else []
             finished = []
             for seq, (token, logprob, top) in zip(sampled, picks):
+                generated = len(seq.tokens)
                 if self._advance(seq, token, logprob, top):
                     finished.append(seq)
+                if on_token is not None and len(seq.tokens) > generated:  # EOS adds none
+                    on_token(seq.request.request_id, seq.tokens[-1])
             with self._queue_lock:
                 for seq in finished:
                     self._running.remove(seq)

@@ -167,6 +167,9 @@ class LocalBackend:
             parsed = parse(body, probe.api, self.engine, self.model)
         except InvalidRequest as exc:
             raise RequestError(exc.message) from None
+        if parsed.stream:  # session.prepare refuses it first; a Probe built by hand gets here
+            raise RequestError("stream = true needs an HTTP endpoint (detaudit serve); the "
+                               "in-process engine answers whole")
         return parsed.requests
 
     def _filler(self, rng: random.Random, probe: Probe, max_tokens: int) -> Request:

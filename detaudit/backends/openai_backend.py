@@ -11,6 +11,14 @@ to keep up with a bare SDK loop). Nothing is cached: every call is a new request
 httpx's per-read timeout, so a server that dribbles a byte every few seconds cannot
 hold a request for ever. A 200 whose body is not a completion at all (not JSON, cut
 off, an ``{"error": ...}``, no choices) is a transport fault, retried like a 502.
+
+A probe with ``stream = true`` is sent with ``stream_options.include_usage``
+(``detaudit/wire.py``) and read as server-sent events (``openai_stream.py``): the
+chunks' texts, logprobs (number texts as received), finish_reason, model and
+fingerprint are assembled into the same Completion a whole answer gives, whose
+``raw`` is the chunks as a JSON list. A stream cut off mid-way is a ``connection``
+error, one that ends without ``[DONE]`` or sends a chunk that is not JSON a
+``bad_response``, an error event a ``server_error`` (all retried).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ except (ImportError, AttributeError):
 from detaudit.defaults import SENTINEL_LOGPROB
 from detaudit import tokenization
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S, BackendError
+from detaudit.backends.openai_stream import StreamFault, StreamReader
 from detaudit.probes import Probe
 from detaudit.records import Completion, Position, TokenLogprob
 from detaudit.redact import api_key_env_problem, redact, register
@@ -97,38 +106,91 @@ class OpenAIBackend:
                                f"but this backend was set up for {self.api}; create the "
                                "backend with api=probe.api")
         body, wants_logprobs = self._body(probe)
+        top_k = _asked_top_k(body, self.api)
+        if body.get("stream"):  # the chunks of choice 0
+            return [await self._complete_streamed(body, wants_logprobs, top_k)]
         try:
             async with asyncio.timeout(self.timeout):  # the whole attempt, not each read
                 response = await self._client.post(self._path, cast_to=_http.Response, body=body)
                 content = response.content
-        except (TimeoutError, openai.APITimeoutError):
-            raise BackendError("timeout", f"no complete answer from {self.base_url} within "
-                               f"{self.timeout:g} s (--request-timeout)", retryable=True) from None
-        except BodyTooLarge as exc:
-            raise _bad(self.base_url, str(exc)) from None
-        except openai.APIConnectionError as exc:
-            cause = exc.__cause__ or exc
-            if isinstance(cause, BodyTooLarge):
-                raise _bad(self.base_url, str(cause)) from None
-            raise BackendError("connection", f"could not reach {self.base_url}: "
-                               f"{type(cause).__name__}: {cause}", retryable=True) from None
-        except openai.APIStatusError as exc:
-            raise self._status_error(exc) from None
-        except openai.OpenAIError as exc:
-            raise BackendError("bad_response",
-                               f"{self.base_url}: {type(exc).__name__}: {exc}") from None
-        top_k = _asked_top_k(body, self.api)
+        except Exception as exc:
+            raise self._failure(exc) from None
         try:
-            first = parse_body(content, self.api, wants_logprobs, self.base_url, top_k=top_k)
             if not all_choices:
-                return [first]
-            count = choice_count(content)
-            return [first] + [parse_body(content, self.api, wants_logprobs, self.base_url,
-                                         top_k=top_k, choice=i) for i in range(1, count)]
+                return [parse_body(content, self.api, wants_logprobs, self.base_url, top_k=top_k)]
+            return parse_choices(content, self.api, wants_logprobs, self.base_url, top_k)
         except BackendError as exc:
             if exc.retryable:  # a transport fault: its wait hint counts, as a 502's does
                 exc.retry_after = retry_after_seconds(response.headers)
             raise
+
+    async def _complete_streamed(self, body: dict[str, Any], wants_logprobs: bool,
+                                 top_k: int) -> Completion:
+        """``stream = true``: the SDK posts, the events are read raw (``openai_stream``),
+        and choice 0 of the chunks is read as a whole body would be. ``raw`` keeps the
+        chunks as received (a JSON list); a failure keeps the ones that came."""
+        reader = StreamReader(read_json)
+        try:
+            async with asyncio.timeout(self.timeout):  # the whole stream, not each read
+                response = await self._client.post(self._path, cast_to=_http.Response,
+                                                   body=body, stream=True)
+                try:
+                    await self._read_stream(response, reader)
+                finally:
+                    await response.aclose()
+            merged = reader.body(self.api)
+        except StreamFault as fault:
+            raise BackendError(fault.kind, f"bad stream from {self.base_url}: {fault}",
+                               retryable=fault.retryable, status=200,
+                               raw=_kept(reader.raw())) from None
+        except BackendError:
+            raise
+        except Exception as exc:
+            got = len(reader.chunks)
+            raise self._failure(exc, f" ({got} chunk{'s' if got != 1 else ''} had come)",
+                                _kept(reader.raw()) if reader.texts else None) from None
+        completion = completion_of(merged, self.api, wants_logprobs, self.base_url, top_k,
+                                   reader.raw())
+        completion.extra["stream_chunks"] = len(reader.chunks)
+        fingerprints = reader.fingerprints()
+        if len(fingerprints) > 1:  # one answer, computed by more than one configuration
+            completion.extra["stream_system_fingerprints"] = fingerprints
+        return completion
+
+    async def _read_stream(self, response: Any, reader: StreamReader) -> None:
+        kind = response.headers.get("content-type", "")
+        if kind.split(";")[0].strip().endswith("json"):  # a whole answer: no stream here
+            await response.aread()
+            raise BackendError("bad_response", f"{self.base_url} answered stream = true with "
+                               f"{kind}, not text/event-stream: it does not stream; drop "
+                               "stream from the probe's [request]", status=response.status_code,
+                               raw=_kept(response.text))
+        await reader.read(response.aiter_bytes())
+
+    def _failure(self, exc: Exception, got: str = "", raw: str | None = None) -> BackendError:
+        """The BackendError for what the SDK or its HTTP stack raised; ``got`` says how
+        much of a stream had come, ``raw`` is what it was."""
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, (TimeoutError, openai.APITimeoutError, _http.TimeoutException)):
+            return BackendError("timeout", f"no complete answer from {self.base_url} within "
+                                f"{self.timeout:g} s (--request-timeout){got}", retryable=True,
+                                raw=raw)
+        cause = (exc.__cause__ or exc) if isinstance(exc, openai.APIConnectionError) else exc
+        if isinstance(cause, BodyTooLarge):
+            return _bad(self.base_url, str(cause))
+        if isinstance(exc, openai.APIConnectionError):
+            return BackendError("connection", f"could not reach {self.base_url}: "
+                                f"{type(cause).__name__}: {cause}", retryable=True)
+        if isinstance(exc, _http.TransportError):  # while a stream was read
+            return BackendError("connection", f"the stream from {self.base_url} broke off{got}: "
+                                f"{type(exc).__name__}: {exc}", retryable=True, raw=raw)
+        if isinstance(exc, openai.APIStatusError):
+            return self._status_error(exc)
+        if isinstance(exc, openai.OpenAIError):
+            return BackendError("bad_response",
+                                f"{self.base_url}: {type(exc).__name__}: {exc}")
+        raise exc
 
     def first_token(self, text: str) -> str | None:
         return tokenization.first_token(text, self.model)
@@ -150,11 +212,7 @@ class OpenAIBackend:
         it is already the wire format, so the SDK's per-call walk of its typed
         parameters (the largest client cost per request) is skipped. Parameters the
         SDK does not name (e.g. vLLM's ``top_k``) are sent like any other."""
-        request, wants_logprobs = request_body(probe.request, self.api, self.model)
-        if request.get("stream"):
-            raise BackendError("bad_request", f"probe {probe.name!r} sets stream = true; "
-                               "detaudit reads whole responses, remove stream from [request]")
-        return request, wants_logprobs
+        return request_body(probe.request, self.api, self.model)
 
     def _status_error(self, exc: openai.APIStatusError) -> BackendError:
         status = exc.status_code
@@ -244,9 +302,13 @@ class _NumberText(str):
     """A JSON number, kept as the exact text the server sent."""
 
 
-def choice_count(content: bytes) -> int:
-    """How many choices a completion body carries (parse_body has checked it is one)."""
-    return len(json.loads(content)["choices"])
+def parse_choices(content: bytes, api: str, wants_logprobs: bool, source: str,
+                  top_k: int = 0) -> list[Completion]:
+    """Every choice of a response body (an ``n > 1`` request), as ``parse_body`` reads one."""
+    first = parse_body(content, api, wants_logprobs, source, top_k)
+    body, raw = read_json(content), content.decode("utf-8", errors="replace")
+    return [first] + [completion_of(body, api, wants_logprobs, source, top_k, raw, choice=i)
+                      for i in range(1, len(body["choices"]))]
 
 
 def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
@@ -263,10 +325,22 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
     ``choice``: which of the response's choices to read (an ``n > 1`` request)."""
     raw = content.decode("utf-8", errors="replace")
     try:
-        body = json.loads(content, parse_float=_NumberText, parse_int=_NumberText,
-                          parse_constant=_NumberText)
+        body = read_json(content)
     except ValueError:
         raise _transport_fault(source, f"the body is not JSON: {_snippet(raw)!r}", raw) from None
+    return completion_of(body, api, wants_logprobs, source, top_k, raw, choice)
+
+
+def read_json(content: bytes | str) -> Any:
+    """JSON with every number kept as the exact text the server sent (``_number``)."""
+    return json.loads(content, parse_float=_NumberText, parse_int=_NumberText,
+                      parse_constant=_NumberText)
+
+
+def completion_of(body: Any, api: str, wants_logprobs: bool, source: str, top_k: int,
+                  raw: str, choice: int = 0) -> Completion:
+    """A body read by ``read_json`` (a whole answer, or a stream's chunks merged into
+    one) -> Completion of its choice ``choice``; ``raw`` is what is stored as received."""
     if not isinstance(body, dict):
         raise _transport_fault(source, f"the body is not a JSON object: {_snippet(raw)!r}", raw)
     if "error" in body and "choices" not in body:

@@ -61,7 +61,7 @@ RUN_EXAMPLES = """\
 # Flags that define what is measured: a resumed run takes them from its manifest.
 _MEASUREMENT_FLAGS = ("model", "n", "probe", "base_url", "api", "backend", "kernels",
                       "batch_sizes", "kernel_impl", "levels", "prompt", "max_tokens", "temperature", "seed",
-                      "top_logprobs", "out")
+                      "top_logprobs", "stream", "out")
 
 
 def run(
@@ -93,6 +93,7 @@ def run(
     temperature: Optional[float] = typer.Option(None, min=0.0, max=2.0, help="Override the probe's temperature."),
     seed: Optional[int] = typer.Option(None, help="Override the probe's seed."),
     top_logprobs: Optional[int] = typer.Option(None, min=0, max=20, help="Override how many top logprobs to ask for (0-20)."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="Endpoints: ask for server-sent events (logprobs assembled chunk by chunk, the chunks stored) or a whole answer \\[default: the probe's]."),
     no_logprobs: bool = typer.Option(False, "--no-logprobs", help="Text-only audit, for servers without logprobs: ask for none; report distinct outputs, agreement rates (TARr@N, TARa@N) and first divergence."),
     threshold_pct: float = typer.Option(DEFAULT_THRESHOLD_PCT, min=0.0, callback=threshold_option, help="Cluster gap, in percentage points of probability."),
     out: Optional[Path] = typer.Option(None, help="Folder that receives the run folder \\[default: results]."),
@@ -156,7 +157,7 @@ def run(
             api_key_env=api_key_env, backend=backend, kernels=kernels, kernel_impl=kernel_impl,
             batch_sizes=batch_sizes, levels=levels, max_level=max_level, prompt=prompt,
             max_tokens=max_tokens, temperature=temperature, seed=seed, top_logprobs=top_logprobs,
-            no_logprobs=no_logprobs)
+            no_logprobs=no_logprobs, stream=stream)
         probe_obj, config, n = prepared.probe, prepared.config, prepared.n
         root = out or Path("results")
         session.check_out(root)

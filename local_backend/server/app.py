@@ -11,7 +11,10 @@ unvalidated, and no exception escapes a handler as anything but a 500 error body
 (its traceback logged, rate-limited).
 
 A client that disconnects while its request runs cancels it: the request leaves the
-engine at the next step (``until_disconnected``).
+engine at the next step (``until_disconnected``). ``stream: true`` answers
+``text/event-stream`` (the chunks: ``streaming.py``); refusals (bad parameters, a full
+queue) are still error statuses, sent before the stream starts, and a client that
+hangs up mid-stream aborts its requests the same way (``EventStream``).
 """
 
 from __future__ import annotations
@@ -22,17 +25,17 @@ import sys
 import time
 import traceback
 from contextlib import asynccontextmanager
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from local_backend.engine import Engine, RequestError
-from local_backend.server import protocol
+from local_backend.server import protocol, streaming
 from local_backend.server.logs import RateLimiter
 from local_backend.server.protocol import InvalidRequest, error_body
 from local_backend.server.scheduler import (EngineFailed, QueueFull, Scheduler, ServerTimeout,
@@ -71,6 +74,28 @@ async def unless_disconnected(work: Awaitable[Any], receive: Callable[[], Awaita
         task.cancel()
         watcher.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events, each sent as it comes, until the answer ends or the client
+    hangs up: then the events are closed at once and ``on_close`` runs (it aborts their
+    requests), also when the client left before the first event."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await unless_disconnected(self.stream_response(send), receive)
+        except ClientGone:
+            pass
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.on_close()
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -113,6 +138,10 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
         try:
             body = await read_json(request)
             parsed = protocol.parse(body, api, engine, model_id)
+            if parsed.stream:  # admitted here: a refusal is still an error status
+                stream = scheduler.open_stream(parsed.requests)
+                return EventStream(streaming.answer(parsed, stream, engine, system_fingerprint,
+                                                    log_internal_error), stream.close)
             results = await unless_disconnected(scheduler.generate(parsed.requests), request.receive)
         except (ClientGone, ClientDisconnect):
             return Response(status_code=CLIENT_CLOSED)
@@ -174,9 +203,12 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
                          "/v1/chat/completions, /v1/completions, /v1/models and /health")
         return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    async def internal_error(request: HttpRequest, exc: Exception) -> Response:
+    def log_internal_error(exc: Exception) -> None:
         if log.allow(f"internal error {type(exc).__name__}"):
             traceback.print_exception(exc, file=sys.stderr)
+
+    async def internal_error(request: HttpRequest, exc: Exception) -> Response:
+        log_internal_error(exc)
         return error(500, f"internal server error ({type(exc).__name__}); the server logged it",
                      "server_error")
 

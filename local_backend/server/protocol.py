@@ -1,9 +1,11 @@
 """The OpenAI wire format: request bodies -> engine Requests, Results -> response JSON.
 
 Validation is strict and explains itself, as OpenAI's does: an unknown parameter, a
-value out of range or a feature this server lacks (streaming, tools, penalties) is a
-400 naming the parameter, never a silent default. Logprobs go out as Python floats,
-whose JSON text (repr) parses back to the very same float.
+value out of range or a feature this server lacks (tools, penalties) is a 400 naming
+the parameter, never a silent default. Logprobs go out as Python floats, whose JSON
+text (repr) parses back to the very same float. ``stream: true`` is parsed here
+(``Parsed.stream``, ``Parsed.include_usage``); the chunks are written by
+``local_backend/server/streaming.py`` from the same per-token logprob entries.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from local_backend.engine import MAX_TOP_LOGPROBS, Engine, Request, RequestError, Result
+from local_backend.engine import MAX_TOP_LOGPROBS, Engine, GeneratedToken, Request, RequestError, Result
 from local_backend.server.scheduler import choice_seed
 
 MAX_N = 16
@@ -24,14 +26,15 @@ SENTINEL_LOGPROB = -9999.0  # what OpenAI sends where a logprob is -inf (detaudi
 ROLES = ("system", "developer", "user", "assistant")
 
 # Accepted and ignored: they do not change what is computed.
-_IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # Accepted only at their neutral value: anything else would change the numbers.
 _NEUTRAL = {"frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
             "logit_bias": (None,), "best_of": (None, 1), "echo": (None, False),
-            "suffix": (None,), "stream": (None, False), "tools": (None,), "tool_choice": (None, "none"),
+            "suffix": (None,), "tools": (None,), "tool_choice": (None, "none"),
             "functions": (None,), "response_format": (None,)}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "n", "stop", "logprobs",
-           "ignore_eos"}
+           "ignore_eos", "stream", "stream_options"}
+_STREAM_OPTIONS = {"include_usage"}
 _CHAT = _COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
 _COMPLETIONS = _COMMON | {"prompt"}
 
@@ -55,6 +58,8 @@ class Parsed:
     requests: list[Request] = field(default_factory=list)  # one per choice
     logprobs: bool = False
     top_logprobs: int = 0
+    stream: bool = False  # answer as server-sent events (streaming.py)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
 
 
 def parse(body: Any, api: str, engine: Engine, model_id: str) -> Parsed:
@@ -68,9 +73,8 @@ def parse(body: Any, api: str, engine: Engine, model_id: str) -> Parsed:
             if value in _NEUTRAL[key] or (key == "response_format" and value == {"type": "text"}) \
                     or (key == "logit_bias" and value == {}):
                 continue
-            hint = ("streaming is not supported; set stream to false" if key == "stream"
-                    else f"this server does not support {key}; leave it out")
-            raise InvalidRequest(f"{key}={_short(value)}: {hint}", key)
+            raise InvalidRequest(f"{key}={_short(value)}: this server does not support {key}; "
+                                 "leave it out", key)
         raise InvalidRequest(f"Unrecognized request argument supplied: {key}", key)
 
     model = body.get("model")
@@ -95,6 +99,7 @@ def parse(body: Any, api: str, engine: Engine, model_id: str) -> Parsed:
     if not isinstance(ignore_eos, bool):
         raise InvalidRequest("ignore_eos must be true or false", "ignore_eos")
     logprobs, top = _logprobs(body, api)
+    stream, include_usage = _stream(body)
 
     room = engine.max_len - len(prompt_ids)
     if room < 1:
@@ -111,7 +116,30 @@ def parse(body: Any, api: str, engine: Engine, model_id: str) -> Parsed:
                         top_p=top_p, seed=choice_seed(seed, i), stop=stop, top_logprobs=top,
                         ignore_eos=ignore_eos)
                 for i in range(n)]
-    return Parsed(api, model, prompt_ids, requests, logprobs, top)
+    return Parsed(api, model, prompt_ids, requests, logprobs, top, stream, include_usage)
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage); stream_options without stream is a 400, as on OpenAI and vLLM."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest(f"stream must be true or false, got {_short(stream)}", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options must be an object, e.g. {\"include_usage\": true}",
+                             "stream_options")
+    for key, value in options.items():
+        if key not in _STREAM_OPTIONS:
+            raise InvalidRequest(f"stream_options.{key} is not supported; this server knows "
+                                 f"{', '.join(sorted(_STREAM_OPTIONS))}", f"stream_options.{key}")
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(f"stream_options.{key} must be true or false",
+                                 f"stream_options.{key}")
+    return True, bool(options.get("include_usage"))
 
 
 def _prompt_ids(body: dict, api: str, engine: Engine) -> list[int]:
@@ -245,15 +273,36 @@ def _bytes(engine: Engine, token_id: int) -> list[int] | None:
     return list(engine.tokenizer.token_bytes(token_id)) if engine.tokenizer else None
 
 
+def chat_logprob(engine: Engine, token: GeneratedToken) -> dict:
+    """One entry of a chat answer's ``logprobs.content``, whole or streamed."""
+    return {"token": token.text, "logprob": _lp(token.logprob), "bytes": _bytes(engine, token.token_id),
+            "top_logprobs": [{"token": text, "logprob": _lp(lp), "bytes": _bytes(engine, i)}
+                             for i, text, lp in token.top]}
+
+
+def completions_logprobs(tokens: list[GeneratedToken], offset: int = 0) -> dict:
+    """A legacy completion's ``logprobs`` for ``tokens``, whose first starts at character
+    ``offset`` of the token texts (a streamed chunk carries the offsets of the whole)."""
+    offsets, at = [], offset
+    for token in tokens:
+        offsets.append(at)
+        at += len(token.text)
+    tops = []
+    for t in tokens:
+        top: dict[str, float] = {}
+        for _, text, lp in t.top:
+            top.setdefault(text, _lp(lp))  # same text twice: the likelier one
+        tops.append(top)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [_lp(t.logprob) for t in tokens],
+            "top_logprobs": tops, "text_offset": offsets}
+
+
 def chat_response(parsed: Parsed, results: list[Result], engine: Engine, fingerprint: str) -> dict:
     choices = []
     for index, result in enumerate(results):
         logprobs = None
         if parsed.logprobs:
-            logprobs = {"content": [{
-                "token": t.text, "logprob": _lp(t.logprob), "bytes": _bytes(engine, t.token_id),
-                "top_logprobs": [{"token": text, "logprob": _lp(lp), "bytes": _bytes(engine, i)}
-                                 for i, text, lp in t.top]} for t in result.tokens], "refusal": None}
+            logprobs = {"content": [chat_logprob(engine, t) for t in result.tokens], "refusal": None}
         choices.append({"index": index,
                         "message": {"role": "assistant", "content": result.text, "refusal": None},
                         "logprobs": logprobs, "finish_reason": result.finish_reason})
@@ -263,21 +312,7 @@ def chat_response(parsed: Parsed, results: list[Result], engine: Engine, fingerp
 def completions_response(parsed: Parsed, results: list[Result], engine: Engine, fingerprint: str) -> dict:
     choices = []
     for index, result in enumerate(results):
-        logprobs = None
-        if parsed.logprobs:
-            tokens = [t.text for t in result.tokens]
-            offsets, at = [], 0
-            for text in tokens:
-                offsets.append(at)
-                at += len(text)
-            tops = []
-            for t in result.tokens:
-                top: dict[str, float] = {}
-                for _, text, lp in t.top:
-                    top.setdefault(text, _lp(lp))  # same text twice: the likelier one
-                tops.append(top)
-            logprobs = {"tokens": tokens, "token_logprobs": [_lp(t.logprob) for t in result.tokens],
-                        "top_logprobs": tops, "text_offset": offsets}
+        logprobs = completions_logprobs(result.tokens) if parsed.logprobs else None
         choices.append({"text": result.text, "index": index, "logprobs": logprobs,
                         "finish_reason": result.finish_reason})
     return _envelope("cmpl", "text_completion", parsed, results, choices, fingerprint)
@@ -285,11 +320,19 @@ def completions_response(parsed: Parsed, results: list[Result], engine: Engine, 
 
 def _envelope(prefix: str, kind: str, parsed: Parsed, results: list[Result], choices: list,
               fingerprint: str) -> dict:
-    completion_tokens = sum(len(r.token_ids) for r in results)
-    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+    return {"id": response_id(prefix), "object": kind, "created": int(time.time()),
             "model": parsed.model, "system_fingerprint": fingerprint, "choices": choices,
-            "usage": {"prompt_tokens": len(parsed.prompt_ids), "completion_tokens": completion_tokens,
-                      "total_tokens": len(parsed.prompt_ids) + completion_tokens}}
+            "usage": usage(parsed, results)}
+
+
+def response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(parsed: Parsed, results: list[Result]) -> dict:
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": len(parsed.prompt_ids), "completion_tokens": completion_tokens,
+            "total_tokens": len(parsed.prompt_ids) + completion_tokens}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

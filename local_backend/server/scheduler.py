@@ -4,7 +4,9 @@ Handlers call ``await scheduler.generate(requests)``; the requests join the engi
 waiting queue and enter the running batch at its next step (continuous batching), so
 whatever else is in flight shares their forward passes, as on vLLM or SGLang. One
 background thread runs ``engine.step()`` while anything is unfinished and hands each
-finished ``Result`` back to the event loop that waits for it.
+finished ``Result`` back to the event loop that waits for it. A streamed request
+(``open_stream``) gets each generated token as well, as the step makes it
+(``TokenStream.events``).
 
 Backpressure: at most ``max_batch`` sequences run and ``max_queue`` more wait; beyond
 that ``QueueFull`` (HTTP 429), whose Retry-After is the queued work over the measured
@@ -14,13 +16,15 @@ shutdown, new work is refused (``ShuttingDown``) and what is still in flight aft
 grace period gets that error.
 
 A call that ends without its results (timeout, shutdown, or its task cancelled because
-the client went away) aborts its requests in the engine: they stop at the next step
-and their slots are free for the next request.
+the client went away; for a stream, ``TokenStream.close`` before the last token) aborts
+its requests in the engine: they stop at the next step and their slots are free for
+the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import sys
@@ -29,8 +33,9 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
+from typing import AsyncIterator, Callable
 
-from local_backend.engine import Engine, Request, Result
+from local_backend.engine import Engine, GeneratedToken, Request, Result
 
 
 THROUGHPUT_STEPS = 256  # steps over which the throughput behind Retry-After is measured
@@ -74,8 +79,12 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
 
 @dataclass
 class _Waiter:
+    """Where one request's outcomes go: ``settle`` runs on ``loop`` with each of them
+    (a GeneratedToken, for streams only; then the Result, or an error)."""
+
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    settle: Callable[[object], None]
+    streams: bool = False
 
 
 class Scheduler:
@@ -106,42 +115,63 @@ class Scheduler:
         """Run the requests (the n choices of one HTTP request) in the shared batch."""
         self._admit(len(requests))
         loop = asyncio.get_running_loop()
-        futures = []
+        futures = [loop.create_future() for _ in requests]
         try:
-            for request in requests:
-                future = loop.create_future()
-                with self._lock:
-                    self._waiters[request.request_id] = _Waiter(loop, future)
-                    self._live.add(request.request_id)
-                try:
-                    self.engine.add_request(request)  # validates; RequestError -> 400
-                except BaseException:
-                    with self._lock:
-                        self._live.discard(request.request_id)
-                    raise
-                futures.append(future)
-                self._wake.set()
+            self._add(requests, [_Waiter(loop, _settler(f)) for f in futures])
             done, pending = await asyncio.wait(futures, timeout=self.request_timeout_s,
                                                return_when=asyncio.FIRST_EXCEPTION)
             errors = [f.exception() for f in done if f.exception() is not None]
             if errors:
                 raise errors[0]
             if pending:
-                raise ServerTimeout(f"no answer within the server's request timeout of "
-                                    f"{self.request_timeout_s:g} s; send fewer max_tokens or "
-                                    "retry when the server is less busy")
+                raise ServerTimeout(self._timeout_message())
             return [f.result() for f in futures]
         finally:  # results, an error, or cancelled: whatever has not finished is dropped
             for future in futures:
                 future.cancel()  # a late outcome is then dropped, never logged as unretrieved
+            self._release(requests)
+
+    def open_stream(self, requests: list[Request]) -> "TokenStream":
+        """Queue the requests (the n choices of one streamed HTTP request) and hand back
+        their tokens as the steps make them. Admission and the engine's checks happen
+        here, so a refusal is still an HTTP error status, before any byte is streamed."""
+        self._admit(len(requests))
+        stream = TokenStream(self, requests, asyncio.get_running_loop())
+        try:
+            self._add(requests, [_Waiter(stream.loop, functools.partial(stream.put, choice), True)
+                                 for choice in range(len(requests))])
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def _add(self, requests: list[Request], waiters: list[_Waiter]) -> None:
+        for request, waiter in zip(requests, waiters):
             with self._lock:
-                unfinished = [r.request_id for r in requests if r.request_id in self._live]
-                self._live.difference_update(unfinished)
-                for request in requests:
-                    self._waiters.pop(request.request_id, None)
-            for request_id in unfinished:
-                self.engine.abort(request_id)
-            self.aborted += len(unfinished)
+                self._waiters[request.request_id] = waiter
+                self._live.add(request.request_id)
+            try:
+                self.engine.add_request(request)  # validates; RequestError -> 400
+            except BaseException:
+                with self._lock:
+                    self._live.discard(request.request_id)
+                raise
+            self._wake.set()
+
+    def _release(self, requests: list[Request]) -> None:
+        """The call is over: forget its waiters, and abort what the engine still runs."""
+        with self._lock:
+            unfinished = [r.request_id for r in requests if r.request_id in self._live]
+            self._live.difference_update(unfinished)
+            for request in requests:
+                self._waiters.pop(request.request_id, None)
+        for request_id in unfinished:
+            self.engine.abort(request_id)
+        self.aborted += len(unfinished)
+
+    def _timeout_message(self) -> str:
+        return (f"no answer within the server's request timeout of {self.request_timeout_s:g} s; "
+                "send fewer max_tokens or retry when the server is less busy")
 
     def _admit(self, count: int) -> None:
         if self.failure is not None:
@@ -211,7 +241,7 @@ class Scheduler:
             running, waiting, _ = self.engine.backlog()
             started = time.monotonic() if previous_end is None else previous_end
             try:
-                finished = self.engine.step()
+                finished = self.engine.step(self._on_token)
             except Exception as exc:  # a bug or a device fault: say so, never hang handlers
                 traceback.print_exc(file=sys.stderr)
                 self.failure = f"{type(exc).__name__}: {exc}"
@@ -234,16 +264,65 @@ class Scheduler:
                     _deliver(waiter, result)
 
 
-def _deliver(waiter: _Waiter, outcome: Result | Exception) -> None:
-    def settle() -> None:
-        if waiter.future.done():
+    def _on_token(self, request_id: str, token: GeneratedToken) -> None:
+        """A token of a running request (step thread): on to its stream, if it streams."""
+        with self._lock:
+            waiter = self._waiters.get(request_id)
+        if waiter is not None and waiter.streams:
+            _deliver(waiter, token)
+
+
+class TokenStream:
+    """The n choices of one streamed request, as ``(choice, GeneratedToken | Result)``
+    events in the order the steps made them; each choice ends with its Result. The
+    call's deadline is the scheduler's request timeout, as for ``generate``. ``close``
+    (always, when the caller is done or gone) aborts whatever has not finished."""
+
+    def __init__(self, scheduler: Scheduler, requests: list[Request],
+                 loop: asyncio.AbstractEventLoop):
+        self.scheduler, self.requests, self.loop = scheduler, requests, loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._deadline = loop.time() + scheduler.request_timeout_s
+        self._closed = False
+
+    def put(self, choice: int, outcome: object) -> None:
+        if not self._closed:
+            self._queue.put_nowait((choice, outcome))
+
+    async def events(self) -> AsyncIterator[tuple[int, GeneratedToken | Result]]:
+        """Raises what ended the call early: ServerTimeout, ShuttingDown, EngineFailed."""
+        unfinished = len(self.requests)
+        while unfinished:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    choice, outcome = await self._queue.get()
+            except TimeoutError:
+                raise ServerTimeout(self.scheduler._timeout_message()) from None
+            if isinstance(outcome, Exception):
+                raise outcome
+            if isinstance(outcome, Result):
+                unfinished -= 1
+            yield choice, outcome
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.scheduler._release(self.requests)
+
+
+def _settler(future: asyncio.Future) -> Callable[[object], None]:
+    def settle(outcome: object) -> None:
+        if future.done():
             return
         if isinstance(outcome, Exception):
-            waiter.future.set_exception(outcome)
+            future.set_exception(outcome)
         else:
-            waiter.future.set_result(outcome)
+            future.set_result(outcome)
+    return settle
 
+
+def _deliver(waiter: _Waiter, outcome: object) -> None:
     try:
-        waiter.loop.call_soon_threadsafe(settle)
+        waiter.loop.call_soon_threadsafe(waiter.settle, outcome)
     except RuntimeError:  # the loop is closed: nobody is waiting any more
         pass

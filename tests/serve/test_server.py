@@ -136,7 +136,8 @@ BAD_REQUESTS = [
     ({"model": "tiny", "messages": COIN, "n": 1000}, 400, "n"),
     ({"model": "tiny", "messages": COIN, "seed": 1.5}, 400, "seed"),
     ({"model": "tiny", "messages": COIN, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": "tiny", "messages": COIN, "stream": True}, 400, "stream"),
+    ({"model": "tiny", "messages": COIN, "stream": "yes"}, 400, "stream"),
+    ({"model": "tiny", "messages": COIN, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "tiny", "messages": COIN, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"model": "tiny", "messages": COIN, "tools": [{"type": "function"}]}, 400, "tools"),
     ({"model": "tiny", "messages": COIN, "wibble": 1}, 400, "wibble"),
@@ -290,6 +291,13 @@ _bodies = st.fixed_dictionaries({}, optional=_fields) | _junk
 def test_no_request_body_crashes_the_server(server_default, body, route):
     response = httpx.post(server_default.url + route, json=body, timeout=60)
     assert response.status_code in (200, 400, 404), response.text
+    if response.headers["content-type"].startswith("text/event-stream"):  # stream: true
+        events = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks and all(c["system_fingerprint"] and "error" not in c for c in chunks)
+        assert any(choice["finish_reason"] for c in chunks for choice in c["choices"])
+        return
     data = response.json()
     if response.status_code == 200:
         assert data["choices"] and data["system_fingerprint"]
