@@ -1,5 +1,5 @@
 """``detaudit matrix`` against a real ``detaudit serve`` on 127.0.0.1: with
-batch-invariant kernels no axis moves the numbers; with the default kernels the
+batch-invariant kernels no axis moves the numbers (streamed answers included); with the default kernels the
 load, cache (with the server's prefix cache on) and n axes do, and the cache axis
 does not where the server has no prefix cache (the nonce alone moves nothing)."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from tests.serve.conftest import Server, detaudit, json_out
 
-SERVED_AXES = "load,cache,max-tokens,top-logprobs,n"
+SERVED_AXES = "load,cache,max-tokens,top-logprobs,stream,n"
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +51,15 @@ def test_batch_invariant_kernels_vary_along_no_axis(cached_invariant, tmp_path):
     assert axes["load"]["fillers"]["sent"] > 0  # the load level really had fillers beside it
     assert data["varies"] == []
     assert axes["cache"]["distinct"] == {"cold": 4, "warm": 4}  # one answer per nonce variant
+    with sqlite3.connect(Path(axes["stream"]["run"]) / "samples.sqlite") as db:
+        extras = [json.loads(e) for (e,) in db.execute("SELECT extra FROM samples ORDER BY idx")]
+    streamed = [e.get("stream_chunks", 0) > 0 for e in extras]
+    assert streamed == [False] * 5 + [True] * 4  # warm-up and stream=false whole, stream=true as events
 
 
 def test_default_kernels_vary_under_load_cache_and_n(cached_default, tmp_path):
-    data = matrix(cached_default, tmp_path, "--axes", "load,cache,n", "--n", "6")
+    # 12 targets under load, so that a loaded machine still puts fillers beside one
+    data = matrix(cached_default, tmp_path, "--axes", "load,cache,n", "--n", "12")
     axes = by_axis(data)
     for name in ("load", "cache", "n"):
         assert axes[name]["varies"] is True, f"{name}: {axes[name]['verdict']}"
@@ -72,19 +77,19 @@ def test_default_kernels_vary_under_load_cache_and_n(cached_default, tmp_path):
     assert json.loads((folder / "matrix.json").read_text()) == data
     report = json_out(detaudit("report", str(folder / "n"), "--json"))
     assert [g["group"] for g in report["groups"]] == ["n=1", "n=4", "warmup"]
-    assert [g["n"] for g in report["groups"]] == [6, 6, 1]
+    assert [g["n"] for g in report["groups"]] == [12, 12, 1]
     with sqlite3.connect(folder / "n" / "samples.sqlite") as db:
         extras = [json.loads(e) for (e,) in db.execute("SELECT extra FROM samples ORDER BY idx")]
     choices = [(e["request"], e["choice"]) for e in extras if e.get("level") == "4"]
-    assert choices == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]  # 6 choices of 2 requests
+    assert choices == [(r, c) for r in range(3) for c in range(4)]  # 12 choices of 3 requests
     with sqlite3.connect(folder / "cache" / "samples.sqlite") as db:
         rows = [json.loads(e) for (e,) in db.execute("SELECT extra FROM samples ORDER BY idx")]
     assert [(r["level"], r["item"]) for r in rows[:4]] == [("cold", 0), ("warm", 0), ("cold", 1), ("warm", 1)]
     assert rows[0]["nonce"] == f"[{data['matrix']['nonce_run']}-0] "
     # --dry-run counted every request the load axis could send, fillers included
     dry = json_out(detaudit("matrix", "--model", "tiny", "--base-url", cached_default.url, "--axes",
-                            "load,cache,n", "--n", "6", "--dry-run", "--json"))
-    assert dry["requests"] == 1 + 6 + 6 + 6 + 6 + 1 + 6 + 2  # warm-ups, levels, n=4: 2 requests
+                            "load,cache,n", "--n", "12", "--dry-run", "--json"))
+    assert dry["requests"] == 1 + 12 + 12 + 12 + 12 + 1 + 12 + 3  # warm-ups, levels, n=4: 3 requests
     assert 0 < axes["load"]["fillers"]["sent"] <= dry["filler_requests_max"]
 
 
