@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from detaudit import axes as axis_defs
 from detaudit import load as load_sweep
 from detaudit import session
-from detaudit.axes import AXES, Axis, AxisBackend, AxisProblem, Layout
+from detaudit.axes import Axis, AxisBackend, AxisProblem, Layout
 from detaudit.backends.base import DEFAULT_REQUEST_TIMEOUT_S
 from detaudit.defaults import DEFAULT_PROBE, MAX_LEVEL
 from detaudit.probes import Probe
@@ -319,4 +319,4 @@ def exit_code(data: dict[str, Any]) -> int:
     return 1 if any(a["varies"] is None for a in data["axes"]) else 0
 
 
-__all__ = ["AXES", "Matrix", "prepare", "count", "check_budget", "execute", "read", "exit_code"]
+__all__ = ["Matrix", "prepare", "count", "check_budget", "execute", "read", "exit_code"]

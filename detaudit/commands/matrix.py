@@ -9,7 +9,6 @@ a level got no successful sample, 2 usage error, 130 Ctrl-C, 143 SIGTERM.
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Callable, List, Optional
 
