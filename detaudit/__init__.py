@@ -5,6 +5,7 @@
     run.summary()                  # the JSON summary of `detaudit run --json`
     run.samples()                  # pandas, one row per sample and tracked token
     detaudit.open_run("results/<run-id>")
+    detaudit.matrix(axes="load,n")  # detaudit.api.matrix: one verdict per axis
     detaudit.crosscheck("results/<run-id>", reference="tiny")   # server vs teacher forcing
 
 The names below are loaded on first use, so ``import detaudit`` (and ``detaudit --help``)
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     "run": "detaudit.api", "open_run": "detaudit.api", "Run": "detaudit.api",
+    "matrix": "detaudit.api", "open_matrix": "detaudit.api", "Matrix": "detaudit.api",
     "crosscheck": "detaudit.api",
     "UsageProblem": "detaudit.session", "RunFailed": "detaudit.runner",
     "StoreError": "detaudit.store", "ProbeError": "detaudit.probes",

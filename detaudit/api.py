@@ -7,6 +7,8 @@
     run.samples()                            # pandas: one row per sample and tracked token
     detaudit.open_run(run.path).summary()    # a stored run, as `detaudit report --json`
     run.html("report.html")                  # as `detaudit report RUN --html report.html`
+    m = detaudit.matrix(axes="load,n")       # the invariance matrix (`detaudit matrix`)
+    m.summary()["axes"][0]["varies"]; m.run("load").summary()
 
 It goes through ``detaudit.session``, as ``detaudit run`` and ``detaudit gate`` do, so a
 run made here has the same manifest, request path and summary as one made there, and
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 PREPARE_OPTIONS = ("api", "api_key_env", "backend", "kernels", "kernel_impl", "batch_sizes",
                    "levels", "max_level", "prompt", "max_tokens", "temperature", "seed",
                    "top_logprobs", "no_logprobs", "stream")
+MATRIX_OPTIONS = ("nonce", "api", "api_key_env", "backend", "kernels", "kernel_impl", "prompt",
+                  "max_level")
 SEND_OPTIONS = ("concurrency", "max_attempts", "request_timeout", "max_errors", "rpm", "tpm",
                 "progress")
 
@@ -147,6 +151,71 @@ def run(probe: str = DEFAULT_PROBE, model: str | None = None, base_url: str | No
         failure.run = stored
         raise failure
     return stored
+
+
+class Matrix:
+    """A stored invariance matrix (``results/matrix-<id>/``): its summary (``matrix.json``,
+    what ``detaudit matrix --json`` prints) and one stored ``Run`` per axis."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Matrix({str(self.path)!r})"
+
+    def summary(self) -> dict[str, Any]:
+        from detaudit import matrix_session
+
+        return matrix_session.read(self.path)
+
+    @property
+    def axes(self) -> list[str]:
+        return [axis["axis"] for axis in self.summary()["axes"]]
+
+    def run(self, axis: str) -> Run:
+        """The stored run of one axis (its groups are the levels)."""
+        return open_run(self.path / axis)
+
+
+def open_matrix(path: str | Path) -> Matrix:
+    """A matrix folder made by ``detaudit matrix`` or ``detaudit.matrix``."""
+    matrix = Matrix(path)
+    matrix.summary()  # StoreError when it is not one
+    return matrix
+
+
+def matrix(probe: str = DEFAULT_PROBE, model: str | None = None, base_url: str | None = None,
+           n: int | None = None, out: str | Path = "results", *, axes: str | list[str] | None = None,
+           levels: dict[str, Any] | None = None, max_cost: float | None = None,
+           prices: str | Path | None = None, request_timeout: float | None = None,
+           max_attempts: int = 5, progress: bool = False, **options: Any) -> Matrix:
+    """Measure ``probe``'s request along ``axes`` (default: every one that applies), ``n``
+    samples per level, and store each axis as a run under ``out/matrix-<id>/``.
+
+    ``levels``: the non-baseline level per axis, e.g. ``{"load": 8, "n": 2}`` (as
+    ``--level``); ``options``: nonce, api, api_key_env, backend, kernels, kernel_impl,
+    prompt, max_level, as the flags of ``detaudit matrix``. ``max_cost``: refuse
+    (``UsageProblem``) when the estimate exceeds it. An axis run that failed raises
+    ``detaudit.RunFailed``; a level without data shows as ``varies: None``.
+    """
+    from detaudit import matrix_session
+
+    unknown = sorted(set(options) - set(MATRIX_OPTIONS))
+    if unknown:
+        raise TypeError(f"detaudit.matrix() got unknown options {', '.join(unknown)}; it takes "
+                        f"axes, levels, max_cost, prices, request_timeout, max_attempts, progress, "
+                        f"{', '.join(MATRIX_OPTIONS)}")
+    session.check_request_timeout(request_timeout)
+    plan = matrix_session.prepare(probe, model=model, base_url=base_url, n=n, axes=axes,
+                                  levels=levels, **options)
+    if max_cost is not None:
+        matrix_session.check_budget(matrix_session.count(plan, Path(prices) if prices else None),
+                                    max_cost)
+    folder, _ = matrix_session.execute(
+        plan, Path(out), timeout=request_timeout or DEFAULT_REQUEST_TIMEOUT_S,
+        max_attempts=max_attempts, progress=stderr if progress else None,
+        command=["detaudit.matrix", plan.probe.name], quiet=not progress)
+    return Matrix(folder)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from detaudit.redact import api_key_env_problem
 from detaudit.runlock import describe as describe_holder
 from detaudit.runner import RunResult, error_budget, resolve_tracked
 from detaudit.runner import run as run_probe
-from detaudit.store import MANIFEST, RunStore, StoreError, new_run_id, utc_now
+from detaudit.store import MANIFEST, RunStore, StoreError, new_run_id, read_manifest, utc_now
 from detaudit.terminal import stderr
 from detaudit.urls import BadBaseURL, check_base_url
 
@@ -216,7 +216,8 @@ def make_backend(config: dict[str, Any], probe: Probe,
                                "pip install 'detaudit[local]'") from None
         return LocalBackend(config["model"], kernels=config["kernels"],
                             batch_sizes=config["batch_sizes"],
-                            kernel_impl=config.get("kernel_impl", DEFAULT_KERNEL_IMPL))
+                            kernel_impl=config.get("kernel_impl", DEFAULT_KERNEL_IMPL),
+                            prefix_cache=bool(config.get("prefix_cache", False)))
     from detaudit.backends.openai_backend import OpenAIBackend
     return OpenAIBackend(config["model"], config.get("base_url"), api=probe.api,
                          api_key_env=config["api_key_env"], timeout=timeout)
@@ -292,10 +293,11 @@ def check_out(root: Path) -> None:
 def start(prepared: Prepared, root: Path, *, concurrency: int | None = None,
           timeout: float = DEFAULT_REQUEST_TIMEOUT_S, max_attempts: int = 5,
           max_errors: str | float | None = None, limits: RateLimits | None = None,
-          command: list[str] | None = None, filler_caps: Any = None,
+          command: list[str] | None = None, filler_caps: Any = None, run_id: str | None = None,
           **manifest_extra: Any) -> tuple[RunStore, Any, int]:
     """The backend and a new run folder under ``root`` with its manifest:
-    (store, backend, concurrency). Nothing is sent yet."""
+    (store, backend, concurrency). Nothing is sent yet. ``run_id``: the folder's name
+    (default: time, probe and model)."""
     probe, config, n = prepared.probe, prepared.config, prepared.n
     check_out(root)
     backend = make_backend(config, probe, timeout)
@@ -312,7 +314,7 @@ def start(prepared: Prepared, root: Path, *, concurrency: int | None = None,
         "limits": limits_record(limits, max_attempts, max_errors, timeout),
         **manifest_extra,
     }
-    store = RunStore.create(root, new_run_id(probe.name, config["model"]), manifest)
+    store = RunStore.create(root, run_id or new_run_id(probe.name, config["model"]), manifest)
     return store, backend, run_concurrency
 
 
@@ -320,6 +322,10 @@ def reopen(path: Path, api_key_env: str = "OPENAI_API_KEY", request_timeout: flo
            lock: bool = True) -> tuple[RunStore, Probe, Any, int, float]:
     """The stored run, locked for this process (``runlock``), its probe, a rebuilt
     backend, n, and the request timeout: the flag's, else the one the run was started with."""
+    matrix = read_manifest(Path(path)).get("matrix")  # before the lock: a refusal touches no file
+    if isinstance(matrix, dict):  # its levels are sent by detaudit.matrix alone
+        raise UsageProblem(f"{path}: the {matrix.get('axis')} axis of a detaudit matrix; it cannot "
+                           "be resumed on its own: run detaudit matrix again")
     store = RunStore.open(path, lock=lock)
     stale = store.lock.stale if store.lock else None
     if stale:

@@ -5,7 +5,10 @@ sampling, and OpenAI-style logprobs.
 prompt tokens of newly admitted requests plus one decode token of every running
 request, samples one token per request, and returns the requests that finished
 (their slots are freed for the next step); a caller that streams gets each new token
-as well (``step(on_token)``). ``generate`` is that loop, run to the end.
+as well (``step(on_token)``). With ``prefill_chunk`` C (chunked prefill, as vLLM's
+per-request long-prefill threshold) a prompt enters at most C tokens a pass; its first
+token is sampled in the pass that computes its last one. ``generate`` is that loop, run
+to the end.
 A server drives ``step`` from one background thread while other threads call
 ``add_request`` and ``abort``: the queue has its own lock, so neither waits for a
 forward pass. An aborted request leaves at the start of the next step, slot and all.
@@ -116,7 +119,7 @@ class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
                  device: torch.device, dtype: torch.dtype, weights_sha256: str,
                  max_slots: int, max_len: int, path: Path | None = None, decode_graphs: str = "auto",
-                 prefix_cache: bool = False):
+                 prefix_cache: bool = False, prefill_chunk: int | None = None):
         self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
         self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
         self.max_slots, self.max_len = max_slots, max_len
@@ -132,6 +135,7 @@ class Engine:
         self.decode = DecodeRunner(model, ops, self.cache, self.cache.reserve(), max_slots, device,
                                    graphs) if padded else None
         self.prefix = PrefixCache(self.cache) if prefix_cache else None  # prefix_cache.py
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)  # None: a whole prompt per pass
         # With a queue, requests join in groups of this many (see _should_admit).
         self.admit_group = max(1, max_slots // 8) if graphs else 1
         eos = set(config.eos_token_ids)
@@ -148,14 +152,16 @@ class Engine:
     def load(cls, model: str | Path = "tiny", kernels: str = "batch-invariant",
              device: str | None = None, dtype: str | torch.dtype | None = None,
              max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto",
-             decode_graphs: str = "auto", prefix_cache: bool = False) -> "Engine":
+             decode_graphs: str = "auto", prefix_cache: bool = False,
+             prefill_chunk: int | None = None) -> "Engine":
         """A model folder (or "tiny") on a device, with one kernel mode for every op.
 
         ``kernel_impl`` picks how batch-invariant ops run (kernels.IMPLEMENTATIONS):
         by default the Triton kernels on a GPU and the exact-order torch ops on a CPU.
         ``decode_graphs`` (decode_graphs.MODES): CUDA graphs per batch-size bucket for
         decode steps; by default on a GPU only. ``prefix_cache``: reuse the K/V of prompt
-        prefixes already computed (prefix_cache.py)."""
+        prefixes already computed (prefix_cache.py). ``prefill_chunk``: prompt tokens of one
+        sequence per forward pass at most (None: the whole prompt in one pass)."""
         torch_device = _pick_device(device)
         try:  # bad names fail before anything loads
             resolve_implementation(kernels, torch_device.type, kernel_impl)
@@ -172,7 +178,7 @@ class Engine:
         net, sha = load_model(folder, config, torch_dtype, torch_device)
         return cls(net, config, ops, tokenizer, torch_device, torch_dtype, sha,
                    max_slots=max_slots, max_len=max_len, path=folder, decode_graphs=decode_graphs,
-                   prefix_cache=prefix_cache)
+                   prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
 
     # ---- requests -------------------------------------------------------------
 
@@ -234,7 +240,6 @@ class Engine:
         ``on_token(request_id, token)`` is called for each token this step generated
         (before the finished are returned): what a streaming server sends as it comes."""
         with self._lock:
-            joined = []
             with self._queue_lock:
                 if self._aborted:
                     for seq in [s for s in self._running if s.request.request_id in self._aborted]:
@@ -248,25 +253,34 @@ class Engine:
                         seq.slot = self.cache.allocate()
                     else:  # the cached part of the prompt is copied in, not prefilled
                         seq.slot, seq.cached = self.prefix.admit(seq.prompt_ids)
-                        joined.append(seq)
                     self._running.append(seq)
             if not self._running:
                 return []
             token_ids, slots, positions, last_rows = [], [], [], []
+            prefilling, sampled = [], []  # sequences given prompt tokens / to sample this pass
+            chunk = self.prefill_chunk
             for seq in self._running:
                 prompt = len(seq.prompt_ids)  # the (uncached part of the) prompt, or the last sampled token
-                new = seq.all_ids[seq.cached:] if seq.cached < prompt else seq.generated[seq.cached - prompt:]
+                if seq.cached < prompt:
+                    prefilling.append(seq)
+                    end = prompt if chunk is None else min(prompt, seq.cached + chunk)
+                    new = seq.prompt_ids[seq.cached:end]
+                else:
+                    new = seq.generated[seq.cached - prompt:]
                 token_ids += new
                 slots += [seq.slot] * len(new)
                 positions += range(seq.cached, seq.cached + len(new))
-                last_rows.append(len(token_ids) - 1)
                 seq.cached += len(new)
+                if seq.cached == prompt + len(seq.generated):  # its last token's logits give the next
+                    last_rows.append(len(token_ids) - 1)
+                    sampled.append(seq)
             logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
-            for seq in joined:  # their prompts' K/V are written now
-                self.prefix.record(seq.slot, seq.prompt_ids)
-            picks = self._pick(logits, logprobs)
+            if self.prefix is not None:  # their prompts' K/V (so far) are written now
+                for seq in prefilling:
+                    self.prefix.record(seq.slot, seq.prompt_ids[:seq.cached])
+            picks = self._pick(sampled, logits, logprobs) if sampled else []
             finished = []
-            for seq, (token, logprob, top) in zip(self._running, picks):
+            for seq, (token, logprob, top) in zip(sampled, picks):
                 generated = len(seq.tokens)
                 if self._advance(seq, token, logprob, top):
                     finished.append(seq)
@@ -293,11 +307,14 @@ class Engine:
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         with _cpu_threads(getattr(self.ops, "cpu_threads", None) if self.device.type == "cpu" else None):
             hidden = self.model(as_tensor(token_ids), as_tensor(slots), as_tensor(positions), self.cache, self.ops)
+            if not rows:  # every sequence is still prefilling (chunked): K/V only
+                return None, None
             logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
             return logits, self.ops.log_softmax(logits)
 
-    def _pick(self, logits: torch.Tensor, logprobs: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
-        """(token, its logprob, top (id, logprob) pairs) for every running row.
+    def _pick(self, sequences: list[_Sequence], logits: torch.Tensor,
+              logprobs: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token, its logprob, top (id, logprob) pairs) for each sequence's row.
 
         Greedy picks, the chosen logprobs and the top-k run on the device for the whole
         batch and come back in ONE copy (a float64 tensor: token ids and fp32 values are
@@ -306,10 +323,10 @@ class Engine:
         the batch: argmax takes the first (lowest-id) maximum, like ``sampler.greedy``;
         top-k ties are ordered by id, and a row whose tie crosses the k-th place (its
         k-th and (k+1)-th values are equal) is re-sorted exactly on the host."""
-        requests = [seq.request for seq in self._running]
+        requests = [seq.request for seq in sequences]
         if any(req.temperature > 0 for req in requests):  # seeded draws: one row at a time
             tokens = torch.argmax(logprobs, dim=-1).tolist()
-            for row, (seq, req) in enumerate(zip(self._running, requests)):
+            for row, (seq, req) in enumerate(zip(sequences, requests)):
                 if req.temperature > 0:
                     tokens[row] = sample(logits[row], logprobs[row], self.ops, req.temperature, req.top_p,
                                          req.seed, position=len(seq.generated))
@@ -472,7 +489,15 @@ class Engine:
             "max_slots": self.max_slots,
             "max_len": self.max_len,
             "prefix_cache": self.prefix is not None,
+            "prefill_chunk": self.prefill_chunk,
         }
+
+
+def check_prefill_chunk(chunk: int | None) -> int | None:
+    """A prefill chunk size: None (whole prompts) or a positive whole number of tokens."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {chunk!r}")
+    return chunk
 
 
 @contextlib.contextmanager

@@ -213,7 +213,7 @@ def test_probes_lists_the_builtins():
     assert "coin-flip" in cli("probes").stdout
 
 
-@pytest.mark.parametrize("command", ["run", "report", "export", "analyze", "probes"])
+@pytest.mark.parametrize("command", ["run", "report", "export", "analyze", "probes", "matrix"])
 def test_every_command_has_help_with_an_example(command):
     result = cli(command, "--help")
     assert result.exit_code == 0

@@ -94,14 +94,21 @@ class OpenAIBackend:
     # -- Backend -------------------------------------------------------------------------
 
     async def complete(self, probe: Probe, index: int) -> Completion:
+        return (await self._send(probe, all_choices=False))[0]
+
+    async def complete_choices(self, probe: Probe, index: int) -> list[Completion]:
+        """Every choice of one request (the probe's ``n``), in the order the server sent them."""
+        return await self._send(probe, all_choices=True)
+
+    async def _send(self, probe: Probe, all_choices: bool) -> list[Completion]:
         if probe.api != self.api:
             raise BackendError("bad_request", f"probe {probe.name!r} uses the {probe.api} API "
                                f"but this backend was set up for {self.api}; create the "
                                "backend with api=probe.api")
         body, wants_logprobs = self._body(probe)
         top_k = _asked_top_k(body, self.api)
-        if body.get("stream"):
-            return await self._complete_streamed(body, wants_logprobs, top_k)
+        if body.get("stream"):  # the chunks of choice 0
+            return [await self._complete_streamed(body, wants_logprobs, top_k)]
         try:
             async with asyncio.timeout(self.timeout):  # the whole attempt, not each read
                 response = await self._client.post(self._path, cast_to=_http.Response, body=body)
@@ -109,7 +116,9 @@ class OpenAIBackend:
         except Exception as exc:
             raise self._failure(exc) from None
         try:
-            return parse_body(content, self.api, wants_logprobs, self.base_url, top_k=top_k)
+            if not all_choices:
+                return [parse_body(content, self.api, wants_logprobs, self.base_url, top_k=top_k)]
+            return parse_choices(content, self.api, wants_logprobs, self.base_url, top_k)
         except BackendError as exc:
             if exc.retryable:  # a transport fault: its wait hint counts, as a 502's does
                 exc.retry_after = retry_after_seconds(response.headers)
@@ -293,8 +302,17 @@ class _NumberText(str):
     """A JSON number, kept as the exact text the server sent."""
 
 
+def parse_choices(content: bytes, api: str, wants_logprobs: bool, source: str,
+                  top_k: int = 0) -> list[Completion]:
+    """Every choice of a response body (an ``n > 1`` request), as ``parse_body`` reads one."""
+    first = parse_body(content, api, wants_logprobs, source, top_k)
+    body, raw = read_json(content), content.decode("utf-8", errors="replace")
+    return [first] + [completion_of(body, api, wants_logprobs, source, top_k, raw, choice=i)
+                      for i in range(1, len(body["choices"]))]
+
+
 def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
-               top_k: int = 0) -> Completion:
+               top_k: int = 0, choice: int = 0) -> Completion:
     """A response body -> Completion; BackendError("bad_response") if it is not a
     completion (HTML page, truncated JSON, no choices, no logprobs when asked).
     A body that is no completion at all (not JSON, not an object, an error, no
@@ -303,13 +321,14 @@ def parse_body(content: bytes, api: str, wants_logprobs: bool, source: str,
     Top-k entries sent as the -9999.0 sentinel are not logprobs: they are left out of
     ``top`` (the token then counts as missing) and counted in
     ``extra["sentinel_logprobs"]``; ``raw`` keeps them. Fewer top entries than the
-    ``top_k`` asked for are noted in ``extra["top_logprobs_short"]`` (the fewest)."""
+    ``top_k`` asked for are noted in ``extra["top_logprobs_short"]`` (the fewest).
+    ``choice``: which of the response's choices to read (an ``n > 1`` request)."""
     raw = content.decode("utf-8", errors="replace")
     try:
         body = read_json(content)
     except ValueError:
         raise _transport_fault(source, f"the body is not JSON: {_snippet(raw)!r}", raw) from None
-    return completion_of(body, api, wants_logprobs, source, top_k, raw)
+    return completion_of(body, api, wants_logprobs, source, top_k, raw, choice)
 
 
 def read_json(content: bytes | str) -> Any:
@@ -319,9 +338,9 @@ def read_json(content: bytes | str) -> Any:
 
 
 def completion_of(body: Any, api: str, wants_logprobs: bool, source: str, top_k: int,
-                  raw: str) -> Completion:
+                  raw: str, choice: int = 0) -> Completion:
     """A body read by ``read_json`` (a whole answer, or a stream's chunks merged into
-    one) -> Completion; ``raw`` is what is stored as received."""
+    one) -> Completion of its choice ``choice``; ``raw`` is what is stored as received."""
     if not isinstance(body, dict):
         raise _transport_fault(source, f"the body is not a JSON object: {_snippet(raw)!r}", raw)
     if "error" in body and "choices" not in body:
@@ -330,15 +349,17 @@ def completion_of(body: Any, api: str, wants_logprobs: bool, source: str, top_k:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices:
         raise _transport_fault(source, "the response has no choices", raw)
-    choice = choices[0]
+    if choice >= len(choices):
+        raise _bad(source, f"choice {choice} was asked for, but the response has {len(choices)}")
+    picked = choices[choice]
     try:
         if api == "chat":
-            text = (choice.get("message") or {}).get("content") or ""
-            positions = _chat_positions(choice.get("logprobs"), wants_logprobs, source)
+            text = (picked.get("message") or {}).get("content") or ""
+            positions = _chat_positions(picked.get("logprobs"), wants_logprobs, source)
         else:
-            text = choice.get("text") or ""
-            positions = _completions_positions(choice.get("logprobs"), wants_logprobs, source)
-        finish_reason = choice.get("finish_reason")
+            text = picked.get("text") or ""
+            positions = _completions_positions(picked.get("logprobs"), wants_logprobs, source)
+        finish_reason = picked.get("finish_reason")
         model, fingerprint = body.get("model"), body.get("system_fingerprint")
         if not isinstance(text, str):
             raise TypeError(f"the answer text is {type(text).__name__}, not a string")

@@ -5,6 +5,7 @@
     report.py   report, export, analyze, probes
     insight.py  compare, plot, tokens; run's dry run and cost cap
     serve.py    serve, gate
+    matrix.py   matrix
     crosscheck.py  crosscheck (server logprobs vs a teacher-forced reference)
 
 Conventions: logs, progress and errors go to stderr; results (the report, JSON, file
@@ -20,11 +21,11 @@ from __future__ import annotations
 import sys
 import traceback
 
-from detaudit.commands import crosscheck, insight, report, run, serve
+from detaudit.commands import crosscheck, insight, matrix, report, run, serve
 from detaudit.commands.app import app, guard
 from detaudit.redact import redact
 
-for _group in (run, report, insight, serve, crosscheck):
+for _group in (run, report, insight, serve, crosscheck, matrix):
     _group.register(app, guard)
 
 __all__ = ["app", "main"]

@@ -171,7 +171,7 @@ def run(
         limits = session.rate_limits(probe_obj, config, rpm, tpm)
         store, backend_obj, run_concurrency = session.start(
             prepared, root, concurrency=concurrency, timeout=timeout, max_attempts=max_attempts,
-            max_errors=max_errors, limits=limits, command=_command_line(ctx),
+            max_errors=max_errors, limits=limits, command=command_line(ctx),
             filler_caps=sending.filler_caps)
 
     if not quiet:
@@ -274,7 +274,7 @@ def _interrupted(store: "RunStore", n: int, threshold_pct: float, json_out: bool
     raise typer.Exit(code)
 
 
-def _command_line(ctx: typer.Context) -> list[str]:
+def command_line(ctx: typer.Context) -> list[str]:
     """The command as typed, rebuilt from the parsed flags; secrets are never flags, and
     a key pasted into a value (or a URL's user:password) is blanked anyway."""
     words = ["detaudit", ctx.info_name or "run"]

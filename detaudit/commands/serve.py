@@ -53,6 +53,8 @@ def serve(
     max_len: int = typer.Option(2048, min=2, help="Context length per sequence (capped by the model's)."),
     prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Reuse the K/V of prompt prefixes already "
                                       "computed (batch-invariant kernels: the same bits as without)."),
+    prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Chunked prefill: prompt tokens of one request "
+                                                "per forward pass at most \\[default: the whole prompt].", metavar="TOKENS"),
 ) -> None:
     """Serve the bundled engine over an OpenAI-compatible API (chat, completions, logprobs).
 
@@ -67,7 +69,8 @@ def serve(
         fail(f"detaudit serve needs the local extras ({exc.name} is missing): "
              "pip install 'detaudit[local]'", 2)
     engine = Engine.load(model, kernels=kernels.value, device=device, dtype=dtype,
-                         max_slots=max_batch, max_len=max_len, prefix_cache=prefix_cache)
+                         max_slots=max_batch, max_len=max_len, prefix_cache=prefix_cache,
+                         prefill_chunk=prefill_chunk)
     if prefix_cache:
         stderr.print("prefix cache on", highlight=False)
     try:
