@@ -64,8 +64,10 @@ def crosscheck(
                                                  help="Exit 3 when max |Δ logprob| is above this."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Teacher-force a stored run's sampled tokens through a reference model and compare
-    its logprobs with the server's: bitwise-equal share, max and mean |Δ logprob|, k3
+    """How far a run's logprobs are from a reference forward pass (the train-inference gap).
+
+    Teacher-forces the stored sampled tokens through a reference model and compares its
+    logprobs with the server's: bitwise-equal share, max and mean |Δ logprob|, k3
     KL(server || reference), Pearson of the probabilities, per position and worst tokens."""
     from detaudit.api import crosscheck as run_crosscheck
 
