@@ -6,11 +6,11 @@ agrees with the stored answers, and some batch axis moves the numbers."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 
 import detaudit
+from tests.servers import stored_answers
 from tests.servers.serve_process import ROOT, cli_env
 
 LOCAL_AXES = ["load", "cache", "max-tokens", "top-logprobs", "n", "batch-size", "batch-position",
@@ -45,18 +45,6 @@ def test_batch_invariant_kernels_vary_along_no_local_axis(tmp_path):
     assert sorted(p.name for p in (matrix.path / "load").iterdir()) == before
 
 
-def _answers_by_level(run_folder) -> dict[str, set]:
-    """Straight from samples.sqlite: each level's set of answers (output, chosen tokens and
-    the text of their logprobs), the oracle the matrix's verdict must agree with."""
-    with sqlite3.connect(f"file:{run_folder / 'samples.sqlite'}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT \"group\", output, positions FROM samples WHERE status = 'ok'").fetchall()
-    answers: dict[str, set] = {}
-    for group, output, positions in rows:
-        chosen = tuple((p["token"], p["logprob_text"]) for p in json.loads(positions or "[]"))
-        answers.setdefault(group, set()).add((output, chosen))
-    return answers
-
-
 def test_default_kernels_verdicts_match_the_stored_answers(tmp_path):
     """Which batch shapes change the default kernels' bits is up to the CPU's torch kernels
     (on one machine batches of 2-3 rows did and 4-16 did not), so the verdict of every axis
@@ -69,10 +57,8 @@ def test_default_kernels_verdicts_match_the_stored_answers(tmp_path):
     data = json.loads(proc.stdout)
     matrix = detaudit.open_matrix(next(tmp_path.glob("matrix-*")))
     for axis in data["axes"]:
-        answers = _answers_by_level(matrix.path / axis["axis"])
-        base, other = (f"{axis['axis']}={level}" for level in axis["levels"])
-        assert len(answers[base]) == axis["distinct"][axis["levels"][0]]
-        assert axis["varies"] is bool(answers[other] - answers[base]), f"{axis['axis']}: {axis['verdict']}"
+        expected = stored_answers.varies(matrix.path / axis["axis"], axis["axis"], axis["levels"])
+        assert axis["varies"] is expected, f"{axis['axis']}: {axis['verdict']}"
     assert any(axis["varies"] for axis in data["axes"]), [a["verdict"] for a in data["axes"]]
     levels = {a["axis"]: a["levels"] for a in data["axes"]}
     assert levels == {"load": ["0", "2"], "batch-size": ["1", "2"], "batch-position": ["first", "last"],
