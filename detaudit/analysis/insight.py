@@ -125,13 +125,14 @@ def build_insight(frames: Frames, samples: list[Sample] | SampleColumns | None =
     gaps: dict[int, np.ndarray] = {}
     row_gaps = None
     tokens = []
-    tracked = frames.tracked
+    slot_of = frames.tracked["slot"].to_numpy()
+    values = frames.tracked["logprob"].to_numpy(np.float64)
+    finite = np.isfinite(values)
     for slot, t in enumerate(tracked_slots(frames)):
-        rows = tracked[(tracked["slot"] == slot) & np.isfinite(tracked["logprob"])]
-        logprob = rows["logprob"].to_numpy(np.float64)
+        logprob = values[(slot_of == slot) & finite]
         odds = log_odds(logprob)
         grid = TokenGrid(
-            label=str(t["label"]), token=t["token"], position=int(t["position"]), n=len(rows),
+            label=str(t["label"]), token=t["token"], position=int(t["position"]), n=len(logprob),
             distinct_log_odds=int(np.unique(odds.view(np.int64)).size), log_odds=spread(odds),
             log_odds_grid=detect_grid(odds), logprob_grid=detect_grid(logprob))
         if tops is not None and tops.top.size:
