@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import json
 import operator
 import os
@@ -333,12 +332,12 @@ class RunStore:
         refuses with the same error (a damaged row sends it through ``samples()``)."""
         with _collector_paused():
             try:
-                rows = self._conn.execute(f"SELECT {', '.join(_COLUMN_READ)} FROM samples "
-                                          "ORDER BY idx").fetchall()
+                columns = _sample_columns(self._conn.execute(_READ_COLUMNS))
+            except sqlite3.OperationalError:  # a BLOB where text belongs: samples() says where
+                columns = None
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"{self.path / DATABASE}: cannot read the samples "
                                  f"({exc})") from None
-            columns = _sample_columns(rows)
         if columns is None:  # some row is not what _row writes: samples() says which
             return SampleColumns.from_samples(self.samples())
         return columns
@@ -672,49 +671,92 @@ def _check_entry(entry: Any, where: str) -> None:
         raise BadRow(f"{where}.logprob_text is {entry.get('logprob_text')!r}, not a string")
 
 
-# what sample_columns reads: every column _sample checks, bar error_message and raw
-_COLUMN_READ = ("idx", "status", "output", "finish_reason", "model", "system_fingerprint",
-                '"group"', "attempts", "started_at", "latency_s", "error_kind", "positions",
-                "extra", "has_completion")
+# What sample_columns reads: per row the index, latency, output and positions, and one
+# JSON text of the fields few rows differ in (with the SQL types _sample checks), which
+# a run holds a handful of: each is parsed once. A value per column and row would cost
+# more than SQLite's reading of the whole file.
+_READ_COLUMNS = """SELECT idx, latency_s, output, positions,
+    json_array(status, error_kind, "group", attempts, has_completion, finish_reason, model,
+               system_fingerprint, extra, typeof(attempts), typeof(started_at),
+               typeof(latency_s), typeof(output))
+    FROM samples ORDER BY idx"""
 
 
-def _sample_columns(rows: list[tuple]) -> SampleColumns | None:
+_POSITIONS, _FIELDS = operator.itemgetter(3), operator.itemgetter(4)
+
+
+class _Numbering(dict):
+    """Numbers values in order of first appearance: ``numbering[value]`` is its number
+    (a C-level lookup through ``map``; only a new value runs Python)."""
+
+    def __missing__(self, value: Any) -> int:
+        number = self[value] = len(self)
+        return number
+
+
+def _sample_columns(cursor: sqlite3.Cursor, chunk: int = 4096) -> SampleColumns | None:
     """The rows as columns, or None when one of them is not what ``_row`` writes. Checks
-    what ``_sample`` checks, a column at a time, and parses each distinct positions and
-    extra text once."""
-    n = len(rows)
-    (idx, status, output, finish_reason, model, fingerprint, group, attempts, started_at,
-     latency_s, error_kind, positions, extra, has_completion) = (
-        [list(column) for column in zip(*rows)] if n else [[] for _ in _COLUMN_READ])
-    if not (set(status) <= {"ok", "error"} and set(map(type, attempts)) <= {int}
-            and set(map(type, started_at)) | set(map(type, latency_s)) <= {int, float}):
-        return None
-    present = list(map(bool, has_completion))
-    if not all(present):  # a row without a completion: None fields, no positions (entry 0)
-        for i in itertools.compress(range(n), map(operator.not_, present)):
-            output[i] = finish_reason[i] = model[i] = fingerprint[i] = extra[i] = None
-            positions[i] = _NO_ENTRY
-    if not set(map(type, output)) <= {str, type(None)}:
-        return None
+    what ``_sample`` checks, once per distinct set of fields, and parses each distinct
+    positions and extra text once. Rows are read a chunk at a time, so a million
+    positions texts are never held at once: each is numbered and dropped."""
+    import numpy as np
+
+    idx: list[int] = []
+    latency_s: list[float] = []
+    output: list[str | None] = []
+    key_codes: list[int] = []
+    text_codes: list[int] = []
+    keys, texts = _Numbering(), _Numbering()
+    while rows := cursor.fetchmany(chunk):
+        for column, values in zip((idx, latency_s, output), zip(*rows)):
+            column.extend(values)
+        text_codes.extend(map(texts.__getitem__, map(_POSITIONS, rows)))
+        key_codes.extend(map(keys.__getitem__, map(_FIELDS, rows)))
+    n = len(idx)
+    per_key: list[list] = []
     try:
-        for text in set(extra):
-            if text:
-                _json_object(text, "extra")
-        # every distinct text once, in order of first appearance (C-level passes)
-        texts = [text for text in dict.fromkeys(positions) if text is not _NO_ENTRY]
-        entries = [[]] + [_positions(text) for text in texts]
+        for key in keys:
+            (status, error_kind, group, attempts, has_completion, finish_reason, model,
+             fingerprint, extra, attempts_type, started_type, latency_type, output_type) = json.loads(key)
+            present = bool(has_completion)
+            if status not in ("ok", "error") or attempts_type != "integer" \
+                    or not {started_type, latency_type} <= {"integer", "real"} \
+                    or present and output_type not in ("text", "null"):
+                return None
+            if present and extra:
+                _json_object(extra, "extra")
+            if not present:  # a row without its completion: None fields, no positions
+                finish_reason = model = fingerprint = None
+            per_key.append([status, error_kind, group, attempts, present, finish_reason, model,
+                            fingerprint])
+        key_of = np.asarray(key_codes, dtype=np.intp)
+        table = np.empty((len(keys), 8), dtype=object)
+        for code, values in enumerate(per_key):
+            table[code] = values
+        (status, error_kind, group, attempts, present, finish_reason, model, fingerprint) = (
+            table[key_of, j].tolist() for j in range(8))
+        # entry 0: no positions (a row without a completion); then each text that a row
+        # with a completion has, parsed once (the others are not read, as in samples())
+        text_of = np.asarray(text_codes, dtype=np.intp)
+        with_completion = np.asarray(present, dtype=bool)
+        used = np.zeros(len(texts), dtype=bool)
+        used[text_of[with_completion]] = True
+        entry_of = np.zeros(len(texts), dtype=np.intp)
+        entry_of[used] = np.arange(1, int(used.sum()) + 1)
+        entries = [[]] + [_positions(text) for text, keep in zip(texts, used.tolist()) if keep]
     except (BadRow, TypeError):  # TypeError: an entry with keys _row never writes
         return None
-    code_of = {text: code for code, text in enumerate(texts, start=1)}
-    code_of[_NO_ENTRY] = 0
+    codes = np.where(with_completion, entry_of[text_of], 0)
+    if not with_completion.all():
+        for i in np.flatnonzero(~with_completion).tolist():
+            output[i] = None
     return SampleColumns(
         index=idx, status=status, error_kind=error_kind, group=group, attempts=attempts,
         latency_s=latency_s, has_completion=present, output=output,
         finish_reason=finish_reason, model=model, system_fingerprint=fingerprint,
-        positions=list(map(code_of.__getitem__, positions)), distinct_positions=entries)
+        positions=codes.tolist(), distinct_positions=entries)
 
 
-_NO_ENTRY = object()  # the positions of a row without a completion
 
 
 @contextlib.contextmanager
