@@ -206,7 +206,8 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
             floats[entries, j] = [found[i].logprob for i in hits]
     values = _tracked_values(texts, floats, codes)
     per_sample = lambda key, values: _repeated(samples[key], values, rows, k)  # noqa: E731
-    per_slot = lambda key: np.tile(_object_array([t[key] for t in slots]), n)  # noqa: E731
+    per_slot = lambda key: _spread(_object_array([t[key] for t in slots]),  # noqa: E731
+                                   np.tile(np.arange(k), n))
     return pd.DataFrame({
         "index": np.repeat(np.array(columns.index, dtype=np.int64)[rows], k),
         "slot": np.tile(np.arange(k, dtype=np.int64), n),
@@ -214,11 +215,24 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
         "token": per_slot("token"),
         "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), n),
         "logprob": values,
-        "logprob_text": texts[codes].reshape(-1),
+        "logprob_text": _spread(texts[run.used].reshape(-1),  # the texts that occur
+                                (np.searchsorted(run.used, codes)[:, None] * k
+                                 + np.arange(k)).reshape(-1)),
         "system_fingerprint": per_sample("system_fingerprint", columns.system_fingerprint),
         "output": per_sample("output", columns.output),
         "group": per_sample("group", columns.group),
     }, columns=TRACKED_COLUMNS)
+
+
+def _spread(values: np.ndarray, at: np.ndarray) -> Any:
+    """``values[at]`` typed as pandas would type it, when every one of ``values`` occurs
+    there: typed on the few values, then taken (no pass over millions of strings)."""
+    if not len(at):
+        return values[at]
+    few = pd.Series(values)
+    if isinstance(few.dtype, pd.StringDtype):
+        return few.array.take(at)
+    return values[at]
 
 
 def _repeated(column: pd.Series, values: list, rows: np.ndarray, k: int) -> Any:
