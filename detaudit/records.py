@@ -8,6 +8,7 @@ so that "bitwise distinct" is judged on what was received, not on a re-rendering
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from typing import Any, Literal
 
 
@@ -79,3 +80,56 @@ def position_from_dict(d: dict[str, Any]) -> Position:
         top=top,
         bytes=d.get("bytes"),
     )
+
+
+@dataclass
+class SampleColumns:
+    """A run's samples as columns, in index order: what the analysis reads.
+
+    Samples that generated the same positions share one entry of ``distinct_positions``
+    (``positions[i]`` is sample i's entry). A stored run of a million coin flips holds a
+    few dozen distinct top-k lists, so reading it parses and walks a few dozen lists,
+    not a million (``RunStore.sample_columns``). A sample without a completion has None
+    for the completion's fields and an empty positions entry.
+    """
+
+    index: list[int]
+    status: list[str]
+    error_kind: list[str | None]
+    group: list[str | None]
+    attempts: list[int]
+    latency_s: list[float]
+    has_completion: list[bool]
+    output: list[str | None]
+    finish_reason: list[str | None]
+    model: list[str | None]
+    system_fingerprint: list[str | None]
+    positions: list[int]
+    distinct_positions: list[list[Position]]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample]) -> "SampleColumns":
+        """Samples (any order) as columns sorted by index; each sample its own entry."""
+        samples = list(samples)
+        if any(a.index > b.index for a, b in zip(samples, samples[1:])):
+            samples.sort(key=attrgetter("index"))  # stable: equal indices keep their order
+        index, status, error_kind, group, attempts, latency_s, completions = (
+            list(map(attrgetter(name), samples)) for name in
+            ("index", "status", "error_kind", "group", "attempts", "latency_s", "completion"))
+        present = [c is not None for c in completions]
+        filled = [c if c is not None else _NO_COMPLETION for c in completions]
+        output, finish_reason, model, fingerprint, positions = (
+            list(map(attrgetter(name), filled)) for name in
+            ("text", "finish_reason", "model", "system_fingerprint", "positions"))
+        return cls(index=index, status=status, error_kind=error_kind, group=group,
+                   attempts=attempts, latency_s=latency_s, has_completion=present,
+                   output=output, finish_reason=finish_reason, model=model,
+                   system_fingerprint=fingerprint, positions=list(range(len(samples))),
+                   distinct_positions=positions)
+
+
+# what a sample without a completion reads as: None fields, no positions
+_NO_COMPLETION = Completion(text=None, positions=())  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from detaudit.analysis import Analysis, Frames
-    from detaudit.records import Sample
+    from detaudit.records import Sample, SampleColumns
 
 
 class UsageProblem(Exception):
@@ -432,12 +432,12 @@ def record_fillers(store: RunStore, backend: Any) -> None:
 
 # --- reading a run --------------------------------------------------------------------------
 
-def frames_of(store: RunStore, samples: "list[Sample] | None" = None) -> "Frames":
+def frames_of(store: RunStore, samples: "list[Sample] | SampleColumns | None" = None) -> "Frames":
     """The analysis frames of a stored run (samples, tracked tokens); ``samples``: the
-    run's samples when the caller has read them already."""
+    run's samples (or ``store.sample_columns()``) when the caller has read them already."""
     from detaudit.analysis import build_frames
 
-    samples = store.samples() if samples is None else samples
+    samples = store.sample_columns() if samples is None else samples
     return build_frames(samples, store.manifest.get("tracked") or [])
 
 
@@ -449,11 +449,11 @@ def analyze_store(store: RunStore, threshold_pct: float = DEFAULT_THRESHOLD_PCT)
     from detaudit.analysis.insight import build_insight
 
     m = store.manifest
-    samples = store.samples()
+    samples = store.sample_columns()
     frames = frames_of(store, samples)
     probe = Probe.from_dict(m["probe"], source=f"{store.path}/manifest.json")
     split = None  # a text-only run's first divergence: the model's tokens, else characters
-    if not probe.asks_logprobs or any(s.error_kind == NO_LOGPROBS_KIND for s in samples):
+    if not probe.asks_logprobs or NO_LOGPROBS_KIND in samples.error_kind:
         config = m.get("backend_config") or {}
         split = tokenization.text_splitter(str(config.get("model", "")),
                                            local=config.get("backend") == "local")

@@ -21,7 +21,10 @@ types, a row that is not what this module writes) with ``StoreError``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import operator
 import os
 import re
 import shutil
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from detaudit import runlock
-from detaudit.records import Completion, Position, Sample, position_from_dict
+from detaudit.records import Completion, Position, Sample, SampleColumns, position_from_dict
 from detaudit.redact import redact
 
 FORMAT_VERSION = 1
@@ -205,6 +208,7 @@ class RunStore:
             else:
                 uri = f"file:{quote(str(file.resolve()))}?mode=ro&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            conn.execute(f"PRAGMA mmap_size = {_READ_MMAP_BYTES}")
             _check_tables(conn, file)
         except OSError as exc:
             _discard(scratch)
@@ -321,6 +325,23 @@ class RunStore:
             raise StoreError(f"{self.path / DATABASE}: cannot read the samples ({exc})") from None
         return out
 
+    def sample_columns(self) -> SampleColumns:
+        """``samples()`` as columns (``records.SampleColumns``), for the analysis of a
+        large run: one read of the rows, each distinct positions and extra text parsed
+        once, no object per sample or position. Whatever ``samples()`` refuses this
+        refuses with the same error (a damaged row sends it through ``samples()``)."""
+        with _collector_paused():
+            try:
+                columns = _sample_columns(self._conn.execute(_READ_COLUMNS))
+            except sqlite3.OperationalError:  # a BLOB where text belongs: samples() says where
+                columns = None
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path / DATABASE}: cannot read the samples "
+                                 f"({exc})") from None
+        if columns is None:  # some row is not what _row writes: samples() says which
+            return SampleColumns.from_samples(self.samples())
+        return columns
+
     def _bad_row(self, idx: Any, problem: Exception) -> StoreError:
         return StoreError(f"{self.path / DATABASE}: the row of sample {idx!r} is not readable: "
                           f"{problem}; the file was edited or damaged (detaudit never writes this)")
@@ -385,6 +406,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 _REQUIRED_TO_READ = ("run_id", "probe", "n")
+# A reader maps the database instead of copying it page by page through read(): reading
+# every row of a 2 GB run (a million top-20 samples) takes half the time. SQLite caps
+# the size at its build's limit (2 GB by default) and reads the rest as before.
+_READ_MMAP_BYTES = 1 << 40
 _TEXT, _LIST, _OBJECT, _NULL = (str,), (list,), (dict,), (type(None),)
 # The manifest fields this module writes or readers rely on, and the JSON types they
 # may have; fields not listed (added by newer code) are left alone.
@@ -644,3 +669,104 @@ def _check_entry(entry: Any, where: str) -> None:
         raise BadRow(f"{where}.logprob is {entry.get('logprob')!r}, not a number")
     if not isinstance(entry.get("logprob_text"), str):
         raise BadRow(f"{where}.logprob_text is {entry.get('logprob_text')!r}, not a string")
+
+
+# What sample_columns reads: per row the index, latency, output and positions, and one
+# JSON text of the fields few rows differ in (with the SQL types _sample checks), which
+# a run holds a handful of: each is parsed once. A value per column and row would cost
+# more than SQLite's reading of the whole file.
+_READ_COLUMNS = """SELECT idx, latency_s, output, positions,
+    json_array(status, error_kind, "group", attempts, has_completion, finish_reason, model,
+               system_fingerprint, extra, typeof(attempts), typeof(started_at),
+               typeof(latency_s), typeof(output))
+    FROM samples ORDER BY idx"""
+
+
+_POSITIONS, _FIELDS = operator.itemgetter(3), operator.itemgetter(4)
+
+
+class _Numbering(dict):
+    """Numbers values in order of first appearance: ``numbering[value]`` is its number
+    (a C-level lookup through ``map``; only a new value runs Python)."""
+
+    def __missing__(self, value: Any) -> int:
+        number = self[value] = len(self)
+        return number
+
+
+def _sample_columns(cursor: sqlite3.Cursor, chunk: int = 4096) -> SampleColumns | None:
+    """The rows as columns, or None when one of them is not what ``_row`` writes. Checks
+    what ``_sample`` checks, once per distinct set of fields, and parses each distinct
+    positions and extra text once. Rows are read a chunk at a time, so a million
+    positions texts are never held at once: each is numbered and dropped."""
+    import numpy as np
+
+    idx: list[int] = []
+    latency_s: list[float] = []
+    output: list[str | None] = []
+    key_codes: list[int] = []
+    text_codes: list[int] = []
+    keys, texts = _Numbering(), _Numbering()
+    while rows := cursor.fetchmany(chunk):
+        for column, values in zip((idx, latency_s, output), zip(*rows)):
+            column.extend(values)
+        text_codes.extend(map(texts.__getitem__, map(_POSITIONS, rows)))
+        key_codes.extend(map(keys.__getitem__, map(_FIELDS, rows)))
+    n = len(idx)
+    per_key: list[list] = []
+    try:
+        for key in keys:
+            (status, error_kind, group, attempts, has_completion, finish_reason, model,
+             fingerprint, extra, attempts_type, started_type, latency_type, output_type) = json.loads(key)
+            present = bool(has_completion)
+            if status not in ("ok", "error") or attempts_type != "integer" \
+                    or not {started_type, latency_type} <= {"integer", "real"} \
+                    or present and output_type not in ("text", "null"):
+                return None
+            if present and extra:
+                _json_object(extra, "extra")
+            if not present:  # a row without its completion: None fields, no positions
+                finish_reason = model = fingerprint = None
+            per_key.append([status, error_kind, group, attempts, present, finish_reason, model,
+                            fingerprint])
+        key_of = np.asarray(key_codes, dtype=np.intp)
+        table = np.empty((len(keys), 8), dtype=object)
+        for code, values in enumerate(per_key):
+            table[code] = values
+        (status, error_kind, group, attempts, present, finish_reason, model, fingerprint) = (
+            table[key_of, j].tolist() for j in range(8))
+        # entry 0: no positions (a row without a completion); then each text that a row
+        # with a completion has, parsed once (the others are not read, as in samples())
+        text_of = np.asarray(text_codes, dtype=np.intp)
+        with_completion = np.asarray(present, dtype=bool)
+        used = np.zeros(len(texts), dtype=bool)
+        used[text_of[with_completion]] = True
+        entry_of = np.zeros(len(texts), dtype=np.intp)
+        entry_of[used] = np.arange(1, int(used.sum()) + 1)
+        entries = [[]] + [_positions(text) for text, keep in zip(texts, used.tolist()) if keep]
+    except (BadRow, TypeError):  # TypeError: an entry with keys _row never writes
+        return None
+    codes = np.where(with_completion, entry_of[text_of], 0)
+    if not with_completion.all():
+        for i in np.flatnonzero(~with_completion).tolist():
+            output[i] = None
+    return SampleColumns(
+        index=idx, status=status, error_kind=error_kind, group=group, attempts=attempts,
+        latency_s=latency_s, has_completion=present, output=output,
+        finish_reason=finish_reason, model=model, system_fingerprint=fingerprint,
+        positions=codes.tolist(), distinct_positions=entries)
+
+
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off while a million rows become columns: the rows
+    hold no cycle, and each collection would walk every one of them again."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

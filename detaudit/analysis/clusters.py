@@ -33,18 +33,24 @@ class DistinctValues:
 
 
 def distinct_values(logprob: np.ndarray, text: list[str] | np.ndarray) -> DistinctValues:
-    """Group finite logprobs by their float64 bit pattern (NaNs must be removed first)."""
-    logprob = np.ascontiguousarray(logprob, dtype=np.float64)
+    """Group finite logprobs by their float64 bit pattern (NaNs must be removed first).
+
+    Hashing, not sorting, finds the patterns (a million samples hold a few dozen); they
+    are then ordered by value, and -0.0 before 0.0 (equal values, other bits)."""
+    logprob = np.ascontiguousarray(logprob, dtype=np.float64).reshape(-1)
     bits = logprob.view(np.int64)
-    unique_bits, first, inverse, count = np.unique(
-        bits, return_index=True, return_inverse=True, return_counts=True)
+    codes, unique_bits = pd.factorize(bits)  # in order of first appearance
+    # a code's first row is where the running maximum of the codes first reaches it
+    first = np.flatnonzero(np.concatenate(([True], codes[1:] > np.maximum.accumulate(codes)[:-1]))) \
+        if codes.size else np.zeros(0, dtype=np.intp)
+    count = np.bincount(codes, minlength=unique_bits.size).astype(np.int64)
     values = unique_bits.view(np.float64)
-    order = np.argsort(values, kind="stable")  # int64 order is not float order for negatives
+    order = np.lexsort((unique_bits, values))  # by value; equal values by bits, as int64
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
     texts = [str(text[i]) for i in first[order]]
     return DistinctValues(logprob=values[order], text=texts, count=count[order],
-                          inverse=rank[inverse.reshape(-1)])
+                          inverse=rank[codes])
 
 
 def cluster_ids(values_pct: np.ndarray, threshold_pct: float) -> np.ndarray:
@@ -82,13 +88,22 @@ def cluster_table(distinct: DistinctValues, threshold_pct: float,
     if fingerprints is not None:
         value_cluster = np.empty_like(ids)
         value_cluster[order] = ids
-        per_sample = pd.DataFrame({"cluster": value_cluster[distinct.inverse],
-                                   "fp": pd.Series(fingerprints, dtype=object).fillna("(none)").to_numpy()})
-        counts = per_sample.groupby(["cluster", "fp"], sort=True).size()
-        by_cluster: dict[int, dict[str, int]] = {}
-        for (cluster, fp), n in counts.items():
-            by_cluster.setdefault(int(cluster), {})[str(fp)] = int(n)
-        table["fingerprints"] = [dict(sorted(by_cluster.get(int(c), {}).items(),
-                                             key=lambda kv: -kv[1]))
-                                 for c in table["cluster"]]
+        codes, names = fingerprint_codes(fingerprints)
+        pairs = value_cluster[distinct.inverse] * len(names) + codes
+        counts = np.bincount(pairs, minlength=len(table) * len(names)).reshape(len(table), len(names))
+        by_name = sorted(range(len(names)), key=names.__getitem__)
+        table["fingerprints"] = [
+            dict(sorted(((names[f], int(counts[c, f])) for f in by_name if counts[c, f]),
+                        key=lambda kv: -kv[1]))
+            for c in table["cluster"].tolist()]
     return table
+
+
+def fingerprint_codes(fingerprints: np.ndarray | pd.Categorical) -> tuple[np.ndarray, list[str]]:
+    """Per sample, the number of its fingerprint (None and NaN: "(none)"), and the
+    fingerprints by number. A ``pd.Categorical`` is taken as already numbered."""
+    if isinstance(fingerprints, pd.Categorical):
+        return fingerprints.codes.astype(np.int64), [str(c) for c in fingerprints.categories]
+    filled = pd.Series(fingerprints, dtype=object).fillna("(none)")
+    codes, names = pd.factorize(filled.to_numpy(dtype=object))
+    return codes.astype(np.int64), [str(name) for name in names]

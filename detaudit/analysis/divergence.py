@@ -75,11 +75,39 @@ def _bits(logprobs: tuple) -> bytes:
     return np.asarray(logprobs, dtype=np.float64).tobytes()
 
 
+def _counts(tokens: np.ndarray, logprobs: np.ndarray) -> tuple[Counter, Counter]:
+    """How often each token sequence, and each (tokens, logprob bits) vector, occurs.
+    Samples that share one positions entry share its tuples, so each distinct pair of
+    tuple objects is counted once and read once (the bits of a million tuples would
+    take seconds); equal tuples of different objects then add up in the Counters."""
+    token_of, token_objects = _by_identity(tokens)
+    vector_of, logprob_objects = _by_identity(logprobs)
+    pair, pairs = pd.factorize(token_of * max(len(logprob_objects), 1) + vector_of)
+    token_counts: Counter = Counter()
+    for obj, n in zip(token_objects, np.bincount(token_of).tolist()):
+        token_counts[obj] += n
+    vector_counts: Counter = Counter()
+    bits = [_bits(v) for v in logprob_objects]
+    for key, n in zip(pairs.tolist(), np.bincount(pair).tolist()):
+        t, v = divmod(key, max(len(logprob_objects), 1))
+        vector_counts[(token_objects[t], bits[v])] += n
+    return token_counts, vector_counts
+
+
+def _by_identity(values: np.ndarray) -> tuple[np.ndarray, list]:
+    """Per value, the number of its object (by ``id``), and the objects by number."""
+    codes, _ = pd.factorize(np.fromiter(map(id, values), dtype=np.uint64, count=len(values)))
+    if not len(codes):
+        return codes.astype(np.int64), []
+    first = np.flatnonzero(np.concatenate(([True], codes[1:] > np.maximum.accumulate(codes)[:-1])))
+    return codes.astype(np.int64), [values[i] for i in first.tolist()]
+
+
 def divergence(samples: pd.DataFrame) -> Divergence:
     """Analyse the successful rows of a samples frame."""
-    ok = samples[samples["status"] == "ok"]
-    token_counts = Counter(ok["tokens"])
-    vector_counts = Counter(zip(ok["tokens"], (_bits(v) for v in ok["logprobs"])))
+    ok = samples[samples["status"].to_numpy(dtype=object) == "ok"]
+    token_counts, vector_counts = _counts(ok["tokens"].to_numpy(dtype=object),
+                                          ok["logprobs"].to_numpy(dtype=object))
     result = Divergence(
         completions=len(ok), unique_completions=int(ok["output"].nunique(dropna=False)),
         distinct_token_sequences=len(token_counts),

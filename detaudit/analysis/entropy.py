@@ -36,17 +36,24 @@ def topk_entropy(top_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return entropy, partial, np.clip(1.0 - total, 0.0, None)
 
 
-def entropy_by_position(positions: np.ndarray, top_logprobs: np.ndarray) -> pd.DataFrame:
+def entropy_by_position(positions: np.ndarray, top_logprobs: np.ndarray,
+                        rows: np.ndarray | None = None) -> pd.DataFrame:
     """One row per position over all responses: entropy spread, its distinct values
-    (bitwise; more than one means the repeats disagree) and the leftover mass."""
+    (bitwise; more than one means the repeats disagree) and the leftover mass.
+
+    ``rows``: response r's top-k list is ``top_logprobs[rows[r]]`` (responses with the
+    same list share one row, whose figures are then computed once); by default each
+    response has its own row."""
     positions = np.asarray(positions, dtype=np.int64)
     top = np.atleast_2d(np.asarray(top_logprobs, dtype=np.float64))
     if positions.size == 0:
         return pd.DataFrame(columns=ENTROPY_COLUMNS)
     entropy, partial, leftover = topk_entropy(top)
+    k = (~np.isnan(top)).sum(axis=1)
+    if rows is not None:
+        entropy, partial, leftover, k = (column[rows] for column in (entropy, partial, leftover, k))
     frame = pd.DataFrame({"position": positions, "bits": entropy, "partial": partial,
-                          "leftover": leftover,
-                          "k": (~np.isnan(top)).sum(axis=1),
+                          "leftover": leftover, "k": k,
                           "bits_pattern": entropy.view(np.int64)})
     table = frame.groupby("position").agg(
         n=("bits", "size"), k=("k", "max"), mean_bits=("bits", "mean"),

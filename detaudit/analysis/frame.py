@@ -1,9 +1,13 @@
 """Samples -> the two analysis frames (see docs/ARCHITECTURE.md, "Analysis frames").
 
-Everything after this module works on pandas columns, so this is the only place that
-walks ``Sample`` objects one by one. The logprob of a tracked token is the float64
-parsed from ``logprob_text`` (the number as the server sent it), because bitwise
-distinctness must be judged on what was received.
+Everything after this module works on pandas columns. Its input is a run's samples as
+columns (``SampleColumns``): a stored run is read that way straight from its rows, and a
+list of ``Sample`` objects is turned into columns first. Whatever is read from the
+generated positions (tokens, logprobs, bad values, tracked-token lookups) is computed
+once per distinct positions entry and spread to its samples by numpy indexing, so the
+work grows with the distinct top-k lists of a run, not with its samples. The logprob of
+a tracked token is the float64 parsed from ``logprob_text`` (the number as the server
+sent it), because bitwise distinctness must be judged on what was received.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from detaudit.records import Completion, Position, Sample, TokenLogprob
+from detaudit.records import Position, Sample, SampleColumns, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
@@ -52,9 +56,9 @@ def parse_logprob_text(text: str) -> float:
     return float(text)
 
 
-def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
+def build_frames(samples: list[Sample] | SampleColumns, tracked: list[dict[str, Any]],
                  all_positions: bool = False) -> Frames:
-    """Build the frames for a run.
+    """Build the frames for a run: its samples (any order) or its ``SampleColumns``.
 
     ``tracked`` is the manifest's list (``label``, ``token``, ``position``). For
     ``positions = "all"`` probes pass ``all_positions=True`` (or a tracked entry whose
@@ -62,21 +66,53 @@ def build_frames(samples: list[Sample], tracked: list[dict[str, Any]],
     chosen token.
     """
     with _collector_paused():
-        return _build(list(samples), tracked, all_positions)
+        columns = samples if isinstance(samples, SampleColumns) else \
+            SampleColumns.from_samples(samples)
+        return _build(in_index_order(columns), tracked, all_positions)
 
 
-def _build(samples: list[Sample], tracked: list[dict[str, Any]], all_positions: bool) -> Frames:
-    order = np.fromiter(map(_INDEX, samples), dtype=np.int64, count=len(samples))
-    if len(order) > 1 and not (order[1:] >= order[:-1]).all():
-        samples = [samples[i] for i in np.argsort(order, kind="stable").tolist()]
+def _build(columns: SampleColumns, tracked: list[dict[str, Any]], all_positions: bool) -> Frames:
+    run = _Distinct(columns)
     all_positions = all_positions or any(t.get("position") == "all" for t in tracked)
     if all_positions:
-        slots = _most_common_chosen(samples)
+        slots = _most_common_chosen(run)
     else:
-        slots = [_resolve(t, samples) for t in tracked]
-    columns = _read(samples)
-    return Frames(samples=_samples_frame(columns), tracked=_tracked_frame(columns, slots),
+        slots = [_resolve(t, run) for t in tracked]
+    samples = _samples_frame(columns, run)
+    return Frames(samples=samples, tracked=_tracked_frame(columns, run, slots, samples),
                   tracked_tokens=slots)
+
+
+class _Distinct:
+    """The run's distinct positions entries, with which samples use each: ``codes``
+    (every sample's entry), ``ok`` (the samples the analysis counts: status ok with a
+    completion) and ``weight`` (how many of those use each entry)."""
+
+    def __init__(self, columns: SampleColumns):
+        self.entries = columns.distinct_positions
+        self.codes = np.asarray(columns.positions, dtype=np.intp).reshape(-1)
+        status = _object_array(columns.status)
+        self.ok = (status == "ok") & np.asarray(columns.has_completion, dtype=bool).reshape(-1)
+        self.ok_rows = np.flatnonzero(self.ok)
+        self.ok_codes = self.codes[self.ok_rows]
+        self.weight = np.bincount(self.ok_codes, minlength=len(self.entries))
+        self.used = np.flatnonzero(self.weight)  # entries of successful samples
+
+    def weighted(self) -> Iterable[tuple[list[Position], int]]:
+        """(entry, samples that use it) for the entries of successful samples."""
+        entries = self.entries
+        return ((entries[d], w) for d, w in zip(self.used.tolist(), self.weight[self.used].tolist()))
+
+
+def in_index_order(columns: SampleColumns) -> SampleColumns:
+    """``columns`` sorted by sample index (stable), as the frames are; unchanged if so."""
+    order = np.asarray(columns.index, dtype=np.int64).reshape(-1)
+    if len(order) < 2 or (order[1:] >= order[:-1]).all():
+        return columns
+    keep = np.argsort(order, kind="stable").tolist()
+    fields = {name: getattr(columns, name) for name in columns.__dataclass_fields__}
+    return SampleColumns(**{name: value if name == "distinct_positions" else
+                            [value[i] for i in keep] for name, value in fields.items()})
 
 
 @contextlib.contextmanager
@@ -99,51 +135,41 @@ def is_bad_logprob(value: float) -> bool:
     return not math.isfinite(value)
 
 
-def _read(samples: list[Sample]) -> dict[str, list]:
-    """Every field the frames need, one list per field, each read by one C-level pass."""
-    columns = dict(zip(_SAMPLE_FIELDS, _attributes(samples, *_SAMPLE_FIELDS)))
-    completions = [c if c is not None else _NO_COMPLETION for c in columns.pop("completion")]
-    columns.update(zip(_COMPLETION_FIELDS, _attributes(completions, *_COMPLETION_FIELDS)))
-    columns["ok"] = [s == "ok" and c is not _NO_COMPLETION
-                     for s, c in zip(columns["status"], completions)]
-    return columns
-
-
-def _samples_frame(columns: dict[str, list]) -> pd.DataFrame:
-    """One row per sample. Every distinct logprob text is parsed once, and the
-    per-sample tuples are cut by ``zip`` over the samples of one length at a time."""
-    positions = columns["positions"]
-    n = len(positions)
-    lengths = np.fromiter(map(len, positions), dtype=np.int64, count=n)
-    flat = list(itertools.chain.from_iterable(positions))
+def _samples_frame(columns: SampleColumns, run: _Distinct) -> pd.DataFrame:
+    """One row per sample. Tokens, logprobs and bad counts are made once per distinct
+    positions entry (every distinct logprob text parsed once), then indexed by sample."""
+    entries = run.entries
+    lengths = np.fromiter(map(len, entries), dtype=np.int64, count=len(entries))
+    flat = list(itertools.chain.from_iterable(entries))
     tokens, texts, floats, tops = _attributes(flat, "token", "logprob_text", "logprob", "top")
+    codes = run.codes
     return pd.DataFrame({
-        "index": np.array(columns["index"], dtype=np.int64),
-        "status": columns["status"],
-        "error_kind": columns["error_kind"],
-        "output": columns["text"],
-        "finish_reason": columns["finish_reason"],
-        "system_fingerprint": columns["system_fingerprint"],
-        "model": columns["model"],
-        "group": columns["group"],
-        "attempts": columns["attempts"],
-        "latency_s": np.array(columns["latency_s"], dtype=np.float64),
-        "tokens": _tuples(tokens, lengths),
-        "logprobs": _tuples(_parsed(texts, floats, per_entry=True).tolist(), lengths),
-        "bad_logprobs": _bad_counts(floats, tops, lengths),
+        "index": np.array(columns.index, dtype=np.int64),
+        "status": columns.status,
+        "error_kind": columns.error_kind,
+        "output": columns.output,
+        "finish_reason": columns.finish_reason,
+        "system_fingerprint": columns.system_fingerprint,
+        "model": columns.model,
+        "group": columns.group,
+        "attempts": _ints(columns.attempts),
+        "latency_s": np.array(columns.latency_s, dtype=np.float64),
+        "tokens": _tuples(tokens, lengths)[codes].tolist(),
+        "logprobs": _tuples(_parsed(texts, floats, per_entry=True).tolist(), lengths)[codes].tolist(),
+        "bad_logprobs": _bad_counts(floats, tops, lengths)[codes],
     }, columns=SAMPLE_COLUMNS)
 
 
 def _bad_counts(floats: list[float], tops: list[list[TokenLogprob]],
                 lengths: np.ndarray) -> np.ndarray:
-    """Per sample, the NaN/infinite logprobs among its chosen and top-k entries. One
+    """Per entry, the NaN/infinite logprobs among its chosen and top-k entries. One
     float sum over all of them shows there are none (a sum of finite values is finite,
     bar an overflow, which then takes the counting path too); only otherwise count."""
     n = len(lengths)
     entries = itertools.chain.from_iterable(tops)
     if math.isfinite(sum(floats)) and math.isfinite(sum(map(_LOGPROB, entries))):
         return np.zeros(n, dtype=np.int64)
-    owner = np.repeat(np.arange(n), lengths)  # the sample of each position
+    owner = np.repeat(np.arange(n), lengths)  # the entry of each position
     chosen = np.array(floats, dtype=np.float64)
     counts = np.bincount(owner[~np.isfinite(chosen)], minlength=n)
     top_lengths = np.fromiter(map(len, tops), dtype=np.int64, count=len(tops))
@@ -153,64 +179,100 @@ def _bad_counts(floats: list[float], tops: list[list[TokenLogprob]],
     return counts.astype(np.int64)
 
 
-def _tracked_frame(columns: dict[str, list], slots: list[dict[str, Any]]) -> pd.DataFrame:
+def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str, Any]],
+                   samples: pd.DataFrame) -> pd.DataFrame:
     """One row per (successful sample, tracked slot), sample-major; NaN where the token
-    is absent. Values come from each distinct text parsed once."""
-    ok = columns["ok"]
-    if all(ok):
-        index, group, output, fingerprint, positions = (
-            columns[key] for key in ("index", "group", "text", "system_fingerprint", "positions"))
-    else:
-        keep = list(itertools.compress(range(len(ok)), ok))
-        index, group, output, fingerprint, positions = (
-            [columns[key][i] for i in keep]
-            for key in ("index", "group", "text", "system_fingerprint", "positions"))
-    n, k = len(positions), len(slots)
-    texts = np.full((n, k), None, dtype=object)
-    floats = np.full((n, k), np.nan)
+    is absent. Each slot's token is looked up once per distinct positions entry."""
+    rows, codes = run.ok_rows, run.ok_codes
+    n, k = len(rows), len(slots)
+    texts = np.full((len(run.entries), k), None, dtype=object)
+    floats = np.full((len(run.entries), k), np.nan)
+    used = run.used.tolist()
     at_position: dict[int, tuple[list, list]] = {}
     for j, t in enumerate(slots):
         token, position = t["token"], t["position"]
         if token is None or not n:
             continue
         if position not in at_position:
-            here = [ps[position] if position < len(ps) else _NO_POSITION for ps in positions]
+            here = [ps[position] if position < len(ps) else _NO_POSITION
+                    for ps in map(run.entries.__getitem__, used)]
             at_position[position] = (here, list(map(_TOP, here)))
         here, tops = at_position[position]
         found = _first_with(token, here, tops)
-        rows = [i for i, f in enumerate(found) if f is not None]
-        if rows:
-            hit = [found[i] for i in rows]
-            texts[rows, j] = [f.logprob_text for f in hit]
-            floats[rows, j] = [f.logprob for f in hit]
-    flat_texts = texts.reshape(-1)
-    present = np.flatnonzero(flat_texts != None)  # noqa: E711 (elementwise)
-    values = np.full(n * k, np.nan)
-    values[present] = _parsed(flat_texts[present].tolist(), floats.reshape(-1)[present].tolist(),
-                              per_entry=False)
-    per_sample = lambda values: np.repeat(_object_array(values), k)  # noqa: E731
-    per_slot = lambda key: np.tile(_object_array([t[key] for t in slots]), n)  # noqa: E731
+        hits = [i for i, f in enumerate(found) if f is not None]
+        if hits:
+            entries = [used[i] for i in hits]
+            texts[entries, j] = [found[i].logprob_text for i in hits]
+            floats[entries, j] = [found[i].logprob for i in hits]
+    values = _tracked_values(texts, floats, codes)
+    per_sample = lambda key, values: _repeated(samples[key], values, rows, k)  # noqa: E731
+    per_slot = lambda key: _spread(_object_array([t[key] for t in slots]),  # noqa: E731
+                                   np.tile(np.arange(k), n))
     return pd.DataFrame({
-        "index": np.repeat(np.array(index, dtype=np.int64), k),
+        "index": np.repeat(np.array(columns.index, dtype=np.int64)[rows], k),
         "slot": np.tile(np.arange(k, dtype=np.int64), n),
         "label": per_slot("label"),
         "token": per_slot("token"),
         "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), n),
         "logprob": values,
-        "logprob_text": flat_texts,
-        "system_fingerprint": per_sample(fingerprint),
-        "output": per_sample(output),
-        "group": per_sample(group),
+        "logprob_text": _spread(texts[run.used].reshape(-1),  # the texts that occur
+                                (np.searchsorted(run.used, codes)[:, None] * k
+                                 + np.arange(k)).reshape(-1)),
+        "system_fingerprint": per_sample("system_fingerprint", columns.system_fingerprint),
+        "output": per_sample("output", columns.output),
+        "group": per_sample("group", columns.group),
     }, columns=TRACKED_COLUMNS)
 
 
-_SAMPLE_FIELDS = ("index", "status", "error_kind", "group", "attempts", "latency_s", "completion")
-_COMPLETION_FIELDS = ("text", "finish_reason", "system_fingerprint", "model", "positions")
+def _spread(values: np.ndarray, at: np.ndarray) -> Any:
+    """``values[at]`` typed as pandas would type it, when every one of ``values`` occurs
+    there: typed on the few values, then taken (no pass over millions of strings)."""
+    if not len(at):
+        return values[at]
+    few = pd.Series(values)
+    if isinstance(few.dtype, pd.StringDtype):
+        return few.array.take(at)
+    return values[at]
+
+
+def _repeated(column: pd.Series, values: list, rows: np.ndarray, k: int) -> Any:
+    """``values`` at ``rows``, each ``k`` times, typed as pandas would type them on their
+    own. Taken from their text ``column`` when it is one (no second pass over a million
+    strings), unless every value there is missing: pandas would make those an object
+    column of the values themselves."""
+    at = np.repeat(rows, k)
+    if isinstance(column.dtype, pd.StringDtype) and len(at) and not column.isna().to_numpy()[rows].all():
+        return column.array.take(at)
+    return _object_array(values)[at]
+
+
+def _tracked_values(texts: np.ndarray, floats: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The float64 of every (sample, slot) text, flat and sample-major: each distinct
+    text parsed once. A text that is no number takes the float the record carried with
+    it where it first appears among the samples' rows."""
+    present = texts != None  # noqa: E711 (elementwise)
+    values = np.full(texts.shape, np.nan)
+    if not present.any():
+        return values[codes].reshape(-1)
+    text_codes, uniques = pd.factorize(texts[present], use_na_sentinel=False)
+    parsed, unparsable = _parse_each(uniques.tolist())
+    values[present] = parsed[text_codes]
+    values = values[codes].reshape(-1)
+    if unparsable:
+        by_text = np.full(texts.shape, -1, dtype=np.int64)
+        by_text[present] = text_codes
+        by_text = by_text[codes].reshape(-1)
+        seen = np.flatnonzero(by_text >= 0)
+        _, first = np.unique(by_text[seen], return_index=True)  # first row of each text
+        fallback = floats[codes].reshape(-1)[seen[first]]
+        rows = seen[np.isin(by_text[seen], unparsable)]
+        values[rows] = fallback[by_text[rows]]
+    return values
 
 
 def _first_with(token: str, here: list[Position], tops: list[list[TokenLogprob]]
                 ) -> list[TokenLogprob | Position | None]:
-    """Per sample, ``token``'s first top-k entry, else the chosen token if it is that one.
+    """Per entry, ``token``'s first top-k entry, else the chosen token if it is that one.
     A plain loop that stops at the match: tracked tokens sit near the top of the top-k,
     so this touches a few entries per sample where a vector op would touch all."""
     found: list[TokenLogprob | Position | None] = []
@@ -230,10 +292,22 @@ def _attributes(objects: list, *names: str) -> list[list]:
     return [list(map(operator.attrgetter(name), objects)) for name in names]
 
 
-_INDEX, _LOGPROB, _TOKEN, _TOP = map(operator.attrgetter, ("index", "logprob", "token", "top"))
-_NO_COMPLETION = Completion(text=None, positions=[])  # type: ignore[arg-type]  # an error row
+_LOGPROB, _TOKEN, _TOP = map(operator.attrgetter, ("logprob", "token", "top"))
 # a position past the end of a sample's positions: its token equals no token
 _NO_POSITION = Position(token=object(), logprob=math.nan, logprob_text="", top=[])  # type: ignore[arg-type]
+
+
+def _parse_each(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    """float64 of each text, and the places of those that are no number (NaN there)."""
+    parsed = np.empty(len(texts), dtype=np.float64)
+    unparsable = []
+    for u, text in enumerate(texts):
+        try:
+            parsed[u] = parse_logprob_text(text)
+        except (TypeError, ValueError):
+            parsed[u] = math.nan
+            unparsable.append(u)
+    return parsed, unparsable
 
 
 def _parsed(texts: list[str], floats: list[float], per_entry: bool) -> np.ndarray:
@@ -243,14 +317,7 @@ def _parsed(texts: list[str], floats: list[float], per_entry: bool) -> np.ndarra
     if not len(texts):
         return np.zeros(0, dtype=np.float64)
     codes, uniques = pd.factorize(np.asarray(texts, dtype=object), use_na_sentinel=False)
-    parsed = np.empty(len(uniques), dtype=np.float64)
-    unparsable = []
-    for u, text in enumerate(uniques.tolist()):
-        try:
-            parsed[u] = parse_logprob_text(text)
-        except (TypeError, ValueError):
-            parsed[u] = math.nan
-            unparsable.append(u)
+    parsed, unparsable = _parse_each(uniques.tolist())
     values = parsed[codes]
     if unparsable:
         rows = np.flatnonzero(np.isin(codes, unparsable))
@@ -269,9 +336,9 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
-def _tuples(flat: list, lengths: np.ndarray) -> list[tuple]:
-    """``flat`` cut into one tuple per sample of ``lengths[i]`` items, built by ``zip``
-    over the samples of each length together."""
+def _tuples(flat: list, lengths: np.ndarray) -> np.ndarray:
+    """``flat`` cut into one tuple per entry of ``lengths[i]`` items (an object array),
+    built by ``zip`` over the entries of each length together."""
     n = len(lengths)
     items = np.empty(len(flat), dtype=object)
     items[:] = flat
@@ -283,7 +350,18 @@ def _tuples(flat: list, lengths: np.ndarray) -> list[tuple]:
         columns = [items[first + j].tolist() for j in range(length)]
         built = list(zip(*columns)) if length else [()] * len(rows)
         out[rows] = _object_array(built)
-    return out.tolist()
+    return out
+
+
+def _ints(values: list) -> np.ndarray | list:
+    """int64 when every value is a Python int (pandas would make the same column of
+    them, slower); else the list, for pandas to type."""
+    if values and set(map(type, values)) <= {int}:
+        try:
+            return np.fromiter(values, dtype=np.int64, count=len(values))
+        except OverflowError:
+            pass
+    return values
 
 
 def _object_array(values: list) -> np.ndarray:
@@ -292,7 +370,7 @@ def _object_array(values: list) -> np.ndarray:
     return array
 
 
-def _resolve(entry: dict[str, Any], samples: Iterable[Sample]) -> dict[str, Any]:
+def _resolve(entry: dict[str, Any], run: _Distinct) -> dict[str, Any]:
     """Fill in a null ``token``: the most frequent top-k token at the position that is
     a non-empty prefix of the label (whitespace stripped), as the contract says."""
     label = str(entry.get("label") or entry.get("token") or "")
@@ -301,30 +379,28 @@ def _resolve(entry: dict[str, Any], samples: Iterable[Sample]) -> dict[str, Any]
     if token is None:
         wanted = label.strip()
         counts: Counter[str] = Counter()
-        for s in samples:
-            if s.status != "ok" or s.completion is None or position >= len(s.completion.positions):
+        for positions, samples in run.weighted():
+            if position >= len(positions):
                 continue
-            p = s.completion.positions[position]
+            p = positions[position]
             for candidate in {c.token for c in p.top} | {p.token}:
                 stripped = candidate.strip()
                 if stripped and wanted.startswith(stripped):
-                    counts[candidate] += 1
+                    counts[candidate] += samples
         if counts:
             # most frequent; among equals the longer (more specific) prefix, then by text
             token = max(counts, key=lambda t: (counts[t], len(t.strip()), t))
     return {"label": label, "token": token, "position": position}
 
 
-def _most_common_chosen(samples: list[Sample]) -> list[dict[str, Any]]:
+def _most_common_chosen(run: _Distinct) -> list[dict[str, Any]]:
     """``positions = "all"``: one slot per position, tracking its most common chosen token."""
     per_position: list[Counter[str]] = []
-    for s in samples:
-        if s.status != "ok" or s.completion is None:
-            continue
-        for i, p in enumerate(s.completion.positions):
+    for positions, samples in run.weighted():
+        for i, p in enumerate(positions):
             if i == len(per_position):
                 per_position.append(Counter())
-            per_position[i][p.token] += 1
+            per_position[i][p.token] += samples
     slots = []
     for i, counts in enumerate(per_position):
         token = max(counts, key=lambda t: (counts[t], t))

@@ -14,20 +14,29 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.entropy import ENTROPY_COLUMNS, entropy_by_position
-from detaudit.analysis.frame import Frames, is_bad_logprob, tracked_slots
+from detaudit.analysis.frame import Frames, tracked_slots
 from detaudit.analysis.logit_grid import Grid, detect_grid, log_odds, top_gap
 from detaudit.analysis.stats import Spread, spread
-from detaudit.records import Sample
+from detaudit.records import Sample, SampleColumns
 
 
 @dataclass
 class TopTable:
-    """One row per (successful response, generated position): its top-k logprobs."""
+    """One row per (successful response, generated position): its top-k logprobs.
+
+    Responses that share a top-k list share a row of ``top``: the list of response r
+    is ``top[row[r]]`` (``expanded()`` gives one row each). Row-wise figures (entropy,
+    top-1/top-2 gap) are computed once per distinct list."""
 
     index: np.ndarray  # sample index
     position: np.ndarray
     fingerprint: np.ndarray  # object
-    top: np.ndarray  # float64 [rows, k], NaN-padded; bad values (NaN, inf) as NaN too
+    top: np.ndarray  # float64 [lists, k], NaN-padded; bad values (NaN, inf) as NaN too
+    row: np.ndarray  # per response, its row of ``top``
+
+    def expanded(self) -> np.ndarray:
+        """The top-k logprobs of every response, one row each."""
+        return self.top[self.row]
 
 
 @dataclass
@@ -71,55 +80,75 @@ def _grid(grid: Grid | None) -> dict[str, Any] | None:
     return grid.to_dict() if grid is not None else None
 
 
-def top_table(samples: list[Sample]) -> TopTable:
-    """The top-k logprobs of every position of every successful response."""
-    index, position, fingerprint, rows = [], [], [], []
-    for s in samples:
-        if s.status != "ok" or s.completion is None:
-            continue
-        fp = s.completion.system_fingerprint
-        for i, p in enumerate(s.completion.positions):
-            if not p.top:
-                continue
-            index.append(s.index)
-            position.append(i)
-            fingerprint.append(fp)
-            rows.append([np.nan if is_bad_logprob(t.logprob) else t.logprob for t in p.top])
-    k = max((len(r) for r in rows), default=0)
-    top = np.full((len(rows), k), np.nan)
-    for i, r in enumerate(rows):
+def top_table(samples: list[Sample] | SampleColumns) -> TopTable:
+    """The top-k logprobs of every position of every successful response, in index
+    order. Each distinct positions entry is read once; its rows are repeated for the
+    samples that share it."""
+    columns = samples if isinstance(samples, SampleColumns) else SampleColumns.from_samples(samples)
+    status = np.empty(len(columns), dtype=object)
+    status[:] = columns.status
+    ok = np.flatnonzero((status == "ok") & np.asarray(columns.has_completion, dtype=bool))
+    codes = np.asarray(columns.positions, dtype=np.intp)[ok]
+    entries = columns.distinct_positions
+    rows_of = np.zeros(len(entries), dtype=np.int64)  # per entry: positions with a top-k
+    position: list[int] = []
+    values: list[list[float]] = []
+    for d in np.unique(codes).tolist():
+        before = len(position)
+        for i, p in enumerate(entries[d]):
+            if p.top:
+                position.append(i)
+                values.append([t.logprob for t in p.top])
+        rows_of[d] = len(position) - before
+    k = max(map(len, values), default=0)
+    top = np.full((len(values), k), np.nan)
+    for i, r in enumerate(values):
         top[i, :len(r)] = r
-    return TopTable(index=np.array(index, dtype=np.int64),
-                    position=np.array(position, dtype=np.int64),
-                    fingerprint=np.array(fingerprint, dtype=object), top=top)
+    top[~np.isfinite(top)] = np.nan  # bad values (NaN, inf) as NaN, as missing ones
+    # sample s's rows are its entry's rows: row[r] = first row of the entry + r's place
+    per_sample = rows_of[codes]
+    first = np.zeros(len(entries), dtype=np.int64)
+    np.cumsum(rows_of[:-1], out=first[1:])
+    starts = np.zeros(len(per_sample), dtype=np.int64)
+    np.cumsum(per_sample[:-1], out=starts[1:])
+    row = np.repeat(first[codes] - starts, per_sample) + np.arange(int(per_sample.sum()))
+    fingerprint = np.empty(len(ok), dtype=object)
+    fingerprint[:] = [columns.system_fingerprint[i] for i in ok.tolist()]
+    return TopTable(index=np.repeat(np.asarray(columns.index, dtype=np.int64)[ok], per_sample),
+                    position=np.asarray(position, dtype=np.int64)[row],
+                    fingerprint=np.repeat(fingerprint, per_sample), top=top, row=row)
 
 
-def build_insight(frames: Frames, samples: list[Sample] | None = None) -> Insight:
+def build_insight(frames: Frames, samples: list[Sample] | SampleColumns | None = None) -> Insight:
     """Logit grid per tracked token; entropy per position when samples are given."""
     tops = top_table(samples) if samples is not None else None
     gaps: dict[int, np.ndarray] = {}
+    row_gaps = None
     tokens = []
-    tracked = frames.tracked
+    slot_of = frames.tracked["slot"].to_numpy()
+    values = frames.tracked["logprob"].to_numpy(np.float64)
+    finite = np.isfinite(values)
     for slot, t in enumerate(tracked_slots(frames)):
-        rows = tracked[(tracked["slot"] == slot) & np.isfinite(tracked["logprob"])]
-        logprob = rows["logprob"].to_numpy(np.float64)
+        logprob = values[(slot_of == slot) & finite]
         odds = log_odds(logprob)
         grid = TokenGrid(
-            label=str(t["label"]), token=t["token"], position=int(t["position"]), n=len(rows),
+            label=str(t["label"]), token=t["token"], position=int(t["position"]), n=len(logprob),
             distinct_log_odds=int(np.unique(odds.view(np.int64)).size), log_odds=spread(odds),
             log_odds_grid=detect_grid(odds), logprob_grid=detect_grid(logprob))
         if tops is not None and tops.top.size:
             position = grid.position
             if position not in gaps:
-                at = tops.position == position
-                gap = top_gap(tops.top[at])
+                if row_gaps is None:
+                    row_gaps = top_gap(tops.top)  # once per distinct top-k list
+                gap = row_gaps[tops.row[tops.position == position]]
                 gaps[position] = gap[np.isfinite(gap)]
             gap = gaps[position]
             grid.distinct_gaps = int(np.unique(gap.view(np.int64)).size)
             grid.gap = spread(gap)
             grid.gap_grid = detect_grid(gap)
         tokens.append(grid)
-    entropy = entropy_by_position(tops.position, tops.top) if tops is not None and tops.top.size \
+    entropy = entropy_by_position(tops.position, tops.top, tops.row) \
+        if tops is not None and tops.top.size \
         else pd.DataFrame(columns=ENTROPY_COLUMNS)
     return Insight(tokens=tokens, entropy=entropy)
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.agreement import REQUESTED, Agreement, agreement, logprobs_status
-from detaudit.analysis.clusters import cluster_table, distinct_values
+from detaudit.analysis.clusters import (DistinctValues, cluster_table, distinct_values,
+                                         fingerprint_codes)
 from detaudit.analysis.divergence import Divergence, divergence
 from detaudit.analysis.frame import Frames, natural_key, tracked_slots
 from detaudit.analysis.logit_grid import log_odds_of_pct
@@ -164,8 +165,10 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     (the model's tokenizer, named ``tokenizer``) or by character."""
     check_threshold(threshold_pct)
     samples, tracked = frames.samples, frames.tracked
-    ok = samples[samples["status"] == "ok"]
-    errors = samples[samples["status"] != "ok"]
+    is_ok = _equal(samples["status"], "ok")
+    # only the columns read below: taking every column of a million rows costs more
+    ok = samples.loc[is_ok, [c for c in _OK_COLUMNS if c in samples]]
+    errors = samples.loc[~is_ok, ["error_kind"]]
     outputs = ok["output"].value_counts(dropna=False)
     fingerprints = ok["system_fingerprint"].fillna(NO_FINGERPRINT).value_counts()
     slots = tracked_slots(frames)
@@ -174,9 +177,11 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     labels = [s["label"] for s in slots] if text_only else None  # outcomes by text alone
     if text_only:
         slots = []
-    tokens = [_token_result(tracked[tracked["slot"] == slot], t, threshold_pct)
+    rows = _Rows.of(tracked) if slots else None
+    slot_of = tracked["slot"].to_numpy() if slots else None
+    tokens = [_token_result(rows, slot_of == slot, t, threshold_pct)
               for slot, t in enumerate(slots)]
-    multi_token = bool(len(ok)) and int(ok["tokens"].map(len).max()) > 1
+    multi_token = bool(len(ok)) and max(map(len, ok["tokens"].to_numpy())) > 1
     completions = not text_only and (multi_token or (probe_kind in COMPLETION_KINDS and len(ok) > 0))
     return Analysis(
         n=len(samples), ok=len(ok), errors=len(errors),
@@ -188,12 +193,54 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         outputs_top=[(None if _isnull(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
         fingerprints={str(k): int(v) for k, v in fingerprints.items()},
-        groups=_groups(samples, tracked, slots, threshold_pct, completions),
+        groups=_groups(samples, tracked, slots, threshold_pct, completions, rows),
         divergence=divergence(ok) if completions else None,
         bad_logprobs=_bad_logprobs(ok),
         frames=frames, logprobs=status,
         agreement=agreement(samples, answer_regex, tokenize, tokenizer, divergence=text_only),
     )
+
+
+_OK_COLUMNS = ("status", "output", "system_fingerprint", "tokens", "logprobs", "bad_logprobs")
+
+
+def _equal(column: pd.Series, value: Any) -> np.ndarray:
+    """``column == value`` as a bool array, compared as Python objects (NaN: False)."""
+    return column.to_numpy(dtype=object) == value
+
+
+@dataclass
+class _Rows:
+    """Tracked rows as arrays: what the token figures read, without indexing a frame.
+    Fingerprints are numbered once for the whole frame (``fingerprints``: the names)."""
+
+    logprob: np.ndarray  # float64
+    received: np.ndarray  # a logprob text came with the row
+    text: np.ndarray  # object
+    fingerprint: np.ndarray  # int64 numbers into ``fingerprints``
+    fingerprints: list[str]
+    group: np.ndarray  # object
+    finite: np.ndarray  # the logprob is a number (not NaN, not infinite)
+
+    @classmethod
+    def of(cls, tracked: pd.DataFrame) -> "_Rows":
+        codes, names = fingerprint_codes(tracked["system_fingerprint"].to_numpy(dtype=object))
+        return cls(logprob=tracked["logprob"].to_numpy(np.float64),
+                   received=tracked["logprob_text"].notna().to_numpy(),
+                   text=tracked["logprob_text"].to_numpy(dtype=object), fingerprint=codes,
+                   fingerprints=names, group=tracked["group"].to_numpy(dtype=object),
+                   finite=np.isfinite(tracked["logprob"].to_numpy(np.float64)))
+
+    def where(self, mask: np.ndarray) -> "_Rows":
+        return _Rows(self.logprob[mask], self.received[mask], self.text[mask],
+                     self.fingerprint[mask], self.fingerprints, self.group[mask],
+                     self.finite[mask])
+
+    def __len__(self) -> int:
+        return len(self.logprob)
+
+    def fingerprint_labels(self) -> pd.Categorical:
+        return pd.Categorical.from_codes(self.fingerprint, categories=self.fingerprints)
 
 
 def check_threshold(threshold_pct: Any) -> float:
@@ -211,42 +258,51 @@ def _bad_logprobs(ok: pd.DataFrame) -> dict[str, int]:
     return {"samples": int((counts > 0).sum()), "values": int(counts.sum())}
 
 
-def _split(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
-    """Tracked rows -> (rows with a finite value, missing count, bad count). Missing: the
-    token was not in the top-k (no text). Bad: the server sent it as NaN or infinity."""
-    finite = np.isfinite(rows["logprob"].to_numpy(np.float64))
-    received = rows["logprob_text"].notna().to_numpy()
-    return rows[finite], int((~received & ~finite).sum()), int((received & ~finite).sum())
+def _split(rows: _Rows, mask: np.ndarray) -> tuple[_Rows, int, int]:
+    """The tracked rows of ``mask`` -> (those with a finite value, missing count, bad
+    count). Missing: the token was not in the top-k (no text). Bad: the server sent it
+    as NaN or infinity."""
+    finite = rows.finite
+    missing = int((mask & ~rows.received & ~finite).sum())
+    bad = int((mask & rows.received & ~finite).sum())
+    return rows.where(mask & finite), missing, bad
 
 
-def _token_result(rows: pd.DataFrame, slot: dict[str, Any], threshold_pct: float) -> TokenResult:
-    present, missing, bad = _split(rows)
-    logprob = present["logprob"].to_numpy(dtype=np.float64)
-    distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
-    fps = present["system_fingerprint"].to_numpy()
+def _token_result(rows: _Rows, mask: np.ndarray, slot: dict[str, Any],
+                  threshold_pct: float) -> TokenResult:
+    present, missing, bad = _split(rows, mask)
+    logprob = present.logprob
+    distinct = distinct_values(logprob, present.text)
     values = pd.DataFrame({"logprob_text": distinct.text, "logprob": distinct.logprob,
                            "prob": np.exp(distinct.logprob), "count": distinct.count})
     values = values.sort_values(["count", "logprob"], ascending=[False, False], kind="stable")
+    prob = np.exp(logprob)
     return TokenResult(
         label=slot["label"], token=slot["token"], position=int(slot["position"]),
-        n=len(rows), missing=missing, bad=bad,
+        n=int(mask.sum()), missing=missing, bad=bad,
         distinct_logprobs=len(distinct.count), logprob=spread(logprob),
-        prob=spread(np.exp(logprob)),
-        clusters=cluster_table(distinct, threshold_pct, fps), values=values,
-        by_fingerprint=_by_fingerprint(present),
+        prob=spread(prob),
+        clusters=cluster_table(distinct, threshold_pct, present.fingerprint_labels()),
+        values=values, by_fingerprint=_by_fingerprint(present, distinct, prob),
     )
 
 
-def _by_fingerprint(present: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per system_fingerprint: samples with the token, distinct values, mean probability."""
-    if present.empty:
+def _by_fingerprint(present: _Rows, distinct: DistinctValues,
+                    prob: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per system_fingerprint: samples with the token, distinct values, mean probability.
+    Counted on the fingerprints' numbers; the mean is pandas' group mean, as it was."""
+    if not len(present):
         return {}
-    frame = pd.DataFrame({"fp": present["system_fingerprint"].fillna(NO_FINGERPRINT),
-                          "bits": present["logprob"].to_numpy(np.float64).view(np.int64),
-                          "prob": np.exp(present["logprob"].to_numpy(np.float64))})
-    table = frame.groupby("fp").agg(n=("prob", "size"), distinct=("bits", "nunique"),
-                                    mean_prob=("prob", "mean"))
-    table = table.sort_values("n", ascending=False)
+    codes, names = present.fingerprint, present.fingerprints
+    n = np.bincount(codes, minlength=len(names))
+    pairs = np.unique(codes * len(distinct.count) + distinct.inverse)
+    distinct_of = np.bincount(pairs // len(distinct.count), minlength=len(names))
+    mean = pd.Series(prob).groupby(codes).mean()
+    used = mean.index.to_numpy()
+    table = pd.DataFrame({"n": n[used], "distinct": distinct_of[used],
+                          "mean_prob": mean.to_numpy()},
+                         index=pd.Index([names[c] for c in used], name="fp"))
+    table = table.sort_index().sort_values("n", ascending=False)
     return {str(fp): {"n": int(r.n), "distinct_logprobs": int(r.distinct),
                       "mean_prob": float(r.mean_prob)} for fp, r in table.iterrows()}
 
@@ -275,7 +331,8 @@ def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult],
 
 
 def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, Any]],
-            threshold_pct: float, completions: bool = False) -> list[dict[str, Any]]:
+            threshold_pct: float, completions: bool = False,
+            rows: _Rows | None = None) -> list[dict[str, Any]]:
     """Per group (load level, batch size): distinct outputs and logprobs of each token;
     for completions also distinct token sequences and logprob vectors, and the first
     position where the vectors differ."""
@@ -283,11 +340,16 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
         return []
     result = []
     keys = sorted(samples["group"].dropna().unique(), key=natural_key)
+    sample_group = samples["group"].to_numpy(dtype=object)
+    wanted = [c for c in ("status", "output", "bad_logprobs", "tokens", "logprobs") if c in samples]
+    rows = rows if rows is not None or not slots else _Rows.of(tracked)
+    slot_of = tracked["slot"].to_numpy() if slots else None
     for key in keys:
-        rows = samples[samples["group"] == key]
-        ok = rows[rows["status"] == "ok"]
-        entry: dict[str, Any] = {"group": str(key), "n": len(rows),
-                                 "errors": int((rows["status"] != "ok").sum()),
+        in_group = samples.loc[sample_group == key, wanted]
+        is_ok = _equal(in_group["status"], "ok")
+        ok = in_group[is_ok]
+        entry: dict[str, Any] = {"group": str(key), "n": len(in_group),
+                                 "errors": int((~is_ok).sum()),
                                  "distinct_outputs": int(ok["output"].nunique(dropna=False)),
                                  "bad_logprobs": _bad_logprobs(ok)["samples"],
                                  "tokens": []}
@@ -296,11 +358,11 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
             entry.update(distinct_token_sequences=d.distinct_token_sequences,
                          distinct_logprob_vectors=d.distinct_logprob_vectors,
                          first_difference=d.first_difference)
+        tracked_in_group = rows.group == key if slots else None
         for slot, t in enumerate(slots):
-            sub = tracked[(tracked["slot"] == slot) & (tracked["group"] == key)]
-            present, missing, bad = _split(sub)
-            logprob = present["logprob"].to_numpy(np.float64)
-            distinct = distinct_values(logprob, present["logprob_text"].to_numpy())
+            present, missing, bad = _split(rows, (slot_of == slot) & tracked_in_group)
+            logprob = present.logprob
+            distinct = distinct_values(logprob, present.text)
             entry["tokens"].append({
                 "label": t["label"], "missing": missing, "bad_values": bad,
                 "distinct_logprobs": len(distinct.count),

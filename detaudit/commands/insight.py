@@ -24,7 +24,7 @@ from detaudit.terminal import fail, print_json, threshold_option
 
 if TYPE_CHECKING:
     from detaudit.analysis import Analysis, Frames
-    from detaudit.records import Sample
+    from detaudit.records import SampleColumns
 
 EXIT_DIFFER = 4
 
@@ -33,11 +33,11 @@ EXIT_DIFFER = 4
 
 @dataclass
 class Source:
-    """A stored run or a CSV/JSONL file, as frames (and samples, for a run)."""
+    """A stored run or a CSV/JSONL file, as frames (and its samples as columns, for a run)."""
 
     path: Path
     frames: "Frames"
-    samples: "list[Sample] | None"
+    samples: "SampleColumns | None"
     manifest: dict[str, Any] | None
 
     @property
@@ -87,7 +87,7 @@ def load_source(path: Path) -> Source:
     if path.is_file():
         return Source(path, load_table(path), None, None)
     with RunStore.open_read_only(path) as store:
-        samples = store.samples()
+        samples = store.sample_columns()
         frames = session.frames_of(store, samples)
         manifest = dict(store.manifest)
     return Source(path, frames, samples, manifest)

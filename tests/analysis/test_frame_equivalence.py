@@ -1,129 +1,37 @@
-"""build_frames (column passes, each distinct text parsed once) gives exactly the frames
-of the per-sample loop it replaced. That loop is kept here, as the reference, and both
-are run on random sample sets: unsorted indices, errors, missing and duplicated tokens,
-positions past the end, NaN/inf values, texts that are no number, hex texts."""
+"""The analysis works per distinct positions entry (``RunStore.sample_columns``,
+``build_frames``, ``top_table``) and on arrays (``analyze``); it must give exactly what the
+per-sample path gave. That path is kept as the oracle in tests/analysis/reference.py, and
+both are run on random sample sets (unsorted indices, errors with and without completions,
+missing and duplicated tokens, null tokens resolved from the data, positions = "all",
+positions past the end, NaN/inf values, texts that are no number, hex texts, groups),
+stored and read back, and on real runs made against the fake OpenAI server on 127.0.0.1
+(outcome and completion probes, positions = "all", a load sweep's groups, error rows,
+NaN/inf logprobs, text-only runs)."""
 
 from __future__ import annotations
 
-import functools
-import itertools
+import json
 import math
-import operator
+import sqlite3
 import struct
-from typing import Any
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detaudit.analysis import build_frames
-from detaudit.analysis.frame import (SAMPLE_COLUMNS, TRACKED_COLUMNS, is_bad_logprob,
-                                     parse_logprob_text)
-from detaudit.records import Completion, Position, Sample, TokenLogprob
-
-# --- the reference: build_frames's loop as it was (with bad values), verbatim ------------
-
-
-def _samples_frame(samples: list[Sample]) -> pd.DataFrame:
-    completions = [s.completion for s in samples]
-    positions = [c.positions if c else () for c in completions]
-    # few distinct texts, many samples: parse each once (a C-level cache, as this sees
-    # every generated position of the run)
-    value = functools.lru_cache(maxsize=None)(_parse_or)
-    texts, top = operator.attrgetter("logprob_text", "logprob"), operator.attrgetter("top")
-    logprob = operator.attrgetter("logprob")
-
-    def bad(ps: list[Position]) -> int:
-        # A sum of finite logprobs is finite: count one by one only when it is not
-        # (bad values are rare, and this sees every top-k entry of the run).
-        entries = list(itertools.chain(ps, itertools.chain.from_iterable(map(top, ps))))
-        if math.isfinite(sum(map(logprob, entries))):
-            return 0
-        return sum(map(is_bad_logprob, map(logprob, entries)))
-
-    columns = {
-        "index": np.fromiter((s.index for s in samples), dtype=np.int64, count=len(samples)),
-        "status": [s.status for s in samples],
-        "error_kind": [s.error_kind for s in samples],
-        "output": [c.text if c else None for c in completions],
-        "finish_reason": [c.finish_reason if c else None for c in completions],
-        "system_fingerprint": [c.system_fingerprint if c else None for c in completions],
-        "model": [c.model if c else None for c in completions],
-        "group": [s.group for s in samples],
-        "attempts": [s.attempts for s in samples],
-        "latency_s": np.array([s.latency_s for s in samples], dtype=np.float64),
-        "tokens": [tuple([p.token for p in ps]) for ps in positions],
-        "logprobs": [tuple(itertools.starmap(value, map(texts, ps))) for ps in positions],
-        "bad_logprobs": np.fromiter((bad(ps) for ps in positions), dtype=np.int64,
-                                    count=len(positions)),
-    }
-    return pd.DataFrame(columns, columns=SAMPLE_COLUMNS)
-
-
-def _tracked_frame(samples: list[Sample], slots: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (successful sample, tracked slot), sample-major; NaN where the token
-    is absent. Per-slot and per-sample columns are filled by numpy, not row by row."""
-    ok = [s for s in samples if s.status == "ok" and s.completion is not None]
-    texts: list[str | None] = []
-    values: list[float] = []
-    parsed: dict[str, float] = {}  # few distinct texts, many samples: parse each once
-    for s in ok:
-        positions = s.completion.positions
-        for t in slots:
-            found = _find(positions, t["position"], t["token"])
-            if found is None:
-                texts.append(None)
-                values.append(math.nan)
-                continue
-            text = found.logprob_text
-            value = parsed.get(text)
-            if value is None:
-                value = parsed[text] = _parse_or(text, found.logprob)
-            texts.append(text)
-            values.append(value)
-    k = len(slots)
-    per_sample = lambda values: np.repeat(np.array(values, dtype=object), k)  # noqa: E731
-    per_slot = lambda key: np.tile(np.array([t[key] for t in slots], dtype=object), len(ok))  # noqa: E731
-    return pd.DataFrame({
-        "index": np.repeat(np.array([s.index for s in ok], dtype=np.int64), k),
-        "slot": np.tile(np.arange(k, dtype=np.int64), len(ok)),
-        "label": per_slot("label"),
-        "token": per_slot("token"),
-        "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), len(ok)),
-        "logprob": np.array(values, dtype=np.float64),
-        "logprob_text": np.array(texts, dtype=object),
-        "system_fingerprint": per_sample([s.completion.system_fingerprint for s in ok]),
-        "output": per_sample([s.completion.text for s in ok]),
-        "group": per_sample([s.group for s in ok]),
-    }, columns=TRACKED_COLUMNS)
-
-
-def _find(positions: list[Position], position: int,
-          token: str | None) -> TokenLogprob | Position | None:
-    """``token`` at ``position``: its top-k entry, else the chosen token if it is that one."""
-    if token is None or position >= len(positions):
-        return None
-    p = positions[position]
-    for candidate in p.top:
-        if candidate.token == token:
-            return candidate
-    return p if p.token == token else None
-
-
-def _parse_or(text: str, fallback: float) -> float:
-    """The value of the text; the record's float if a backend stored text that is no number."""
-    try:
-        return parse_logprob_text(text)
-    except (TypeError, ValueError):
-        return float(fallback)
-
-
-def reference_frames(samples: list[Sample], slots: list[dict[str, Any]]
-                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    samples = sorted(samples, key=lambda s: s.index)
-    return _samples_frame(samples), _tracked_frame(samples, slots)
-
+import detaudit
+from detaudit import session
+from detaudit.analysis import analyze, build_frames
+from detaudit.analysis.insight import build_insight, top_table
+from detaudit.records import Completion, Position, Sample, SampleColumns, TokenLogprob
+from detaudit.store import RunStore, StoreError
+from tests.analysis.reference import (reference_analyze, reference_frames, reference_insight,
+                                      reference_summary, reference_top_table)
+from tests.servers.fake_openai import Fault, State, outcome_states
 
 # --- random sample sets ------------------------------------------------------------------
 
@@ -160,34 +68,39 @@ def position(draw) -> Position:
 
 
 @st.composite
-def sample(draw, index: int) -> Sample:
+def sample(draw, index: int, shared: list[list[Position]]) -> Sample:
     status = draw(st.sampled_from(["ok", "ok", "ok", "error"]))
     completion = None
     if status == "ok" or draw(st.booleans()):
+        # as in real runs, many samples carry the same positions (equal, not the same objects)
+        positions = draw(st.sampled_from(shared)) if shared and draw(st.booleans()) else \
+            draw(st.lists(position(), max_size=4))
         completion = Completion(
             draw(st.sampled_from(["Heads", "Tails", "", "H T"])),
             draw(st.sampled_from(["stop", "length", None])),
-            draw(st.lists(position(), max_size=4)),
+            [Position(p.token, p.logprob, p.logprob_text, list(p.top)) for p in positions],
             draw(st.sampled_from(["m", None])),
             draw(st.sampled_from(["fp_a", "fp_b", None])))
     if status == "ok" and draw(st.integers(0, 9)) == 0:
         completion = None  # a row marked ok without its completion is not analysed
     return Sample(index, status, completion, draw(st.integers(1, 3)),
                   0.0, draw(st.sampled_from([0.25, 1.0])),
-                  error_kind=None if status == "ok" else "timeout",
+                  error_kind=None if status == "ok" else draw(st.sampled_from(["timeout", None])),
                   group=draw(st.sampled_from([None, "4", "16"])))
 
 
 @st.composite
 def sample_sets(draw) -> list[Sample]:
+    shared = draw(st.lists(st.lists(position(), max_size=3), max_size=3))
     indices = draw(st.permutations(list(range(draw(st.integers(0, 25))))))
-    return [draw(sample(i)) for i in indices]
+    return [draw(sample(i, shared)) for i in indices]
 
 
 TRACKED = st.lists(st.fixed_dictionaries({
-    "label": st.sampled_from(["Heads", "Tails"]),
-    "token": st.sampled_from(TOKENS + [None]),
+    "label": st.sampled_from(["Heads", "Tails", "H"]),
+    "token": st.sampled_from(TOKENS + [None, None]),
     "position": st.integers(0, 4)}), max_size=4)
+PROBE_KINDS = st.sampled_from(["outcome", "fixed-seed", "top-logprobs", None])
 
 
 def bits(values) -> list[str]:
@@ -209,30 +122,202 @@ def assert_same(frame: pd.DataFrame, reference: pd.DataFrame,
         assert [type(v) for v in got] == [type(v) for v in want], column
 
 
+def assert_same_frames(frames, reference) -> None:
+    assert frames.tracked_tokens == reference.tracked_tokens
+    assert_same(frames.samples, reference.samples, float_tuples=("logprobs",))
+    assert_same(frames.tracked, reference.tracked)
+
+
+def as_json(data) -> str:
+    """Every float by its repr (NaN, -0.0 and the last bit count), keys in order."""
+    return json.dumps(data, allow_nan=True, default=str)
+
+
+def assert_same_analysis(frames, reference, probe_kind, logprobs_requested=True,
+                         threshold_pct=0.01) -> None:
+    got = analyze(frames, threshold_pct, probe_kind, logprobs_requested=logprobs_requested)
+    want = reference_analyze(reference, threshold_pct, probe_kind,
+                             logprobs_requested=logprobs_requested)
+    assert as_json(got.to_dict()) == as_json(want.to_dict())
+    for mine, theirs in zip(got.tokens, want.tokens):  # what the CSVs and the report show
+        pd.testing.assert_frame_equal(mine.clusters, theirs.clusters, check_exact=True)
+        pd.testing.assert_frame_equal(mine.values, theirs.values, check_exact=True)
+
+
+def assert_same_top_table(columns, samples) -> None:
+    got, want = top_table(columns), reference_top_table(sorted(samples, key=lambda s: s.index))
+    assert got.index.tolist() == want.index.tolist()
+    assert got.position.tolist() == want.position.tolist()
+    assert got.fingerprint.tolist() == want.fingerprint.tolist()
+    assert got.expanded().shape == want.top.shape
+    assert bits(got.expanded().reshape(-1).tolist()) == bits(want.top.reshape(-1).tolist())
+
+
+# --- in memory and stored ----------------------------------------------------------------
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(samples=sample_sets(), tracked=TRACKED, all_positions=st.booleans())
-def test_frames_equal_the_per_sample_loop(samples, tracked, all_positions):
+@given(samples=sample_sets(), tracked=TRACKED, all_positions=st.booleans(), kind=PROBE_KINDS)
+def test_frames_and_figures_equal_the_per_sample_path(samples, tracked, all_positions, kind):
     frames = build_frames(samples, tracked, all_positions=all_positions)
-    samples_ref, tracked_ref = reference_frames(samples, frames.tracked_tokens)
-    assert_same(frames.samples, samples_ref, float_tuples=("logprobs",))
-    assert_same(frames.tracked, tracked_ref)
+    reference = reference_frames(samples, tracked, all_positions=all_positions)
+    assert_same_frames(frames, reference)
+    assert_same_analysis(frames, reference, kind)
+    assert_same_top_table(SampleColumns.from_samples(samples), samples)
+    assert as_json(build_insight(frames, samples).to_dict()) == \
+        as_json(reference_insight(reference, samples).to_dict())
 
 
-def test_a_large_uniform_run_matches_too():
-    # the shape of a real run: many samples, one position, tracked tokens near the top
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(samples=sample_sets(), tracked=TRACKED, all_positions=st.booleans(), kind=PROBE_KINDS,
+       logprobs_requested=st.booleans())
+def test_a_stored_run_read_as_columns_equals_its_samples(samples, tracked, all_positions, kind,
+                                                         logprobs_requested):
+    with tempfile.TemporaryDirectory() as root:
+        with RunStore.create(root, "run", {"n": max(len(samples), 1)}) as store:
+            store.record_many(samples)
+            columns, stored = store.sample_columns(), store.samples()
+    # equal positions are one entry, however many samples carry them
+    texts = {repr([(p.token, p.logprob, p.logprob_text, [(t.token, t.logprob, t.logprob_text)
+                                                          for t in p.top])
+                   for p in s.completion.positions]) for s in stored if s.completion}
+    assert len(columns.distinct_positions) <= len(texts) + 1
+    frames = build_frames(columns, tracked, all_positions=all_positions)
+    reference = reference_frames(stored, tracked, all_positions=all_positions)
+    assert_same_frames(frames, reference)
+    assert_same_analysis(frames, reference, kind, logprobs_requested)
+    assert_same_top_table(columns, stored)
+    assert as_json(build_insight(frames, columns).to_dict()) == \
+        as_json(reference_insight(reference, stored).to_dict())
+
+
+def coin_run(n: int, distinct: int) -> list[Sample]:
+    """The shape of a real coin-flip run: a few distinct top-20 lists over many samples."""
     samples = []
-    for i in range(3000):
-        h = -0.6931471805599453 - (i % 7) * 1e-16
+    for i in range(n):
+        h = -0.6931471805599453 - (i % distinct) * 1e-16
         top = [TokenLogprob("Heads", h, repr(h)), TokenLogprob("T", -0.7, "-0.7")] + [
             TokenLogprob(f"t{k}", -10.0 - k, repr(-10.0 - k)) for k in range(18)]
         completion = Completion("Heads", "stop", [Position("Heads", h, repr(h), top)], "m",
                                 "fp_a" if i % 3 else "fp_b")
         samples.append(Sample(i, "ok", completion, 1, 0.0, 0.1) if i % 500 else
                        Sample(i, "error", None, 3, 0.0, 1.0, error_kind="rate_limit"))
+    return samples
+
+
+def test_a_large_stored_run_reads_each_distinct_top_k_list_once(tmp_path):
+    samples = coin_run(3000, 7)
     tracked = [{"label": "Heads", "token": "Heads", "position": 0},
-               {"label": "Tails", "token": "T", "position": 0}]
-    frames = build_frames(samples[::-1], tracked)
-    samples_ref, tracked_ref = reference_frames(samples, frames.tracked_tokens)
-    assert_same(frames.samples, samples_ref, float_tuples=("logprobs",))
-    assert_same(frames.tracked, tracked_ref)
+               {"label": "Tails", "token": None, "position": 0}]
+    with RunStore.create(tmp_path, "run", {"n": 3000}) as store:
+        store.record_many(samples[::-1])
+        columns = store.sample_columns()
+    lists = {repr(s.completion.positions) for s in samples if s.completion}
+    assert len(columns) == 3000 and len(columns.distinct_positions) == len(lists) + 1  # + none
+    frames = build_frames(columns, tracked)
+    reference = reference_frames(samples, tracked)
+    assert frames.tracked_tokens[1]["token"] == "T"  # resolved from the data
+    assert_same_frames(frames, reference)
+    assert_same_analysis(frames, reference, "outcome")
     assert frames.tracked["logprob"].notna().all() and frames.samples["bad_logprobs"].eq(0).all()
+
+
+# --- damaged rows: the same error as samples() -------------------------------------------
+
+
+@pytest.mark.parametrize("column, value", [
+    ("status", "maybe"), ("attempts", "three"), ("attempts", 1.5), ("started_at", "now"),
+    ("latency_s", b"\x00"), ("output", b"Heads"), ("positions", "{not json"), ("positions", "{}"),
+    ("positions", '[{"token": 1, "logprob": 0, "logprob_text": "0"}]'),
+    ("positions", '[{"token": "a", "logprob": 0, "logprob_text": "0", "top": {}}]'),
+    ("extra", "[1, 2"), ("extra", "[1]"), ("extra", 5),
+])
+def test_a_damaged_row_is_refused_as_samples_refuses_it(tmp_path, column, value):
+    with RunStore.create(tmp_path, "run", {"n": 40, "probe": {"name": "coin-flip"}}) as store:
+        store.record_many(coin_run(40, 3))
+    conn = sqlite3.connect(tmp_path / "run" / "samples.sqlite")
+    conn.execute(f'UPDATE samples SET "{column}" = ? WHERE idx IN (7, 9)', (value,))
+    conn.commit()
+    conn.close()
+    with RunStore.open_read_only(tmp_path / "run") as store:
+        with pytest.raises(StoreError) as expected:
+            store.samples()
+        with pytest.raises(StoreError) as got:
+            store.sample_columns()
+    assert str(got.value) == str(expected.value) and "sample 7" in str(got.value)
+
+
+def test_fields_of_a_row_without_its_completion_are_not_read(tmp_path):
+    with RunStore.create(tmp_path, "run", {"n": 40, "probe": {"name": "coin-flip"}}) as store:
+        store.record_many(coin_run(40, 3))
+    conn = sqlite3.connect(tmp_path / "run" / "samples.sqlite")
+    conn.execute("UPDATE samples SET has_completion = 0, positions = '{not json', output = x'00', "
+                 "extra = '[' WHERE idx = 5")
+    conn.commit()
+    conn.close()
+    with RunStore.open_read_only(tmp_path / "run") as store:
+        columns, samples = store.sample_columns(), store.samples()
+    assert samples[5].completion is None and columns.output[5] is None
+    tracked = [{"label": "Heads", "token": "Heads", "position": 0}]
+    assert_same_frames(build_frames(columns, tracked), reference_frames(samples, tracked))
+
+
+# --- real runs against the fake server ----------------------------------------------------
+
+NAN_STATE = State([{"Heads": -0.25, "T": math.nan, "x": -math.inf}])
+RUNS = {
+    # outcome, two fingerprints, a tracked token missing from some top-k lists, NaN/inf values
+    "coin-flip": (dict(probe="coin-flip", model="gpt-4o-mini", n=60),
+                  dict(states=outcome_states("Heads", [(-0.31326166, 3), (-0.3132617, 2)],
+                                             alternatives={"T": -1.3132617})
+                       + [State([{"Heads": -0.2, "heads": -3.0}]), NAN_STATE],
+                       fingerprints=["fp_a", "fp_b"])),
+    # a model no tokenizer is known for: the tracked tokens are resolved from the data;
+    # failed requests stay in the store as error rows
+    "null-tokens-and-errors": (
+        dict(probe="coin-flip", model="test-model", n=40, max_attempts=1, max_errors=20),
+        dict(states=outcome_states("Heads", [(-0.5, 2), (-0.25, 1)], alternatives={"Tails": -1.5}),
+             faults=[Fault("status", status=500, on={3, 11, 12})])),
+    "fixed-seed": (dict(probe="fixed-seed", model="gpt-4o-mini", n=50),
+                   dict(states=[State([{"The": -0.1, "A": -2.5}, {" sea": -0.2, " ocean": -1.7},
+                                       {".": -0.05}], weight=3),
+                                State([{"The": -0.1, "A": -2.5}, {" sea": -0.2 - 2 ** -40,
+                                                                  " ocean": -1.7}, {".": -0.05}]),
+                                State([{"A": -0.3, "The": -1.4}, {" wave": -0.6}])])),
+    "positions-all": (dict(probe="top-logprobs", model="gpt-4o-mini", n=40),
+                      dict(states=[State([{"Blue": -0.2, "Red": -1.9}, {".": -0.01}], weight=2),
+                                   State([{"Red": -0.4, "Blue": -1.1}])])),
+    "load-sweep-groups": (dict(probe="load-sweep", model="gpt-4o-mini", n=12, levels=[0, 3]),
+                          dict(states=outcome_states("Heads", [(-0.3, 2), (-0.30000000000000004, 1)],
+                                                     alternatives={"T": -1.3}))),
+    "text-only": (dict(probe="coin-flip", model="gpt-4o-mini", n=30, no_logprobs=True),
+                  dict(states=outcome_states("Heads", [(-0.3, 2)]) +
+                       [State([{"Tails": -0.2}])])),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_a_real_run_is_summarised_as_the_per_sample_path_summarises_it(fake_openai, tmp_path, name):
+    run_args, server = RUNS[name]
+    fake_openai.configure(**server)
+    run = detaudit.run(base_url=fake_openai.url, out=tmp_path, **run_args)
+    with RunStore.open_read_only(run.path) as store:
+        got, want = session.summary(store), reference_summary(store)
+        tracked = store.manifest.get("tracked") or []
+        assert_same_frames(session.frames_of(store), reference_frames(store.samples(), tracked))
+    assert as_json(got) == as_json(want)
+    assert got == detaudit.open_run(run.path).summary()  # the Python API reads it this way too
+    assert got["ok"] > 0
+    if name == "null-tokens-and-errors":
+        assert [t["token"] for t in run.manifest["tracked"]] == [None, None]
+        assert got["errors"] == 3 and [t["token"] for t in got["tokens"]] == ["Heads", "Tails"]
+    if name == "coin-flip":
+        assert got["bad_logprobs"]["samples"] > 0 and got["tokens"][1]["missing"] > 0
+    if name == "load-sweep-groups":
+        assert [g["group"] for g in got["groups"]] == ["load=0", "load=3"]
+    if name == "fixed-seed":
+        assert got["divergence"]["distinct_logprob_vectors"] == 3
+    if name == "positions-all":
+        assert [t["label"] for t in got["tokens"]] == ["pos 0", "pos 1"]
+    if name == "text-only":
+        assert got["logprobs"] == "not_requested" and got["tokens"] == []
