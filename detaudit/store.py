@@ -21,8 +21,6 @@ types, a row that is not what this module writes) with ``StoreError``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import operator
 import os
@@ -37,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from detaudit import runlock
+from detaudit.gc_pause import collector_paused
 from detaudit.records import Completion, Position, Sample, SampleColumns, position_from_dict
 from detaudit.redact import redact
 
@@ -330,7 +329,7 @@ class RunStore:
         large run: one read of the rows, each distinct positions and extra text parsed
         once, no object per sample or position. Whatever ``samples()`` refuses this
         refuses with the same error (a damaged row sends it through ``samples()``)."""
-        with _collector_paused():
+        with collector_paused():
             try:
                 columns = _sample_columns(self._conn.execute(_READ_COLUMNS))
             except sqlite3.OperationalError:  # a BLOB where text belongs: samples() says where
@@ -758,15 +757,3 @@ def _sample_columns(cursor: sqlite3.Cursor, chunk: int = 4096) -> SampleColumns 
 
 
 
-
-@contextlib.contextmanager
-def _collector_paused():
-    """The cyclic garbage collector off while a million rows become columns: the rows
-    hold no cycle, and each collection would walk every one of them again."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()

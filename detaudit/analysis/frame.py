@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import re
 
-import contextlib
-import gc
 import itertools
 import math
 import operator
@@ -26,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from detaudit.gc_pause import collector_paused
 from detaudit.records import Position, Sample, SampleColumns, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
@@ -65,7 +64,7 @@ def build_frames(samples: list[Sample] | SampleColumns, tracked: list[dict[str, 
     position is ``"all"``): every generated position then tracks its most common
     chosen token.
     """
-    with _collector_paused():
+    with collector_paused():
         columns = samples if isinstance(samples, SampleColumns) else \
             SampleColumns.from_samples(samples)
         return _build(in_index_order(columns), tracked, all_positions)
@@ -114,19 +113,6 @@ def in_index_order(columns: SampleColumns) -> SampleColumns:
     return SampleColumns(**{name: value if name == "distinct_positions" else
                             [value[i] for i in keep] for name, value in fields.items()})
 
-
-@contextlib.contextmanager
-def _collector_paused():
-    """The cyclic garbage collector off while frames are built: they make millions of
-    tuples and lists but no cycle, and each collection would walk every object of the
-    samples (seconds for a run of a million)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def is_bad_logprob(value: float) -> bool:
