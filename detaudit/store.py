@@ -8,6 +8,9 @@ A run lives in ``<root>/<run-id>/``:
 - ``samples.sqlite``: one row per sample index (``idx`` is the primary key, so a
   resumed run can never store an index twice), plus ``failed_attempts``, an
   append-only log of every attempt that failed (also those retried successfully).
+  Its tables are those of the manifest's ``format_version`` (``store_formats``: format
+  2 stores each distinct positions text once; format 1 runs are read and resumed as
+  they are).
 
 SQLite runs in WAL mode with synchronous=NORMAL: each commit is an append to the
 WAL without an fsync, so committing every sample is cheap, and a killed process
@@ -32,58 +35,18 @@ import time
 from urllib.parse import quote
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from detaudit import runlock
 from detaudit.gc_pause import collector_paused
 from detaudit.records import Completion, Position, Sample, SampleColumns, position_from_dict
 from detaudit.redact import redact
+from detaudit.store_formats import FORMATS, Format1, Format2
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 DATABASE = "samples.sqlite"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS samples (
-    idx INTEGER PRIMARY KEY,
-    status TEXT NOT NULL,
-    output TEXT,
-    finish_reason TEXT,
-    model TEXT,
-    system_fingerprint TEXT,
-    "group" TEXT,
-    attempts INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    latency_s REAL NOT NULL,
-    error_kind TEXT,
-    error_message TEXT,
-    positions TEXT,
-    extra TEXT,
-    raw TEXT,
-    has_completion INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS failed_attempts (
-    idx INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    at REAL NOT NULL,
-    error_kind TEXT NOT NULL,
-    error_message TEXT,
-    retry_after REAL,
-    raw TEXT
-);
-"""
-
-_COLUMNS = ("idx", "status", "output", "finish_reason", "model", "system_fingerprint",
-            '"group"', "attempts", "started_at", "latency_s", "error_kind",
-            "error_message", "positions", "extra", "raw", "has_completion")
-
-# A good row is never overwritten: the upsert only replaces a stored error.
-_UPSERT = (f"INSERT INTO samples ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join('?' * len(_COLUMNS))}) "
-           "ON CONFLICT(idx) DO UPDATE SET "
-           + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
-           + " WHERE samples.status != 'ok'")
 
 
 class StoreError(Exception):
@@ -118,6 +81,7 @@ class RunStore:
                  lock: runlock.RunLock | None = None, read_only: bool = False,
                  scratch: tempfile.TemporaryDirectory | None = None):
         self.path = path
+        self.format: Format1 | Format2 = FORMATS[manifest["format_version"]]()
         self.manifest = manifest
         self._conn = conn
         self.lock = lock  # held by a store that writes samples (create, open(lock=True))
@@ -127,7 +91,11 @@ class RunStore:
     # --- opening -------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | os.PathLike, run_id: str, manifest: dict[str, Any]) -> "RunStore":
+    def create(cls, root: str | os.PathLike, run_id: str, manifest: dict[str, Any],
+               format_version: int = FORMAT_VERSION) -> "RunStore":
+        """A new run folder; ``format_version`` other than the current one only to write
+        a run as an older detaudit did (the compatibility tests)."""
+        fmt = FORMATS[format_version]
         path = Path(root) / run_id
         try:
             path.mkdir(parents=True, exist_ok=False)
@@ -138,9 +106,9 @@ class RunStore:
             raise StoreError(f"{path}: cannot create the run folder ({exc.strerror}); "
                              "check --out") from None
         lock = runlock.acquire(path)  # before anything is written: a resume must wait
-        manifest = {"format_version": FORMAT_VERSION, "run_id": run_id, **manifest}
+        manifest = {"format_version": format_version, "run_id": run_id, **manifest}
         _write_json_atomic(path / MANIFEST, manifest)
-        return cls(path, manifest, _connect(path / DATABASE), lock)
+        return cls(path, manifest, _connect(path / DATABASE, fmt), lock)
 
     @classmethod
     def open(cls, path: str | os.PathLike, lock: bool = False) -> "RunStore":
@@ -150,14 +118,15 @@ class RunStore:
         manifest = read_manifest(path)
         if not (path / DATABASE).is_file():
             raise StoreError(f"{path}: {DATABASE} is missing; this run folder is incomplete")
-        conn = _open_existing(path / DATABASE)  # checked before the lock: a refused
+        fmt = FORMATS[manifest["format_version"]]
+        conn = _open_existing(path / DATABASE, fmt)  # checked before the lock: a refused
         try:                                    # resume touches no file of the folder
             held = runlock.acquire(path) if lock else None
         except BaseException:
             conn.close()
             raise
         try:
-            _prepare(conn, path / DATABASE)
+            _prepare(conn, path / DATABASE, fmt)
         except BaseException:
             conn.close()
             if held:
@@ -208,7 +177,7 @@ class RunStore:
                 uri = f"file:{quote(str(file.resolve()))}?mode=ro&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
             conn.execute(f"PRAGMA mmap_size = {_READ_MMAP_BYTES}")
-            _check_tables(conn, file)
+            _check_tables(conn, file, FORMATS[manifest["format_version"]])
         except OSError as exc:
             _discard(scratch)
             raise StoreError(f"{file}: cannot read it ({exc.strerror or exc})") from None
@@ -231,7 +200,7 @@ class RunStore:
         the runner passes every sample finished in one event-loop turn, so a commit
         is paid per turn, not per sample, and nothing waits for a timer."""
         self._writable()
-        self._conn.executemany(_UPSERT, map(_row, samples))
+        self.format.write(self._conn, map(_row, samples))
         self._conn.commit()
 
     def record_failed_attempt(self, index: int, attempt: int, kind: str,
@@ -313,7 +282,7 @@ class RunStore:
     def samples(self) -> list[Sample]:
         """Every stored sample; a row this module did not write that way -> StoreError."""
         try:
-            cur = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM samples ORDER BY idx")
+            cur = self._conn.execute(self.format.select_rows)
             out = []
             for row in cur:
                 try:
@@ -331,7 +300,8 @@ class RunStore:
         refuses with the same error (a damaged row sends it through ``samples()``)."""
         with collector_paused():
             try:
-                columns = _sample_columns(self._conn.execute(_READ_COLUMNS))
+                columns = _sample_columns(self._conn.execute(self.format.select_columns),
+                                          lambda keys: self.format.positions_texts(self._conn, keys))
             except sqlite3.OperationalError:  # a BLOB where text belongs: samples() says where
                 columns = None
             except sqlite3.DatabaseError as exc:
@@ -471,18 +441,23 @@ def _wrong(key: str, value: Any, allowed: tuple[type, ...]) -> str:
             f"{' or '.join(_JSON_NAMES[t] for t in allowed)}")
 
 
-def _check_tables(conn: sqlite3.Connection, file: Path) -> None:
-    """The samples table with every column this module writes, or StoreError."""
+def _check_tables(conn: sqlite3.Connection, file: Path, fmt: type) -> None:
+    """The tables of the run's format with every column this module writes, or StoreError."""
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "samples" not in tables:
         found = f" (it has {', '.join(sorted(tables))})" if tables else " (it has no tables)"
         raise StoreError(f"{file}: no samples table{found}; this is not a detaudit run "
                          "database, or its samples were removed")
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(samples)")}
-    missing = [c.strip('"') for c in _COLUMNS if c.strip('"') not in columns]
-    if missing:
-        raise StoreError(f"{file}: the samples table lacks column(s) {', '.join(missing)}; "
-                         "it was not written by this detaudit")
+    for table, wanted in fmt.tables.items():
+        if table not in tables:
+            raise StoreError(f"{file}: the {table} table is missing; format {fmt.version} "
+                             "(the manifest's format_version) needs it, so the file was "
+                             "damaged or the manifest edited")
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise StoreError(f"{file}: the {table} table lacks column(s) {', '.join(missing)}; "
+                             f"it was not written by this detaudit as format {fmt.version}")
 
 
 def _still_copy(file: Path, wal: Path, copy: Path, tries: int = 5) -> bool | None:
@@ -509,17 +484,17 @@ def _discard(scratch: tempfile.TemporaryDirectory | None) -> None:
         scratch.cleanup()
 
 
-def _connect(file: Path) -> sqlite3.Connection:
+def _connect(file: Path, fmt: type) -> sqlite3.Connection:
     """Open (creating) a run's database for writing."""
     try:
         conn = sqlite3.connect(file, isolation_level="DEFERRED", check_same_thread=False)
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
-    _prepare(conn, file)
+    _prepare(conn, file, fmt)
     return conn
 
 
-def _open_existing(file: Path) -> sqlite3.Connection:
+def _open_existing(file: Path, fmt: type) -> sqlite3.Connection:
     """A stored run's database, checked before anything is written to it, so an empty
     or foreign file is refused instead of turned into an empty run."""
     _refuse_empty(file)
@@ -528,7 +503,7 @@ def _open_existing(file: Path) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
     try:
-        _check_tables(conn, file)
+        _check_tables(conn, file, fmt)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise StoreError(f"{file}: not a usable SQLite database ({exc})") from None
@@ -538,12 +513,12 @@ def _open_existing(file: Path) -> sqlite3.Connection:
     return conn
 
 
-def _prepare(conn: sqlite3.Connection, file: Path) -> None:
+def _prepare(conn: sqlite3.Connection, file: Path, fmt: type) -> None:
     """WAL, the schema, and columns added since older runs were stored."""
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(fmt.schema)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(failed_attempts)")}
         if "raw" not in columns:  # a run stored before failed attempts kept their body
             conn.execute("ALTER TABLE failed_attempts ADD COLUMN raw TEXT")
@@ -607,8 +582,13 @@ class BadRow(ValueError):
 
 
 def _sample(row: tuple) -> Sample:
+    """A row in ``ROW_COLUMNS`` order and the id of its positions text (format 2; None
+    where the text is inline) -> Sample."""
     (idx, status, output, finish_reason, model, fingerprint, group, attempts, started_at,
-     latency_s, error_kind, error_message, positions, extra, raw, has_completion) = row
+     latency_s, error_kind, error_message, positions, extra, raw, has_completion,
+     positions_id) = row
+    if positions_id is not None and positions is None:
+        raise BadRow(f"positions_id is {positions_id!r}, which names no stored positions text")
     if status not in ("ok", "error"):
         raise BadRow(f"status is {status!r}, expected 'ok' or 'error'")
     for name, value in (("attempts", attempts), ("started_at", started_at), ("latency_s", latency_s)):
@@ -670,17 +650,6 @@ def _check_entry(entry: Any, where: str) -> None:
         raise BadRow(f"{where}.logprob_text is {entry.get('logprob_text')!r}, not a string")
 
 
-# What sample_columns reads: per row the index, latency, output and positions, and one
-# JSON text of the fields few rows differ in (with the SQL types _sample checks), which
-# a run holds a handful of: each is parsed once. A value per column and row would cost
-# more than SQLite's reading of the whole file.
-_READ_COLUMNS = """SELECT idx, latency_s, output, positions,
-    json_array(status, error_kind, "group", attempts, has_completion, finish_reason, model,
-               system_fingerprint, extra, typeof(attempts), typeof(started_at),
-               typeof(latency_s), typeof(output))
-    FROM samples ORDER BY idx"""
-
-
 _POSITIONS, _FIELDS = operator.itemgetter(3), operator.itemgetter(4)
 
 
@@ -693,11 +662,14 @@ class _Numbering(dict):
         return number
 
 
-def _sample_columns(cursor: sqlite3.Cursor, chunk: int = 4096) -> SampleColumns | None:
-    """The rows as columns, or None when one of them is not what ``_row`` writes. Checks
-    what ``_sample`` checks, once per distinct set of fields, and parses each distinct
-    positions and extra text once. Rows are read a chunk at a time, so a million
-    positions texts are never held at once: each is numbered and dropped."""
+def _sample_columns(cursor: sqlite3.Cursor, texts_of: Callable[[Iterable], dict],
+                    chunk: int = 4096) -> SampleColumns | None:
+    """The rows of ``Format.select_columns`` as columns, or None when one of them is not
+    what ``_row`` writes. Checks what ``_sample`` checks, once per distinct set of fields,
+    and parses each distinct positions and extra text once. Rows are read a chunk at a
+    time, so a million positions texts are never held at once: each is numbered and
+    dropped. A row's positions key is its text (format 1) or its text's id (format 2);
+    ``texts_of(keys)`` gives {key: text}."""
     import numpy as np
 
     idx: list[int] = []
@@ -742,8 +714,10 @@ def _sample_columns(cursor: sqlite3.Cursor, chunk: int = 4096) -> SampleColumns 
         used[text_of[with_completion]] = True
         entry_of = np.zeros(len(texts), dtype=np.intp)
         entry_of[used] = np.arange(1, int(used.sum()) + 1)
-        entries = [[]] + [_positions(text) for text, keep in zip(texts, used.tolist()) if keep]
-    except (BadRow, TypeError):  # TypeError: an entry with keys _row never writes
+        text_of_key = texts_of(key for key, keep in zip(texts, used.tolist()) if keep)
+        entries = [[]] + [_positions(text_of_key[key]) for key, keep in zip(texts, used.tolist())
+                          if keep]
+    except (BadRow, TypeError, KeyError):  # KeyError: an id with no stored text  # TypeError: an entry with keys _row never writes
         return None
     codes = np.where(with_completion, entry_of[text_of], 0)
     if not with_completion.all():

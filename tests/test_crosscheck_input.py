@@ -150,7 +150,7 @@ def fake_run(fake, out: Path, prompt: str, n: int = 8) -> Path:
 
 def stored_rows(run_dir: Path) -> list[tuple[str, list]]:
     with sqlite3.connect(run_dir / "samples.sqlite") as db:
-        rows = db.execute("SELECT status, positions FROM samples ORDER BY idx").fetchall()
+        rows = db.execute("SELECT status, positions FROM sample_rows ORDER BY idx").fetchall()
     return [(status, json.loads(positions) if positions else []) for status, positions in rows]
 
 

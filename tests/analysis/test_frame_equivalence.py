@@ -32,6 +32,7 @@ from detaudit.store import RunStore, StoreError
 from tests.analysis.reference import (reference_analyze, reference_frames, reference_insight,
                                       reference_summary, reference_top_table)
 from tests.servers.fake_openai import Fault, State, outcome_states
+from tests import store_damage
 
 # --- random sample sets ------------------------------------------------------------------
 
@@ -235,10 +236,7 @@ def test_a_large_stored_run_reads_each_distinct_top_k_list_once(tmp_path):
 def test_a_damaged_row_is_refused_as_samples_refuses_it(tmp_path, column, value):
     with RunStore.create(tmp_path, "run", {"n": 40, "probe": {"name": "coin-flip"}}) as store:
         store.record_many(coin_run(40, 3))
-    conn = sqlite3.connect(tmp_path / "run" / "samples.sqlite")
-    conn.execute(f'UPDATE samples SET "{column}" = ? WHERE idx IN (7, 9)', (value,))
-    conn.commit()
-    conn.close()
+    store_damage.set_field(tmp_path / "run", (7, 9), column, value)
     with RunStore.open_read_only(tmp_path / "run") as store:
         with pytest.raises(StoreError) as expected:
             store.samples()
@@ -250,11 +248,9 @@ def test_a_damaged_row_is_refused_as_samples_refuses_it(tmp_path, column, value)
 def test_fields_of_a_row_without_its_completion_are_not_read(tmp_path):
     with RunStore.create(tmp_path, "run", {"n": 40, "probe": {"name": "coin-flip"}}) as store:
         store.record_many(coin_run(40, 3))
-    conn = sqlite3.connect(tmp_path / "run" / "samples.sqlite")
-    conn.execute("UPDATE samples SET has_completion = 0, positions = '{not json', output = x'00', "
-                 "extra = '[' WHERE idx = 5")
-    conn.commit()
-    conn.close()
+    for column, value in (("has_completion", 0), ("positions", "{not json"), ("output", b"\x00"),
+                          ("extra", "[")):
+        store_damage.set_field(tmp_path / "run", (5,), column, value)
     with RunStore.open_read_only(tmp_path / "run") as store:
         columns, samples = store.sample_columns(), store.samples()
     assert samples[5].completion is None and columns.output[5] is None

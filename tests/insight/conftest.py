@@ -34,7 +34,7 @@ def stored_rows(run_dir: Path) -> list[dict]:
     """The stored samples, read straight from SQLite (not through detaudit)."""
     with sqlite3.connect(run_dir / "samples.sqlite") as conn:
         rows = conn.execute("SELECT idx, status, output, system_fingerprint, positions "
-                            "FROM samples ORDER BY idx").fetchall()
+                            "FROM sample_rows ORDER BY idx").fetchall()
     return [{"idx": i, "status": s, "output": o, "fp": fp, "positions": json.loads(p or "[]")}
             for i, s, o, fp, p in rows]
 

@@ -51,7 +51,7 @@ def test_bad_answers_are_stored_as_errors_and_good_samples_stay(fake_openai, tmp
     assert [(i, s) for i, s, _, _ in stored] == [(i, "ok") for i in range(4)] + [(i, "error") for i in range(4, 8)]
     assert all(a == attempts for _, _, a, _ in stored[4:])
     assert all(message in m and fake_openai.url in m for *_, m in stored[4:]), stored[4][3]
-    good = rows(run_dir, "SELECT raw FROM samples WHERE status = 'ok'")
+    good = rows(run_dir, "SELECT raw FROM sample_rows WHERE status = 'ok'")
     assert all(raw == fake_openai.sent[i]["body"] for i, (raw,) in enumerate(good))
 
 
@@ -68,7 +68,7 @@ def test_the_minus_9999_sentinel_is_missing_not_a_logprob(fake_openai, tmp_path)
     assert -9999.0 not in [v for t in summary["tokens"] for v in (t["logprob"]["min"], t["logprob"]["max"])]
     (note,) = summary["run"]["notes"]
     assert "-9999" in note and "6 samples" in note
-    raw = rows(only_run(tmp_path), "SELECT raw FROM samples LIMIT 1")[0][0]
+    raw = rows(only_run(tmp_path), "SELECT raw FROM sample_rows LIMIT 1")[0][0]
     assert "-9999" in raw  # the body as received is kept
     report = cli("report", only_run(tmp_path))
     assert "-9999" in report.stdout and "missing" in report.stdout
@@ -92,7 +92,7 @@ def half_done_run(fake, tmp_path):
     fake.configure(faults=[Fault("status", status=400, on=set(range(5, 10)))])
     remote(fake, tmp_path, "--n", "10", "--concurrency", "1", "--max-attempts", "1")
     run_dir = only_run(tmp_path)
-    good = rows(run_dir, "SELECT idx, raw FROM samples WHERE status = 'ok' ORDER BY idx")
+    good = rows(run_dir, "SELECT idx, raw FROM sample_rows WHERE status = 'ok' ORDER BY idx")
     assert [i for i, _ in good] == [0, 1, 2, 3, 4]
     return run_dir, good
 
@@ -106,7 +106,7 @@ def test_unknown_model_stops_with_a_hint_and_keeps_what_was_stored(fake_openai, 
     assert "404" in result.stderr and f"model '{MODEL}' is not served" in result.stderr
     assert "--resume" in result.stderr
     assert len(fake_openai.received) == 1  # stopped at once, not after every index
-    assert rows(run_dir, "SELECT idx, raw FROM samples WHERE status = 'ok' ORDER BY idx") == good
+    assert rows(run_dir, "SELECT idx, raw FROM sample_rows WHERE status = 'ok' ORDER BY idx") == good
     assert manifest(run_dir)["status"] == "failed"
 
 
@@ -118,7 +118,7 @@ def test_a_bad_key_stops_with_a_hint_and_keeps_what_was_stored(fake_openai, tmp_
     no_traceback(result)
     assert "401" in result.stderr and "check the API key" in result.stderr
     assert "sk-wrong-key-1234" not in result.stderr + result.stdout
-    assert rows(run_dir, "SELECT idx, raw FROM samples WHERE status = 'ok' ORDER BY idx") == good
+    assert rows(run_dir, "SELECT idx, raw FROM sample_rows WHERE status = 'ok' ORDER BY idx") == good
 
 
 def test_a_missing_key_on_resume_is_a_usage_error_and_keeps_the_run(tmp_path, fake_openai):
@@ -183,8 +183,10 @@ def test_analyze_a_file_that_does_not_exist(tmp_path):
 # --- run folders from another version ------------------------------------------------------
 
 @pytest.mark.parametrize("version, needles", [
-    (2, ["version 2", "newer detaudit"]),
-    (0, ["version 0", "reads version(s) 1"]),
+    (3, ["version 3", "newer detaudit"]),
+    (0, ["version 0", "reads version(s) 1, 2"]),
+    # a format-2 database under a manifest edited to say format 1
+    (1, ["samples table lacks column(s) positions, raw", "format 1"]),
     ("1", ["format_version"]),
 ])
 def test_run_folders_from_another_version(fake_openai, tmp_path, version, needles):

@@ -57,7 +57,7 @@ def test_sigkill_at_random_moments_then_resume_gives_exactly_n_of_what_was_sent(
     summary = json.loads(done.stdout)
     assert (summary["n"], summary["ok"], summary["errors"], summary["run"]["status"]) == (N, N, 0, "complete")
 
-    stored = rows(run_dir, "SELECT idx, status, raw, positions FROM samples ORDER BY idx")
+    stored = rows(run_dir, "SELECT idx, status, raw, positions FROM sample_rows ORDER BY idx")
     assert [idx for idx, *_ in stored] == list(range(N))  # every index once, no duplicates
     assert {status for _, status, *_ in stored} == {"ok"}
     sent_bodies = {entry["body"] for entry in fake_openai.sent if entry["status"] == 200}

@@ -71,7 +71,7 @@ def crosscheck_api(run_dir: str, **options) -> dict:
 
 def stored_positions(run_dir: str) -> dict[int, list[dict]]:
     with sqlite3.connect(Path(run_dir) / "samples.sqlite") as db:
-        rows = db.execute("SELECT idx, positions FROM samples WHERE status = 'ok'").fetchall()
+        rows = db.execute("SELECT idx, positions FROM sample_rows WHERE status = 'ok'").fetchall()
     return {idx: json.loads(positions) for idx, positions in rows}
 
 

@@ -32,7 +32,7 @@ def stored_heads(run_dir: Path) -> dict[str, set[str]]:
     """{group: the logprob texts of "Heads" at the first position}, read from the store."""
     found: dict[str, set[str]] = {}
     with sqlite3.connect(Path(run_dir) / "samples.sqlite") as db:
-        for group, positions in db.execute('SELECT "group", positions FROM samples WHERE status = \'ok\''):
+        for group, positions in db.execute('SELECT "group", positions FROM sample_rows WHERE status = \'ok\''):
             top = json.loads(positions)[0]["top"]
             found.setdefault(group, set()).update(t["logprob_text"] for t in top if t["token"] == "Heads")
     return found

@@ -15,7 +15,7 @@ def answers(run_folder: Path, axis: str) -> dict[tuple[str, object], set]:
     compared only with itself, and None on every other axis."""
     uri = f"file:{Path(run_folder) / 'samples.sqlite'}?mode=ro"
     with sqlite3.connect(uri, uri=True) as db:
-        rows = db.execute("SELECT \"group\", output, positions, extra FROM samples "
+        rows = db.execute("SELECT \"group\", output, positions, extra FROM sample_rows "
                           "WHERE status = 'ok'").fetchall()
     found: dict[tuple[str, object], set] = {}
     for group, output, positions, extra in rows:

@@ -71,7 +71,7 @@ def test_greedy_divergence_text_only(server, tmp_path):
     fd = a["first_divergence"]
     assert fd["unit"] == "token" and fd["tokenizer"].endswith("tokenizer.json")
     assert 1 <= fd["reference_length"] <= 24 and fd["diverged"] == 4 - top
-    raws = [r for (r,) in stored(only_run(tmp_path), "SELECT raw FROM samples")]
+    raws = [r for (r,) in stored(only_run(tmp_path), "SELECT raw FROM sample_rows")]
     assert all('"logprobs"' not in raw for raw in raws)  # nothing asked, nothing sent back
 
     report = cli("report", only_run(tmp_path))
