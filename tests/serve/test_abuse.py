@@ -265,8 +265,9 @@ def test_a_low_open_file_limit_lowers_the_connection_bound_instead_of_failing():
 
 def test_retry_after_grows_with_the_queued_work():
     """One slot, three queue places, five requests at once: one gets a 429. Full of
-    20-token requests it says about a second; full of 400-token requests several: each
-    close to the real time the queue then takes to drain."""
+    20-token requests it says about a second; full of 480-token requests more: each
+    close to the real time the queue then takes to drain (how many seconds that is
+    depends on the CPU, so only the order and the closeness are asserted)."""
     server = Server("--kernels", "default", "--max-batch", "1", "--max-queue", "3")
 
     async def one(body: dict) -> tuple[bytes, float]:
@@ -298,8 +299,8 @@ def test_retry_after_grows_with_the_queued_work():
     try:
         timed_post(server, {**NORMAL, "max_tokens": 20})  # measure a step
         short, short_wait = measured(20)
-        long, long_wait = measured(400)
-        assert short <= 2 and long >= 3 and long > short, (short, long)
+        long, long_wait = measured(480)
+        assert long > short, (short, short_wait, long, long_wait)
         for retry_after, waited in ((short, short_wait), (long, long_wait)):
             assert waited / 2 - 1 <= retry_after <= 2 * waited + 1, (retry_after, waited)
         assert idle(wait_for(server, idle, 5))
