@@ -167,6 +167,15 @@ CREATE VIEW IF NOT EXISTS sample_rows AS
 
     def write(self, conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
         """``rows``: tuples in ROW_COLUMNS order (``store._row``)."""
+        try:
+            self._write(conn, rows)
+        except BaseException:
+            # SQLite may have rolled the transaction back (a full disk, an I/O error):
+            # ids cached since the last commit could name texts that were never stored
+            self._ids.clear()
+            raise
+
+    def _write(self, conn: sqlite3.Connection, rows: Iterable[tuple]) -> None:
         samples, raws, no_raw = [], [], []
         for (idx, status, output, finish_reason, model, fingerprint, group, attempts,
              started_at, latency_s, error_kind, error_message, positions, extra, raw,
