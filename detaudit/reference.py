@@ -63,6 +63,11 @@ class Reference(Protocol):
 
     def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]: ...
 
+    def score_many(self, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
+        """``score`` of each completion; a reference may pack them where that keeps
+        every value as it would be alone."""
+        ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -149,7 +154,12 @@ def load_reference(model: str | Path, engine: str = "local", kernels: str | None
 
 
 class LocalReference:
-    """The bundled engine: ``Engine.score``, one sequence per forward pass."""
+    """The bundled engine: ``Engine.score``. With batch-invariant kernels the completions
+    are packed into few forward passes (``Engine.score_many``: each value bitwise what it
+    is alone); with default kernels each is scored in a pass of its own, so the reference
+    does not move with the packing."""
+
+    PACKED_SLOTS = 8
 
     def __init__(self, model: str | Path, kernels: str | None, kernel_impl: str | None,
                  dtype: str | None, device: str | None):
@@ -157,8 +167,11 @@ class LocalReference:
         from local_backend.config import ModelLoadError
         from local_backend.engine import Engine
 
-        self.engine = Engine.load(model, kernels=kernels or DEFAULT_KERNELS, device=device,
-                                  dtype=dtype, max_slots=1, kernel_impl=kernel_impl or DEFAULT_KERNEL_IMPL)
+        kernels = kernels or DEFAULT_KERNELS
+        self.packed = kernels == "batch-invariant"
+        self.engine = Engine.load(model, kernels=kernels, device=device, dtype=dtype,
+                                  max_slots=self.PACKED_SLOTS if self.packed else 1,
+                                  kernel_impl=kernel_impl or DEFAULT_KERNEL_IMPL)
         if self.engine.tokenizer is None:
             raise ModelLoadError(f"{self.engine.path}: no tokenizer.json; crosscheck rebuilds "
                                  "prompts and tokens with it")
@@ -170,9 +183,15 @@ class LocalReference:
     def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         return self.engine.score(prompt_ids, completion_ids)
 
+    def score_many(self, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
+        if self.packed:
+            return self.engine.score_many(prompt_ids, completions)
+        return [self.engine.score(prompt_ids, ids) for ids in completions]
+
     def describe(self) -> dict[str, Any]:
         facts = self.engine.describe()
         return {"engine": "local", "model": facts["model_path"], "kernels": facts["kernels"],
+                "packed": self.packed,
                 "kernel_impl": facts["kernel_impl"], "dtype": facts["dtype"],
                 "device": facts["device"], "fingerprint": self.engine.fingerprint()}
 
@@ -221,6 +240,10 @@ class TransformersReference:
             logprobs = torch.log_softmax(logits, dim=-1)
             chosen = torch.tensor(completion_ids, dtype=torch.long, device=self.device)
             return logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+
+    def score_many(self, prompt_ids: list[int], completions: list[list[int]]) -> list[list[float]]:
+        """One at a time: padding a batch would change transformers' numbers."""
+        return [self.score(prompt_ids, ids) for ids in completions]
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "transformers", "model": str(self.folder),
@@ -323,11 +346,8 @@ def score_run(store: RunStore, reference: Reference) -> ScoredRun:
             continue
         kept.append((sample, ids))
 
-    scores: dict[tuple[int, ...], list[float]] = {}
-    for _, ids in kept:
-        key = tuple(ids)
-        if key not in scores:
-            scores[key] = reference.score(prompt, ids)
+    distinct = list(dict.fromkeys(tuple(ids) for _, ids in kept))  # each scored once
+    scores = dict(zip(distinct, reference.score_many(prompt, [list(ids) for ids in distinct])))
     rows: dict[str, list] = {column: [] for column in
                              ("index", "position", "token", "server_logprob", "server_logprob_text",
                               "reference_logprob")}

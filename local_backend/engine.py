@@ -41,6 +41,7 @@ from local_backend.sampler import sample
 from local_backend.tokenizer import TemplateError, Tokenizer
 
 MAX_TOP_LOGPROBS = 20
+SCORE_PACK_TOKENS = 4096  # about this many tokens per packed teacher-forcing pass (score_many)
 
 
 class RequestError(ValueError):
@@ -423,14 +424,36 @@ class Engine:
         The rows go through the same ops, dtype and fp32 ``ops.log_softmax`` as a decode
         step's logprobs (``_forward``), so with batch-invariant kernels each value is
         bitwise the one generation reported (prefill = decode)."""
-        if not prompt_ids or not completion_ids:
-            raise RequestError("score needs a non-empty prompt and a non-empty completion")
-        ids = list(prompt_ids) + list(completion_ids[:-1])
-        if not all(0 <= i < self.config.vocab_size for i in ids + [completion_ids[-1]]):
-            raise RequestError(f"token ids must be in [0, {self.config.vocab_size})")
-        (_, logprobs), = self._prefill([ids], [len(prompt_ids) - 1])
-        index = torch.tensor(completion_ids, dtype=torch.long, device=logprobs.device)
-        return logprobs.gather(1, index[:, None])[:, 0].tolist()
+        return self.score_many(prompt_ids, [completion_ids])[0]
+
+    def score_many(self, prompt_ids: list[int], completions: list[list[int]],
+                   pack_tokens: int = SCORE_PACK_TOKENS) -> list[list[float]]:
+        """``score`` of several completions of one prompt, packed into few forward passes
+        (as many sequences as there are free slots, about ``pack_tokens`` tokens a pass).
+        With batch-invariant kernels each value is bitwise what ``score`` gives alone;
+        with other kernels the packing may change the last bits, as a batch does."""
+        for completion in completions:
+            if not prompt_ids or not completion:
+                raise RequestError("score needs a non-empty prompt and a non-empty completion")
+            if not all(0 <= i < self.config.vocab_size for i in list(prompt_ids) + list(completion)):
+                raise RequestError(f"token ids must be in [0, {self.config.vocab_size})")
+        scores: list[list[float]] = []
+        start = 0
+        while start < len(completions):
+            stop, tokens = start, 0
+            room = max(1, self.cache.free_slots)
+            while stop < len(completions) and stop - start < room and (
+                    stop == start or tokens + len(prompt_ids) + len(completions[stop]) <= pack_tokens):
+                tokens += len(prompt_ids) + len(completions[stop]) - 1
+                stop += 1
+            chunk = completions[start:stop]
+            passes = self._prefill([list(prompt_ids) + list(c[:-1]) for c in chunk],
+                                   [len(prompt_ids) - 1] * len(chunk))
+            for (_, logprobs), completion in zip(passes, chunk):
+                index = torch.tensor(completion, dtype=torch.long, device=logprobs.device)
+                scores.append(logprobs.gather(1, index[:, None])[:, 0].tolist())
+            start = stop
+        return scores
 
     @torch.inference_mode()
     def _prefill(self, sequences: list[list[int]], first_rows: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

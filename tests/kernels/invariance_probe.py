@@ -108,6 +108,20 @@ def coin_flip(kernels: str, implementation: str, batch_sizes=(1, 3, 8, 32), n: i
     return {label: sorted(texts) for label, texts in seen.items()}
 
 
+def packed_score_differences(implementation: str) -> int:
+    """Completions whose teacher-forced logprobs change bits when packed beside others
+    (``Engine.score_many``, what crosscheck's reference does) against scored alone."""
+    from local_backend.engine import Engine
+
+    engine = Engine.load("tiny", kernels="batch-invariant", kernel_impl=implementation,
+                         device="cpu", max_slots=4, max_len=64)
+    prompt = [0, 4, 389, 461, 417, 5]
+    completions = [[(13 * i + 7 * j) % 400 + 10 for j in range(length)]
+                   for i, length in enumerate((2, 11, 5, 17, 1, 8))]
+    packed = engine.score_many(prompt, completions)
+    return sum(engine.score(prompt, ids) != scores for ids, scores in zip(completions, packed))
+
+
 def numpy_matmul_row_differences() -> int:
     """Rows of numpy's float32 matmul of one fixed 128-row block that change bits when
     the row moves from place 0 to place i (what the interpreter's tl.dot used to do)."""
@@ -136,6 +150,8 @@ def main() -> None:
         report["implementations"][implementation] = {
             "ran": ops.implementation,
             "rowwise": rowwise_differences(ops),
+            "packed_scores_differing": packed_score_differences(implementation)
+            if implementation == "cpu-exact" else 0,
             # The interpreter costs seconds per batch of fillers: fewer and smaller batches there.
             "coin_flip": coin_flip("batch-invariant", implementation) if implementation == "cpu-exact"
             else coin_flip("batch-invariant", implementation, batch_sizes=(1, 3, 8), n=3),

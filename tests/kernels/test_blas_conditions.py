@@ -77,6 +77,7 @@ def test_batch_invariant_under_condition(condition):
             "numpy's matmul was row-invariant under this core type: the condition no longer stresses anything"
     for implementation, found in report["implementations"].items():
         assert all(count == 0 for count in found["rowwise"].values()), (implementation, found["rowwise"])
+        assert found["packed_scores_differing"] == 0, implementation  # crosscheck's packed reference
         for label, texts in found["coin_flip"].items():
             assert len(texts) == 1, f"{implementation}: {len(texts)} distinct logprobs of {label}: {texts}"
     exact = report["implementations"]["cpu-exact"]["coin_flip"]

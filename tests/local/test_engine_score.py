@@ -68,3 +68,34 @@ def test_default_kernels_score_close_to_generation():
     assert result.token_ids  # seed 4 writes a sentence
     scores = torch.tensor(engine.score(result.prompt_ids, result.token_ids))
     torch.testing.assert_close(scores, torch.tensor([t.logprob for t in result.tokens]), atol=1e-4, rtol=0)
+
+
+def test_packed_scores_are_bitwise_the_scores_alone_in_any_packing(engine):
+    """``score_many`` packs completions of one prompt into few passes (4 slots here, and a
+    token budget that cuts passes early); with batch-invariant kernels each value is the
+    one ``score`` gives alone, whatever else shares its pass and at which place."""
+    prompt = [0, 4, 389, 461, 417, 5]
+    completions = [[(11 * i + 5 * j) % 400 + 10 for j in range(length)]
+                   for i, length in enumerate((1, 9, 3, 14, 2, 7, 20, 5, 11))]
+    alone = [[float.hex(v) for v in engine.score(prompt, ids)] for ids in completions]
+    for order, budget in ((completions, 4096), (completions[::-1], 4096), (completions, 24)):
+        packed = engine.score_many(prompt, order, pack_tokens=budget)
+        expected = alone if order is completions else alone[::-1]
+        assert [[float.hex(v) for v in scores] for scores in packed] == expected
+    with pytest.raises(RequestError, match="non-empty"):
+        engine.score_many(prompt, [[5], []])
+
+
+def test_with_default_kernels_the_reference_scores_each_completion_alone():
+    """What LocalReference relies on: it packs only batch-invariant kernels. With default
+    kernels it scores one completion per pass, the same values as ``score`` alone."""
+    from detaudit.reference import LocalReference
+
+    reference = LocalReference("tiny", "default", None, None, DEVICE)
+    assert reference.packed is False and reference.describe()["packed"] is False
+    prompt = [0, 4, 389, 461, 417, 5]
+    completions = [[(11 * i + 5 * j) % 400 + 10 for j in range(length)]
+                   for i, length in enumerate((1, 9, 3, 14))]
+    assert reference.score_many(prompt, completions) == [reference.engine.score(prompt, ids)
+                                                         for ids in completions]
+    assert LocalReference("tiny", "batch-invariant", None, None, DEVICE).packed is True
