@@ -6,6 +6,8 @@ is bitwise the same.
 
     python bench/bench_crosscheck.py                      # tiny model, 256 completions
     python bench/bench_crosscheck.py --model DIR --device cuda --completions 1024
+    python bench/bench_crosscheck.py --random-1b /tmp/llama1b --device cuda --dtype bfloat16
+                                     # writes a random-init Llama-3.2-1B-shaped folder first
 
 Seconds are wall time, best of --rounds; the ratio is what to read on a CPU.
 """
@@ -23,6 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from local_backend.engine import Engine  # noqa: E402
 
 
+def write_random_1b(folder: Path) -> None:
+    """A Llama-3.2-1B-shaped model with random weights (bf16), as bench_e2e uses."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         max_position_embeddings=2048, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -33,7 +50,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--random-1b", type=Path, metavar="DIR",
+                        help="write a random-init Llama-3.2-1B-shaped model to DIR and score with it")
     args = parser.parse_args()
+    if args.random_1b is not None:
+        write_random_1b(args.random_1b)
+        args.model = str(args.random_1b)
 
     engine = Engine.load(args.model, kernels="batch-invariant", device=args.device, dtype=args.dtype,
                          max_slots=args.slots, max_len=512)
