@@ -116,6 +116,7 @@ class _Plan:
     prefilling: list[_Sequence]
     sampled: list[_Sequence]
     feed: tuple[torch.Tensor, list[int]] | None = None
+    split: tuple[int, int] | None = None  # (tokens, sampled rows) of a prefill pass run before the decode rows
 
 
 @dataclass
@@ -175,6 +176,9 @@ class Engine:
         self._in_flight: _Launched | None = None  # overlap: the pass launched, its picks not read yet
         # With a queue, requests join in groups of this many (see _should_admit).
         self.admit_group = max(1, max_slots // 8) if graphs else 1
+        # A pass with prompts and decode tokens both: run it as a prefill pass, then the decode
+        # rows as a decode step (a graph replay), rather than as one eager pass? (bench_e2e measures.)
+        self.split_mixed = False
         eos = set(config.eos_token_ids)
         if tokenizer is not None and (eos_id := tokenizer.token_id(tokenizer.eos_token)) is not None:
             eos.add(eos_id)
@@ -331,7 +335,15 @@ class Engine:
         token_ids, slots, positions, last_rows = [], [], [], []
         prefilling, sampled = [], []  # sequences given prompt tokens / to sample this pass
         chunk = self.prefill_chunk
-        for seq in self._running:
+        order, first_decode, cut = self._running, -1, None
+        if self.split_mixed and self.decode is not None:  # prompts first, then the decode rows
+            prompts = [s for s in self._running if s.cached < len(s.prompt_ids)]
+            if 0 < len(prompts) < len(self._running):
+                order = prompts + [s for s in self._running if s.cached >= len(s.prompt_ids)]
+                first_decode = len(prompts)
+        for i, seq in enumerate(order):
+            if i == first_decode:  # the prefill pass ends here (_forward_split)
+                cut = (len(token_ids), len(sampled))
             prompt = len(seq.prompt_ids)  # the (uncached part of the) prompt, or the last sampled token
             if seq.cached < prompt:
                 prefilling.append(seq)
@@ -346,7 +358,7 @@ class Engine:
             if seq.cached == prompt + len(seq.generated):  # its last token's logits give the next
                 last_rows.append(len(token_ids) - 1)
                 sampled.append(seq)
-        return _Plan(token_ids, slots, positions, last_rows, prefilling, sampled)
+        return _Plan(token_ids, slots, positions, last_rows, prefilling, sampled, split=cut)
 
     def _plan_fed(self, previous: _Launched) -> _Plan | None:
         """The decode step after ``previous`` (whose picks are still on the device), or None
@@ -358,9 +370,11 @@ class Engine:
         if not previous.deferred:
             return None
         with self._queue_lock:
-            live = [(row, seq) for row, seq in enumerate(previous.sampled) if not seq.finish_reason]
-            if self._aborted or len(live) != len(self._running):
+            row_of = {id(seq): row for row, seq in enumerate(previous.sampled) if not seq.finish_reason}
+            if self._aborted or len(row_of) != len(self._running) or any(
+                    id(seq) not in row_of for seq in self._running):
                 return None
+            live = [(row_of[id(seq)], seq) for seq in self._running]  # the running order, as ``_plan``'s
             going = [(row, seq) for row, seq in live if len(seq.generated) + 1 < seq.request.max_tokens]
             free = self.cache.free_slots + len(live) - len(going)
             if not going or (self._waiting and free and free >= min(len(self._waiting), self.admit_group)):
@@ -378,6 +392,8 @@ class Engine:
         """Run the pass (queued on the device) and start its picks' way to the host."""
         if plan.feed is not None:
             logits, logprobs = self._forward_fed(*plan.feed, plan.slots, plan.positions)
+        elif plan.split is not None:
+            logits, logprobs = self._forward_split(plan)
         else:
             logits, logprobs = self._forward(plan.token_ids, plan.slots, plan.positions, plan.rows)
         if self.prefix is not None:  # their prompts' K/V (so far) are written now
@@ -428,6 +444,15 @@ class Engine:
                 return None, None
             logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
             return logits, self.ops.log_softmax(logits)
+
+    def _forward_split(self, plan: _Plan):
+        """A mixed pass as a prefill pass of the prompts, then a decode step of the rest; the
+        rows of both, in the plan's order (prompts first)."""
+        t, r = plan.split
+        first = self._forward(plan.token_ids[:t], plan.slots[:t], plan.positions[:t], plan.rows[:r])
+        second = self._forward(plan.token_ids[t:], plan.slots[t:], plan.positions[t:], [x - t for x in plan.rows[r:]])
+        parts = [p for p in (first, second) if p[0] is not None]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _forward_fed(self, tokens: torch.Tensor, source: list[int], slots: list[int], positions: list[int]):
         """A decode step whose row i takes token ``tokens[source[i]]`` (on the device)."""

@@ -114,6 +114,21 @@ def test_overlap_abort_and_prefix_cache(model_dirs):
     assert got[(True, True)] == got[(False, True)] == got[(False, False)]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_passes_split_into_prefill_and_decode_give_the_same_bits(model_dirs, overlap):
+    """Engine.split_mixed: a pass with prompts and decode tokens runs as a prefill pass, then a
+    decode step of the rest; with batch-invariant kernels no bit may change."""
+    requests = workload(15, seed=3, ignore_eos=True)
+    runs = {}
+    for split in (False, True):
+        engine = load(model_dirs["qwen3"], overlap, decode_graphs="buckets")
+        engine.split_mixed = split
+        seen = passes(engine)
+        runs[split] = ([bits(r) for r in engine.generate(requests)], len(seen))
+    assert runs[True][1] > runs[False][1], "no mixed pass was split"
+    assert runs[True][0] == runs[False][0]
+
+
 def test_overlap_is_off_on_a_cpu_by_default_and_checked(model_dirs):
     assert Engine.load(model_dirs["qwen3"], device="cpu").overlap is False
     with pytest.raises(ValueError, match="overlap must be"):
