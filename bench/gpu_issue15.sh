@@ -7,9 +7,10 @@ out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
 steps=${*:-tests needle e2e}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv > "$out/steps.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv >> "$out/steps.txt"
 graphs=auto
 overlap=${E2E_OVERLAP:-both}
+[ -f "$out/modes" ] && . "$out/modes"  # a fallback decided by an earlier call's tests step
 for step in $steps; do
   start=$SECONDS
   case $step in
@@ -19,7 +20,8 @@ for step in $steps; do
       rc=$?; tail -5 "$out/tests.log"
       # a broken graph or overlap path must not cost the figures: measure without it then
       if [ $rc -ne 0 ] && grep -q "FAILED.*test_overlap" "$out/tests.log"; then overlap=off; fi
-      if [ $rc -ne 0 ] && grep -q "FAILED.*test_cuda_graph_buckets" "$out/tests.log"; then graphs=off; fi ;;
+      if [ $rc -ne 0 ] && grep -q "FAILED.*test_cuda_graph_buckets" "$out/tests.log"; then graphs=off; fi
+      [ $rc -ne 0 ] && echo "graphs=$graphs overlap=$overlap" > "$out/modes" ;;
     needle) timeout ${NEEDLE_S:-170} python bench/bench_needle.py --decode-graphs $graphs ${NEEDLE_ARGS:-} \
               --json "$out/needle.json" > "$out/needle.log" 2>&1; tail -6 "$out/needle.log" ;;
     e2e) eg=${E2E_GRAPHS:-both}; [ $graphs = off ] && eg=off
