@@ -85,7 +85,7 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def run_engine(model, config, mode: str, requests: list[Request], slots: int, check: int,
+def run_engine(model, config, mode: str, requests: list[Request], slots: int, check: int, repeat: int,
                decode_graphs: str = "auto", admit_group: str = "auto", overlap: str = "auto",
                split_mixed: str = "off") -> dict:
     engine = Engine(model, config, get_ops(mode, "cuda"), None, torch.device("cuda"), torch.bfloat16,
@@ -104,8 +104,12 @@ def run_engine(model, config, mode: str, requests: list[Request], slots: int, ch
     if engine.decode is not None and engine.decode.graphs:
         engine.decode.capture_all()  # outside the timed run, as a server would at start
     replays = engine.decode.replays if engine.decode is not None else 0
-    passes[:] = [0, 0]
-    results, seconds = timed(lambda: engine.generate([copy(r) for r in requests]))
+    runs, digests = [], []  # the timed run, again: the first may still meet kernel shapes the warm-up did not
+    for _ in range(repeat):
+        passes[:] = [0, 0]
+        results, seconds = timed(lambda: engine.generate([copy(r) for r in requests]))
+        runs.append(seconds)
+        digests.append(digest(results))
     steps, fed_steps, graphed = passes[0] + passes[1], passes[1], (engine.decode.replays - replays if engine.decode is not None else 0)
     tokens = sum(len(r.token_ids) for r in results)
     same = []
@@ -117,8 +121,10 @@ def run_engine(model, config, mode: str, requests: list[Request], slots: int, ch
     del engine
     torch.cuda.empty_cache()
     return {"mode": mode, "decode_graphs": decode_graphs, "admit_group": admit_group,
-            "overlap": engine_overlap, "split_mixed": split_mixed, "fed_steps": fed_steps, "digest": digest(results), "steps": steps,
+            "overlap": engine_overlap, "split_mixed": split_mixed, "fed_steps": fed_steps, "digest": digests[-1],
+            "same_bits_every_run": len(set(digests)) == 1, "steps": steps,
             "decode_steps_padded_or_graphed": graphed, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "seconds_runs": runs, "tokens_per_s_runs": [tokens / s for s in runs],
             "bitwise_alone_vs_batched": all(same), "checked": len(same)}
 
 
@@ -146,6 +152,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--slots", type=int, default=256, help="engine: requests running at once")
     parser.add_argument("--hf-batch", type=int, default=128, help="transformers: prompts per generate() call")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per engine (tokens/s: the last)")
     parser.add_argument("--check", type=int, default=2, help="requests re-run alone for the bitwise check")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--admit-group", default="auto",
@@ -172,21 +179,22 @@ def main() -> None:
             for overlap in overlaps:
                 for split in (("off", "on") if args.split_mixed == "both" else (args.split_mixed,)):
                     for mode in ("batch-invariant", "default"):
-                        rows.append(run_engine(ours, config, mode, requests, args.slots, args.check, graphs,
+                        rows.append(run_engine(ours, config, mode, requests, args.slots, args.check, args.repeat, graphs,
                                                group, overlap, split))
                         print(rows[-1], flush=True)
     if not args.skip_hf:
         rows.append(run_hf(hf, requests, args.hf_batch))
         print(rows[-1], flush=True)
     print(f"\n{args.requests} requests, {rows[0]['tokens']} generated tokens, Llama-1B shape (random init), bf16")
-    print(f"{'mode':>24} {'graphs':>6} {'admit':>5} {'overlap':>7} {'split':>5} | {'seconds':>8} {'tokens/s':>9} | {'vs default':>10} | bitwise alone = batched")
+    print(f"{'mode':>24} {'graphs':>6} {'admit':>5} {'overlap':>7} {'split':>5} | {'seconds':>8} {'tokens/s':>9} | {'vs default':>10} | bitwise alone = batched | tokens/s of each run")
     same = ("decode_graphs", "admit_group", "overlap", "split_mixed")
     for r in rows:  # each engine row against the default-mode row of the same engine settings
         base = next((d["tokens_per_s"] for d in rows if d["mode"] == "default"
                      and all(d.get(k) == r.get(k) for k in same)), rows[-1]["tokens_per_s"])
         print(f"{r['mode']:>24} {r.get('decode_graphs', '-'):>6} {r.get('admit_group', '-'):>5} {str(r.get('overlap', '-')):>7} {r.get('split_mixed', '-'):>5} | "
               f"{r['seconds']:>8.2f} {r['tokens_per_s']:>9.0f} | "
-              f"{r['tokens_per_s'] / base:>10.2f} | {r.get('bitwise_alone_vs_batched', '-')}")
+              f"{r['tokens_per_s'] / base:>10.2f} | {str(r.get('bitwise_alone_vs_batched', '-')):>23} | "
+              + " ".join(f"{x:.0f}" for x in r.get("tokens_per_s_runs", [])))
     write_json(args.json, {"info": info, "args": vars(args), "rows": rows,
                            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
     print(header(gpu_info()))

@@ -11,7 +11,9 @@ host prepares step N+1 while replay N runs, so it should come down to the replay
 ("replay_overlap_ms", that bucket's replay alone). "prefill_group_pass_ms": a pass that
 prefills --group requests with nothing else running (what a mixed pass would cost if its
 decode rows ran as a replay instead). --trace FILE: torch.profiler's table of one mixed
-pass (batch-invariant), the kernels and the host calls it spends its time in.
+pass (batch-invariant), the kernels and the host calls it spends its time in. Mixed passes:
+the first of its shape ("mixed_pass_ms", which may meet kernel variants the warm-up did
+not), one more ("mixed_pass_again_ms"), and one split into a prefill pass + a decode replay.
 """
 
 from __future__ import annotations
@@ -97,15 +99,21 @@ def profile(model, config, mode: str, slots: int, prompt: int, group: int, repea
     row["pick_ms"] = spent["pick"] / repeat * 1e3
     row["rest_ms"] = total - row["forward_ms"] - row["pick_ms"]
     engine._forward, engine._pick = forward, pick
-    # a mixed pass: `group` requests abort, `group` new ones join beside slots - group decoding
-    running = [s.request.request_id for s in engine._running[:group]]
-    for rid in running:
-        engine.abort(rid)
-    engine.step()
-    for r in _requests(group, prompt, 4, 3):
-        engine.add_request(r)
-    engine.admit_group = 1
-    row["mixed_pass_ms"] = _ms(engine.step, 1)
+    # a mixed pass: `group` requests abort, `group` new ones join beside slots - group decoding;
+    # the first of its shape, the same again, and split (Engine.split_mixed)
+    def mixed(seed: int, split: bool = False) -> float:
+        for rid in [s.request.request_id for s in engine._running[:group]]:
+            engine.abort(rid)
+        engine.step()
+        for r in _requests(group, prompt, 4, seed):
+            engine.add_request(r)
+        engine.admit_group, engine.split_mixed = 1, split
+        ms = _ms(engine.step, 1)
+        engine.split_mixed = False
+        return ms
+    row["mixed_pass_ms"] = mixed(3)
+    row["mixed_pass_again_ms"] = mixed(6)
+    row["mixed_pass_split_ms"] = mixed(7, split=True)
     row["host_ms"] = row["decode_step_ms"] - row["replay_ms"]
     if trace:  # one more mixed pass, under the profiler
         for rid in [s.request.request_id for s in engine._running[:group]]:
@@ -153,7 +161,7 @@ def main() -> None:
                     args.trace if mode == "batch-invariant" else None)
             for mode in ("batch-invariant", "default")]
     keys = ["replay_ms", "decode_step_ms", "host_ms", "forward_ms", "pick_ms", "rest_ms",
-            "prefill_pass_ms", "mixed_pass_ms", "decode_step_overlap_ms", "replay_overlap_ms",
+            "prefill_pass_ms", "mixed_pass_ms", "mixed_pass_again_ms", "mixed_pass_split_ms", "decode_step_overlap_ms", "replay_overlap_ms",
             "prefill_group_pass_ms"]
     for r in rows:
         print(f"{r['mode']}: " + ", ".join(f"{k} {r[k]:.2f}" for k in keys))
