@@ -16,7 +16,8 @@ for step in $steps; do
   case $step in
     tests)
       timeout ${TESTS_S:-100} python -m pytest -q -x -p no:cacheprovider -p no:warnings \
-        tests/local/test_overlap.py tests/local/test_decode_buckets.py tests/local/test_engine.py > "$out/tests.log" 2>&1
+        tests/local/test_overlap.py tests/local/test_decode_buckets.py tests/local/test_engine.py \
+        ${TESTS_EXTRA:-} > "$out/tests.log" 2>&1
       rc=$?; tail -5 "$out/tests.log"
       # a broken graph or overlap path must not cost the figures: measure without it then
       if [ $rc -ne 0 ] && grep -q "FAILED.*test_overlap" "$out/tests.log"; then overlap=off; fi
