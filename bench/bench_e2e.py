@@ -103,10 +103,10 @@ def run_engine(model, config, mode: str, requests: list[Request], slots: int, ch
     engine.generate([Request(prompt_ids=requests[0].prompt_ids[:5], max_tokens=3, ignore_eos=True)])
     if engine.decode is not None and engine.decode.graphs:
         engine.decode.capture_all()  # outside the timed run, as a server would at start
-    replays = engine.decode.replays if engine.decode is not None else 0
     runs, digests = [], []  # the timed run, again: the first may still meet kernel shapes the warm-up did not
     for _ in range(repeat):
         passes[:] = [0, 0]
+        replays = engine.decode.replays if engine.decode is not None else 0
         results, seconds = timed(lambda: engine.generate([copy(r) for r in requests]))
         runs.append(seconds)
         digests.append(digest(results))

@@ -80,7 +80,7 @@ def profile(model, config, mode: str, slots: int, prompt: int, group: int, repea
     # the replay alone, on the inputs of the last real step (its K/V rewritten in place)
     graph = engine.decode._captured[engine.decode.bucket(slots)][0]
     row["replay_ms"] = _ms(graph.replay, repeat)
-    forward, pick = engine._forward, engine._pick
+    forward, launch, read = engine._forward, engine._pick_launch, engine._pick_read
     spent = {"forward": 0.0, "pick": 0.0}
 
     def timed(name, fn):
@@ -92,13 +92,14 @@ def profile(model, config, mode: str, slots: int, prompt: int, group: int, repea
             spent[name] += time.perf_counter() - start
             return out
         return wrapper
-    engine._forward, engine._pick = timed("forward", forward), timed("pick", pick)
+    engine._forward = timed("forward", forward)  # picks: launched (and, without overlap, copied), then read
+    engine._pick_launch, engine._pick_read = timed("pick", launch), timed("pick", read)
     total = _ms(engine.step, repeat)
     row["decode_step_synced_ms"] = total
     row["forward_ms"] = spent["forward"] / repeat * 1e3
     row["pick_ms"] = spent["pick"] / repeat * 1e3
     row["rest_ms"] = total - row["forward_ms"] - row["pick_ms"]
-    engine._forward, engine._pick = forward, pick
+    engine._forward, engine._pick_launch, engine._pick_read = forward, launch, read
     # a mixed pass: `group` requests abort, `group` new ones join beside slots - group decoding;
     # the first of its shape, the same again, and split (Engine.split_mixed)
     def mixed(seed: int, split: bool = False) -> float:
