@@ -10,6 +10,9 @@ enough copies to exceed L2, so small-M figures measure HBM, not the cache. --tun
 runs every candidate Tiles (all with BLOCK_K = 64, so all add in one order) and
 reports, per M, the fastest candidate that is still bitwise equal to the table's
 8192-row product: that is how the table in local_backend/kernels/matmul.py was chosen.
+Before any timing, --warm-s seconds of large matmuls bring the GPU out of its idle clocks
+(an H200 idles at 345 MHz and takes a moment to boost): otherwise the first shapes, the
+small-M ones, are timed at low clocks and their ratios mean nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import torch
 
@@ -55,6 +59,18 @@ def rotating(weights: list[torch.Tensor]):
         state["i"] = (state["i"] + 1) % len(weights)
         return weights[state["i"]]
     return next_weight
+
+
+def warm_clocks(seconds: float) -> int:
+    """Busy the GPU with 8192^3 bf16 matmuls for ``seconds``; the number run."""
+    a = torch.randn(8192, 8192, device="cuda").bfloat16()
+    done, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            torch.mm(a, a)
+        torch.cuda.synchronize()
+        done += 10
+    return done
 
 
 def run(args) -> dict:
@@ -112,11 +128,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", choices=["1", "2"], default="", help="time every candidate of sweep 1 or 2")
     parser.add_argument("--rep", type=int, default=40, help="milliseconds of timed repeats per figure")
+    parser.add_argument("--warm-s", type=float, default=5.0, help="seconds of matmuls before timing (clocks up)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_matmul needs a CUDA GPU (the CPU interpreter's speed means nothing)")
+    print(header(gpu_info()))  # clocks as found
+    warmed = warm_clocks(args.warm_s)
     info = gpu_info()
+    info["warm_matmuls"] = warmed
+    print(f"warmed with {warmed} 8192^3 matmuls in {args.warm_s:.0f} s; clocks now:")
     print(header(info))
     print(f"{'M':>5} {'N':>6} {'K':>6} | {'ours':>7} {'cuBLAS':>7} {'ratio':>6} | {'bw ours':>5} {'bw cuBLAS':>5} | "
           "tiles   (TFLOP/s; bw = bitwise: rows of the M-row product == same rows of the 8192-row product)")

@@ -96,13 +96,14 @@ def sweep(model, config, mode: str, kind: str, sizes, decode_graphs: str) -> dic
     seconds = time.perf_counter() - start
     captured = engine.decode.captured if engine.decode is not None else []
     prefix = engine.prefix.stats() if engine.prefix is not None else None
+    overlap = engine.overlap
     del engine
     torch.cuda.empty_cache()
     return {"mode": mode, "kind": kind, "prompt_tokens": PROMPT[kind], "sizes": list(sizes),
             "distinct_completions": len(completions), "distinct_logprob_vectors": len(vectors),
             "completion_groups": list(completions.values()), "vector_groups": list(vectors.values()),
             "seconds": seconds, "per_size": per_size, "graph_buckets": captured, "decode_graphs": decode_graphs,
-            "prefix_cache": prefix}
+            "prefix_cache": prefix, "overlap": overlap}
 
 
 def main() -> None:

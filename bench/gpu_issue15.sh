@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Issue 15 in one device call: CUDA-graph tests, the needle check, bench_e2e with decode
-# graphs off and on. Each step has its own time limit and writes its log/JSON into OUT_DIR.
-#   bash bench/gpu_issue15.sh OUT_DIR [steps...]     steps: tests needle e2e
+# Issue 15 in one device call: CUDA-graph and overlap tests, the needle check, bench_e2e,
+# profile_step, bench_matmul. Each step has its own time limit and writes its log/JSON into OUT_DIR.
+#   bash bench/gpu_issue15.sh OUT_DIR [steps...]     steps: tests needle e2e profile matmul
 set -uo pipefail
 out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
 steps=${*:-tests needle e2e}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv > "$out/steps.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm --format=csv >> "$out/steps.txt"
 graphs=auto
+overlap=${E2E_OVERLAP:-both}
+[ -f "$out/modes" ] && . "$out/modes"  # a fallback decided by an earlier call's tests step
 for step in $steps; do
   start=$SECONDS
   case $step in
     tests)
       timeout ${TESTS_S:-100} python -m pytest -q -x -p no:cacheprovider -p no:warnings \
-        tests/local/test_decode_buckets.py tests/local/test_engine.py > "$out/tests.log" 2>&1
+        tests/local/test_overlap.py tests/local/test_decode_buckets.py tests/local/test_engine.py \
+        ${TESTS_EXTRA:-} > "$out/tests.log" 2>&1
       rc=$?; tail -5 "$out/tests.log"
-      # a broken graph path must not cost the figures: measure the rest eagerly then
-      if [ $rc -ne 0 ] && grep -q "test_cuda_graph_buckets\|graph" "$out/tests.log"; then graphs=off; fi ;;
+      # a broken graph or overlap path must not cost the figures: measure without it then
+      if [ $rc -ne 0 ] && grep -q "FAILED.*test_overlap" "$out/tests.log"; then overlap=off; fi
+      if [ $rc -ne 0 ] && grep -q "FAILED.*test_cuda_graph_buckets" "$out/tests.log"; then graphs=off; fi
+      [ $rc -ne 0 ] && echo "graphs=$graphs overlap=$overlap" > "$out/modes" ;;
     needle) timeout ${NEEDLE_S:-170} python bench/bench_needle.py --decode-graphs $graphs ${NEEDLE_ARGS:-} \
               --json "$out/needle.json" > "$out/needle.log" 2>&1; tail -6 "$out/needle.log" ;;
     e2e) eg=${E2E_GRAPHS:-both}; [ $graphs = off ] && eg=off
-         timeout ${E2E_S:-190} python bench/bench_e2e.py --decode-graphs $eg ${E2E_ARGS:-} \
-           --json "$out/e2e.json" > "$out/e2e.log" 2>&1; tail -12 "$out/e2e.log" ;;
+         timeout ${E2E_S:-190} python bench/bench_e2e.py --decode-graphs $eg --overlap $overlap ${E2E_ARGS:-} \
+           --json "$out/e2e.json" > "$out/e2e.log" 2>&1; tail -14 "$out/e2e.log" ;;
+    profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
+               --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;
+    matmul) timeout ${MATMUL_S:-120} python bench/bench_matmul.py ${MATMUL_ARGS:-} \
+              --json "$out/matmul.json" > "$out/matmul.log" 2>&1; tail -26 "$out/matmul.log" ;;
   esac
   echo "== $step: $((SECONDS - start)) s (graphs=$graphs)" | tee -a "$out/steps.txt"
 done

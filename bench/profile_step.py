@@ -6,6 +6,14 @@ mixed prefill + decode pass, for both kernel modes, on bench_e2e's Llama-1B shap
 
 "host" is the decode step minus the replay: what the step's Python and its one copy
 cost on top of the GPU's work. It says whether end to end is GPU- or host-bound.
+"decode_step_overlap_ms": the same steps with overlap scheduling (Engine.overlap): the
+host prepares step N+1 while replay N runs, so it should come down to the replay's time
+("replay_overlap_ms", that bucket's replay alone). "prefill_group_pass_ms": a pass that
+prefills --group requests with nothing else running (what a mixed pass would cost if its
+decode rows ran as a replay instead). --trace FILE: torch.profiler's table of one mixed
+pass (batch-invariant), the kernels and the host calls it spends its time in. Mixed passes:
+the first of its shape ("mixed_pass_ms", which may meet kernel variants the warm-up did
+not), one more ("mixed_pass_again_ms"), and one split into a prefill pass + a decode replay.
 """
 
 from __future__ import annotations
@@ -38,9 +46,28 @@ def _requests(n: int, prompt: int, new: int, seed: int) -> list[Request]:
                     ignore_eos=True) for _ in range(n)]
 
 
-def profile(model, config, mode: str, slots: int, prompt: int, group: int, repeat: int) -> dict:
+def settle(engine: Engine) -> None:
+    """Read the pass still in flight (overlap), so the engine can switch modes."""
+    if engine._in_flight is not None:
+        engine._finish(engine._in_flight, None)
+        engine._in_flight = None
+
+
+def mixed_pass_trace(engine: Engine, path: str) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(table.table(sort_by="cuda_time_total", row_limit=30) + "\n")
+        f.write(table.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+
+
+def profile(model, config, mode: str, slots: int, prompt: int, group: int, repeat: int,
+            trace: str | None = None) -> dict:
     engine = Engine(model, config, get_ops(mode, "cuda"), None, torch.device("cuda"), torch.bfloat16,
-                    "random-init", max_slots=slots, max_len=512, decode_graphs="auto")
+                    "random-init", max_slots=slots, max_len=512, decode_graphs="auto", overlap=False)
     engine.generate(_requests(slots, prompt, 3, 1))  # compile every kernel shape
     engine.decode.capture_all()
     row = {"mode": mode, "slots": slots}
@@ -53,7 +80,7 @@ def profile(model, config, mode: str, slots: int, prompt: int, group: int, repea
     # the replay alone, on the inputs of the last real step (its K/V rewritten in place)
     graph = engine.decode._captured[engine.decode.bucket(slots)][0]
     row["replay_ms"] = _ms(graph.replay, repeat)
-    forward, pick = engine._forward, engine._pick
+    forward, launch, read = engine._forward, engine._pick_launch, engine._pick_read
     spent = {"forward": 0.0, "pick": 0.0}
 
     def timed(name, fn):
@@ -65,23 +92,53 @@ def profile(model, config, mode: str, slots: int, prompt: int, group: int, repea
             spent[name] += time.perf_counter() - start
             return out
         return wrapper
-    engine._forward, engine._pick = timed("forward", forward), timed("pick", pick)
+    engine._forward = timed("forward", forward)  # picks: launched (and, without overlap, copied), then read
+    engine._pick_launch, engine._pick_read = timed("pick", launch), timed("pick", read)
     total = _ms(engine.step, repeat)
     row["decode_step_synced_ms"] = total
     row["forward_ms"] = spent["forward"] / repeat * 1e3
     row["pick_ms"] = spent["pick"] / repeat * 1e3
     row["rest_ms"] = total - row["forward_ms"] - row["pick_ms"]
-    engine._forward, engine._pick = forward, pick
-    # a mixed pass: `group` requests abort, `group` new ones join beside slots - group decoding
-    running = [s.request.request_id for s in engine._running[:group]]
-    for rid in running:
+    engine._forward, engine._pick_launch, engine._pick_read = forward, launch, read
+    # a mixed pass: `group` requests abort, `group` new ones join beside slots - group decoding;
+    # the first of its shape, the same again, and split (Engine.split_mixed)
+    def mixed(seed: int, split: bool = False) -> float:
+        for rid in [s.request.request_id for s in engine._running[:group]]:
+            engine.abort(rid)
+        engine.step()
+        for r in _requests(group, prompt, 4, seed):
+            engine.add_request(r)
+        engine.admit_group, engine.split_mixed = 1, split
+        ms = _ms(engine.step, 1)
+        engine.split_mixed = False
+        return ms
+    row["mixed_pass_ms"] = mixed(3)
+    row["mixed_pass_again_ms"] = mixed(6)
+    row["mixed_pass_split_ms"] = mixed(7, split=True)
+    row["host_ms"] = row["decode_step_ms"] - row["replay_ms"]
+    if trace:  # one more mixed pass, under the profiler
+        for rid in [s.request.request_id for s in engine._running[:group]]:
+            engine.abort(rid)
+        engine.step()
+        for r in _requests(group, prompt, 4, 5):
+            engine.add_request(r)
+        mixed_pass_trace(engine, trace)
+    # overlap scheduling: the same engine, each step launched before the last one is read
+    engine.overlap = True
+    for _ in range(5):  # the mixed pass's requests (4 tokens) finish; a steady batch remains
+        engine.step()
+    row["overlap_rows"] = len(engine._running)
+    row["decode_step_overlap_ms"] = _ms(engine.step, repeat)
+    graph = engine.decode._captured[engine.decode.bucket(len(engine._running))][0]
+    row["replay_overlap_ms"] = _ms(graph.replay, repeat)
+    settle(engine)
+    engine.overlap = False
+    for rid in [s.request.request_id for s in engine._running]:
         engine.abort(rid)
     engine.step()
-    for r in _requests(group, prompt, 4, 3):
+    for r in _requests(group, prompt, 4, 4):
         engine.add_request(r)
-    engine.admit_group = 1
-    row["mixed_pass_ms"] = _ms(engine.step, 1)
-    row["host_ms"] = row["decode_step_ms"] - row["replay_ms"]
+    row["prefill_group_pass_ms"] = _ms(engine.step, 1)
     del engine
     torch.cuda.empty_cache()
     return row
@@ -93,6 +150,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=48)
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--trace", help="write torch.profiler's table of a mixed pass here")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -100,13 +158,14 @@ def main() -> None:
     info = gpu_info()
     print(header(info))
     _, ours, config = build_models("cuda")
-    rows = [profile(ours, config, mode, args.slots, args.prompt, args.group, args.repeat)
+    rows = [profile(ours, config, mode, args.slots, args.prompt, args.group, args.repeat,
+                    args.trace if mode == "batch-invariant" else None)
             for mode in ("batch-invariant", "default")]
     keys = ["replay_ms", "decode_step_ms", "host_ms", "forward_ms", "pick_ms", "rest_ms",
-            "prefill_pass_ms", "mixed_pass_ms"]
-    print(f"{'mode':>16} | " + " ".join(f"{k:>15}" for k in keys))
+            "prefill_pass_ms", "mixed_pass_ms", "mixed_pass_again_ms", "mixed_pass_split_ms", "decode_step_overlap_ms", "replay_overlap_ms",
+            "prefill_group_pass_ms"]
     for r in rows:
-        print(f"{r['mode']:>16} | " + " ".join(f"{r[k]:>15.2f}" for k in keys))
+        print(f"{r['mode']}: " + ", ".join(f"{k} {r[k]:.2f}" for k in keys))
     write_json(args.json, {"info": info, "args": vars(args), "rows": rows})
 
 

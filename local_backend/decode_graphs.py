@@ -18,6 +18,7 @@ import torch
 
 from local_backend.kernels import Ops
 from local_backend.kv_cache import KVCache
+from local_backend.overlap import to_device
 
 MODES = ("auto", "on", "off", "buckets")  # auto: graphs on a GPU, off elsewhere; buckets: padding, no graph
 
@@ -54,10 +55,10 @@ class DecodeRunner:
                 return b
         raise ValueError(f"{n} decode rows but the largest bucket is {self.buckets[-1]}")
 
-    def padded(self, token_ids: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
-        """[3, bucket] host tensor: the step's rows, then padding rows in the scratch slot."""
+    def padded(self, token_ids: list[int], slots: list[int], positions: list[int], fill: int = 0) -> torch.Tensor:
+        """[3, bucket] host tensor: the step's rows, then padding rows (token ``fill``) in the scratch slot."""
         pad = self.bucket(len(token_ids)) - len(token_ids)
-        return torch.tensor([token_ids + [0] * pad, slots + [self.scratch_slot] * pad, positions + [0] * pad],
+        return torch.tensor([token_ids + [fill] * pad, slots + [self.scratch_slot] * pad, positions + [0] * pad],
                             dtype=torch.long)
 
     def run(self, token_ids: list[int], slots: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +75,26 @@ class DecodeRunner:
             self.capture(b)
         graph, logits, logprobs = self._captured[b]
         self._inputs[:, :b].copy_(host)
+        graph.replay()
+        return logits[:n], logprobs[:n]
+
+    def run_fed(self, tokens: torch.Tensor, source: list[int], slots: list[int],
+                positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``run``, but row i's token id is ``tokens[source[i]]``, already on the device
+        (the previous step's picks; its last element is the padding rows' 0). Nothing
+        here waits for the device, so the host can queue this step while the last runs."""
+        n = len(source)
+        self.replays += 1
+        host = self.padded(source, slots, positions, fill=tokens.shape[0] - 1)
+        b = host.shape[1]
+        if self.graphs and b not in self._captured:
+            self.capture(b)
+        inputs = to_device(host, self._inputs[:, :b])  # row 0: where each row's token is, for now
+        inputs[0].copy_(tokens.index_select(0, inputs[0]))
+        if not self.graphs:
+            logits, logprobs = self._forward(inputs[0], inputs[1], inputs[2])
+            return logits[:n], logprobs[:n]
+        graph, logits, logprobs = self._captured[b]
         graph.replay()
         return logits[:n], logprobs[:n]
 

@@ -9,6 +9,10 @@ as well (``step(on_token)``). With ``prefill_chunk`` C (chunked prefill, as vLLM
 per-request long-prefill threshold) a prompt enters at most C tokens a pass; its first
 token is sampled in the pass that computes its last one. ``generate`` is that loop, run
 to the end.
+With ``overlap`` (on by default on a GPU), a step launches the next decode pass before
+it reads the last pass's picks: the tokens chosen on the device are fed straight to the
+next pass, and the host's bookkeeping runs while the GPU computes. Results (and streamed
+tokens) then come one step later; their bits are the same (tests/local/test_overlap.py).
 A server drives ``step`` from one background thread while other threads call
 ``add_request`` and ``abort``: the queue has its own lock, so neither waits for a
 forward pass. An aborted request leaves at the start of the next step, slot and all.
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resolve_model_dir
 from local_backend.decode_graphs import MODES as DECODE_MODES
@@ -36,6 +41,7 @@ from local_backend.kernels import Ops, get_ops, resolve_implementation
 from local_backend.kv_cache import KVCache
 from local_backend.loader import load_model
 from local_backend.model import RotaryTable, Transformer
+from local_backend.overlap import PicksInFlight, to_device
 from local_backend.prefix_cache import PrefixCache
 from local_backend.sampler import sample
 from local_backend.tokenizer import TemplateError, Tokenizer
@@ -98,6 +104,34 @@ class _Sequence:
         return self.prompt_ids + self.generated
 
 
+@dataclass
+class _Plan:
+    """One forward pass to launch: its rows, and the sequences it samples (in row order).
+    A pass fed from the device has ``feed`` = (the previous pass's token ids on the
+    device, the row of that pass each of this pass's rows takes its token from)."""
+
+    token_ids: list[int] | None
+    slots: list[int]
+    positions: list[int]
+    rows: list[int]  # rows whose logits give a sequence's next token
+    prefilling: list[_Sequence]
+    sampled: list[_Sequence]
+    feed: tuple[torch.Tensor, list[int]] | None = None
+    split: tuple[int, int] | None = None  # (tokens, sampled rows) of a prefill pass run before the decode rows
+
+
+@dataclass
+class _Launched:
+    """A pass on its way: the sequences it samples and their picks (None: it samples none)."""
+
+    sampled: list[_Sequence]
+    picks: PicksInFlight | None
+
+    @property
+    def deferred(self) -> bool:
+        return self.picks is not None and self.picks.deferred
+
+
 def encode_request(request: Request, tokenizer: Tokenizer | None, model_name: str) -> list[int]:
     """The prompt token ids of a request (chat template for messages): the one rule, for
     the engine and for anything that must rebuild its prompts (detaudit crosscheck)."""
@@ -120,7 +154,7 @@ class Engine:
     def __init__(self, model: Transformer, config: ModelConfig, ops: Ops, tokenizer: Tokenizer | None,
                  device: torch.device, dtype: torch.dtype, weights_sha256: str,
                  max_slots: int, max_len: int, path: Path | None = None, decode_graphs: str = "auto",
-                 prefix_cache: bool = False, prefill_chunk: int | None = None):
+                 prefix_cache: bool = False, prefill_chunk: int | None = None, overlap: bool | None = None):
         self.model, self.config, self.ops, self.tokenizer = model, config, ops, tokenizer
         self.device, self.dtype, self.weights_sha256, self.path = device, dtype, weights_sha256, path
         self.max_slots, self.max_len = max_slots, max_len
@@ -137,8 +171,15 @@ class Engine:
                                    graphs) if padded else None
         self.prefix = PrefixCache(self.cache) if prefix_cache else None  # prefix_cache.py
         self.prefill_chunk = check_prefill_chunk(prefill_chunk)  # None: a whole prompt per pass
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True, False or None (on for CUDA), got {overlap!r}")
+        self.overlap = device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Launched | None = None  # overlap: the pass launched, its picks not read yet
         # With a queue, requests join in groups of this many (see _should_admit).
         self.admit_group = max(1, max_slots // 8) if graphs else 1
+        # A pass with prompts and decode tokens both: run it as a prefill pass, then the decode
+        # rows as a decode step (a graph replay), rather than as one eager pass? (bench_e2e measures.)
+        self.split_mixed = False
         eos = set(config.eos_token_ids)
         if tokenizer is not None and (eos_id := tokenizer.token_id(tokenizer.eos_token)) is not None:
             eos.add(eos_id)
@@ -154,7 +195,7 @@ class Engine:
              device: str | None = None, dtype: str | torch.dtype | None = None,
              max_slots: int = 8, max_len: int = 2048, kernel_impl: str = "auto",
              decode_graphs: str = "auto", prefix_cache: bool = False,
-             prefill_chunk: int | None = None) -> "Engine":
+             prefill_chunk: int | None = None, overlap: bool | None = None) -> "Engine":
         """A model folder (or "tiny") on a device, with one kernel mode for every op.
 
         ``kernel_impl`` picks how batch-invariant ops run (kernels.IMPLEMENTATIONS):
@@ -162,7 +203,8 @@ class Engine:
         ``decode_graphs`` (decode_graphs.MODES): CUDA graphs per batch-size bucket for
         decode steps; by default on a GPU only. ``prefix_cache``: reuse the K/V of prompt
         prefixes already computed (prefix_cache.py). ``prefill_chunk``: prompt tokens of one
-        sequence per forward pass at most (None: the whole prompt in one pass)."""
+        sequence per forward pass at most (None: the whole prompt in one pass). ``overlap``:
+        launch each decode step before reading the last one's picks (None: on a GPU only)."""
         torch_device = _pick_device(device)
         try:  # bad names fail before anything loads
             resolve_implementation(kernels, torch_device.type, kernel_impl)
@@ -179,7 +221,7 @@ class Engine:
         net, sha = load_model(folder, config, torch_dtype, torch_device)
         return cls(net, config, ops, tokenizer, torch_device, torch_dtype, sha,
                    max_slots=max_slots, max_len=max_len, path=folder, decode_graphs=decode_graphs,
-                   prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
+                   prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, overlap=overlap)
 
     # ---- requests -------------------------------------------------------------
 
@@ -241,59 +283,150 @@ class Engine:
         ``on_token(request_id, token)`` is called for each token this step generated
         (before the finished are returned): what a streaming server sends as it comes."""
         with self._lock:
-            with self._queue_lock:
-                if self._aborted:
-                    for seq in [s for s in self._running if s.request.request_id in self._aborted]:
-                        self._running.remove(seq)
-                        self.cache.free(seq.slot)
-                    self._aborted.clear()  # ids that finished meanwhile are simply gone
-                admit = self._should_admit()
-                while admit and self._waiting and self.cache.free_slots:
-                    seq = self._waiting.popleft()
-                    if self.prefix is None:
-                        seq.slot = self.cache.allocate()
-                    else:  # the cached part of the prompt is copied in, not prefilled
-                        seq.slot, seq.cached = self.prefix.admit(seq.prompt_ids)
-                    self._running.append(seq)
+            if self.overlap:
+                return self._step_overlapped(on_token)
+            self._admit()
             if not self._running:
                 return []
-            token_ids, slots, positions, last_rows = [], [], [], []
-            prefilling, sampled = [], []  # sequences given prompt tokens / to sample this pass
-            chunk = self.prefill_chunk
-            for seq in self._running:
-                prompt = len(seq.prompt_ids)  # the (uncached part of the) prompt, or the last sampled token
-                if seq.cached < prompt:
-                    prefilling.append(seq)
-                    end = prompt if chunk is None else min(prompt, seq.cached + chunk)
-                    new = seq.prompt_ids[seq.cached:end]
-                else:
-                    new = seq.generated[seq.cached - prompt:]
-                token_ids += new
-                slots += [seq.slot] * len(new)
-                positions += range(seq.cached, seq.cached + len(new))
-                seq.cached += len(new)
-                if seq.cached == prompt + len(seq.generated):  # its last token's logits give the next
-                    last_rows.append(len(token_ids) - 1)
-                    sampled.append(seq)
-            logits, logprobs = self._forward(token_ids, slots, positions, last_rows)
-            if self.prefix is not None:  # their prompts' K/V (so far) are written now
-                for seq in prefilling:
-                    self.prefix.record(seq.slot, seq.prompt_ids[:seq.cached])
-            picks = self._pick(sampled, logits, logprobs) if sampled else []
-            finished = []
-            for seq, (token, logprob, top) in zip(sampled, picks):
-                generated = len(seq.tokens)
-                if self._advance(seq, token, logprob, top):
-                    finished.append(seq)
-                if on_token is not None and len(seq.tokens) > generated:  # EOS adds none
-                    on_token(seq.request.request_id, seq.tokens[-1])
-            with self._queue_lock:
-                for seq in finished:
+            return self._finish(self._launch(self._plan(), defer=False), on_token)
+
+    def _step_overlapped(self, on_token) -> list[Result]:
+        """Launch the next pass, then read the one before it. When the next pass can be a
+        decode step fed from the device (every running sequence was sampled by the pass in
+        flight, and no admission or abort is due), it is launched before the pass in flight
+        is read; otherwise that pass is read first and this step runs as ``step`` does, its
+        picks left in flight when it samples greedily."""
+        results: list[Result] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            fed = self._plan_fed(previous)
+            if fed is not None:
+                self._in_flight = self._launch(fed, defer=True)
+                return self._finish(previous, on_token)
+            results = self._finish(previous, on_token)
+        self._admit()
+        if self._running:
+            launched = self._launch(self._plan(), defer=True)
+            if launched.deferred:
+                self._in_flight = launched
+            else:
+                results += self._finish(launched, on_token)
+        return results
+
+    def _admit(self) -> None:
+        """Drop the aborted, then admit waiting requests into free slots (_should_admit)."""
+        with self._queue_lock:
+            if self._aborted:
+                for seq in [s for s in self._running if s.request.request_id in self._aborted]:
                     self._running.remove(seq)
-                    if self.prefix is not None:  # generated tokens' K/V are a prefix too
-                        self.prefix.record(seq.slot, seq.all_ids[:seq.cached])
                     self.cache.free(seq.slot)
-            return [self._result(seq) for seq in finished]
+                self._aborted.clear()  # ids that finished meanwhile are simply gone
+            admit = self._should_admit()
+            while admit and self._waiting and self.cache.free_slots:
+                seq = self._waiting.popleft()
+                if self.prefix is None:
+                    seq.slot = self.cache.allocate()
+                else:  # the cached part of the prompt is copied in, not prefilled
+                    seq.slot, seq.cached = self.prefix.admit(seq.prompt_ids)
+                self._running.append(seq)
+
+    def _plan(self) -> _Plan:
+        """The pass over every running sequence: prompt tokens (a chunk at most) of those
+        still prefilling, the last sampled token of the others."""
+        token_ids, slots, positions, last_rows = [], [], [], []
+        prefilling, sampled = [], []  # sequences given prompt tokens / to sample this pass
+        chunk = self.prefill_chunk
+        order, first_decode, cut = self._running, -1, None
+        if self.split_mixed and self.decode is not None:  # prompts first, then the decode rows
+            prompts = [s for s in self._running if s.cached < len(s.prompt_ids)]
+            if 0 < len(prompts) < len(self._running):
+                order = prompts + [s for s in self._running if s.cached >= len(s.prompt_ids)]
+                first_decode = len(prompts)
+        for i, seq in enumerate(order):
+            if i == first_decode:  # the prefill pass ends here (_forward_split)
+                cut = (len(token_ids), len(sampled))
+            prompt = len(seq.prompt_ids)  # the (uncached part of the) prompt, or the last sampled token
+            if seq.cached < prompt:
+                prefilling.append(seq)
+                end = prompt if chunk is None else min(prompt, seq.cached + chunk)
+                new = seq.prompt_ids[seq.cached:end]
+            else:
+                new = seq.generated[seq.cached - prompt:]
+            token_ids += new
+            slots += [seq.slot] * len(new)
+            positions += range(seq.cached, seq.cached + len(new))
+            seq.cached += len(new)
+            if seq.cached == prompt + len(seq.generated):  # its last token's logits give the next
+                last_rows.append(len(token_ids) - 1)
+                sampled.append(seq)
+        return _Plan(token_ids, slots, positions, last_rows, prefilling, sampled, split=cut)
+
+    def _plan_fed(self, previous: _Launched) -> _Plan | None:
+        """The decode step after ``previous`` (whose picks are still on the device), or None
+        when the next pass must see them first: an abort or an admission is due (predicted
+        as ``step`` would decide it once they are read), a running sequence is still
+        prefilling, or nothing would be left to run. A sequence that the pass in flight
+        brings to max_tokens gets no row; one that it ends by EOS or a stop string does
+        (not knowable yet): that row's token is dropped when read."""
+        if not previous.deferred:
+            return None
+        with self._queue_lock:
+            row_of = {id(seq): row for row, seq in enumerate(previous.sampled) if not seq.finish_reason}
+            if self._aborted or len(row_of) != len(self._running) or any(
+                    id(seq) not in row_of for seq in self._running):
+                return None
+            live = [(row_of[id(seq)], seq) for seq in self._running]  # the running order, as ``_plan``'s
+            going = [(row, seq) for row, seq in live if len(seq.generated) + 1 < seq.request.max_tokens]
+            free = self.cache.free_slots + len(live) - len(going)
+            if not going or (self._waiting and free and free >= min(len(self._waiting), self.admit_group)):
+                return None
+        source, slots, positions = [], [], []
+        for row, seq in going:
+            source.append(row)
+            slots.append(seq.slot)
+            positions.append(seq.cached)
+            seq.cached += 1
+        return _Plan(None, slots, positions, list(range(len(going))), [], [seq for _, seq in going],
+                     feed=(previous.picks.tokens, source))
+
+    def _launch(self, plan: _Plan, defer: bool) -> _Launched:
+        """Run the pass (queued on the device) and start its picks' way to the host."""
+        if plan.feed is not None:
+            logits, logprobs = self._forward_fed(*plan.feed, plan.slots, plan.positions)
+        elif plan.split is not None:
+            logits, logprobs = self._forward_split(plan)
+        else:
+            logits, logprobs = self._forward(plan.token_ids, plan.slots, plan.positions, plan.rows)
+        if self.prefix is not None:  # their prompts' K/V (so far) are written now
+            for seq in plan.prefilling:
+                self.prefix.record(seq.slot, seq.prompt_ids[:seq.cached])
+        picks = self._pick_launch(plan.sampled, logits, logprobs, defer) if plan.sampled else None
+        return _Launched(plan.sampled, picks)
+
+    def _finish(self, launched: _Launched, on_token) -> list[Result]:
+        """Read a pass's picks, record each sequence's token, free the finished."""
+        picks = self._pick_read(launched.sampled, launched.picks) if launched.picks is not None else []
+        finished = []
+        for seq, (token, logprob, top) in zip(launched.sampled, picks):
+            if seq.finish_reason:  # it ended at the pass before (overlap): a spare row
+                continue
+            generated = len(seq.tokens)
+            if self._advance(seq, token, logprob, top):
+                finished.append(seq)
+            if on_token is not None and len(seq.tokens) > generated:  # EOS adds none
+                on_token(seq.request.request_id, seq.tokens[-1])
+        if not finished:
+            return []
+        spare = {id(seq) for seq in self._in_flight.sampled} if self._in_flight is not None else set()
+        with self._queue_lock:
+            for seq in finished:
+                self._running.remove(seq)
+                if id(seq) in spare:  # the pass in flight writes its last token's K/V: not a prefix
+                    seq.cached -= 1
+                if self.prefix is not None:  # generated tokens' K/V are a prefix too
+                    self.prefix.record(seq.slot, seq.all_ids[:seq.cached])
+                self.cache.free(seq.slot)
+        return [self._result(seq) for seq in finished]
 
     def _should_admit(self) -> bool:
         """Admit the next waiting request now? A pass that prefills runs eagerly, while a
@@ -313,9 +446,36 @@ class Engine:
             logits = self.model.logits(hidden[as_tensor(rows)], self.ops).float()
             return logits, self.ops.log_softmax(logits)
 
+    def _forward_split(self, plan: _Plan):
+        """A mixed pass as a prefill pass of the prompts, then a decode step of the rest; the
+        rows of both, in the plan's order (prompts first)."""
+        t, r = plan.split
+        first = self._forward(plan.token_ids[:t], plan.slots[:t], plan.positions[:t], plan.rows[:r])
+        second = self._forward(plan.token_ids[t:], plan.slots[t:], plan.positions[t:], [x - t for x in plan.rows[r:]])
+        parts = [p for p in (first, second) if p[0] is not None]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _forward_fed(self, tokens: torch.Tensor, source: list[int], slots: list[int], positions: list[int]):
+        """A decode step whose row i takes token ``tokens[source[i]]`` (on the device)."""
+        if self.decode is not None:
+            return self.decode.run_fed(tokens, source, slots, positions)
+        index = to_device(torch.tensor([source, slots, positions], dtype=torch.long),
+                          torch.empty((3, len(source)), dtype=torch.long, device=self.device))
+        with _cpu_threads(getattr(self.ops, "cpu_threads", None) if self.device.type == "cpu" else None):
+            hidden = self.model(tokens.index_select(0, index[0]), index[1], index[2], self.cache, self.ops)
+            logits = self.model.logits(hidden, self.ops).float()  # every row is a sequence's last
+            return logits, self.ops.log_softmax(logits)
+
     def _pick(self, sequences: list[_Sequence], logits: torch.Tensor,
               logprobs: torch.Tensor) -> list[tuple[int, float, list[tuple[int, float]]]]:
-        """(token, its logprob, top (id, logprob) pairs) for each sequence's row.
+        """(token, its logprob, top (id, logprob) pairs) for each sequence's row, read now."""
+        return self._pick_read(sequences, self._pick_launch(sequences, logits, logprobs, defer=False))
+
+    def _pick_launch(self, sequences: list[_Sequence], logits: torch.Tensor, logprobs: torch.Tensor,
+                     defer: bool) -> PicksInFlight:
+        """Start the picks of each sequence's row (see ``_pick_read``) on their way to the host.
+        ``defer`` (greedy rows only): the copy does not wait for the device, and the token ids
+        stay on the device for the next pass to read.
 
         Greedy picks, the chosen logprobs and the top-k run on the device for the whole
         batch and come back in ONE copy (a float64 tensor: token ids and fp32 values are
@@ -325,29 +485,39 @@ class Engine:
         top-k ties are ordered by id, and a row whose tie crosses the k-th place (its
         k-th and (k+1)-th values are equal) is re-sorted exactly on the host."""
         requests = [seq.request for seq in sequences]
+        tokens = None
         if any(req.temperature > 0 for req in requests):  # seeded draws: one row at a time
             tokens = torch.argmax(logprobs, dim=-1).tolist()
             for row, (seq, req) in enumerate(zip(sequences, requests)):
                 if req.temperature > 0:
                     tokens[row] = sample(logits[row], logprobs[row], self.ops, req.temperature, req.top_p,
                                          req.seed, position=len(seq.generated))
-            index = torch.tensor(tokens, dtype=torch.long, device=logprobs.device)
+            index, tokens = torch.tensor(tokens, dtype=torch.long, device=logprobs.device), None
         else:
             index = torch.argmax(logprobs, dim=-1)
+            if defer:
+                tokens = F.pad(index, (0, 1))  # and a 0 for padding rows
         parts = [index[:, None].double(), logprobs.gather(1, index[:, None]).double()]
         k = max(req.top_logprobs for req in requests)
         width = min(k + 1, logprobs.shape[-1])  # one past k: does a tie cross the k-th place?
         if k:
             values, ids = torch.topk(logprobs, width, dim=-1)
             parts += [values.double(), ids.double()]
-        rows = torch.cat(parts, dim=1).cpu().tolist()  # the step's one device -> host copy
+        tie_rows = logprobs.clone() if tokens is not None and k else logprobs
+        return PicksInFlight(torch.cat(parts, dim=1), width, k, tie_rows, tokens)  # the step's one copy
+
+    def _pick_read(self, sequences: list[_Sequence],
+                   flight: PicksInFlight) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token, its logprob, top (id, logprob) pairs) of each row, once they are on the host."""
+        k, width = flight.k, flight.width
         picks = []
-        for row, (req, packed) in enumerate(zip(requests, rows)):
+        for row, (seq, packed) in enumerate(zip(sequences, flight.rows())):
+            req = seq.request
             top: list[tuple[int, float]] = []
             if req.top_logprobs:
                 values, ids = packed[2:2 + width], packed[2 + width:]
                 if width > k and values[k - 1] == values[k]:  # ties at the k-th place: exact order
-                    v, i = torch.sort(logprobs[row].cpu(), descending=True, stable=True)
+                    v, i = torch.sort(flight.tie_rows[row].cpu(), descending=True, stable=True)
                     pairs = list(zip(i[:k].tolist(), v[:k].tolist()))
                 else:
                     pairs = sorted(zip(map(int, ids[:k]), values[:k]), key=lambda p: (-p[1], p[0]))
@@ -513,6 +683,7 @@ class Engine:
             "max_len": self.max_len,
             "prefix_cache": self.prefix is not None,
             "prefill_chunk": self.prefill_chunk,
+            "overlap": self.overlap,
         }
 
 

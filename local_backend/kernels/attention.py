@@ -286,25 +286,24 @@ def tile_config(group: int, head_dim: int, dtype: torch.dtype, rows: int | None 
     return max(1, rows // group_pad), block_d, max(1, min(3, SHARED_MEMORY_FOR_KV // kv_bytes_per_stage))
 
 
-def _build_tiles(slots: torch.Tensor, BLOCK_M: int) -> torch.Tensor:
+def _build_tiles(slots: list[int], BLOCK_M: int) -> torch.Tensor:
     """[num_tiles, BLOCK_M] token indices, each row from one sequence, -1 as padding
-    (on the CPU, from a CPU copy of slots).
+    (on the CPU, from a host list of slots). Sequences in slot order, each one's tiles
+    filled with its tokens in batch order.
 
-    Tokens keep their batch order inside a sequence; which tile or row a token
-    lands in does not change its result (see the module docstring).
+    Which tile or row a token lands in does not change its result (see the module
+    docstring). Plain Python: torch's CPU ops on a few thousand indices cost more in
+    thread-pool dispatch (ms on a many-core host) than the work itself.
     """
-    T = slots.numel()
-    order = torch.argsort(slots, stable=True)
-    _, counts = torch.unique_consecutive(slots[order], return_counts=True)
-    seq_of = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-    seq_start = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(T) - seq_start[seq_of]
-    tiles_per_seq = (counts + BLOCK_M - 1) // BLOCK_M
-    first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
-    num_tiles = int(tiles_per_seq.sum().item())
-    tiles = torch.full((num_tiles * BLOCK_M,), -1, dtype=torch.int64)
-    tiles[(first_tile[seq_of] + rank // BLOCK_M) * BLOCK_M + rank % BLOCK_M] = order
-    return tiles.view(num_tiles, BLOCK_M)
+    tokens_of: dict[int, list[int]] = {}
+    for token, slot in enumerate(slots):
+        tokens_of.setdefault(slot, []).append(token)
+    rows: list[int] = []
+    for slot in sorted(tokens_of):
+        tokens = tokens_of[slot]
+        rows += tokens
+        rows += [-1] * (-len(tokens) % BLOCK_M)
+    return torch.tensor(rows, dtype=torch.int64).view(-1, BLOCK_M)
 
 
 @dataclass
@@ -318,7 +317,7 @@ def _make_plan(slots: torch.Tensor, positions: torch.Tensor, BLOCK_M: int, S: in
     # index work costs microseconds instead of a chain of synchronising kernels.
     host_slots, host_positions = torch.stack([slots, positions]).cpu()
     check_attention_indices(host_slots, host_positions, S, L)
-    tiles = _build_tiles(host_slots, BLOCK_M).to(slots.device)
+    tiles = _build_tiles(host_slots.tolist(), BLOCK_M).to(slots.device)
     return _Plan(tiles, int(host_positions.max()) // SPLIT + 1)
 
 
