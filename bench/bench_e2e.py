@@ -19,6 +19,7 @@ are the same bits as in the big batched run.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import random
 import sys
@@ -29,6 +30,7 @@ import torch
 from gpu_info import gpu_info, header, write_json
 from local_backend.config import ModelConfig
 from local_backend.engine import Engine, Request
+from local_backend.gc_tuning import freeze_startup_objects
 from local_backend.kernels import get_ops
 from local_backend.model import Transformer
 
@@ -163,6 +165,9 @@ def main() -> None:
                         help="engine overlap scheduling (auto: the engine's own, on for CUDA), or off then on")
     parser.add_argument("--split-mixed", default="off", choices=("off", "on", "both"),
                         help="engine: run a mixed pass as a prefill pass + a graphed decode step (Engine.split_mixed)")
+    parser.add_argument("--gc", default="freeze", choices=("as-is", "freeze", "off"),
+                        help="Python's collector: start-up objects frozen, as `detaudit serve` does "
+                             "(gc_tuning; the default), as Python has it, or off")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -170,6 +175,10 @@ def main() -> None:
     info = gpu_info()
     print(header(info))
     hf, ours, config = build_models("cuda")
+    if args.gc == "freeze":
+        freeze_startup_objects()
+    elif args.gc == "off":
+        gc.disable()
     requests = workload(args.requests)
     rows = []
     graph_modes = ("off", "auto") if args.decode_graphs == "both" else (args.decode_graphs,)
