@@ -290,17 +290,20 @@ def _token_result(rows: _Rows, mask: np.ndarray, slot: dict[str, Any],
 def _by_fingerprint(present: _Rows, distinct: DistinctValues,
                     prob: np.ndarray) -> dict[str, dict[str, Any]]:
     """Per system_fingerprint: samples with the token, distinct values, mean probability.
-    Counted on the fingerprints' numbers; the mean is pandas' group mean, as it was."""
+    Counted on the fingerprints' numbers. The mean is numpy's over the fingerprint's
+    values in sample order, as for groups: pandas' group mean gave another last bit for
+    the same values depending on where the group fell among the others."""
     if not len(present):
         return {}
     codes, names = present.fingerprint, present.fingerprints
     n = np.bincount(codes, minlength=len(names))
     pairs = np.unique(codes * len(distinct.count) + distinct.inverse)
     distinct_of = np.bincount(pairs // len(distinct.count), minlength=len(names))
-    mean = pd.Series(prob).groupby(codes).mean()
-    used = mean.index.to_numpy()
+    order = np.argsort(codes, kind="stable")  # each fingerprint's values, in sample order
+    used = np.flatnonzero(n)
+    chunks = np.split(np.asarray(prob, dtype=np.float64)[order], np.cumsum(n[used])[:-1])
     table = pd.DataFrame({"n": n[used], "distinct": distinct_of[used],
-                          "mean_prob": mean.to_numpy()},
+                          "mean_prob": [chunk.mean() for chunk in chunks]},
                          index=pd.Index([names[c] for c in used], name="fp"))
     table = table.sort_index().sort_values("n", ascending=False)
     return {str(fp): {"n": int(r.n), "distinct_logprobs": int(r.distinct),

@@ -392,7 +392,7 @@ def _by_fingerprint(present: pd.DataFrame) -> dict[str, dict[str, Any]]:
                           "bits": present["logprob"].to_numpy(np.float64).view(np.int64),
                           "prob": np.exp(present["logprob"].to_numpy(np.float64))})
     table = frame.groupby("fp").agg(n=("prob", "size"), distinct=("bits", "nunique"),
-                                    mean_prob=("prob", "mean"))
+                                    mean_prob=("prob", lambda p: p.to_numpy().mean()))
     table = table.sort_values("n", ascending=False)
     return {str(fp): {"n": int(r.n), "distinct_logprobs": int(r.distinct),
                       "mean_prob": float(r.mean_prob)} for fp, r in table.iterrows()}

@@ -84,6 +84,20 @@ def test_per_fingerprint_and_per_group_breakdowns(make):
     assert four["tokens"][0]["distinct_logprobs"] == 2
 
 
+def test_a_fingerprints_mean_is_numpys_in_sample_order_wherever_it_falls(make):
+    """Found by the equivalence property test: pandas' group mean gave these three values
+    a mean one bit off the correctly rounded one when their group came after another."""
+    texts = ["-1.5", "-0.6931471805599453", "-0.6931"]
+    samples = [make.coin(0, "Heads", "-0.5", fingerprint="fp_a")] + [
+        make.coin(i + 1, "Heads", text, fingerprint=None) for i, text in enumerate(texts)]
+    expected = np.exp(np.array([float(t) for t in texts])).mean()
+    for order in (samples, samples[::-1]):
+        (heads,) = analyze(build_frames(order, [{"label": "Heads", "token": "Heads",
+                                                 "position": 0}])).tokens
+        got = heads.by_fingerprint["(none)"]["mean_prob"]
+        assert float.hex(got) == float.hex(float(expected))
+
+
 def test_load_level_groups_sort_by_their_number(make):
     levels = ["load=16", "load=4", "load=0", "load=64"]
     samples = [make.coin(i, "Heads", "-0.1", group=g) for i, g in enumerate(levels)]
