@@ -50,6 +50,14 @@ _FEW_VALUES = """json_array(s.status, s.error_kind, s."group", s.attempts, s.has
     typeof(s.started_at), typeof(s.latency_s), typeof(s.output))"""
 
 
+def _upsert_sql(columns: tuple[str, ...]) -> str:
+    """Insert a sample's row; on its index, replace only a stored error, never a good row."""
+    return (f"INSERT INTO samples ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            "ON CONFLICT(idx) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+            + " WHERE samples.status != 'ok'")
+
+
 class Format1:
     """One wide row per sample."""
 
@@ -74,11 +82,7 @@ CREATE TABLE IF NOT EXISTS samples (
     has_completion INTEGER NOT NULL
 );""" + _FAILED_ATTEMPTS
     tables = {"samples": tuple(c.strip('"') for c in ROW_COLUMNS)}
-    _upsert = (f"INSERT INTO samples ({', '.join(ROW_COLUMNS)}) "
-               f"VALUES ({', '.join('?' * len(ROW_COLUMNS))}) "
-               "ON CONFLICT(idx) DO UPDATE SET "
-               + ", ".join(f"{c} = excluded.{c}" for c in ROW_COLUMNS[1:])
-               + " WHERE samples.status != 'ok'")
+    _upsert = _upsert_sql(ROW_COLUMNS)
     # rows in ROW_COLUMNS order, then the positions id (None: inline)
     select_rows = f"SELECT {', '.join(ROW_COLUMNS)}, NULL FROM samples ORDER BY idx"
     # index, latency, output, the positions key (here the text), the few-values text
@@ -138,11 +142,7 @@ CREATE VIEW IF NOT EXISTS sample_rows AS
                        "error_kind", "error_message", "positions_id", "extra")
     tables = {"samples": tuple(c.strip('"') for c in _sample_columns),
               "positions_texts": ("id", "digest", "text"), "raw_bodies": ("idx", "raw")}
-    _upsert = (f"INSERT INTO samples ({', '.join(_sample_columns)}) "
-               f"VALUES ({', '.join('?' * len(_sample_columns))}) "
-               "ON CONFLICT(idx) DO UPDATE SET "
-               + ", ".join(f"{c} = excluded.{c}" for c in _sample_columns[1:])
-               + " WHERE samples.status != 'ok'")
+    _upsert = _upsert_sql(_sample_columns)
     # Before the sample's own upsert: its raw body replaces (or its absence removes) what
     # an error row left, never a good row's.
     _raw_upsert = ("INSERT INTO raw_bodies (idx, raw) VALUES (?, ?) ON CONFLICT(idx) DO UPDATE "

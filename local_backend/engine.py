@@ -607,14 +607,15 @@ class Engine:
                 raise RequestError("score needs a non-empty prompt and a non-empty completion")
             if not all(0 <= i < self.config.vocab_size for i in list(prompt_ids) + list(completion)):
                 raise RequestError(f"token ids must be in [0, {self.config.vocab_size})")
+        sequence_length = [len(prompt_ids) + len(c) - 1 for c in completions]  # prompt + c[:-1]
         scores: list[list[float]] = []
         start = 0
         while start < len(completions):
-            stop, tokens = start, 0
+            stop, tokens = start + 1, sequence_length[start]  # one at least, however long
             room = max(1, self.cache.free_slots)
-            while stop < len(completions) and stop - start < room and (
-                    stop == start or tokens + len(prompt_ids) + len(completions[stop]) <= pack_tokens):
-                tokens += len(prompt_ids) + len(completions[stop]) - 1
+            while (stop < len(completions) and stop - start < room
+                   and tokens + sequence_length[stop] <= pack_tokens):
+                tokens += sequence_length[stop]
                 stop += 1
             chunk = completions[start:stop]
             passes = self._prefill([list(prompt_ids) + list(c[:-1]) for c in chunk],
