@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 
 @dataclass(frozen=True)
@@ -82,33 +82,137 @@ def position_from_dict(d: dict[str, Any]) -> Position:
     )
 
 
-@dataclass
+class Coded:
+    """A column of few distinct values: row i holds ``values[codes[i]]``, values
+    numbered in order of first appearance. A million rows of a handful of statuses,
+    fingerprints or outputs are one int array and a short list, so the analysis
+    spreads, compares and groups them without walking a million Python objects."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self, codes: Any, values: list):
+        import numpy as np
+
+        self.codes = np.asarray(codes, dtype=np.intp).reshape(-1)
+        self.values = list(values)
+
+    @classmethod
+    def of(cls, items: Iterable[Any]) -> "Coded":
+        """``items`` coded. Values are told apart by type as well (1, 1.0 and True
+        are three values), as a column of them would keep them."""
+        items = list(items)
+        numbering: dict[Any, int] = {}
+        typed = not set(map(type, items)) <= {str, type(None)}
+        keys = list(zip(map(type, items), items)) if typed else items
+        codes = [numbering.setdefault(key, len(numbering)) for key in keys]
+        values = [key[1] for key in numbering] if typed else list(numbering)
+        return cls(codes, values)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.values[self.codes[i]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.tolist())
+
+    def take(self, rows: Any) -> "Coded":
+        """The rows at ``rows``; values kept as they are (``normalized`` drops unused ones)."""
+        return Coded(self.codes[rows], self.values)
+
+    def normalized(self) -> "Coded":
+        """The same column with each distinct value once, numbered in order of first
+        appearance among the rows (unused values dropped): what ``of`` makes."""
+        import numpy as np
+
+        merged = Coded.of(self.values)
+        codes = merged.codes[self.codes] if len(self.codes) else self.codes
+        used, first = np.unique(codes, return_index=True)
+        order = used[np.argsort(first, kind="stable")]
+        renumber = np.zeros(len(merged.values), dtype=np.intp)
+        renumber[order] = np.arange(len(order))
+        return Coded(renumber[codes], [merged.values[i] for i in order.tolist()])
+
+    def array(self) -> Any:
+        """The values as an object array, to index by the codes."""
+        import numpy as np
+
+        values = np.empty(len(self.values), dtype=object)
+        values[:] = self.values
+        return values
+
+    def tolist(self) -> list:
+        return self.array()[self.codes].tolist() if len(self.codes) else []
+
+    def __eq__(self, other: object) -> bool:
+        return _as_list(self) == _as_list(other)
+
+    def __repr__(self) -> str:
+        return f"Coded({len(self)} rows, {len(self.values)} values)"
+
+
+def _as_list(column: Any) -> list:
+    return column.tolist() if hasattr(column, "tolist") else list(column)
+
+
+# the columns of SampleColumns that hold few distinct values (``Coded``)
+CODED_COLUMNS = ("status", "error_kind", "group", "output", "finish_reason", "model",
+                 "system_fingerprint")
+
+
+@dataclass(eq=False)
 class SampleColumns:
     """A run's samples as columns, in index order: what the analysis reads.
 
-    Samples that generated the same positions share one entry of ``distinct_positions``
-    (``positions[i]`` is sample i's entry). A stored run of a million coin flips holds a
-    few dozen distinct top-k lists, so reading it parses and walks a few dozen lists,
-    not a million (``RunStore.sample_columns``). A sample without a completion has None
-    for the completion's fields and an empty positions entry.
+    Text columns (``CODED_COLUMNS``) are ``Coded``; the others are sequences (lists or
+    numpy arrays). Samples that generated the same positions share one entry of
+    ``distinct_positions`` (``positions[i]`` is sample i's entry). A stored run of a
+    million coin flips holds a few dozen distinct top-k lists and outputs, so reading
+    it parses and walks a few dozen of each, not a million (``RunStore.sample_columns``).
+    A sample without a completion has None for the completion's fields and an empty
+    positions entry.
     """
 
-    index: list[int]
-    status: list[str]
-    error_kind: list[str | None]
-    group: list[str | None]
-    attempts: list[int]
-    latency_s: list[float]
-    has_completion: list[bool]
-    output: list[str | None]
-    finish_reason: list[str | None]
-    model: list[str | None]
-    system_fingerprint: list[str | None]
-    positions: list[int]
+    index: Sequence[int]
+    status: Coded
+    error_kind: Coded
+    group: Coded
+    attempts: Sequence[int]
+    latency_s: Sequence[float]
+    has_completion: Sequence[bool]
+    output: Coded
+    finish_reason: Coded
+    model: Coded
+    system_fingerprint: Coded
+    positions: Sequence[int]
     distinct_positions: list[list[Position]]
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SampleColumns):
+            return NotImplemented
+        return all(_as_list(getattr(self, name)) == _as_list(getattr(other, name))
+                   for name in self.__dataclass_fields__)
+
+    def take(self, rows: Any) -> "SampleColumns":
+        """The samples at ``rows`` (an int array), in that order."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.intp)
+        taken = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "distinct_positions":
+                taken[name] = value
+            elif isinstance(value, Coded):
+                taken[name] = value.take(rows)
+            else:
+                taken[name] = np.asarray(value)[rows] if isinstance(value, np.ndarray) \
+                    else [value[i] for i in rows.tolist()]
+        return SampleColumns(**taken)
 
     @classmethod
     def from_samples(cls, samples: list[Sample]) -> "SampleColumns":
@@ -124,11 +228,12 @@ class SampleColumns:
         output, finish_reason, model, fingerprint, positions = (
             list(map(attrgetter(name), filled)) for name in
             ("text", "finish_reason", "model", "system_fingerprint", "positions"))
-        return cls(index=index, status=status, error_kind=error_kind, group=group,
-                   attempts=attempts, latency_s=latency_s, has_completion=present,
-                   output=output, finish_reason=finish_reason, model=model,
-                   system_fingerprint=fingerprint, positions=list(range(len(samples))),
-                   distinct_positions=positions)
+        return cls(index=index, status=Coded.of(status), error_kind=Coded.of(error_kind),
+                   group=Coded.of(group), attempts=attempts, latency_s=latency_s,
+                   has_completion=present, output=Coded.of(output),
+                   finish_reason=Coded.of(finish_reason), model=Coded.of(model),
+                   system_fingerprint=Coded.of(fingerprint),
+                   positions=list(range(len(samples))), distinct_positions=positions)
 
 
 # what a sample without a completion reads as: None fields, no positions

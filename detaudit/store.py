@@ -37,9 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from detaudit import runlock
+from detaudit import runlock, store_columns
 from detaudit.gc_pause import collector_paused
-from detaudit.records import Completion, Position, Sample, SampleColumns, position_from_dict
+from detaudit.records import Coded, Completion, Position, Sample, SampleColumns, position_from_dict
 from detaudit.redact import redact
 from detaudit.store_formats import FORMATS, Format1, Format2
 
@@ -295,21 +295,62 @@ class RunStore:
 
     def sample_columns(self) -> SampleColumns:
         """``samples()`` as columns (``records.SampleColumns``), for the analysis of a
-        large run: one read of the rows, each distinct positions and extra text parsed
-        once, no object per sample or position. Whatever ``samples()`` refuses this
-        refuses with the same error (a damaged row sends it through ``samples()``)."""
+        large run: from the column cache when it is current (``store_columns``), else
+        one read of the rows, each distinct positions and extra text parsed once, no
+        object per sample or position (a store that may be written then keeps them in
+        the cache). Whatever ``samples()`` refuses this refuses with the same error (a
+        damaged row sends it through ``samples()``)."""
         with collector_paused():
+            columns = self._cached_columns()
+            if columns is not None:
+                return columns
             try:
-                columns = _sample_columns(self._conn.execute(self.format.select_columns),
-                                          lambda keys: self.format.positions_texts(self._conn, keys))
+                read = _sample_columns(self._conn.execute(self.format.select_columns),
+                                       lambda keys: self.format.positions_texts(self._conn, keys))
             except sqlite3.OperationalError:  # a BLOB where text belongs: samples() says where
-                columns = None
+                read = None
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"{self.path / DATABASE}: cannot read the samples "
                                  f"({exc})") from None
-        if columns is None:  # some row is not what _row writes: samples() says which
-            return SampleColumns.from_samples(self.samples())
-        return columns
+            if read is None:  # some row is not what _row writes: samples() says which
+                return SampleColumns.from_samples(self.samples())
+            columns, entry_keys = read
+            if not self.read_only and self.format.version >= 2:
+                self._keep_columns(columns, entry_keys)
+            return columns
+
+    def _cached_columns(self) -> SampleColumns | None:
+        if self.format.version < 2:
+            return None
+        cached = store_columns.load(self._conn)
+        if cached is None:
+            return None
+        fields, entry_keys = cached
+        try:
+            entries = _entries(entry_keys, lambda keys: self.format.positions_texts(self._conn, keys))
+        except (BadRow, KeyError, TypeError, sqlite3.Error):
+            return None  # the rows' own read finds and reports it
+        return SampleColumns(**fields, distinct_positions=entries)
+
+    def _keep_columns(self, columns: SampleColumns, entry_keys: list) -> None:
+        """Save the columns in the cache; a store that cannot take them (a full disk)
+        is read from its rows next time, as before."""
+        try:
+            store_columns.save(self._conn, columns, entry_keys)
+        except (sqlite3.Error, ValueError):
+            pass
+
+    def _keep_columns_if_complete(self) -> None:
+        """At close: a complete run without a current cache gets one, so every later
+        report reads arrays, not rows."""
+        if self.format.version < 2 or self.manifest.get("status") != "complete":
+            return
+        try:
+            if store_columns.has_cache(self._conn):
+                return
+            self.sample_columns()
+        except (StoreError, sqlite3.Error):
+            pass  # a damaged run: whoever reads it is told
 
     def _bad_row(self, idx: Any, problem: Exception) -> StoreError:
         return StoreError(f"{self.path / DATABASE}: the row of sample {idx!r} is not readable: "
@@ -331,6 +372,7 @@ class RunStore:
         if self._conn is not None:
             if not self.read_only:
                 self._conn.commit()
+                self._keep_columns_if_complete()
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
         if self.lock is not None:
@@ -650,7 +692,7 @@ def _check_entry(entry: Any, where: str) -> None:
         raise BadRow(f"{where}.logprob_text is {entry.get('logprob_text')!r}, not a string")
 
 
-_POSITIONS, _FIELDS = operator.itemgetter(3), operator.itemgetter(4)
+_OUTPUT, _POSITIONS, _FIELDS = map(operator.itemgetter, (2, 3, 4))
 
 
 class _Numbering(dict):
@@ -663,27 +705,28 @@ class _Numbering(dict):
 
 
 def _sample_columns(cursor: sqlite3.Cursor, texts_of: Callable[[Iterable], dict],
-                    chunk: int = 4096) -> SampleColumns | None:
-    """The rows of ``Format.select_columns`` as columns, or None when one of them is not
-    what ``_row`` writes. Checks what ``_sample`` checks, once per distinct set of fields,
-    and parses each distinct positions and extra text once. Rows are read a chunk at a
-    time, so a million positions texts are never held at once: each is numbered and
-    dropped. A row's positions key is its text (format 1) or its text's id (format 2);
-    ``texts_of(keys)`` gives {key: text}."""
+                    chunk: int = 4096) -> tuple[SampleColumns, list] | None:
+    """The rows of ``Format.select_columns`` as columns, with each positions entry's key
+    (entry 0: none), or None when one of the rows is not what ``_row`` writes. Checks
+    what ``_sample`` checks, once per distinct set of fields, and parses each distinct
+    positions and extra text once. Rows are read a chunk at a time, so a million
+    positions texts are never held at once: each is numbered and dropped. A row's
+    positions key is its text (format 1) or its text's id (format 2); ``texts_of(keys)``
+    gives {key: text}."""
     import numpy as np
 
     idx: list[int] = []
     latency_s: list[float] = []
-    output: list[str | None] = []
+    output_codes: list[int] = []
     key_codes: list[int] = []
     text_codes: list[int] = []
-    keys, texts = _Numbering(), _Numbering()
+    outputs, keys, texts = _Numbering(), _Numbering(), _Numbering()
     while rows := cursor.fetchmany(chunk):
-        for column, values in zip((idx, latency_s, output), zip(*rows)):
+        for column, values in zip((idx, latency_s), zip(*rows)):
             column.extend(values)
+        output_codes.extend(map(outputs.__getitem__, map(_OUTPUT, rows)))
         text_codes.extend(map(texts.__getitem__, map(_POSITIONS, rows)))
         key_codes.extend(map(keys.__getitem__, map(_FIELDS, rows)))
-    n = len(idx)
     per_key: list[list] = []
     try:
         for key in keys:
@@ -704,30 +747,39 @@ def _sample_columns(cursor: sqlite3.Cursor, texts_of: Callable[[Iterable], dict]
         table = np.empty((len(keys), 8), dtype=object)
         for code, values in enumerate(per_key):
             table[code] = values
-        (status, error_kind, group, attempts, present, finish_reason, model, fingerprint) = (
-            table[key_of, j].tolist() for j in range(8))
+        status, error_kind, group = (Coded(key_of, table[:, j].tolist()).normalized()
+                                     for j in (0, 1, 2))
+        finish_reason, model, fingerprint = (Coded(key_of, table[:, j].tolist()).normalized()
+                                             for j in (5, 6, 7))
+        attempts = np.asarray(table[:, 3].tolist(), dtype=np.int64)[key_of]
+        with_completion = np.asarray(table[:, 4].tolist(), dtype=bool)[key_of]
         # entry 0: no positions (a row without a completion); then each text that a row
         # with a completion has, parsed once (the others are not read, as in samples())
         text_of = np.asarray(text_codes, dtype=np.intp)
-        with_completion = np.asarray(present, dtype=bool)
         used = np.zeros(len(texts), dtype=bool)
         used[text_of[with_completion]] = True
         entry_of = np.zeros(len(texts), dtype=np.intp)
         entry_of[used] = np.arange(1, int(used.sum()) + 1)
-        text_of_key = texts_of(key for key, keep in zip(texts, used.tolist()) if keep)
-        entries = [[]] + [_positions(text_of_key[key]) for key, keep in zip(texts, used.tolist())
-                          if keep]
-    except (BadRow, TypeError, KeyError):  # KeyError: an id with no stored text  # TypeError: an entry with keys _row never writes
+        entry_keys = [None] + [key for key, keep in zip(texts, used.tolist()) if keep]
+        entries = _entries(entry_keys, texts_of)
+    except (BadRow, TypeError, KeyError, OverflowError):  # KeyError: an id with no stored text  # TypeError: an entry with keys _row never writes
         return None
     codes = np.where(with_completion, entry_of[text_of], 0)
-    if not with_completion.all():
-        for i in np.flatnonzero(~with_completion).tolist():
-            output[i] = None
-    return SampleColumns(
-        index=idx, status=status, error_kind=error_kind, group=group, attempts=attempts,
-        latency_s=latency_s, has_completion=present, output=output,
-        finish_reason=finish_reason, model=model, system_fingerprint=fingerprint,
-        positions=codes.tolist(), distinct_positions=entries)
+    output = Coded(output_codes, list(outputs))
+    if not with_completion.all():  # a row without its completion has no output
+        output = Coded(np.where(with_completion, output.codes, len(output.values)),
+                       output.values + [None]).normalized()
+    columns = SampleColumns(
+        index=np.asarray(idx, dtype=np.int64), status=status, error_kind=error_kind,
+        group=group, attempts=attempts, latency_s=np.asarray(latency_s, dtype=np.float64),
+        has_completion=with_completion, output=output, finish_reason=finish_reason,
+        model=model, system_fingerprint=fingerprint, positions=codes,
+        distinct_positions=entries)
+    return columns, entry_keys
 
 
-
+def _entries(entry_keys: list, texts_of: Callable[[Iterable], dict]) -> list[list[Position]]:
+    """Entry 0 (no positions), then each key's positions text parsed. KeyError: a key
+    with no stored text; BadRow: a text that is not what ``_row`` writes."""
+    text_of_key = texts_of(entry_keys[1:])
+    return [[]] + [_positions(text_of_key[key]) for key in entry_keys[1:]]

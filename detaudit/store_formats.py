@@ -23,6 +23,7 @@ import hashlib
 import sqlite3
 from typing import Iterable
 
+from detaudit import store_columns
 from detaudit.records import Sample
 
 _FAILED_ATTEMPTS = """
@@ -136,7 +137,7 @@ CREATE VIEW IF NOT EXISTS sample_rows AS
     FROM samples AS s
     LEFT JOIN positions_texts AS p ON p.id = s.positions_id
     LEFT JOIN raw_bodies AS r ON r.idx = s.idx;
-""" + _FAILED_ATTEMPTS
+""" + _FAILED_ATTEMPTS + store_columns.SCHEMA
     _sample_columns = ("idx", "status", "has_completion", "attempts", "started_at", "latency_s",
                        '"group"', "output", "finish_reason", "model", "system_fingerprint",
                        "error_kind", "error_message", "positions_id", "extra")

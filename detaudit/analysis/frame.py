@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from detaudit.gc_pause import collector_paused
-from detaudit.records import Position, Sample, SampleColumns, TokenLogprob
+from detaudit.records import Coded, Position, Sample, SampleColumns, TokenLogprob
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
@@ -90,8 +90,8 @@ class _Distinct:
     def __init__(self, columns: SampleColumns):
         self.entries = columns.distinct_positions
         self.codes = np.asarray(columns.positions, dtype=np.intp).reshape(-1)
-        status = _object_array(columns.status)
-        self.ok = (status == "ok") & np.asarray(columns.has_completion, dtype=bool).reshape(-1)
+        self.ok = rows_equal(columns.status, "ok") & \
+            np.asarray(columns.has_completion, dtype=bool).reshape(-1)
         self.ok_rows = np.flatnonzero(self.ok)
         self.ok_codes = self.codes[self.ok_rows]
         self.weight = np.bincount(self.ok_codes, minlength=len(self.entries))
@@ -108,11 +108,30 @@ def in_index_order(columns: SampleColumns) -> SampleColumns:
     order = np.asarray(columns.index, dtype=np.int64).reshape(-1)
     if len(order) < 2 or (order[1:] >= order[:-1]).all():
         return columns
-    keep = np.argsort(order, kind="stable").tolist()
-    fields = {name: getattr(columns, name) for name in columns.__dataclass_fields__}
-    return SampleColumns(**{name: value if name == "distinct_positions" else
-                            [value[i] for i in keep] for name, value in fields.items()})
+    return columns.take(np.argsort(order, kind="stable"))
 
+
+def rows_equal(column: Coded, value: str) -> np.ndarray:
+    """Which rows of a coded column hold the string ``value``."""
+    hits = [type(v) is str and v == value for v in column.values]
+    return np.asarray(hits, dtype=bool)[column.codes] if len(column) else np.zeros(0, bool)
+
+
+def column_of(coded: Coded, at: np.ndarray | None = None) -> Any:
+    """The rows ``at`` (all when None) of a coded column, typed as pandas types a list
+    of them: typed on the distinct values that occur there, then taken by code (no
+    pass over a million Python strings). An empty column stays a list, as pandas types
+    an empty list its own way."""
+    codes = coded.codes if at is None else coded.codes[at]
+    if not len(codes):
+        return []
+    used = np.flatnonzero(np.bincount(codes, minlength=len(coded.values)))
+    few = pd.Series([coded.values[i] for i in used.tolist()])
+    if len(used) < len(coded.values):
+        renumber = np.zeros(len(coded.values), dtype=np.intp)
+        renumber[used] = np.arange(len(used))
+        codes = renumber[codes]
+    return few.array.take(codes)
 
 
 def is_bad_logprob(value: float) -> bool:
@@ -129,21 +148,22 @@ def _samples_frame(columns: SampleColumns, run: _Distinct) -> pd.DataFrame:
     flat = list(itertools.chain.from_iterable(entries))
     tokens, texts, floats, tops = _attributes(flat, "token", "logprob_text", "logprob", "top")
     codes = run.codes
+    per_row = (lambda values: values[codes]) if len(codes) else (lambda values: [])  # noqa: E731
     return pd.DataFrame({
         "index": np.array(columns.index, dtype=np.int64),
-        "status": columns.status,
-        "error_kind": columns.error_kind,
-        "output": columns.output,
-        "finish_reason": columns.finish_reason,
-        "system_fingerprint": columns.system_fingerprint,
-        "model": columns.model,
-        "group": columns.group,
+        "status": column_of(columns.status),
+        "error_kind": column_of(columns.error_kind),
+        "output": column_of(columns.output),
+        "finish_reason": column_of(columns.finish_reason),
+        "system_fingerprint": column_of(columns.system_fingerprint),
+        "model": column_of(columns.model),
+        "group": column_of(columns.group),
         "attempts": _ints(columns.attempts),
         "latency_s": np.array(columns.latency_s, dtype=np.float64),
-        "tokens": _tuples(tokens, lengths)[codes].tolist(),
-        "logprobs": _tuples(_parsed(texts, floats, per_entry=True).tolist(), lengths)[codes].tolist(),
+        "tokens": per_row(_tuples(tokens, lengths)),
+        "logprobs": per_row(_tuples(_parsed(texts, floats, per_entry=True).tolist(), lengths)),
         "bad_logprobs": _bad_counts(floats, tops, lengths)[codes],
-    }, columns=SAMPLE_COLUMNS)
+    }, columns=SAMPLE_COLUMNS, copy=False)
 
 
 def _bad_counts(floats: list[float], tops: list[list[TokenLogprob]],
@@ -191,7 +211,9 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
             texts[entries, j] = [found[i].logprob_text for i in hits]
             floats[entries, j] = [found[i].logprob for i in hits]
     values = _tracked_values(texts, floats, codes)
-    per_sample = lambda key, values: _repeated(samples[key], values, rows, k)  # noqa: E731
+    # an empty tracked frame's columns are empty object arrays, as the per-sample path made them
+    per_sample = (lambda values: column_of(values, np.repeat(rows, k))) if n * k else \
+        (lambda values: np.empty(0, dtype=object))  # noqa: E731
     per_slot = lambda key: _spread(_object_array([t[key] for t in slots]),  # noqa: E731
                                    np.tile(np.arange(k), n))
     return pd.DataFrame({
@@ -204,10 +226,10 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
         "logprob_text": _spread(texts[run.used].reshape(-1),  # the texts that occur
                                 (np.searchsorted(run.used, codes)[:, None] * k
                                  + np.arange(k)).reshape(-1)),
-        "system_fingerprint": per_sample("system_fingerprint", columns.system_fingerprint),
-        "output": per_sample("output", columns.output),
-        "group": per_sample("group", columns.group),
-    }, columns=TRACKED_COLUMNS)
+        "system_fingerprint": per_sample(columns.system_fingerprint),
+        "output": per_sample(columns.output),
+        "group": per_sample(columns.group),
+    }, columns=TRACKED_COLUMNS, copy=False)
 
 
 def _spread(values: np.ndarray, at: np.ndarray) -> Any:
@@ -219,17 +241,6 @@ def _spread(values: np.ndarray, at: np.ndarray) -> Any:
     if isinstance(few.dtype, pd.StringDtype):
         return few.array.take(at)
     return values[at]
-
-
-def _repeated(column: pd.Series, values: list, rows: np.ndarray, k: int) -> Any:
-    """``values`` at ``rows``, each ``k`` times, typed as pandas would type them on their
-    own. Taken from their text ``column`` when it is one (no second pass over a million
-    strings), unless every value there is missing: pandas would make those an object
-    column of the values themselves."""
-    at = np.repeat(rows, k)
-    if isinstance(column.dtype, pd.StringDtype) and len(at) and not column.isna().to_numpy()[rows].all():
-        return column.array.take(at)
-    return _object_array(values)[at]
 
 
 def _tracked_values(texts: np.ndarray, floats: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -339,9 +350,11 @@ def _tuples(flat: list, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ints(values: list) -> np.ndarray | list:
+def _ints(values: Any) -> np.ndarray | list:
     """int64 when every value is a Python int (pandas would make the same column of
     them, slower); else the list, for pandas to type."""
+    if isinstance(values, np.ndarray):  # read from a store: int64 (empty: a list, typed by pandas)
+        return values if len(values) and values.dtype == np.int64 else values.tolist()
     if values and set(map(type, values)) <= {int}:
         try:
             return np.fromiter(values, dtype=np.int64, count=len(values))

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.entropy import ENTROPY_COLUMNS, entropy_by_position
-from detaudit.analysis.frame import Frames, tracked_slots
+from detaudit.analysis.frame import Frames, rows_equal, tracked_slots
 from detaudit.analysis.logit_grid import Grid, detect_grid, log_odds, top_gap
 from detaudit.analysis.stats import Spread, spread
 from detaudit.records import Sample, SampleColumns
@@ -85,9 +85,8 @@ def top_table(samples: list[Sample] | SampleColumns) -> TopTable:
     order. Each distinct positions entry is read once; its rows are repeated for the
     samples that share it."""
     columns = samples if isinstance(samples, SampleColumns) else SampleColumns.from_samples(samples)
-    status = np.empty(len(columns), dtype=object)
-    status[:] = columns.status
-    ok = np.flatnonzero((status == "ok") & np.asarray(columns.has_completion, dtype=bool))
+    ok = np.flatnonzero(rows_equal(columns.status, "ok")
+                        & np.asarray(columns.has_completion, dtype=bool).reshape(-1))
     codes = np.asarray(columns.positions, dtype=np.intp)[ok]
     entries = columns.distinct_positions
     rows_of = np.zeros(len(entries), dtype=np.int64)  # per entry: positions with a top-k
@@ -112,8 +111,7 @@ def top_table(samples: list[Sample] | SampleColumns) -> TopTable:
     starts = np.zeros(len(per_sample), dtype=np.int64)
     np.cumsum(per_sample[:-1], out=starts[1:])
     row = np.repeat(first[codes] - starts, per_sample) + np.arange(int(per_sample.sum()))
-    fingerprint = np.empty(len(ok), dtype=object)
-    fingerprint[:] = [columns.system_fingerprint[i] for i in ok.tolist()]
+    fingerprint = columns.system_fingerprint.array()[columns.system_fingerprint.codes[ok]]
     return TopTable(index=np.repeat(np.asarray(columns.index, dtype=np.int64)[ok], per_sample),
                     position=np.asarray(position, dtype=np.int64)[row],
                     fingerprint=np.repeat(fingerprint, per_sample), top=top, row=row)

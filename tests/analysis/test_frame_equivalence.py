@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import detaudit
-from detaudit import session
+from detaudit import session, store_columns
 from detaudit.analysis import analyze, build_frames
 from detaudit.analysis.insight import build_insight, top_table
 from detaudit.records import Completion, Position, Sample, SampleColumns, TokenLogprob
@@ -177,7 +177,10 @@ def test_a_stored_run_read_as_columns_equals_its_samples(samples, tracked, all_p
     with tempfile.TemporaryDirectory() as root:
         with RunStore.create(root, "run", {"n": max(len(samples), 1)}) as store:
             store.record_many(samples)
-            columns, stored = store.sample_columns(), store.samples()
+            columns, stored = store.sample_columns(), store.samples()  # kept in the column cache
+        with RunStore.open(Path(root) / "run") as store:
+            assert store_columns.load(store._conn) is not None
+            cached = store.sample_columns()
     # equal positions are one entry, however many samples carry them
     texts = {repr([(p.token, p.logprob, p.logprob_text, [(t.token, t.logprob, t.logprob_text)
                                                           for t in p.top])
@@ -186,8 +189,10 @@ def test_a_stored_run_read_as_columns_equals_its_samples(samples, tracked, all_p
     frames = build_frames(columns, tracked, all_positions=all_positions)
     reference = reference_frames(stored, tracked, all_positions=all_positions)
     assert_same_frames(frames, reference)
+    assert_same_frames(build_frames(cached, tracked, all_positions=all_positions), reference)
     assert_same_analysis(frames, reference, kind, logprobs_requested)
     assert_same_top_table(columns, stored)
+    assert_same_top_table(cached, stored)
     assert as_json(build_insight(frames, columns).to_dict()) == \
         as_json(reference_insight(reference, stored).to_dict())
 
@@ -233,9 +238,12 @@ def test_a_large_stored_run_reads_each_distinct_top_k_list_once(tmp_path):
     ("positions", '[{"token": "a", "logprob": 0, "logprob_text": "0", "top": {}}]'),
     ("extra", "[1, 2"), ("extra", "[1]"), ("extra", 5),
 ])
-def test_a_damaged_row_is_refused_as_samples_refuses_it(tmp_path, column, value):
+@pytest.mark.parametrize("complete", [False, True], ids=["rows", "after-a-column-cache"])
+def test_a_damaged_row_is_refused_as_samples_refuses_it(tmp_path, column, value, complete):
     with RunStore.create(tmp_path, "run", {"n": 40, "probe": {"name": "coin-flip"}}) as store:
         store.record_many(coin_run(40, 3))
+        if complete:  # the columns are kept at close: the damage must still be seen
+            store.update_manifest(status="complete")
     store_damage.set_field(tmp_path / "run", (7, 9), column, value)
     with RunStore.open_read_only(tmp_path / "run") as store:
         with pytest.raises(StoreError) as expected:
