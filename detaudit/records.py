@@ -123,16 +123,23 @@ class Coded:
 
     def normalized(self) -> "Coded":
         """The same column with each distinct value once, numbered in order of first
-        appearance among the rows (unused values dropped): what ``of`` makes."""
+        appearance among the rows (unused values dropped): what ``of`` makes. (Other
+        ``Coded`` may repeat a value or hold unused ones.)"""
         import numpy as np
 
         merged = Coded.of(self.values)
         codes = merged.codes[self.codes] if len(self.codes) else self.codes
-        used, first = np.unique(codes, return_index=True)
-        order = used[np.argsort(first, kind="stable")]
+        order = _in_order_of_first_row(codes, len(merged.values))
         renumber = np.zeros(len(merged.values), dtype=np.intp)
         renumber[order] = np.arange(len(order))
         return Coded(renumber[codes], [merged.values[i] for i in order.tolist()])
+
+    def equals(self, value: Any) -> Any:
+        """Per row, whether it holds ``value`` (compared as Python objects)."""
+        import numpy as np
+
+        hits = np.asarray([bool(v == value) for v in self.values], dtype=bool)
+        return hits[self.codes] if len(self.values) else np.zeros(len(self.codes), dtype=bool)
 
     def array(self) -> Any:
         """The values as an object array, to index by the codes."""
@@ -150,6 +157,23 @@ class Coded:
 
     def __repr__(self) -> str:
         return f"Coded({len(self)} rows, {len(self.values)} values)"
+
+
+def _in_order_of_first_row(codes: Any, values: int) -> Any:
+    """The codes that occur, in the order of their first row. A few values: one pass
+    per value; many: a sort."""
+    import numpy as np
+
+    if values <= 64:
+        first = []
+        for v in range(values):
+            hit = codes == v
+            at = int(hit.argmax()) if len(hit) else 0
+            if len(hit) and hit[at]:
+                first.append((at, v))
+        return np.asarray([v for _, v in sorted(first)], dtype=np.intp)
+    used, first_rows = np.unique(codes, return_index=True)
+    return used[np.argsort(first_rows, kind="stable")]
 
 
 def _as_list(column: Any) -> list:

@@ -14,10 +14,16 @@ tolerance of ``GAP_TOLERANCE_PCT`` so that a gap that equals the threshold in de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from detaudit.records import Coded
+
+# how a sample without a system_fingerprint is counted and shown
+NO_FINGERPRINT = "(none)"
 
 GAP_TOLERANCE_PCT = 1e-9
 
@@ -99,11 +105,20 @@ def cluster_table(distinct: DistinctValues, threshold_pct: float,
     return table
 
 
+def fingerprint_numbers(fingerprints: Coded) -> tuple[np.ndarray, list[str]]:
+    """``fingerprint_codes`` of a coded column: the same numbers and names, from its few
+    values (no hashing of a million strings)."""
+    named = [NO_FINGERPRINT if v is None or (isinstance(v, float) and math.isnan(v)) else v
+             for v in fingerprints.values]
+    numbered = Coded(fingerprints.codes, named).normalized()
+    return numbered.codes.astype(np.int64), [str(name) for name in numbered.values]
+
+
 def fingerprint_codes(fingerprints: np.ndarray | pd.Categorical) -> tuple[np.ndarray, list[str]]:
     """Per sample, the number of its fingerprint (None and NaN: "(none)"), and the
     fingerprints by number. A ``pd.Categorical`` is taken as already numbered."""
     if isinstance(fingerprints, pd.Categorical):
         return fingerprints.codes.astype(np.int64), [str(c) for c in fingerprints.categories]
-    filled = pd.Series(fingerprints, dtype=object).fillna("(none)")
+    filled = pd.Series(fingerprints, dtype=object).fillna(NO_FINGERPRINT)
     codes, names = pd.factorize(filled.to_numpy(dtype=object))
     return codes.astype(np.int64), [str(name) for name in names]

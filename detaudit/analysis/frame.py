@@ -46,6 +46,28 @@ class Frames:
     samples: pd.DataFrame
     tracked: pd.DataFrame
     tracked_tokens: list[dict[str, Any]] = field(default_factory=list)
+    # text columns of the tracked frame as codes (``TRACKED_CODED``), row for row, from
+    # ``build_frames``: the analysis groups and compares them without hashing millions
+    # of strings. Frames made otherwise (a file's) have none; ``tracked_coded`` then
+    # numbers the column itself.
+    tracked_codes: dict[str, Coded] = field(default_factory=dict, repr=False)
+
+    def tracked_coded(self, column: str) -> Coded:
+        """The tracked frame's ``column`` as codes (null values: None)."""
+        coded = self.tracked_codes.get(column)
+        if coded is not None and len(coded) == len(self.tracked):
+            return coded
+        values = self.tracked[column].to_numpy(dtype=object)
+        codes, uniques = pd.factorize(values, use_na_sentinel=False)
+        return Coded(codes, [None if _is_null(v) else v for v in uniques.tolist()])
+
+
+# the tracked frame's text columns that build_frames also gives as codes
+TRACKED_CODED = ("logprob_text", "system_fingerprint", "group")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def parse_logprob_text(text: str) -> float:
@@ -78,8 +100,9 @@ def _build(columns: SampleColumns, tracked: list[dict[str, Any]], all_positions:
     else:
         slots = [_resolve(t, run) for t in tracked]
     samples = _samples_frame(columns, run)
-    return Frames(samples=samples, tracked=_tracked_frame(columns, run, slots, samples),
-                  tracked_tokens=slots)
+    tracked_frame, codes = _tracked_frame(columns, run, slots)
+    return Frames(samples=samples, tracked=tracked_frame, tracked_tokens=slots,
+                  tracked_codes=codes)
 
 
 class _Distinct:
@@ -185,10 +208,11 @@ def _bad_counts(floats: list[float], tops: list[list[TokenLogprob]],
     return counts.astype(np.int64)
 
 
-def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str, Any]],
-                   samples: pd.DataFrame) -> pd.DataFrame:
+def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str, Any]]
+                   ) -> tuple[pd.DataFrame, dict[str, Coded]]:
     """One row per (successful sample, tracked slot), sample-major; NaN where the token
-    is absent. Each slot's token is looked up once per distinct positions entry."""
+    is absent; and its ``TRACKED_CODED`` columns as codes. Each slot's token is looked
+    up once per distinct positions entry."""
     rows, codes = run.ok_rows, run.ok_codes
     n, k = len(rows), len(slots)
     texts = np.full((len(run.entries), k), None, dtype=object)
@@ -211,8 +235,13 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
             texts[entries, j] = [found[i].logprob_text for i in hits]
             floats[entries, j] = [found[i].logprob for i in hits]
     values = _tracked_values(texts, floats, codes)
+    at = np.repeat(rows, k)
+    text_at = (np.searchsorted(run.used, codes)[:, None] * k + np.arange(k)).reshape(-1)
+    coded = {"logprob_text": Coded(text_at, texts[run.used].reshape(-1).tolist()),
+             "system_fingerprint": columns.system_fingerprint.take(at),
+             "group": columns.group.take(at)}
     # an empty tracked frame's columns are empty object arrays, as the per-sample path made them
-    per_sample = (lambda values: column_of(values, np.repeat(rows, k))) if n * k else \
+    per_sample = (lambda values: column_of(values, at)) if n * k else \
         (lambda values: np.empty(0, dtype=object))  # noqa: E731
     per_slot = lambda key: _spread(_object_array([t[key] for t in slots]),  # noqa: E731
                                    np.tile(np.arange(k), n))
@@ -223,13 +252,11 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
         "token": per_slot("token"),
         "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), n),
         "logprob": values,
-        "logprob_text": _spread(texts[run.used].reshape(-1),  # the texts that occur
-                                (np.searchsorted(run.used, codes)[:, None] * k
-                                 + np.arange(k)).reshape(-1)),
+        "logprob_text": _spread(texts[run.used].reshape(-1), text_at),  # the texts that occur
         "system_fingerprint": per_sample(columns.system_fingerprint),
         "output": per_sample(columns.output),
         "group": per_sample(columns.group),
-    }, columns=TRACKED_COLUMNS, copy=False)
+    }, columns=TRACKED_COLUMNS, copy=False), coded
 
 
 def _spread(values: np.ndarray, at: np.ndarray) -> Any:

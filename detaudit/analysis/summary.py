@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.agreement import REQUESTED, Agreement, agreement, logprobs_status
-from detaudit.analysis.clusters import (DistinctValues, cluster_table, distinct_values,
-                                         fingerprint_codes)
+from detaudit.analysis.clusters import (NO_FINGERPRINT, DistinctValues, cluster_table,
+                                         distinct_values, fingerprint_numbers)
 from detaudit.analysis.divergence import Divergence, divergence
 from detaudit.analysis.frame import Frames, natural_key, tracked_slots
+from detaudit.records import Coded
 from detaudit.analysis.logit_grid import log_odds_of_pct
 from detaudit.analysis.stats import Spread, spread, wilson_interval
 from detaudit.defaults import DEFAULT_THRESHOLD_PCT
@@ -27,7 +28,6 @@ COMPLETION_KINDS = ("fixed-seed", "greedy-divergence", "top-logprobs")
 OUTCOME_KINDS = ("outcome", "load-sweep")
 VALUES_CAP = 100  # distinct values listed per token in the JSON summary
 OUTPUTS_CAP = 20  # top outputs listed
-NO_FINGERPRINT = "(none)"
 
 
 @dataclass
@@ -177,7 +177,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     labels = [s["label"] for s in slots] if text_only else None  # outcomes by text alone
     if text_only:
         slots = []
-    rows = _Rows.of(tracked) if slots else None
+    rows = _Rows.of(frames) if slots else None
     slot_of = tracked["slot"].to_numpy() if slots else None
     tokens = [_token_result(rows, slot_of == slot, t, threshold_pct)
               for slot, t in enumerate(slots)]
@@ -212,28 +212,31 @@ def _equal(column: pd.Series, value: Any) -> np.ndarray:
 @dataclass
 class _Rows:
     """Tracked rows as arrays: what the token figures read, without indexing a frame.
-    Fingerprints are numbered once for the whole frame (``fingerprints``: the names)."""
+    Texts and groups are codes (``Coded``); fingerprints are numbered once for the
+    whole frame (``fingerprints``: the names)."""
 
     logprob: np.ndarray  # float64
     received: np.ndarray  # a logprob text came with the row
-    text: np.ndarray  # object
+    text: Coded
     fingerprint: np.ndarray  # int64 numbers into ``fingerprints``
     fingerprints: list[str]
-    group: np.ndarray  # object
+    group: Coded
     finite: np.ndarray  # the logprob is a number (not NaN, not infinite)
 
     @classmethod
-    def of(cls, tracked: pd.DataFrame) -> "_Rows":
-        codes, names = fingerprint_codes(tracked["system_fingerprint"].to_numpy(dtype=object))
-        return cls(logprob=tracked["logprob"].to_numpy(np.float64),
-                   received=tracked["logprob_text"].notna().to_numpy(),
-                   text=tracked["logprob_text"].to_numpy(dtype=object), fingerprint=codes,
-                   fingerprints=names, group=tracked["group"].to_numpy(dtype=object),
-                   finite=np.isfinite(tracked["logprob"].to_numpy(np.float64)))
+    def of(cls, frames: Frames) -> "_Rows":
+        text = frames.tracked_coded("logprob_text")
+        codes, names = fingerprint_numbers(frames.tracked_coded("system_fingerprint"))
+        logprob = frames.tracked["logprob"].to_numpy(np.float64)
+        received = np.asarray([v is not None for v in text.values], dtype=bool)[text.codes] \
+            if text.values else np.zeros(len(text), dtype=bool)
+        return cls(logprob=logprob, received=received, text=text, fingerprint=codes,
+                   fingerprints=names, group=frames.tracked_coded("group"),
+                   finite=np.isfinite(logprob))
 
     def where(self, mask: np.ndarray) -> "_Rows":
-        return _Rows(self.logprob[mask], self.received[mask], self.text[mask],
-                     self.fingerprint[mask], self.fingerprints, self.group[mask],
+        return _Rows(self.logprob[mask], self.received[mask], self.text.take(mask),
+                     self.fingerprint[mask], self.fingerprints, self.group.take(mask),
                      self.finite[mask])
 
     def __len__(self) -> int:
@@ -345,7 +348,6 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
     keys = sorted(samples["group"].dropna().unique(), key=natural_key)
     sample_group = samples["group"].to_numpy(dtype=object)
     wanted = [c for c in ("status", "output", "bad_logprobs", "tokens", "logprobs") if c in samples]
-    rows = rows if rows is not None or not slots else _Rows.of(tracked)
     slot_of = tracked["slot"].to_numpy() if slots else None
     for key in keys:
         in_group = samples.loc[sample_group == key, wanted]
@@ -361,7 +363,7 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
             entry.update(distinct_token_sequences=d.distinct_token_sequences,
                          distinct_logprob_vectors=d.distinct_logprob_vectors,
                          first_difference=d.first_difference)
-        tracked_in_group = rows.group == key if slots else None
+        tracked_in_group = rows.group.equals(key) if slots else None
         for slot, t in enumerate(slots):
             present, missing, bad = _split(rows, (slot_of == slot) & tracked_in_group)
             logprob = present.logprob
