@@ -93,7 +93,9 @@ class Coded:
     def __init__(self, codes: Any, values: list):
         import numpy as np
 
-        self.codes = np.asarray(codes, dtype=np.intp).reshape(-1)
+        codes = np.asarray(codes).reshape(-1)
+        # any integer type (a store keeps a few values' codes in one byte each)
+        self.codes = codes if codes.dtype.kind in "iu" else codes.astype(np.intp)
         self.values = list(values)
 
     @classmethod
@@ -130,7 +132,7 @@ class Coded:
         merged = Coded.of(self.values)
         codes = merged.codes[self.codes] if len(self.codes) else self.codes
         order = _in_order_of_first_row(codes, len(merged.values))
-        renumber = np.zeros(len(merged.values), dtype=np.intp)
+        renumber = compact_codes(np.zeros(len(merged.values), dtype=np.intp), len(order))
         renumber[order] = np.arange(len(order))
         return Coded(renumber[codes], [merged.values[i] for i in order.tolist()])
 
@@ -157,6 +159,16 @@ class Coded:
 
     def __repr__(self) -> str:
         return f"Coded({len(self)} rows, {len(self.values)} values)"
+
+
+def compact_codes(codes: Any, values: int) -> Any:
+    """``codes`` (each below ``values``) in the smallest unsigned type that holds them:
+    a million rows of a few values take a megabyte, not eight."""
+    import numpy as np
+
+    dtype = np.uint8 if values <= 1 << 8 else np.uint16 if values <= 1 << 16 else \
+        np.uint32 if values <= 1 << 32 else np.intp
+    return np.asarray(codes).astype(dtype, copy=False)
 
 
 def _in_order_of_first_row(codes: Any, values: int) -> Any:

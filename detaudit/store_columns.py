@@ -20,7 +20,7 @@ import sqlite3
 import zlib
 from typing import Any
 
-from detaudit.records import CODED_COLUMNS, Coded, SampleColumns
+from detaudit.records import CODED_COLUMNS, Coded, SampleColumns, compact_codes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS column_cache (
@@ -47,13 +47,12 @@ def save(conn: sqlite3.Connection, columns: SampleColumns, entry_keys: list) -> 
     blobs = {}
     for name, dtype in _NUMBERS.items():
         values = np.asarray(getattr(columns, name))
-        if dtype is None:
-            dtype = _code_dtype(len(columns.distinct_positions))
-        blobs[name] = _pack(values.astype(dtype))
+        blobs[name] = _pack(values.astype(dtype) if dtype else
+                            compact_codes(values, len(columns.distinct_positions)))
     values = {}
     for name in CODED_COLUMNS:
         coded = getattr(columns, name)
-        blobs[name] = _pack(coded.codes.astype(_code_dtype(len(coded.values))))
+        blobs[name] = _pack(compact_codes(coded.codes, len(coded.values)))
         values[name] = coded.values
     meta = {"version": VERSION, "rows": len(columns), "values": values, "entries": entry_keys,
             "dtypes": {name: _dtype_of(blob) for name, blob in blobs.items()}}
@@ -92,12 +91,12 @@ def load(conn: sqlite3.Connection) -> tuple[dict[str, Any], list] | None:
             fields[name] = array
         for name in CODED_COLUMNS:
             values = meta["values"][name]
-            codes = fields[name].astype(np.intp)
+            codes = fields[name]
             if len(codes) and (codes.min() < 0 or codes.max() >= len(values)):
                 return None
             fields[name] = Coded(codes, values)
         entries = meta["entries"]
-        positions = fields["positions"].astype(np.intp)
+        positions = fields["positions"]
         if len(positions) and (positions.min() < 0 or positions.max() >= len(entries)):
             return None
         fields["positions"] = positions
@@ -123,11 +122,8 @@ def _snapshot(conn: sqlite3.Connection) -> tuple[dict[str, bytes], int]:
     return stored, rows
 
 
-def _code_dtype(values: int) -> str:
-    return "|u1" if values <= 1 << 8 else "<u2" if values <= 1 << 16 else "<i4"
-
-
 def _pack(array: Any) -> tuple[str, bytes]:
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)  # the same file on any machine
     return array.dtype.str, zlib.compress(array.tobytes(), 1)
 
 

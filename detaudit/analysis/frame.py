@@ -19,13 +19,13 @@ import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from detaudit.gc_pause import collector_paused
-from detaudit.records import Coded, Position, Sample, SampleColumns, TokenLogprob
+from detaudit.records import Coded, Position, Sample, SampleColumns, TokenLogprob, compact_codes
 
 SAMPLE_COLUMNS = ["index", "status", "error_kind", "output", "finish_reason",
                   "system_fingerprint", "model", "group", "attempts", "latency_s",
@@ -34,32 +34,69 @@ TRACKED_COLUMNS = ["index", "slot", "label", "token", "position", "logprob",
                    "logprob_text", "system_fingerprint", "output", "group"]
 
 
-@dataclass
 class Frames:
     """The samples frame, the tracked frame, and the tracked tokens as resolved.
 
     ``tracked_tokens`` has one dict per tracked slot, in report order:
     ``{"label", "token", "position"}``; ``token`` is None when it could not be
     resolved from the data (every row of that slot is then missing).
+
+    Frames from ``build_frames`` make their tracked frame (two rows per sample of a
+    coin flip: 300 MB for a million) only when it is first read: the figures read
+    its columns as arrays and codes instead (``tracked_array``, ``tracked_coded``).
     """
 
-    samples: pd.DataFrame
-    tracked: pd.DataFrame
-    tracked_tokens: list[dict[str, Any]] = field(default_factory=list)
-    # text columns of the tracked frame as codes (``TRACKED_CODED``), row for row, from
-    # ``build_frames``: the analysis groups and compares them without hashing millions
-    # of strings. Frames made otherwise (a file's) have none; ``tracked_coded`` then
-    # numbers the column itself.
-    tracked_codes: dict[str, Coded] = field(default_factory=dict, repr=False)
+    def __init__(self, samples: pd.DataFrame, tracked: pd.DataFrame | None = None,
+                 tracked_tokens: list[dict[str, Any]] | None = None,
+                 tracked_columns: "TrackedColumns | None" = None):
+        if tracked is None and tracked_columns is None:
+            raise TypeError("Frames needs the tracked frame or its columns")
+        self.samples = samples
+        self.tracked_tokens = tracked_tokens if tracked_tokens is not None else []
+        self._tracked = tracked
+        self._columns = tracked_columns
+
+    @property
+    def tracked(self) -> pd.DataFrame:
+        if self._tracked is None:
+            self._tracked = self._columns.frame()
+        return self._tracked
+
+    @tracked.setter
+    def tracked(self, frame: pd.DataFrame) -> None:
+        self._tracked, self._columns = frame, None
+
+    def tracked_rows(self) -> int:
+        return len(self._columns.slot) if self._tracked is None else len(self._tracked)
+
+    def tracked_array(self, column: str) -> np.ndarray:
+        """``slot`` (int64) or ``logprob`` (float64) of the tracked frame, as an array."""
+        if self._columns is not None and column in ("slot", "logprob"):
+            return getattr(self._columns, column)
+        return self.tracked[column].to_numpy(np.float64 if column == "logprob" else None)
 
     def tracked_coded(self, column: str) -> Coded:
-        """The tracked frame's ``column`` as codes (null values: None)."""
-        coded = self.tracked_codes.get(column)
-        if coded is not None and len(coded) == len(self.tracked):
-            return coded
+        """The tracked frame's ``column`` (one of ``TRACKED_CODED``) as codes, null
+        values as None: kept from the build, or numbered from the frame."""
+        if self._columns is not None:
+            return self._columns.coded[column]
         values = self.tracked[column].to_numpy(dtype=object)
         codes, uniques = pd.factorize(values, use_na_sentinel=False)
         return Coded(codes, [None if _is_null(v) else v for v in uniques.tolist()])
+
+    def __repr__(self) -> str:
+        return f"Frames({len(self.samples)} samples, {self.tracked_rows()} tracked rows)"
+
+
+@dataclass
+class TrackedColumns:
+    """What the tracked frame is made of: the arrays the figures read, and the
+    frame's own making (``frame``), deferred until someone reads the frame."""
+
+    slot: np.ndarray  # int64
+    logprob: np.ndarray  # float64
+    coded: dict[str, Coded]  # TRACKED_CODED
+    frame: Callable[[], pd.DataFrame]
 
 
 # the tracked frame's text columns that build_frames also gives as codes
@@ -99,10 +136,8 @@ def _build(columns: SampleColumns, tracked: list[dict[str, Any]], all_positions:
         slots = _most_common_chosen(run)
     else:
         slots = [_resolve(t, run) for t in tracked]
-    samples = _samples_frame(columns, run)
-    tracked_frame, codes = _tracked_frame(columns, run, slots)
-    return Frames(samples=samples, tracked=tracked_frame, tracked_tokens=slots,
-                  tracked_codes=codes)
+    return Frames(samples=_samples_frame(columns, run), tracked_tokens=slots,
+                  tracked_columns=_tracked_columns(columns, run, slots))
 
 
 class _Distinct:
@@ -208,11 +243,12 @@ def _bad_counts(floats: list[float], tops: list[list[TokenLogprob]],
     return counts.astype(np.int64)
 
 
-def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str, Any]]
-                   ) -> tuple[pd.DataFrame, dict[str, Coded]]:
-    """One row per (successful sample, tracked slot), sample-major; NaN where the token
-    is absent; and its ``TRACKED_CODED`` columns as codes. Each slot's token is looked
-    up once per distinct positions entry."""
+def _tracked_columns(columns: SampleColumns, run: _Distinct, slots: list[dict[str, Any]]
+                     ) -> TrackedColumns:
+    """The tracked frame: one row per (successful sample, tracked slot), sample-major;
+    NaN where the token is absent. Its slots, values and ``TRACKED_CODED`` columns
+    now, the frame itself when read. Each slot's token is looked up once per distinct
+    positions entry."""
     rows, codes = run.ok_rows, run.ok_codes
     n, k = len(rows), len(slots)
     texts = np.full((len(run.entries), k), None, dtype=object)
@@ -235,28 +271,36 @@ def _tracked_frame(columns: SampleColumns, run: _Distinct, slots: list[dict[str,
             texts[entries, j] = [found[i].logprob_text for i in hits]
             floats[entries, j] = [found[i].logprob for i in hits]
     values = _tracked_values(texts, floats, codes)
+    occurring = texts[run.used].reshape(-1)  # the texts of the entries that occur
+    text_at = compact_codes((np.searchsorted(run.used, codes)[:, None] * k
+                             + np.arange(k)).reshape(-1), len(occurring))
+    slot = np.tile(np.arange(k, dtype=np.int64), n)
     at = np.repeat(rows, k)
-    text_at = (np.searchsorted(run.used, codes)[:, None] * k + np.arange(k)).reshape(-1)
-    coded = {"logprob_text": Coded(text_at, texts[run.used].reshape(-1).tolist()),
+    coded = {"logprob_text": Coded(text_at, occurring.tolist()),
              "system_fingerprint": columns.system_fingerprint.take(at),
              "group": columns.group.take(at)}
-    # an empty tracked frame's columns are empty object arrays, as the per-sample path made them
-    per_sample = (lambda values: column_of(values, at)) if n * k else \
-        (lambda values: np.empty(0, dtype=object))  # noqa: E731
-    per_slot = lambda key: _spread(_object_array([t[key] for t in slots]),  # noqa: E731
-                                   np.tile(np.arange(k), n))
-    return pd.DataFrame({
-        "index": np.repeat(np.array(columns.index, dtype=np.int64)[rows], k),
-        "slot": np.tile(np.arange(k, dtype=np.int64), n),
-        "label": per_slot("label"),
-        "token": per_slot("token"),
-        "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), n),
-        "logprob": values,
-        "logprob_text": _spread(texts[run.used].reshape(-1), text_at),  # the texts that occur
-        "system_fingerprint": per_sample(columns.system_fingerprint),
-        "output": per_sample(columns.output),
-        "group": per_sample(columns.group),
-    }, columns=TRACKED_COLUMNS, copy=False), coded
+    del at
+
+    def frame() -> pd.DataFrame:
+        at = np.repeat(rows, k)
+        # an empty tracked frame's columns are empty object arrays, as the per-sample path made them
+        per_sample = (lambda values: column_of(values, at)) if n * k else \
+            (lambda values: np.empty(0, dtype=object))  # noqa: E731
+        per_slot = lambda key: _spread(_object_array([t[key] for t in slots]), slot)  # noqa: E731
+        return pd.DataFrame({
+            "index": np.asarray(columns.index, dtype=np.int64)[at],
+            "slot": slot,
+            "label": per_slot("label"),
+            "token": per_slot("token"),
+            "position": np.tile(np.array([t["position"] for t in slots], dtype=np.int64), n),
+            "logprob": values,
+            "logprob_text": _spread(occurring, text_at),
+            "system_fingerprint": per_sample(columns.system_fingerprint),
+            "output": per_sample(columns.output),
+            "group": per_sample(columns.group),
+        }, columns=TRACKED_COLUMNS, copy=False)
+
+    return TrackedColumns(slot=slot, logprob=values, coded=coded, frame=frame)
 
 
 def _spread(values: np.ndarray, at: np.ndarray) -> Any:

@@ -123,8 +123,8 @@ def build_insight(frames: Frames, samples: list[Sample] | SampleColumns | None =
     gaps: dict[int, np.ndarray] = {}
     row_gaps = None
     tokens = []
-    slot_of = frames.tracked["slot"].to_numpy()
-    values = frames.tracked["logprob"].to_numpy(np.float64)
+    slot_of = frames.tracked_array("slot")
+    values = frames.tracked_array("logprob")
     finite = np.isfinite(values)
     for slot, t in enumerate(tracked_slots(frames)):
         logprob = values[(slot_of == slot) & finite]

@@ -164,7 +164,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     no logprob divergence; their agreement carries the first divergence by ``tokenize``
     (the model's tokenizer, named ``tokenizer``) or by character."""
     check_threshold(threshold_pct)
-    samples, tracked = frames.samples, frames.tracked
+    samples = frames.samples
     is_ok = _equal(samples["status"], "ok")
     # only the columns read below: taking every column of a million rows costs more
     ok = samples.loc[is_ok, [c for c in _OK_COLUMNS if c in samples]]
@@ -178,7 +178,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
     if text_only:
         slots = []
     rows = _Rows.of(frames) if slots else None
-    slot_of = tracked["slot"].to_numpy() if slots else None
+    slot_of = frames.tracked_array("slot") if slots else None
     tokens = [_token_result(rows, slot_of == slot, t, threshold_pct)
               for slot, t in enumerate(slots)]
     multi_token = bool(len(ok)) and max(map(len, ok["tokens"].to_numpy())) > 1
@@ -193,7 +193,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         outputs_top=[(None if _isnull(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
         fingerprints={str(k): int(v) for k, v in fingerprints.items()},
-        groups=_groups(samples, tracked, slots, threshold_pct, completions, rows),
+        groups=_groups(samples, frames, slots, threshold_pct, completions, rows),
         divergence=divergence(ok) if completions else None,
         bad_logprobs=_bad_logprobs(ok),
         frames=frames, logprobs=status,
@@ -227,7 +227,7 @@ class _Rows:
     def of(cls, frames: Frames) -> "_Rows":
         text = frames.tracked_coded("logprob_text")
         codes, names = fingerprint_numbers(frames.tracked_coded("system_fingerprint"))
-        logprob = frames.tracked["logprob"].to_numpy(np.float64)
+        logprob = frames.tracked_array("logprob")
         received = np.asarray([v is not None for v in text.values], dtype=bool)[text.codes] \
             if text.values else np.zeros(len(text), dtype=bool)
         return cls(logprob=logprob, received=received, text=text, fingerprint=codes,
@@ -336,7 +336,7 @@ def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult],
     return result
 
 
-def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, Any]],
+def _groups(samples: pd.DataFrame, frames: Frames, slots: list[dict[str, Any]],
             threshold_pct: float, completions: bool = False,
             rows: _Rows | None = None) -> list[dict[str, Any]]:
     """Per group (load level, batch size): distinct outputs and logprobs of each token;
@@ -348,7 +348,7 @@ def _groups(samples: pd.DataFrame, tracked: pd.DataFrame, slots: list[dict[str, 
     keys = sorted(samples["group"].dropna().unique(), key=natural_key)
     sample_group = samples["group"].to_numpy(dtype=object)
     wanted = [c for c in ("status", "output", "bad_logprobs", "tokens", "logprobs") if c in samples]
-    slot_of = tracked["slot"].to_numpy() if slots else None
+    slot_of = frames.tracked_array("slot") if slots else None
     for key in keys:
         in_group = samples.loc[sample_group == key, wanted]
         is_ok = _equal(in_group["status"], "ok")
