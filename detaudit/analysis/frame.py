@@ -1,13 +1,15 @@
 """Samples -> the two analysis frames (see docs/ARCHITECTURE.md, "Analysis frames").
 
-Everything after this module works on pandas columns. Its input is a run's samples as
-columns (``SampleColumns``): a stored run is read that way straight from its rows, and a
-list of ``Sample`` objects is turned into columns first. Whatever is read from the
-generated positions (tokens, logprobs, bad values, tracked-token lookups) is computed
-once per distinct positions entry and spread to its samples by numpy indexing, so the
-work grows with the distinct top-k lists of a run, not with its samples. The logprob of
-a tracked token is the float64 parsed from ``logprob_text`` (the number as the server
-sent it), because bitwise distinctness must be judged on what was received.
+Everything after this module works on pandas columns, or on the arrays and codes the
+frames are made of. Its input is a run's samples as columns (``SampleColumns``): a stored
+run is read that way (from its column cache or its rows), and a list of ``Sample``
+objects is turned into columns first. Whatever is read from the generated positions
+(tokens, logprobs, bad values, tracked-token lookups) is computed once per distinct
+positions entry and spread to its samples by numpy indexing, and text columns are typed
+on their few distinct values and taken by code, so the work grows with the distinct
+top-k lists and texts of a run, not with its samples. The logprob of a tracked token is
+the float64 parsed from ``logprob_text`` (the number as the server sent it), because
+bitwise distinctness must be judged on what was received.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class _Distinct:
     def __init__(self, columns: SampleColumns):
         self.entries = columns.distinct_positions
         self.codes = np.asarray(columns.positions, dtype=np.intp).reshape(-1)
-        self.ok = rows_equal(columns.status, "ok") & \
+        self.ok = columns.status.equals("ok") & \
             np.asarray(columns.has_completion, dtype=bool).reshape(-1)
         self.ok_rows = np.flatnonzero(self.ok)
         self.ok_codes = self.codes[self.ok_rows]
@@ -167,12 +169,6 @@ def in_index_order(columns: SampleColumns) -> SampleColumns:
     if len(order) < 2 or (order[1:] >= order[:-1]).all():
         return columns
     return columns.take(np.argsort(order, kind="stable"))
-
-
-def rows_equal(column: Coded, value: str) -> np.ndarray:
-    """Which rows of a coded column hold the string ``value``."""
-    hits = [type(v) is str and v == value for v in column.values]
-    return np.asarray(hits, dtype=bool)[column.codes] if len(column) else np.zeros(0, bool)
 
 
 def column_of(coded: Coded, at: np.ndarray | None = None) -> Any:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.entropy import ENTROPY_COLUMNS, entropy_by_position
-from detaudit.analysis.frame import Frames, rows_equal, tracked_slots
+from detaudit.analysis.frame import Frames, tracked_slots
 from detaudit.analysis.logit_grid import Grid, detect_grid, log_odds, top_gap
 from detaudit.analysis.stats import Spread, spread
 from detaudit.records import Sample, SampleColumns
@@ -85,7 +85,7 @@ def top_table(samples: list[Sample] | SampleColumns) -> TopTable:
     order. Each distinct positions entry is read once; its rows are repeated for the
     samples that share it."""
     columns = samples if isinstance(samples, SampleColumns) else SampleColumns.from_samples(samples)
-    ok = np.flatnonzero(rows_equal(columns.status, "ok")
+    ok = np.flatnonzero(columns.status.equals("ok")
                         & np.asarray(columns.has_completion, dtype=bool).reshape(-1))
     codes = np.asarray(columns.positions, dtype=np.intp)[ok]
     entries = columns.distinct_positions
