@@ -130,7 +130,7 @@ class Coded:
         import numpy as np
 
         merged = Coded.of(self.values)
-        codes = merged.codes[self.codes] if len(self.codes) else self.codes
+        codes = merged.codes[self.codes]
         order = _in_order_of_first_row(codes, len(merged.values))
         renumber = compact_codes(np.zeros(len(merged.values), dtype=np.intp), len(order))
         renumber[order] = np.arange(len(order))
@@ -180,9 +180,8 @@ def _in_order_of_first_row(codes: Any, values: int) -> Any:
         first = []
         for v in range(values):
             hit = codes == v
-            at = int(hit.argmax()) if len(hit) else 0
-            if len(hit) and hit[at]:
-                first.append((at, v))
+            if hit.any():
+                first.append((int(hit.argmax()), v))
         return np.asarray([v for _, v in sorted(first)], dtype=np.intp)
     used, first_rows = np.unique(codes, return_index=True)
     return used[np.argsort(first_rows, kind="stable")]

@@ -747,10 +747,10 @@ def _sample_columns(cursor: sqlite3.Cursor, texts_of: Callable[[Iterable], dict]
         table = np.empty((len(keys), 8), dtype=object)
         for code, values in enumerate(per_key):
             table[code] = values
-        status, error_kind, group = (Coded(key_of, table[:, j].tolist()).normalized()
-                                     for j in (0, 1, 2))
-        finish_reason, model, fingerprint = (Coded(key_of, table[:, j].tolist()).normalized()
-                                             for j in (5, 6, 7))
+        # the text fields of per_key, each coded by the rows' keys
+        coded = {name: Coded(key_of, table[:, j].tolist()).normalized() for name, j in
+                 (("status", 0), ("error_kind", 1), ("group", 2), ("finish_reason", 5),
+                  ("model", 6), ("system_fingerprint", 7))}
         attempts = np.asarray(table[:, 3].tolist(), dtype=np.int64)[key_of]
         with_completion = np.asarray(table[:, 4].tolist(), dtype=bool)[key_of]
         # entry 0: no positions (a row without a completion); then each text that a row
@@ -762,7 +762,8 @@ def _sample_columns(cursor: sqlite3.Cursor, texts_of: Callable[[Iterable], dict]
         entry_of[used] = np.arange(1, int(used.sum()) + 1)
         entry_keys = [None] + [key for key, keep in zip(texts, used.tolist()) if keep]
         entries = _entries(entry_keys, texts_of)
-    except (BadRow, TypeError, KeyError, OverflowError):  # KeyError: an id with no stored text  # TypeError: an entry with keys _row never writes
+    # KeyError: an id with no stored text; TypeError: an entry with keys _row never writes
+    except (BadRow, TypeError, KeyError, OverflowError):
         return None
     codes = np.where(with_completion, entry_of[text_of], 0)
     output = Coded(output_codes, list(outputs))
@@ -770,11 +771,9 @@ def _sample_columns(cursor: sqlite3.Cursor, texts_of: Callable[[Iterable], dict]
         output = Coded(np.where(with_completion, output.codes, len(output.values)),
                        output.values + [None]).normalized()
     columns = SampleColumns(
-        index=np.asarray(idx, dtype=np.int64), status=status, error_kind=error_kind,
-        group=group, attempts=attempts, latency_s=np.asarray(latency_s, dtype=np.float64),
-        has_completion=with_completion, output=output, finish_reason=finish_reason,
-        model=model, system_fingerprint=fingerprint, positions=codes,
-        distinct_positions=entries)
+        index=np.asarray(idx, dtype=np.int64), attempts=attempts,
+        latency_s=np.asarray(latency_s, dtype=np.float64), has_completion=with_completion,
+        output=output, positions=codes, distinct_positions=entries, **coded)
     return columns, entry_keys
 
 

@@ -55,11 +55,11 @@ def save(conn: sqlite3.Connection, columns: SampleColumns, entry_keys: list) -> 
         blobs[name] = _pack(compact_codes(coded.codes, len(coded.values)))
         values[name] = coded.values
     meta = {"version": VERSION, "rows": len(columns), "values": values, "entries": entry_keys,
-            "dtypes": {name: _dtype_of(blob) for name, blob in blobs.items()}}
+            "dtypes": {name: dtype for name, (dtype, _) in blobs.items()}}
     with conn:
         conn.execute("DELETE FROM column_cache")
         conn.executemany("INSERT INTO column_cache (name, data) VALUES (?, ?)",
-                         [(name, blob[1]) for name, blob in blobs.items()]
+                         [(name, data) for name, (_, data) in blobs.items()]
                          + [(_META, json.dumps(meta, allow_nan=False).encode())])
 
 
@@ -126,6 +126,3 @@ def _pack(array: Any) -> tuple[str, bytes]:
     array = array.astype(array.dtype.newbyteorder("<"), copy=False)  # the same file on any machine
     return array.dtype.str, zlib.compress(array.tobytes(), 1)
 
-
-def _dtype_of(blob: tuple[str, bytes]) -> str:
-    return blob[0]

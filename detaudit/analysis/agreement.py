@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from detaudit.analysis.divergence import first_divergence
+from detaudit.analysis.frame import is_null
 
 # What the analysis says about logprobs (``Analysis.logprobs``, JSON "logprobs").
 REQUESTED = "requested"
@@ -106,7 +107,7 @@ def agreement(samples: pd.DataFrame, answer_regex: str | None = None,
     # only the outputs of the successful rows (taking every column of a million rows costs more);
     # count them first, then make text of the few distinct ones (not of every row)
     raw = samples.loc[samples["status"] == "ok", "output"].value_counts(dropna=False, sort=False)
-    texts = ["" if t is None or (isinstance(t, float) and math.isnan(t)) else str(t)
+    texts = ["" if is_null(t) else str(t)
              for t in raw.index]
     counts = raw.groupby(pd.Index(texts, dtype=object), sort=False).sum() if len(raw) else \
         pd.Series([], dtype=np.int64)

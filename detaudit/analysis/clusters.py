@@ -14,12 +14,12 @@ tolerance of ``GAP_TOLERANCE_PCT`` so that a gap that equals the threshold in de
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from detaudit.analysis.frame import is_null
 from detaudit.records import Coded
 
 # how a sample without a system_fingerprint is counted and shown
@@ -108,8 +108,7 @@ def cluster_table(distinct: DistinctValues, threshold_pct: float,
 def fingerprint_numbers(fingerprints: Coded) -> tuple[np.ndarray, list[str]]:
     """``fingerprint_codes`` of a coded column: the same numbers and names, from its few
     values (no hashing of a million strings)."""
-    named = [NO_FINGERPRINT if v is None or (isinstance(v, float) and math.isnan(v)) else v
-             for v in fingerprints.values]
+    named = [NO_FINGERPRINT if is_null(v) else v for v in fingerprints.values]
     numbered = Coded(fingerprints.codes, named).normalized()
     return numbered.codes.astype(np.int64), [str(name) for name in numbered.values]
 

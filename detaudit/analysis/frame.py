@@ -64,10 +64,6 @@ class Frames:
             self._tracked = self._columns.frame()
         return self._tracked
 
-    @tracked.setter
-    def tracked(self, frame: pd.DataFrame) -> None:
-        self._tracked, self._columns = frame, None
-
     def tracked_rows(self) -> int:
         return len(self._columns.slot) if self._tracked is None else len(self._tracked)
 
@@ -84,7 +80,7 @@ class Frames:
             return self._columns.coded[column]
         values = self.tracked[column].to_numpy(dtype=object)
         codes, uniques = pd.factorize(values, use_na_sentinel=False)
-        return Coded(codes, [None if _is_null(v) else v for v in uniques.tolist()])
+        return Coded(codes, [None if is_null(v) else v for v in uniques.tolist()])
 
     def __repr__(self) -> str:
         return f"Frames({len(self.samples)} samples, {self.tracked_rows()} tracked rows)"
@@ -105,7 +101,8 @@ class TrackedColumns:
 TRACKED_CODED = ("logprob_text", "system_fingerprint", "group")
 
 
-def _is_null(value: Any) -> bool:
+def is_null(value: Any) -> bool:
+    """None or NaN: how a missing value reads in a frame's column (pandas makes None NaN)."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 

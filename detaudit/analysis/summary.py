@@ -18,7 +18,7 @@ from detaudit.analysis.agreement import REQUESTED, Agreement, agreement, logprob
 from detaudit.analysis.clusters import (NO_FINGERPRINT, DistinctValues, cluster_table,
                                          distinct_values, fingerprint_numbers)
 from detaudit.analysis.divergence import Divergence, divergence
-from detaudit.analysis.frame import Frames, natural_key, tracked_slots
+from detaudit.analysis.frame import Frames, is_null, natural_key, tracked_slots
 from detaudit.records import Coded
 from detaudit.analysis.logit_grid import log_odds_of_pct
 from detaudit.analysis.stats import Spread, spread, wilson_interval
@@ -190,7 +190,7 @@ def analyze(frames: Frames, threshold_pct: float = DEFAULT_THRESHOLD_PCT,
         threshold_pct=threshold_pct, probe_kind=probe_kind, tokens=tokens,
         outcomes=_outcomes(outputs, len(ok), tokens, labels) if probe_kind in OUTCOME_KINDS else [],
         outputs_distinct=len(outputs),
-        outputs_top=[(None if _isnull(k) else str(k), int(v))
+        outputs_top=[(None if is_null(k) else str(k), int(v))
                      for k, v in outputs.head(OUTPUTS_CAP).items()],
         fingerprints={str(k): int(v) for k, v in fingerprints.items()},
         groups=_groups(samples, frames, slots, threshold_pct, completions, rows),
@@ -228,8 +228,7 @@ class _Rows:
         text = frames.tracked_coded("logprob_text")
         codes, names = fingerprint_numbers(frames.tracked_coded("system_fingerprint"))
         logprob = frames.tracked_array("logprob")
-        received = np.asarray([v is not None for v in text.values], dtype=bool)[text.codes] \
-            if text.values else np.zeros(len(text), dtype=bool)
+        received = ~text.equals(None)
         return cls(logprob=logprob, received=received, text=text, fingerprint=codes,
                    fingerprints=names, group=frames.tracked_coded("group"),
                    finite=np.isfinite(logprob))
@@ -318,7 +317,7 @@ def _outcomes(outputs: pd.Series, n: int, tokens: list[TokenResult],
     """For each label: the share of outputs starting with it (leading whitespace ignored).
     ``outputs`` are the distinct outputs with their counts, so this is cheap at any n.
     ``labels``: a text-only run's labels, with no reported probability (NaN)."""
-    texts = ["" if _isnull(t) else str(t).lstrip() for t in outputs.index]
+    texts = ["" if is_null(t) else str(t).lstrip() for t in outputs.index]
     counts = outputs.to_numpy()
     result = []
     seen: set[str] = set()
@@ -376,10 +375,6 @@ def _groups(samples: pd.DataFrame, frames: Frames, slots: list[dict[str, Any]],
             })
         result.append(entry)
     return result
-
-
-def _isnull(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def json_safe(value: Any) -> Any:
