@@ -25,6 +25,7 @@ use IEEE products (``input_precision="ieee"``), never TF32, and one fixed tile.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -204,14 +205,19 @@ def _linear_tma_kernel(
         out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
 
 
-def _tma_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Tensor descriptors need Hopper or newer, unit inner strides and 16-byte aligned rows."""
-    if INTERPRET or not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Hopper or newer (cached: the capability query costs a few microseconds per call)."""
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(dtype: torch.dtype, device: torch.device, N: int, elem: int,
+            x_stride: tuple[int, ...], w_stride: tuple[int, ...], aligned: bool) -> bool:
+    """Tensor descriptors need Hopper or newer, unit inner strides and 16-byte aligned rows
+    (x, weight and out; ``aligned``: x's and the weight's base pointers)."""
+    if dtype not in (torch.bfloat16, torch.float16) or not aligned or not _has_tma(device):
         return False
-    if x2.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in (x2, weight))
+    return all(s[1] == 1 and (s[0] * elem) % 16 == 0 for s in (x_stride, w_stride)) and (N * elem) % 16 == 0
 
 
 # 16-bit dtypes on a GPU, from the H200 sweeps of round 4 (bench/sweep_matmul_chunks.py,
@@ -223,10 +229,23 @@ def _tma_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 # table entry bit for bit on each run.
 SM_COUNT_GUESS = 132  # H100/H200 SXM; only tips the choice between two tile widths
 
-
-# A/B benches only (bench/bench_matmul_tables.py, bench_e2e in two processes): "round3" is
-# round 3's table with K unchunked (other bits for K >= 6144), "round4" this one.
+# A/B benches only (bench/bench_linear_host.py, bench_e2e in two processes): "round3" is
+# round 3's table with K unchunked (other bits for K >= 6144), "round4" this one. linear's
+# ``table`` argument picks one per call; this is the default.
+TABLES = ("round4", "round3")
 TABLE = os.environ.get("DETAUDIT_MATMUL_TABLE", "round4")
+
+# The partials launch (one program per tile and chunk, then a summing kernel) costs a
+# second launch and an fp32 round trip through memory. It is used only where it clearly
+# pays: 16 < M <= 128 and at least this many chunks. Graph-timed on the H200 (round 4,
+# bench/results/h200_s6_sweep_mm_call2_graph.json): with 4 chunks (K = 14336) partials
+# were 0.97 / 0.95x cuBLAS at M = 32 / 128 against 0.83 / 0.67 for one program per tile;
+# with 2 chunks only 0.99 / 0.81 against 0.96 / 0.77, and on the engine's down projection
+# (K = 8192, 2 chunks) no faster than one chunk. An eager pass pays the second launch on
+# the host (~10-20 us), which outweighs a few percent of a 20 us kernel, so 2 chunks keep
+# one kernel. Larger M never uses partials: chunked weights get the nested loop (one
+# kernel, as lean on the host as round 3's launch).
+PARTIALS_MIN_CHUNKS = 3
 
 
 def round3_tiles_16bit(M: int, N: int) -> Tiles:
@@ -251,18 +270,19 @@ def _fit_block_k(t: Tiles, K: int, chunk: int) -> Tiles:
 
 def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
     chunked = chunk < K
+    many_chunks = triton.cdiv(K, chunk) >= PARTIALS_MIN_CHUNKS  # partials pay (see PARTIALS_MIN_CHUNKS)
     wide = N > 8192
     # Small M is weight-bound: narrow tiles, long K steps, deep pipelines; with K in
-    # chunks, one program per (tile, chunk) so that narrow weights still fill the SMs.
+    # many chunks, one program per (tile, chunk) so that narrow weights still fill the SMs.
     if M <= 16:
         t = Tiles(16, 64, 128, 4, 4) if wide else Tiles(16, 32, 256, 4, 4)
     elif M <= 64:
         # wide weights: 16-row tiles up to 32 rows; more row blocks would read the weight
         # that many times (the LM head at 64 rows: 254 us against 140 with 64-row tiles)
-        t = Tiles(64, 64, 64, 4, 6, partials=True) if chunked else \
+        t = Tiles(64, 64, 64, 4, 6, partials=True) if many_chunks else \
             (Tiles(16, 64, 64, 4, 6) if M <= 32 else Tiles(64, 64, 64, 4, 5)) if wide else Tiles(64, 32, 128, 4, 5)
     elif M <= 128:
-        t = Tiles(64, 128, 64, 4, 4, tma=True, partials=True) if chunked else \
+        t = Tiles(64, 128, 64, 4, 4, tma=True, partials=True) if many_chunks else \
             Tiles(128, 128, 64, 4, 5, tma=True) if wide else Tiles(64, 64, 128, 4, 4)
     elif M <= 1024:
         if triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:  # 128-row tiles would leave SMs idle
@@ -274,7 +294,7 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
     return _fit_block_k(t, K, chunk)
 
 
-def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
+def tiles_for(dtype: torch.dtype, M: int, N: int, K: int, table: str | None = None) -> Tiles:
     """The tiles for one launch (speed only: the sum's order is k_chunk's).
 
     Under the interpreter one fixed shape is used (big, because each interpreted
@@ -285,16 +305,16 @@ def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
         return Tiles(128, 128, 32, num_warps=4, num_stages=1, GROUP_M=1)
     if dtype == torch.float32:
         return Tiles(64, 64, 32, num_warps=4, num_stages=3)
-    if TABLE == "round3":
+    if (table or TABLE) == "round3":
         return round3_tiles_16bit(M, N)
-    return _gpu_tiles_16bit(M, N, K, min(k_chunk(dtype, N, K), K))
+    return _gpu_tiles_16bit(M, N, K, min(k_chunk(dtype, N, K, table), K))
 
 
 # K is cut into about K / 4096 chunks (H200 sweep, round 4: bench/NOTES.md); 0: one chunk
 TARGET_CHUNK_K = int(os.environ.get("DETAUDIT_MATMUL_CHUNK_K", "4096"))
 
 
-def k_chunk(dtype: torch.dtype, N: int, K: int) -> int:
+def k_chunk(dtype: torch.dtype, N: int, K: int, table: str | None = None) -> int:
     """CHUNK_K for a weight of shape [N, K]: a function of (dtype, K) and the device kind
     alone, never of M, so every batch size adds a row's products in the same order.
 
@@ -302,18 +322,101 @@ def k_chunk(dtype: torch.dtype, N: int, K: int) -> int:
     launch) without a chunk per few hundred K, whose sums cost a large batch more
     than they give a small one. K itself (one chunk) where the interpreter runs or
     the dtype is fp32."""
-    if INTERPRET or dtype == torch.float32 or TABLE == "round3" or not TARGET_CHUNK_K:
+    if INTERPRET or dtype == torch.float32 or (table or TABLE) == "round3" or not TARGET_CHUNK_K:
         return K
     chunks = max(1, round(K / TARGET_CHUNK_K))
     return triton.cdiv(triton.cdiv(K, 64), chunks) * 64
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """What ``linear`` decides from shapes, strides and alignment alone (see ``_launch_for``)."""
+
+    tiles: Tiles
+    chunk: int
+    chunks: int
+    partials: bool  # two kernels: the chunk partials, then their sum
+    tma: bool
+    grid: tuple[int, ...]
+    sum_grid: tuple[int, ...]  # the summing kernel's (partials only)
+    flags: dict  # the kernel's constexprs and launch options
+
+
+SUM_BLOCK = 1024  # elements per program of _sum_partials_kernel
+# linear's host path: at small M an eager call costs more host time than kernel time (round
+# 4: ~40-60 us of Python and launch against a 13-40 us kernel), so the decisions that depend
+# on shapes alone are made once per shape and kept here. The key holds everything they read;
+# an engine sees a few thousand keys (M varies), so the dict is cleared when it grows past this.
+_LAUNCHES: dict[tuple, _Launch] = {}
+MAX_CACHED_LAUNCHES = 16384
+
+
+def _launch_for(dtype: torch.dtype, device: torch.device, M: int, N: int, K: int,
+                x_stride: tuple[int, ...], w_stride: tuple[int, ...], aligned: bool,
+                tiles: Tiles | None, chunk_k: int | None, table: str | None) -> _Launch:
+    key = (dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table or TABLE)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table)
+        if len(_LAUNCHES) >= MAX_CACHED_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = launch
+    return launch
+
+
+def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table) -> _Launch:
+    t = tiles or tiles_for(dtype, M, N, K, table)
+    chunk = min(chunk_k or k_chunk(dtype, N, K, table), K)
+    chunks = triton.cdiv(K, chunk)
+    if chunks > 1 and chunk % t.BLOCK_K:
+        raise ValueError(f"chunk_k={chunk} is not a multiple of BLOCK_K={t.BLOCK_K}")
+    partials = t.partials and chunks > 1 and chunks * M * N < 2**31
+    tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
+    elem = dtype.itemsize
+    return _Launch(
+        tiles=t, chunk=chunk, chunks=chunks, partials=partials,
+        tma=t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned),
+        grid=(tiles_mn, chunks) if partials else (tiles_mn,),
+        sum_grid=(triton.cdiv(M * N, SUM_BLOCK),),
+        flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
+                   BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M, num_warps=t.num_warps, num_stages=t.num_stages),
+    )
+
+
+# Weights live as long as the model, so their tensor descriptors are made once per
+# (pointer, shape, strides, dtype, block). A cached descriptor holds its tensor, so the
+# pointer cannot be freed and reused by another tensor while the entry lives (the price:
+# a weight stays allocated while cached; ``clear_caches`` lets it go). Triton still
+# encodes the CUtensorMap at each launch; this saves the Python side only. x and out are
+# new tensors at every call, so theirs are made per call.
+_WEIGHT_DESCS: dict[tuple, object] = {}
+MAX_CACHED_WEIGHT_DESCS = 1024
+
+
+def _weight_desc(weight: torch.Tensor, block: tuple[int, int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, block)
+    desc = _WEIGHT_DESCS.get(key)
+    if desc is None:
+        if len(_WEIGHT_DESCS) >= MAX_CACHED_WEIGHT_DESCS:
+            _WEIGHT_DESCS.clear()
+        desc = _WEIGHT_DESCS[key] = TensorDescriptor.from_tensor(weight, list(block))
+    return desc
+
+
+def clear_caches() -> None:
+    """Forget the cached launch decisions and weight descriptors (frees weights they held)."""
+    _LAUNCHES.clear()
+    _WEIGHT_DESCS.clear()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           tiles: Tiles | None = None, chunk_k: int | None = None) -> torch.Tensor:
+           tiles: Tiles | None = None, chunk_k: int | None = None, table: str | None = None) -> torch.Tensor:
     """x[..., K] @ weight[N, K]^T + bias[N] -> [..., N] in x's dtype.
 
-    ``tiles`` and ``chunk_k`` override the table and the chunk rule (benchmarks,
-    tuning and tests only: another chunk_k adds in another order)."""
+    ``tiles`` and ``chunk_k`` override the table and the chunk rule, ``table`` picks
+    one of TABLES (benchmarks, tuning and tests only: another chunk_k, or round 3's
+    table, adds in another order)."""
     check_linear(x, weight, bias)
     N, K = weight.shape
     lead = x.shape[:-1]
@@ -327,39 +430,64 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*lead, N)
-    t = tiles or tiles_for(x.dtype, M, N, K)
-    chunk = min(chunk_k or k_chunk(x.dtype, N, K), K)
-    chunks = triton.cdiv(K, chunk)
-    if chunks > 1 and chunk % t.BLOCK_K:
-        raise ValueError(f"chunk_k={chunk} is not a multiple of BLOCK_K={t.BLOCK_K}")
-    partials = t.partials and chunks > 1 and chunks * M * N < 2**31
-    tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
-    grid = (tiles_mn, chunks) if partials else (tiles_mn,)
-    part = torch.empty((chunks, M, N), dtype=torch.float32, device=x.device) if partials else out
-    flags = dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
-                 BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M, num_warps=t.num_warps, num_stages=t.num_stages)
+    aligned = x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    p = _launch_for(x.dtype, x.device, M, N, K, x2.stride(), weight.stride(), aligned, tiles, chunk_k, table)
+    t = p.tiles
+    part = torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials else out
     bias_arg = bias if bias is not None else out
-    if t.tma and _tma_ok(x2, weight) and (N * out.element_size()) % 16 == 0:
+    if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        _linear_tma_kernel[grid](
-            TensorDescriptor.from_tensor(x2, [t.BLOCK_M, t.BLOCK_K]),
-            TensorDescriptor.from_tensor(weight, [t.BLOCK_N, t.BLOCK_K]),
-            TensorDescriptor.from_tensor(out, [t.BLOCK_M, t.BLOCK_N]),
-            bias_arg, part, M, N, K, chunk,
+        _linear_tma_kernel[p.grid](
+            TensorDescriptor(x2, x2.shape, x2.stride(), [t.BLOCK_M, t.BLOCK_K]),
+            _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K)),
+            TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N]),
+            bias_arg, part, M, N, K, p.chunk,
             HAS_BIAS=bias is not None, OUT_DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
-            **flags,
+            **p.flags,
         )
     else:
-        _linear_kernel[grid](
+        _linear_kernel[p.grid](
             x2, weight, bias_arg, out, part,
-            M, N, K, chunk,
+            M, N, K, p.chunk,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, **flags,
+            HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, **p.flags,
         )
-    if partials:
-        block = 1024
-        _sum_partials_kernel[(triton.cdiv(M * N, block),)](
-            part, bias_arg, out, M, N, chunks, out.stride(0), out.stride(1),
-            HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, BLOCK=block, num_warps=4,
+    if p.partials:
+        _sum_partials_kernel[p.sum_grid](
+            part, bias_arg, out, M, N, p.chunks, out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, BLOCK=SUM_BLOCK, num_warps=4,
         )
     return out.reshape(*lead, N)
+
+
+# Triton compiles one kernel per set of constexprs and per class of each int argument:
+# 1, a multiple of 16, or any other value. M is such an argument (so are the descriptors'
+# shapes), so a table entry needs up to three compiles; the representatives below cover
+# every row count the table can tell apart (it never changes past 1024 rows).
+WARM_ROWS = tuple(range(1, 1025)) + (1040, 1041)
+
+
+def _m_class(M: int) -> int:
+    return 1 if M == 1 else 16 if M % 16 == 0 else 0
+
+
+def warm_up(layers: list[tuple[torch.Tensor, torch.Tensor | None]], table: str | None = None) -> int:
+    """Launch ``linear`` once for every distinct kernel the tile table can pick for these
+    (weight, bias) pairs, so that no forward pass compiles (an eager mixed pass can meet a
+    row count, hence a launch shape, that no warm-up pass had). The number of launches;
+    0 (a no-op) on a CPU or under the interpreter, where nothing is compiled ahead."""
+    launched, seen = 0, set()
+    for weight, bias in layers:
+        if INTERPRET or not weight.is_cuda:
+            continue
+        N, K = weight.shape
+        for M in WARM_ROWS:
+            p = _launch_for(weight.dtype, weight.device, M, N, K, (K, 1), weight.stride(),
+                            weight.data_ptr() % 16 == 0, None, None, table)
+            key = (p.tiles, p.partials, p.tma, p.chunks > 1, _m_class(M), bias is not None, weight.dtype,
+                   N, K, weight.stride())
+            if key not in seen:
+                seen.add(key)
+                linear(torch.zeros((M, K), dtype=weight.dtype, device=weight.device), weight, bias, table=table)
+                launched += 1
+    return launched
