@@ -654,6 +654,20 @@ class Engine:
             sizes = [len(ids) - first for ids, first in zip(sequences, first_rows)]
             return list(zip(logits.split(sizes), logprobs.split(sizes)))
 
+    def warm_up(self) -> int:
+        """Compile before serving: every matmul kernel the tile table can pick for this
+        model's weights (an eager pass of prompts and decode rows can meet row counts that
+        no warm-up pass had; on a GPU with Triton kernels only) and, with CUDA graphs, every
+        decode bucket's graph. The number of matmul launches it took (0 elsewhere)."""
+        launched = 0
+        if self.device.type == "cuda" and hasattr(self.ops, "warm_up"):
+            with self._lock:
+                launched = self.ops.warm_up(self.model.linear_layers())
+                torch.cuda.synchronize(self.device)
+        if self.decode is not None and self.decode.graphs:
+            self.decode.capture_all()
+        return launched
+
     def fingerprint(self) -> str:
         """system_fingerprint: what decides the numbers (weights, kernels and how they
         run, dtype, device). The one format, in process and served."""

@@ -145,6 +145,13 @@ class Transformer(nn.Module):
                 x = layer(x, slots, positions, cache, self.rope, ops)
         return self.norm(x, ops)
 
+    def linear_layers(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every matmul of a pass, the logits' too (kernel warm-ups)."""
+        layers = [(m.weight, m.bias) for m in self.modules() if isinstance(m, Linear)]
+        if self.config.tie_word_embeddings:
+            layers.append((self.embed_tokens.weight, None))
+        return layers
+
     def logits(self, hidden: torch.Tensor, ops: Ops) -> torch.Tensor:
         """Hidden states [R, hidden] -> logits [R, vocab]: only the rows that are sampled."""
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

@@ -23,6 +23,11 @@ class BatchInvariantOps:
     def linears(self, x, layers):
         return [self.linear(x, weight, bias) for weight, bias in layers]
 
+    def warm_up(self, layers):
+        """Compile every matmul kernel the tile table can pick for these (weight, bias)
+        pairs (a no-op on a CPU); the number of launches (matmul.warm_up)."""
+        return matmul.warm_up(layers)
+
     def rms_norm(self, x, weight, eps):
         return rmsnorm.rms_norm(x, weight, eps)
 

@@ -1,20 +1,32 @@
 """Batch-invariant ``linear``: out[M, N] = x[M, K] @ weight[N, K]^T + bias.
 
-Why it is batch-invariant: every output element is one program's fp32
-accumulator, filled by a single loop over K from 0 to K in steps of BLOCK_K.
-There is no split-K, and BLOCK_K is the same at every M, so a row's sums are
-added in the same order whether the batch holds 1 row or 1,000. What does
-change with M is only how output elements are grouped into programs
-(BLOCK_M x BLOCK_N, warps, pipeline depth, program order): a tensor-core dot
-computes each output element from its own row and column alone, so the
-grouping moves work between programs without touching any element's
-arithmetic. bench/bench_matmul.py checks that claim bit for bit on the GPU,
-for every entry of the tile table. fp32 inputs use IEEE products
-(``input_precision="ieee"``), never TF32.
+Why it is batch-invariant: K is cut into chunks of CHUNK_K (``k_chunk``: a
+function of the dtype and K, never of M). Each chunk's partial sum is one fp32
+accumulator filled by a single loop over the chunk, in K order; the chunk
+partials are then added in chunk order, 0 + p0 + p1 + ..., and the bias last.
+So a row's sums are added in the same order whether the batch holds 1 row or
+1,000. Three launch shapes compute exactly that sum:
+  * one program per output tile sweeps every chunk, adding each chunk's
+    accumulator into a running total at the chunk's end (a plain loop, or
+    ``nested``: a chunk loop the compiler flattens and pipelines);
+  * ``partials``: one program per (output tile, chunk) writes its fp32 partial
+    to memory and a second kernel adds them in the same order (small M, where
+    one program per tile would leave most SMs idle).
+What changes with M is only the launch shape and the tiles (BLOCK_M x BLOCK_N,
+BLOCK_K, warps, pipeline depth, program order): a tensor-core dot computes each
+output element from its own row and column alone, adding products into the
+accumulator 16 of K at a time in K order whatever BLOCK_K is (on Hopper; see
+the table's comment), so the tiles move work between programs without touching
+any element's arithmetic. bench/bench_matmul.py checks that claim bit for bit
+on the GPU, for every entry of the tile table, on every run. Under the
+interpreter the tiles are fixed (there BLOCK_K does set the order). fp32 inputs
+use IEEE products (``input_precision="ieee"``), never TF32, and one fixed tile.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +45,8 @@ class Tiles:
     num_stages: int = 3
     GROUP_M: int = 8  # programs sweep GROUP_M row-blocks per column-block, so weight tiles stay in L2
     tma: bool = False  # Hopper's bulk tensor copies instead of pointer loads (same dot, same numbers)
+    partials: bool = False  # one program per (tile, K chunk) + a summing kernel (same sum, same numbers)
+    nested: bool = False  # fused chunks as a loop nest the compiler flattens (same sum, same numbers)
 
 
 @triton.jit
@@ -50,11 +64,38 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def _k_range(K, CHUNK_K, PARTIALS: tl.constexpr):
+    """The K this program sweeps: its own chunk (partials) or all of K."""
+    if PARTIALS:
+        k_start = tl.program_id(1) * CHUNK_K
+        return k_start, tl.minimum(k_start + CHUNK_K, K)
+    else:
+        return 0, K
+
+
+@triton.jit
+def _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
+                  stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] @ w[cols, k0:k0+BLOCK_K]^T (zeros past K)."""
+    k = k0 + ks
+    k_ok = k < K
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    b = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
+                mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+    if INTERPRETED:
+        return interpreted_dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
-    M, N, K,
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
+    M, N, K, CHUNK_K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, CHUNKED: tl.constexpr, PARTIALS: tl.constexpr,
+    NESTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -65,31 +106,67 @@ def _linear_kernel(
     row_ok = rows < M
     col_ok = cols < N
 
+    k_start, k_end = _k_range(K, CHUNK_K, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < K
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None] * stride_wk,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        if INTERPRETED:
-            acc = interpreted_dot(a, b, acc)
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if NESTED and CHUNKED and not PARTIALS:
+        # chunk by chunk; past K the loads are zeros, which leave a sum's bits as they are
+        for c0 in tl.range(0, K, CHUNK_K, flatten=True):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kk in range(0, CHUNK_K, BLOCK_K):
+                acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
+                                    stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
+            total += acc
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if CHUNKED and not PARTIALS:
+                if (k0 % CHUNK_K == 0) & (k0 > 0):  # a chunk ends: add its sum, start the next from 0
+                    total += acc
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
+                                stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
 
+    if PARTIALS:
+        part = part_ptr + (tl.program_id(1) * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
+        tl.store(part, acc, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        if CHUNKED:
+            acc = total + acc
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                 cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr, bias_ptr, out_ptr, M, N, CHUNKS, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = 0 + p0 + p1 + ... + bias, chunk by chunk in order: the fused loop's sum."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < M * N
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    part = part_ptr + idx
+    for _ in range(0, CHUNKS):
+        total += tl.load(part, mask=ok, other=0.0)
+        part += M * N  # the host keeps CHUNKS * M * N below 2^31
+    row = idx // N
+    col = idx % N
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & col_ok[None, :])
+        total += tl.load(bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + col * stride_on, cast_to(total, out_ptr.dtype.element_ty, INTERPRETED),
+             mask=ok)
 
 
 @triton.jit
 def _linear_tma_kernel(
-    x_desc, w_desc, out_desc, bias_ptr,
-    M, N, K,
-    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    x_desc, w_desc, out_desc, bias_ptr, part_ptr,
+    M, N, K, CHUNK_K,
+    HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, CHUNKED: tl.constexpr, PARTIALS: tl.constexpr,
+    NESTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The same loop as _linear_kernel, fed by tensor descriptors (TMA zero-fills past the edges)."""
@@ -97,66 +174,249 @@ def _linear_tma_kernel(
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 
+    k_start, k_end = _k_range(K, CHUNK_K, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = x_desc.load([off_m, k0])
-        b = w_desc.load([off_n, k0])
-        acc = tl.dot(a, b.T, acc)
-    if HAS_BIAS:
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if NESTED and CHUNKED and not PARTIALS:
+        for c0 in tl.range(0, K, CHUNK_K, flatten=True):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kk in range(0, CHUNK_K, BLOCK_K):
+                acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
+            total += acc
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            if CHUNKED and not PARTIALS:
+                if (k0 % CHUNK_K == 0) & (k0 > 0):
+                    total += acc
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+    if PARTIALS:
+        rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
+        part = part_ptr + (tl.program_id(1) * M + rows[:, None]).to(tl.int64) * N + cols[None, :]
+        tl.store(part, acc, mask=(rows < M)[:, None] & (cols < N)[None, :])
+    else:
+        if CHUNKED:
+            acc = total + acc
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
 
 
-def _tma_ok(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Tensor descriptors need Hopper or newer, unit inner strides and 16-byte aligned rows."""
-    if INTERPRET or not x2.is_cuda or torch.cuda.get_device_capability(x2.device)[0] < 9:
+@functools.lru_cache(maxsize=None)
+def _has_tma(device: torch.device) -> bool:
+    """Hopper or newer (cached: the capability query costs a few microseconds per call)."""
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_ok(dtype: torch.dtype, device: torch.device, N: int, elem: int,
+            x_stride: tuple[int, ...], w_stride: tuple[int, ...], aligned: bool) -> bool:
+    """Tensor descriptors need Hopper or newer, unit inner strides and 16-byte aligned rows
+    (x, weight and out; ``aligned``: x's and the weight's base pointers)."""
+    if dtype not in (torch.bfloat16, torch.float16) or not aligned or not _has_tma(device):
         return False
-    if x2.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-               for t in (x2, weight))
+    return all(s[1] == 1 and (s[0] * elem) % 16 == 0 for s in (x_stride, w_stride)) and (N * elem) % 16 == 0
 
 
-# 16-bit dtypes on a GPU: BLOCK_K = 64 at every M, the rest chosen from the H100
-# sweep (bench/bench_matmul.py --tune, figures in bench/NOTES.md). Every candidate
-# there was bitwise equal to the 8192-row product at every M.
-SM_COUNT_GUESS = 132  # H100 SXM; only tips the choice between two tile widths
+# 16-bit dtypes on a GPU, from the H200 sweeps of round 4 (bench/sweep_matmul_chunks.py,
+# CUDA-graph timed; figures in bench/NOTES.md). On Hopper a bf16/fp16 tl.dot adds its
+# products into the fp32 accumulator 16 of K at a time, in K order, whatever the tile:
+# BLOCK_K (64, 128 or 256), BLOCK_M (16 to 256), TMA or pointer loads and the launch
+# shape changed no bit in ~900 candidates checked against the 8192-row product at two row
+# offsets. So only the chunking (k_chunk) touches the numbers; bench_matmul checks every
+# table entry bit for bit on each run.
+SM_COUNT_GUESS = 132  # H100/H200 SXM; only tips the choice between two tile widths
+
+# A/B benches only (bench/bench_linear_host.py, bench_e2e in two processes): "round3" is
+# round 3's table with K unchunked (other bits for K >= 6144), "round4" this one. linear's
+# ``table`` argument picks one per call; this is the default.
+TABLES = ("round4", "round3")
+TABLE = os.environ.get("DETAUDIT_MATMUL_TABLE", "round4")
+
+# The partials launch (one program per tile and chunk, then a summing kernel) costs a
+# second launch and an fp32 round trip through memory. It is used only where it clearly
+# pays: 16 < M <= 128 and at least this many chunks. Graph-timed on the H200 (round 4,
+# bench/results/h200_s6_sweep_mm_call2_graph.json): with 4 chunks (K = 14336) partials
+# were 0.97 / 0.95x cuBLAS at M = 32 / 128 against 0.83 / 0.67 for one program per tile;
+# with 2 chunks only 0.99 / 0.81 against 0.96 / 0.77, and on the engine's down projection
+# (K = 8192, 2 chunks) no faster than one chunk. An eager pass pays the second launch on
+# the host (~10-20 us), which outweighs a few percent of a 20 us kernel, so 2 chunks keep
+# one kernel. Larger M never uses partials: chunked weights get the nested loop (one
+# kernel, as lean on the host as round 3's launch).
+PARTIALS_MIN_CHUNKS = 3
 
 
-def _gpu_tiles_16bit(M: int, N: int) -> Tiles:
-    # Small M is weight-bound: narrow tiles, deep pipelines, enough programs to
-    # pull the weights through every SM.
+def round3_tiles_16bit(M: int, N: int) -> Tiles:
+    """Round 3's table (BLOCK_K = 64, one chunk), kept for A/B benches."""
     if M <= 64:
-        return Tiles(64, 16, 64, num_warps=4, num_stages=8) if N <= 8192 else Tiles(64, 64, 64, num_warps=4, num_stages=5)
+        return Tiles(64, 16, 64, 4, 8) if N <= 8192 else Tiles(64, 64, 64, 4, 5)
     if M <= 128:
-        return Tiles(64, 32, 64, num_warps=4, num_stages=6) if N <= 8192 else \
-            Tiles(128, 128, 64, num_warps=4, num_stages=5, tma=True)
+        return Tiles(64, 32, 64, 4, 6) if N <= 8192 else Tiles(128, 128, 64, 4, 5, tma=True)
     if M <= 1024:
+        if triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:
+            return Tiles(64, 128, 64, 4, 4, tma=True)
+        return Tiles(128, 128, 64, 4, 3, tma=True)
+    return Tiles(128, 128, 64, 4, 5, tma=True)
+
+
+def _fit_block_k(t: Tiles, K: int, chunk: int) -> Tiles:
+    """A chunked sum needs chunks that are whole BLOCK_K steps; else BLOCK_K = 64."""
+    if chunk < K and chunk % t.BLOCK_K:
+        return Tiles(**{**t.__dict__, "BLOCK_K": 64})
+    return t
+
+
+def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
+    chunked = chunk < K
+    many_chunks = triton.cdiv(K, chunk) >= PARTIALS_MIN_CHUNKS  # partials pay (see PARTIALS_MIN_CHUNKS)
+    wide = N > 8192
+    # Small M is weight-bound: narrow tiles, long K steps, deep pipelines; with K in
+    # many chunks, one program per (tile, chunk) so that narrow weights still fill the SMs.
+    if M <= 16:
+        t = Tiles(16, 64, 128, 4, 4) if wide else Tiles(16, 32, 256, 4, 4)
+    elif M <= 64:
+        # wide weights: 16-row tiles up to 32 rows; more row blocks would read the weight
+        # that many times (the LM head at 64 rows: 254 us against 140 with 64-row tiles)
+        t = Tiles(64, 64, 64, 4, 6, partials=True) if many_chunks else \
+            (Tiles(16, 64, 64, 4, 6) if M <= 32 else Tiles(64, 64, 64, 4, 5)) if wide else Tiles(64, 32, 128, 4, 5)
+    elif M <= 128:
+        t = Tiles(64, 128, 64, 4, 4, tma=True, partials=True) if many_chunks else \
+            Tiles(128, 128, 64, 4, 5, tma=True) if wide else Tiles(64, 64, 128, 4, 4)
+    elif M <= 1024:
         if triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:  # 128-row tiles would leave SMs idle
-            return Tiles(64, 128, 64, num_warps=4, num_stages=4, tma=True)
-        return Tiles(128, 128, 64, num_warps=4, num_stages=3, tma=True)
-    return Tiles(128, 128, 64, num_warps=4, num_stages=5, tma=True)
+            t = Tiles(64, 128, 64, 4, 4, tma=True, nested=chunked)
+        else:
+            t = Tiles(128, 128, 64, 4, 3, tma=True, nested=chunked)
+    else:
+        t = Tiles(128, 256, 64, 8, 3, tma=True, nested=True) if chunked else Tiles(128, 128, 64, 4, 5, tma=True)
+    return _fit_block_k(t, K, chunk)
 
 
-def tiles_for(dtype: torch.dtype, M: int, N: int, K: int) -> Tiles:
-    """The tiles for one launch. BLOCK_K depends only on the dtype (and device), never on M.
+def tiles_for(dtype: torch.dtype, M: int, N: int, K: int, table: str | None = None) -> Tiles:
+    """The tiles for one launch (speed only: the sum's order is k_chunk's).
 
     Under the interpreter one fixed shape is used (big, because each interpreted
-    program costs about 2 ms), and the dot is ``interpreted_dot``, not numpy's BLAS.
+    program costs about 2 ms), and the dot is ``interpreted_dot``, not numpy's BLAS;
+    there BLOCK_K does set the order (numpy sums each block), so it never changes.
     """
     if INTERPRET:
         return Tiles(128, 128, 32, num_warps=4, num_stages=1, GROUP_M=1)
     if dtype == torch.float32:
         return Tiles(64, 64, 32, num_warps=4, num_stages=3)
-    return _gpu_tiles_16bit(M, N)
+    if (table or TABLE) == "round3":
+        return round3_tiles_16bit(M, N)
+    return _gpu_tiles_16bit(M, N, K, min(k_chunk(dtype, N, K, table), K))
+
+
+# K is cut into about K / 4096 chunks (H200 sweep, round 4: bench/NOTES.md); 0: one chunk
+TARGET_CHUNK_K = int(os.environ.get("DETAUDIT_MATMUL_CHUNK_K", "4096"))
+
+
+def k_chunk(dtype: torch.dtype, N: int, K: int, table: str | None = None) -> int:
+    """CHUNK_K for a weight of shape [N, K]: a function of (dtype, K) and the device kind
+    alone, never of M, so every batch size adds a row's products in the same order.
+
+    A long K in a few chunks lets a small batch use more programs (the partials
+    launch) without a chunk per few hundred K, whose sums cost a large batch more
+    than they give a small one. K itself (one chunk) where the interpreter runs or
+    the dtype is fp32."""
+    if INTERPRET or dtype == torch.float32 or (table or TABLE) == "round3" or not TARGET_CHUNK_K:
+        return K
+    chunks = max(1, round(K / TARGET_CHUNK_K))
+    return triton.cdiv(triton.cdiv(K, 64), chunks) * 64
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What ``linear`` decides from shapes, strides and alignment alone (see ``_launch_for``)."""
+
+    tiles: Tiles
+    chunk: int
+    chunks: int
+    partials: bool  # two kernels: the chunk partials, then their sum
+    tma: bool
+    grid: tuple[int, ...]
+    sum_grid: tuple[int, ...]  # the summing kernel's (partials only)
+    flags: dict  # the kernel's constexprs and launch options
+
+
+SUM_BLOCK = 1024  # elements per program of _sum_partials_kernel
+# linear's host path: at small M an eager call costs more host time than kernel time (round
+# 4: ~40-60 us of Python and launch against a 13-40 us kernel), so the decisions that depend
+# on shapes alone are made once per shape and kept here. The key holds everything they read;
+# an engine sees a few thousand keys (M varies), so the dict is cleared when it grows past this.
+_LAUNCHES: dict[tuple, _Launch] = {}
+MAX_CACHED_LAUNCHES = 16384
+
+
+def _launch_for(dtype: torch.dtype, device: torch.device, M: int, N: int, K: int,
+                x_stride: tuple[int, ...], w_stride: tuple[int, ...], aligned: bool,
+                tiles: Tiles | None, chunk_k: int | None, table: str | None) -> _Launch:
+    key = (dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table or TABLE)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table)
+        if len(_LAUNCHES) >= MAX_CACHED_LAUNCHES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = launch
+    return launch
+
+
+def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table) -> _Launch:
+    t = tiles or tiles_for(dtype, M, N, K, table)
+    chunk = min(chunk_k or k_chunk(dtype, N, K, table), K)
+    chunks = triton.cdiv(K, chunk)
+    if chunks > 1 and chunk % t.BLOCK_K:
+        raise ValueError(f"chunk_k={chunk} is not a multiple of BLOCK_K={t.BLOCK_K}")
+    partials = t.partials and chunks > 1 and chunks * M * N < 2**31
+    tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
+    elem = dtype.itemsize
+    return _Launch(
+        tiles=t, chunk=chunk, chunks=chunks, partials=partials,
+        tma=t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned),
+        grid=(tiles_mn, chunks) if partials else (tiles_mn,),
+        sum_grid=(triton.cdiv(M * N, SUM_BLOCK),),
+        flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
+                   BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M, num_warps=t.num_warps, num_stages=t.num_stages),
+    )
+
+
+# Weights live as long as the model, so their tensor descriptors are made once per
+# (pointer, shape, strides, dtype, block). A cached descriptor holds its tensor, so the
+# pointer cannot be freed and reused by another tensor while the entry lives (the price:
+# a weight stays allocated while cached; ``clear_caches`` lets it go). Triton still
+# encodes the CUtensorMap at each launch; this saves the Python side only. x and out are
+# new tensors at every call, so theirs are made per call.
+_WEIGHT_DESCS: dict[tuple, object] = {}
+MAX_CACHED_WEIGHT_DESCS = 1024
+
+
+def _weight_desc(weight: torch.Tensor, block: tuple[int, int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, block)
+    desc = _WEIGHT_DESCS.get(key)
+    if desc is None:
+        if len(_WEIGHT_DESCS) >= MAX_CACHED_WEIGHT_DESCS:
+            _WEIGHT_DESCS.clear()
+        desc = _WEIGHT_DESCS[key] = TensorDescriptor.from_tensor(weight, list(block))
+    return desc
+
+
+def clear_caches() -> None:
+    """Forget the cached launch decisions and weight descriptors (frees weights they held)."""
+    _LAUNCHES.clear()
+    _WEIGHT_DESCS.clear()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           tiles: Tiles | None = None) -> torch.Tensor:
+           tiles: Tiles | None = None, chunk_k: int | None = None, table: str | None = None) -> torch.Tensor:
     """x[..., K] @ weight[N, K]^T + bias[N] -> [..., N] in x's dtype.
 
-    ``tiles`` overrides the table (benchmarks and tuning only)."""
+    ``tiles`` and ``chunk_k`` override the table and the chunk rule, ``table`` picks
+    one of TABLES (benchmarks, tuning and tests only: another chunk_k, or round 3's
+    table, adds in another order)."""
     check_linear(x, weight, bias)
     N, K = weight.shape
     lead = x.shape[:-1]
@@ -170,26 +430,64 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if bias is not None:
             out += bias.to(out.dtype)
         return out.reshape(*lead, N)
-    t = tiles or tiles_for(x.dtype, M, N, K)
-    grid = (triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N),)
-    if t.tma and _tma_ok(x2, weight) and (N * out.element_size()) % 16 == 0:
+    aligned = x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    p = _launch_for(x.dtype, x.device, M, N, K, x2.stride(), weight.stride(), aligned, tiles, chunk_k, table)
+    t = p.tiles
+    part = torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials else out
+    bias_arg = bias if bias is not None else out
+    if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
-        _linear_tma_kernel[grid](
-            TensorDescriptor.from_tensor(x2, [t.BLOCK_M, t.BLOCK_K]),
-            TensorDescriptor.from_tensor(weight, [t.BLOCK_N, t.BLOCK_K]),
-            TensorDescriptor.from_tensor(out, [t.BLOCK_M, t.BLOCK_N]),
-            bias if bias is not None else out, M, N, K,
+        _linear_tma_kernel[p.grid](
+            TensorDescriptor(x2, x2.shape, x2.stride(), [t.BLOCK_M, t.BLOCK_K]),
+            _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K)),
+            TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N]),
+            bias_arg, part, M, N, K, p.chunk,
             HAS_BIAS=bias is not None, OUT_DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
-            BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
-            num_warps=t.num_warps, num_stages=t.num_stages,
+            **p.flags,
         )
-        return out.reshape(*lead, N)
-    _linear_kernel[grid](
-        x2, weight, bias if bias is not None else x2, out,
-        M, N, K,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, INTERPRETED=INTERPRET,
-        BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
+    else:
+        _linear_kernel[p.grid](
+            x2, weight, bias_arg, out, part,
+            M, N, K, p.chunk,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, **p.flags,
+        )
+    if p.partials:
+        _sum_partials_kernel[p.sum_grid](
+            part, bias_arg, out, M, N, p.chunks, out.stride(0), out.stride(1),
+            HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, BLOCK=SUM_BLOCK, num_warps=4,
+        )
     return out.reshape(*lead, N)
+
+
+# Triton compiles one kernel per set of constexprs and per class of each int argument:
+# 1, a multiple of 16, or any other value. M is such an argument (so are the descriptors'
+# shapes), so a table entry needs up to three compiles; the representatives below cover
+# every row count the table can tell apart (it never changes past 1024 rows).
+WARM_ROWS = tuple(range(1, 1025)) + (1040, 1041)
+
+
+def _m_class(M: int) -> int:
+    return 1 if M == 1 else 16 if M % 16 == 0 else 0
+
+
+def warm_up(layers: list[tuple[torch.Tensor, torch.Tensor | None]], table: str | None = None) -> int:
+    """Launch ``linear`` once for every distinct kernel the tile table can pick for these
+    (weight, bias) pairs, so that no forward pass compiles (an eager mixed pass can meet a
+    row count, hence a launch shape, that no warm-up pass had). The number of launches;
+    0 (a no-op) on a CPU or under the interpreter, where nothing is compiled ahead."""
+    launched, seen = 0, set()
+    for weight, bias in layers:
+        if INTERPRET or not weight.is_cuda:
+            continue
+        N, K = weight.shape
+        for M in WARM_ROWS:
+            p = _launch_for(weight.dtype, weight.device, M, N, K, (K, 1), weight.stride(),
+                            weight.data_ptr() % 16 == 0, None, None, table)
+            key = (p.tiles, p.partials, p.tma, p.chunks > 1, _m_class(M), bias is not None, weight.dtype,
+                   N, K, weight.stride())
+            if key not in seen:
+                seen.add(key)
+                linear(torch.zeros((M, K), dtype=weight.dtype, device=weight.device), weight, bias, table=table)
+                launched += 1
+    return launched

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import DTYPES, EXTRA_ROWS, assert_close_to, batches_with_needle, randn
+from kernel_checks import DEVICE, DTYPES, EXTRA_ROWS, assert_close_to, batches_with_needle, randn
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -57,3 +57,37 @@ def test_linear_rejects_bad_input_clearly(bi, gen):
         bi.linear(randn(2, 15, gen=gen), w)
     with pytest.raises(ValueError, match="cast one to match"):
         bi.linear(randn(2, 16, gen=gen, dtype=torch.bfloat16), w)
+
+
+def _chunk_launches():
+    """Launch shapes of one chunked sum: plain loop, nested loop, partials + summing kernel."""
+    from local_backend.kernels._triton import INTERPRET
+    from local_backend.kernels.matmul import Tiles
+    if INTERPRET:  # big tiles: each interpreted program costs milliseconds
+        return [Tiles(128, 128, 32, 4, 1, GROUP_M=1), Tiles(128, 128, 32, 4, 1, GROUP_M=1, nested=True),
+                Tiles(128, 128, 32, 4, 1, GROUP_M=1, partials=True), Tiles(16, 32, 32, 4, 1, partials=True)]
+    return [Tiles(64, 64, 64, 4, 3), Tiles(64, 64, 64, 4, 3, nested=True), Tiles(16, 32, 64, 4, 3, partials=True),
+            Tiles(16, 64, 64, 4, 3, partials=True), Tiles(64, 64, 64, 4, 3, partials=True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_linear_is_one_sum_in_every_launch_shape(gen, dtype):
+    """K cut into chunks (fixed per weight): every launch shape adds the chunk sums in the
+    same order, so a row alone (partials launch) and the same row in a batch (fused
+    launch) give the same bits, and the result is still the product."""
+    from local_backend.kernels import matmul
+    N, K, chunk = 150, 200, 64  # 4 chunks: 64, 64, 64, 8
+    if DEVICE == "cuda":
+        K, chunk = 520, 128
+    w, b = randn(N, K, gen=gen, dtype=dtype), randn(N, gen=gen, dtype=dtype)
+    needle = randn(K, gen=gen, dtype=dtype)
+    others = randn(max(EXTRA_ROWS), K, gen=gen, dtype=dtype)
+    launches = _chunk_launches()
+    alone = [matmul.linear(needle[None], w, b, tiles=t, chunk_k=chunk)[0] for t in launches]
+    assert all(torch.equal(a, alone[0]) for a in alone[1:]), "launch shapes disagree on one row"
+    for batch, at in batches_with_needle(needle, others, gen):
+        for t in launches[:2]:
+            out = matmul.linear(batch, w, b, tiles=t, chunk_k=chunk)
+            assert torch.equal(out[at], alone[0]), f"row differs in a batch of {len(batch)} ({t})"
+    assert_close_to(matmul.linear(others, w, b, tiles=launches[2], chunk_k=chunk),
+                    others.double() @ w.double().T + b.double(), dtype)

@@ -208,3 +208,15 @@ def test_sampler_rules():
     lp = ops.log_softmax(flat[None])[0]
     assert len({sample(flat, lp, ops, 1.0, 1.0, seed, 0) for seed in range(50)}) == 4
     assert len({sample(flat, lp, ops, 1.0, 1.0, None, 0) for _ in range(50)}) > 1  # no seed: fresh draws
+
+
+def test_warm_up_covers_every_matmul_and_leaves_bits_alone(bi_engine):
+    """linear_layers lists every weight a pass multiplies by (the logits' too); warm_up compiles
+    on a GPU only (a no-op here) and never changes what a request gets."""
+    model = bi_engine.model
+    linears = sum(1 for m in model.modules() if type(m).__name__ == "Linear")
+    assert len(model.linear_layers()) == linears + model.config.tie_word_embeddings
+    before = bits(bi_engine.generate([target()])[0])
+    launched = bi_engine.warm_up()
+    assert launched == 0 if DEVICE == "cpu" else launched > 0
+    assert bits(bi_engine.generate([target()])[0]) == before
