@@ -61,10 +61,9 @@ def graph_ms(fn, rep_ms: int) -> float:
     return median_ms(graph.replay, rep_ms)
 
 
-def case(kind: str, B: int, N: int, cand, rep: int, gen) -> dict:
+def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> dict:
     rows, warps, stages, block_n, split = cand
     attn.BLOCK_N, attn.SPLIT = block_n, split
-    kw = dict(rows=rows, num_warps=warps, num_stages=stages)
     k_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
     v_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
     k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
@@ -83,71 +82,76 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen) -> dict:
         q_t = q[:, :, None, :].contiguous()
         flops = 4 * B * HQ * D * N
         ref = lambda: sdpa(q_t, k_t, v_t, False)  # noqa: E731
-
-    def ours():  # as inside the engine's forward pass: the plan made once is reused
-        with attn.one_plan_per_pass():
-            return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
-
-    with attn.one_plan_per_pass():
-        out = ours()
-        t_ours = median_ms(ours, rep)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    attn.attention(q, k_cache, v_cache, slots.clone(), positions.clone(), scale, **kw)  # a fresh plan
-    torch.cuda.synchronize()
-    plan_ms = (time.perf_counter() - start) * 1e3
     t_ref = median_ms(ref, rep)
     expected = ref()
-    expected = expected.transpose(1, 2).reshape(out.shape) if kind == "prefill" else expected[:, :, 0]
-    err = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
-    first = N if kind == "prefill" else 1
-    alone = attn.attention(q[:first], k_cache, v_cache, slots[:first], positions[:first], scale, **kw)
-    row = {"kind": kind, "B": B, "N_or_L": N, "cand": cand, "ours_ms": t_ours, "sdpa_ms": t_ref, "plan_ms": plan_ms,
-           "ours_tflops": flops / t_ours / 1e9, "sdpa_tflops": flops / t_ref / 1e9, "ratio": t_ref / t_ours,
-           "kv_gbps_ours": 2 * B * N * HKV * D * 2 / t_ours / 1e6, "rel_err_vs_sdpa": err,
-           "bitwise_alone_vs_batch": torch.equal(alone, out[:first])}
+    expected = expected.transpose(1, 2).reshape(q.shape) if kind == "prefill" else expected[:, :, 0]
+    row = {"kind": kind, "B": B, "N_or_L": N, "cand": cand, "sdpa_ms": t_ref, "sdpa_tflops": flops / t_ref / 1e9,
+           "kernels": kernels}
     if kind == "decode":
-        with attn.one_plan_per_pass():
-            ours()
-            row["ours_graph_ms"] = graph_ms(ours, rep)
         row["sdpa_graph_ms"] = graph_ms(ref, rep)
-        row["graph_ratio"] = row["sdpa_graph_ms"] / row["ours_graph_ms"]
-        row["kv_gbps_ours_graph"] = 2 * B * N * HKV * D * 2 / row["ours_graph_ms"] / 1e6
-        row["kv_gbps_sdpa_graph"] = 2 * B * N * HKV * D * 2 / row["sdpa_graph_ms"] / 1e6
-        both = [attn.attention(q, k_cache, v_cache, slots, positions, scale, split_kv=s, **kw) for s in (False, True)]
-        row["bitwise_split_vs_one_pass"] = torch.equal(*both)
-    if kind == "prefill":  # decode the last token of sequence 0 from the same cache
-        last = torch.tensor([N - 1], device="cuda")
-        dec = attn.attention(q[N - 1:N], k_cache, v_cache, slots[:1], last, scale, **kw)
-        row["bitwise_prefill_vs_decode"] = torch.equal(dec, out[N - 1:N])
+    outs = {}
+    for kernel in kernels:  # side by side, same inputs, same run
+        kw = dict(rows=rows, num_warps=warps, num_stages=None if kernel == "gluon" else stages, kernel=kernel)
+
+        def ours():
+            return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
+
+        pass_ = lambda: attn.one_plan_per_pass(decode_only=kind == "decode")  # noqa: E731
+        with pass_():  # as inside the engine's forward pass: the plan made once is reused (decode: on the device)
+            out = outs[kernel] = ours()
+            t_ours = median_ms(ours, rep)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        attn.attention(q, k_cache, v_cache, slots.clone(), positions.clone(), scale, **kw)  # a fresh plan
+        torch.cuda.synchronize()
+        fig = {"ms": t_ours, "plan_ms": (time.perf_counter() - start) * 1e3, "tflops": flops / t_ours / 1e9,
+               "ratio": t_ref / t_ours, "kv_gbps": 2 * B * N * HKV * D * 2 / t_ours / 1e6,
+               "rel_err_vs_sdpa": ((out.float() - expected.float()).norm() / expected.float().norm()).item()}
+        first = N if kind == "prefill" else 1
+        alone = attn.attention(q[:first], k_cache, v_cache, slots[:first], positions[:first], scale, **kw)
+        fig["bitwise_alone_vs_batch"] = torch.equal(alone, out[:first])
+        if kind == "decode":
+            with pass_():
+                ours()
+                fig["graph_ms"] = graph_ms(ours, rep)
+            fig["graph_ratio"] = row["sdpa_graph_ms"] / fig["graph_ms"]
+            fig["kv_gbps_graph"] = 2 * B * N * HKV * D * 2 / fig["graph_ms"] / 1e6
+            both = [attn.attention(q, k_cache, v_cache, slots, positions, scale, split_kv=s, **kw)
+                    for s in (False, True)]
+            fig["bitwise_split_vs_one_pass"] = torch.equal(*both)
+        else:  # decode the last token of sequence 0 from the same cache
+            last = torch.tensor([N - 1], device="cuda")
+            dec = attn.attention(q[N - 1:N], k_cache, v_cache, slots[:1], last, scale, **kw)
+            fig["bitwise_prefill_vs_decode"] = torch.equal(dec, out[N - 1:N])
+        row[kernel] = fig
+    if len(kernels) > 1:
+        row["bitwise_between_kernels"] = all(torch.equal(outs[kernels[0]], o) for o in outs.values())
     return row
-
-
-def graph_cols(r: dict) -> str:
-    if "graph_ratio" not in r:
-        return f"{'-':>7} {'-':>7} {'-':>6} {'-':>5}"
-    return (f"{r['kv_gbps_ours_graph']:>7.0f} {r['kv_gbps_sdpa_graph']:>7.0f} {r['graph_ratio']:>6.2f} "
-            f"{str(r['bitwise_split_vs_one_pass']):>5}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tune", action="store_true", help="time every candidate tile choice")
+    parser.add_argument("--tune", action="store_true", help="time every candidate tile choice (Triton kernel)")
     parser.add_argument("--cases", choices=["all", "decode", "prefill"], default="all")
+    parser.add_argument("--kernels", default=None,
+                        help="ours to time side by side, e.g. gluon,triton (default: both on Hopper, else triton)")
     parser.add_argument("--rep", type=int, default=40, help="milliseconds of timed repeats per figure")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU (the CPU interpreter's speed means nothing)")
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    kernels = (args.kernels or ("gluon,triton" if hopper else "triton")).split(",")
     info = gpu_info()
     print(header(info))
     default = (attn.GPU_ROWS, attn.GPU_WARPS, attn.tile_config(HQ // HKV, D, torch.bfloat16)[2], attn.BLOCK_N,
                attn.SPLIT)
     cands = CANDIDATES if args.tune else [default]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print(f"{'kind':>7} {'B':>3} {'N|L':>6} | {'ours':>7} {'SDPA':>7} {'ratio':>6} | {'plan ms':>7} {'rel err':>8} | "
-          "alone=batch prefill=decode | graph: ours SDPA ratio split=1pass | "
-          "tiles (rows, warps, stages, BLOCK_N, SPLIT); prefill TFLOP/s, decode KV GB/s")
+    print("prefill: TFLOP/s and ratio to SDPA; decode: KV GB/s eager, then CUDA-graph ratio to SDPA graph-timed.")
+    print("checks: alone=batch, prefill=decode (prefill) or split=1pass (decode), and kernels=each other")
+    print(f"{'kind':>7} {'B':>3} {'N|L':>6} | {'SDPA':>7} | " +
+          " | ".join(f"{k:>6}: fig ratio graph checks" for k in kernels) + " | same")
     rows = []
     for kind, cases in (("prefill", PREFILL), ("decode", DECODE)):
         if args.cases not in ("all", kind):
@@ -155,16 +159,22 @@ def main() -> None:
         for B, N in cases:
             for cand in cands:
                 try:
-                    r = case(kind, B, N, cand, args.rep, gen)
+                    r = case(kind, B, N, cand, args.rep, gen, kernels)
                 except Exception as exc:
-                    print(f"{kind:>7} {B:>3} {N:>6} | {cand} failed: {type(exc).__name__}: {str(exc)[:200]}")
+                    print(f"{kind:>7} {B:>3} {N:>6} | {cand} failed: {type(exc).__name__}: {str(exc)[:300]}")
                     continue
                 rows.append(r)
-                fig = (r["ours_tflops"], r["sdpa_tflops"]) if kind == "prefill" else \
-                      (r["kv_gbps_ours"], r["kv_gbps_ours"] / r["ratio"])
-                print(f"{kind:>7} {B:>3} {N:>6} | {fig[0]:>7.1f} {fig[1]:>7.1f} {r['ratio']:>6.2f} | "
-                      f"{r['plan_ms']:>7.2f} {r['rel_err_vs_sdpa']:>8.1e} | {str(r['bitwise_alone_vs_batch']):>11} "
-                      f"{str(r.get('bitwise_prefill_vs_decode', '-')):>14} | {graph_cols(r)} | {cand}", flush=True)
+                ref_fig = r["sdpa_tflops"] if kind == "prefill" else 2 * B * N * HKV * D * 2 / r["sdpa_ms"] / 1e6
+                cells = []
+                for k in kernels:
+                    f = r[k]
+                    fig = f["tflops"] if kind == "prefill" else f["kv_gbps"]
+                    graph = f"{f['graph_ratio']:>5.2f}" if "graph_ratio" in f else "    -"
+                    check = f.get("bitwise_prefill_vs_decode", f.get("bitwise_split_vs_one_pass"))
+                    cells.append(f"{fig:>7.1f} {f['ratio']:>5.2f} {graph} {int(f['bitwise_alone_vs_batch'])}"
+                                 f"{int(check)} err {f['rel_err_vs_sdpa']:.0e}")
+                print(f"{kind:>7} {B:>3} {N:>6} | {ref_fig:>7.1f} | " + " | ".join(cells) +
+                      f" | {r.get('bitwise_between_kernels', '-')}", flush=True)
                 torch.cuda.empty_cache()
     write_json(args.json, {"info": info, "mode": "tune" if args.tune else "table", "rows": rows})
     print(header(gpu_info()))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 in one device call: CUDA-graph and overlap tests, the needle check, bench_e2e,
 # profile_step, bench_matmul. Each step has its own time limit and writes its log/JSON into OUT_DIR.
-#   bash bench/gpu_issue15.sh OUT_DIR [steps...]     steps: tests needle e2e profile matmul
+#   bash bench/gpu_issue15.sh OUT_DIR [steps...]
+#   steps: tests kernel_tests needle e2e profile matmul points attention
 set -uo pipefail
 out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
@@ -23,6 +24,14 @@ for step in $steps; do
       if [ $rc -ne 0 ] && grep -q "FAILED.*test_overlap" "$out/tests.log"; then overlap=off; fi
       if [ $rc -ne 0 ] && grep -q "FAILED.*test_cuda_graph_buckets" "$out/tests.log"; then graphs=off; fi
       [ $rc -ne 0 ] && echo "graphs=$graphs overlap=$overlap" > "$out/modes" ;;
+    kernel_tests)
+      timeout ${KTESTS_S:-240} python -m pytest -q -x -rs -s -p no:cacheprovider -p no:warnings \
+        tests/kernels/test_attention_hopper.py tests/kernels/test_attention_kernel.py ${KTESTS_EXTRA:-} \
+        > "$out/kernel_tests.log" 2>&1; tail -12 "$out/kernel_tests.log" ;;
+    attention) timeout ${ATTN_S:-240} python bench/bench_attention.py ${ATTN_ARGS:-} --json "$out/attention.json" \
+                 > "$out/attention.log" 2>&1; tail -16 "$out/attention.log" ;;
+    points) timeout ${POINTS_S:-200} python bench/sweep_matmul_points.py ${POINTS_ARGS:-} --json "$out/points.json" \
+              > "$out/points.log" 2>&1; tail -30 "$out/points.log" ;;
     needle) timeout ${NEEDLE_S:-170} python bench/bench_needle.py --decode-graphs $graphs ${NEEDLE_ARGS:-} \
               --json "$out/needle.json" > "$out/needle.log" 2>&1; tail -6 "$out/needle.log" ;;
     e2e) eg=${E2E_GRAPHS:-both}; [ $graphs = off ] && eg=off

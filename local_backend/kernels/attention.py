@@ -43,6 +43,7 @@ import torch
 
 from local_backend.kernels._triton import (INTERPRET, cast_to, interpreted_dot, interpreted_matmul, tl,
                                              triton)
+from local_backend.kernels import attention_hopper as hopper
 from local_backend.kernels.contracts import check_attention, check_attention_indices
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 
@@ -233,21 +234,23 @@ def _combine_kernel(
     scale_log2e, D, HQ, NUM_SPLITS,
     stride_ot, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UNROLL: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UNROLL: tl.constexpr, D_SLICES: tl.constexpr,
 ):
-    """One token's GQA group: fold its split states 0, 1, 2, ... in order."""
+    """One token's GQA group, one slice of head_dim: fold its split states 0, 1, 2, ...
+    in order (each output column is folded on its own, so slices change nothing)."""
+    BLOCK_DC: tl.constexpr = BLOCK_D // D_SLICES
     tok = tl.program_id(0)
     kv_head = tl.program_id(1)
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < GROUP
     head = kv_head * GROUP + tl.where(g_ok, g, 0)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.program_id(2) * BLOCK_DC + tl.arange(0, BLOCK_DC)
     d_ok = d < D
     pos = tl.load(positions_ptr + tok)
     base = (tok * HQ + head) * NUM_SPLITS
     m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_PAD, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, BLOCK_DC), dtype=tl.float32)
     num_splits = pos // SPLIT + 1
     for s0 in range(0, num_splits, UNROLL):
         # UNROLL splits per step: their loads do not depend on the folds, so they are
@@ -335,26 +338,75 @@ def _decode_plan(T: int, device: torch.device, BLOCK_M: int, L: int) -> _Plan:
 _sm_count: dict[torch.device, int] = {}
 
 
+def _sms(device: torch.device) -> int:
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count[device]
+
+
 def _wants_split_kv(device: torch.device, programs: int, num_splits: int) -> bool:
     """Split the KV sweep when one program per (tile, KV head) would leave most of
     the GPU idle (decode of few sequences). Speed only: the bits are the same."""
     if INTERPRET or device.type != "cuda" or num_splits < 2:
         return False
-    if device not in _sm_count:
-        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return programs < _sm_count[device]
+    return programs < _sms(device)
+
+
+def _slices_to_fill(device: torch.device, programs: int, block_d: int, narrowest: int = 32) -> int:
+    """Slices of head_dim (a power of two, each at least ``narrowest`` wide) that bring
+    ``programs`` up to two per SM. Speed only."""
+    if INTERPRET or device.type != "cuda":
+        return 1
+    slices = 1
+    while programs * slices < 2 * _sms(device) and block_d // (2 * slices) >= narrowest:
+        slices *= 2
+    return slices
+
+
+def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, stages, combine_slices):
+    """The Gluon kernels of attention_hopper.py, planned like this file's, with this file's
+    combine kernel for split-KV states."""
+    T, Hq, D = q.shape
+    S, L, Hkv, _ = k_cache.shape
+    group_pad = triton.next_power_of_2(Hq // Hkv)
+    if memo.decode_only:
+        plan = memo.get("hopper-decode", (slots, positions, L, SPLIT),
+                        lambda: hopper.decode_plan(slots, positions, group_pad, SPLIT, L))
+    else:
+        def build():
+            host_slots, host_positions = torch.stack([slots, positions]).cpu()
+            check_attention_indices(host_slots, host_positions, S, L)
+            return hopper.host_plan(host_slots.tolist(), host_positions.tolist(), group_pad, SPLIT, q.device)
+        plan = memo.get("hopper", (slots, positions, S, L, SPLIT), build)
+    if split_kv is None:
+        split_kv = _wants_split_kv(q.device, plan.tiles.shape[0] * Hkv, plan.num_splits)
+    scale_log2e = float(scale) * LOG2_E
+    if not split_kv:
+        hopper.launch(q, k_cache, v_cache, positions, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages)
+        return out
+    splits = plan.num_splits
+    part_m = torch.empty((T, Hq, splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
+    hopper.launch(q, k_cache, v_cache, positions, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
+                  SPLIT, stages)
+    _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices)
+    return out
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               slots: torch.Tensor, positions: torch.Tensor, scale: float,
               rows: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None, split_kv: bool | None = None) -> torch.Tensor:
+              num_stages: int | None = None, split_kv: bool | None = None,
+              kernel: str | None = None, combine_slices: int | None = None) -> torch.Tensor:
     """Causal attention of q[T, Hq, D] over k/v_cache[S, L, Hkv, D] -> [T, Hq, D].
 
     ``rows``, ``num_warps`` and ``num_stages`` override the tile choice
     (benchmarks and tuning only; a server keeps one choice per model).
     ``split_kv`` forces the launch shape (None: chosen per batch); it never
-    changes the result's bits."""
+    changes the result's bits. ``kernel``: "gluon" (Hopper: attention_hopper.py),
+    "triton" (this file's kernel), None: Gluon where it runs. ``combine_slices``:
+    slices of head_dim per combine program (None: enough to fill the GPU)."""
     check_attention(q, k_cache, v_cache, slots, positions)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -365,6 +417,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
     group = Hq // Hkv
+    if kernel == "gluon" or (kernel is None and hopper.supports(q, k_cache, v_cache)):
+        return _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, num_stages,
+                                 combine_slices)
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
     S, L = k_cache.shape[:2]
     if memo.decode_only:  # planned on the device: capturable in a CUDA graph
@@ -394,8 +449,20 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         num_warps=num_warps or GPU_WARPS, num_stages=num_stages or stages,
     )
     if split_kv:
-        _combine_kernel[(T, Hkv)](
-            part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, *out.stride(),
-            **common, UNROLL=COMBINE_UNROLL, num_warps=1 if INTERPRET else 4,
-        )
+        _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices)
     return out
+
+
+def _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, slices):
+    """Fold every token's split states in split order (``_combine_kernel``), over ``slices``
+    slices of head_dim per (token, KV head): each output column is folded on its own."""
+    T, Hq, D = out.shape
+    group = Hq // Hkv
+    block_d = max(16, triton.next_power_of_2(D))
+    if slices is None:
+        slices = _slices_to_fill(out.device, T * Hkv, block_d)
+    _combine_kernel[(T, Hkv, slices)](
+        part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, *out.stride(),
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET, BLOCK_D=block_d, SPLIT=SPLIT,
+        UNROLL=COMBINE_UNROLL, D_SLICES=slices, num_warps=1 if INTERPRET else 4,
+    )

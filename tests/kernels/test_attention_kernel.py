@@ -197,3 +197,34 @@ def test_tile_plan_groups_each_sequence_in_batch_order():
             seen += real
         assert sorted(seen) == list(range(len(slots)))
         assert seen == sorted(range(len(slots)), key=lambda t: slots[t])  # stable: batch order kept
+
+
+def test_hopper_plan_covers_every_token_once_in_sequence_tiles():
+    """The Gluon kernels' host plan (attention_hopper.host_plan): every token exactly once,
+    each tile from one sequence with its slot and sweep length, longest sweeps first, two
+    consumer warpgroups per tile only where sequences fill them."""
+    import random
+    from local_backend.kernels import attention_hopper as hopper
+    rng = random.Random(1)
+    for _ in range(50):
+        lengths = [rng.choice([1, 1, 2, 17, 40, 200]) for _ in range(rng.randint(1, 9))]
+        slots = [s for s, n in enumerate(lengths) for _ in range(n)]
+        positions = [p for n in lengths for p in range(n)]
+        rng.shuffle(order := list(range(len(slots))))
+        slots, positions = [slots[i] for i in order], [positions[i] for i in order]
+        plan = hopper.host_plan(slots, positions, 4, SPLIT, "cpu")
+        width = plan.consumers * hopper.tokens_per_warpgroup(4)
+        assert plan.tiles.shape[1] == width
+        seen = []
+        for row, slot, length in zip(plan.tiles.tolist(), plan.cta_slot.tolist(), plan.cta_len.tolist()):
+            real = [t for t in row if t >= 0]
+            assert real and row == real + [-1] * (width - len(real))
+            assert {slots[t] for t in real} == {slot}
+            assert length == max(positions[t] for t in real) + 1
+            seen += real
+        assert sorted(seen) == list(range(len(slots)))
+        lengths_in_order = plan.cta_len[plan.order].tolist()
+        assert lengths_in_order == sorted(lengths_in_order, reverse=True)
+        assert plan.consumers == (2 if all(n >= 40 for n in lengths) else plan.consumers)
+    decode_only = hopper.host_plan(list(range(8)), [5] * 8, 4, SPLIT, "cpu")
+    assert decode_only.consumers == 1

@@ -1,0 +1,383 @@
+"""Batch-invariant attention on Hopper (sm_90), written in Gluon: the same arithmetic
+as ``attention.py``'s Triton kernel, laid out by hand so the hardware can overlap it.
+
+Why a second kernel: the Triton kernel leaves the tensor cores, the copy engine and the
+softmax taking turns in one warpgroup (no K/V load was pipelined, one 64-row tile
+per program); here
+  * one producer warp streams K/V chunks into a ring of shared-memory stages by bulk
+    tensor copies (TMA), signalled through mbarriers, while
+  * one or two consumer warpgroups each own 64 query rows (tokens x GQA group) and run
+    the chunk steps: S = Q K^T and O += P V as asynchronous wgmma, the online softmax in
+    between. Two consumers share every K/V chunk of one sequence (prefill); decode tiles
+    (one token each) use one.
+
+Why it is batch-invariant, and the same bits as the Triton kernel's math: every
+consumer warpgroup computes its rows with the layouts written below, fixed per model
+(64 rows over 4 warps, wgmma instruction shapes [16, BLOCK_N, 16] for S and [16, D, 16]
+for O), never per batch. A row's chunk step (scores, running max, exp2 of the scaled
+difference, the row sum over the same lanes in the same order, the rescale and the P V
+accumulation) and its split folds (``SPLIT`` positions, folded in split order) depend
+on that row alone, exactly as the module docstring of ``attention.py`` argues; which
+warpgroup, tile, program or launch shape (one pass or split-KV) computes a row only
+moves work around. The combine of split-KV states is ``attention._combine_kernel``.
+
+The K/V sweep's last chunk may run past the sequence into cache positions that hold
+anything (NaN too): there V is copied with those rows zeroed, so P = 0 meets finite
+values, as the Triton kernel's masked load does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (first: it sets the interpreter switch)
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
+CONSUMER_WARPS = gl.constexpr(4)
+PRODUCER_REGS = gl.constexpr(24)  # a warp that only issues copies needs the fewest registers there are
+CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accumulators
+
+
+@gluon.jit
+def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, layout: gl.constexpr,
+          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr):
+    """This warpgroup's rows (in ``layout``): row r is query head kv_head * GROUP + r % GROUP_PAD
+    of the tile's token r // GROUP_PAD. Padding rows copy the tile's first token (so they
+    stay finite) and are never stored."""
+    r = gl.arange(0, TOKENS * GROUP_PAD, layout=layout)
+    g = r % GROUP_PAD
+    base = tiles_ptr + cta * (CONSUMERS * TOKENS)
+    tok = gl.load(base + wg * TOKENS + r // GROUP_PAD)
+    first = gl.load(base)
+    row_ok = (tok >= 0) & (g < GROUP)
+    tok = gl.where(tok >= 0, tok, first)
+    pos = gl.load(positions_ptr + tok)
+    head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
+    return tok, head, row_ok, pos
+
+
+@gluon.jit
+def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, row0, col0, c_lo, c_hi,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer warp: K and V chunks c_lo .. c_hi into the ring, each stage as soon as
+    every consumer has released it."""
+    i = 0
+    for n0 in range(c_lo, c_hi, BLOCK_N):
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row0 + n0, col0], k_ready.index(s), k_smem.index(s))
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row0 + n0, col0], v_ready.index(s), v_smem.index(s))
+        i += 1
+
+
+@gluon.jit
+def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_ready, empty, m, l, acc,
+                scale_log2e, MASKED: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                p_layout: gl.constexpr, v_io: gl.constexpr):
+    """One online-softmax step over KV positions n0 .. n0 + BLOCK_N (``attention._chunk``'s
+    arithmetic, operation for operation)."""
+    s = i % STAGES
+    phase = (i // STAGES) & 1
+    k_buf = k_smem.index(s)
+    v_buf = v_smem.index(s)
+    mbarrier.wait(k_ready.index(s), phase)
+    scores = warpgroup_mma(q_buf, k_buf.permute((1, 0)), gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+    scores = warpgroup_mma_wait(0, deps=(scores, ))
+    if MASKED:
+        n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        scores = gl.where(n[None, :] <= pos_s[:, None], scores, float("-inf"))
+    new_max = gl.maximum(m, gl.max(scores, axis=1))
+    rescale = gl.exp2((m - new_max) * scale_log2e)
+    p = gl.exp2((scores - new_max[:, None]) * scale_log2e)
+    l = gl.fma(l, rescale, gl.sum(p, axis=1))
+    p_op = gl.convert_layout(p.to(v_buf.dtype), p_layout)
+    acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, o_layout))[:, None]
+    mbarrier.wait(v_ready.index(s), phase)
+    if MASKED and (n0 + BLOCK_N > kv_len):  # the sweep's last chunk: rows past its end may hold anything
+        rows_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_io))
+        v = v_buf.load(v_io)
+        v_tail.store(gl.where((rows_n < kv_len)[:, None], v, gl.zeros_like(v)))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(p_op, v_tail, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    else:
+        acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.arrive(empty.index(s), count=1)
+    return new_max, l, acc
+
+
+@gluon.jit
+def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e,
+                       BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+    """After a split's last chunk, fold its state into the result (``attention._fold``'s
+    arithmetic) and start the next split afresh; rows before the split keep theirs."""
+    if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_hi):
+        m_f = gl.maximum(m_all, m)
+        a = gl.exp2((m_all - m_f) * scale_log2e)
+        b = gl.exp2((m - m_f) * scale_log2e)
+        l_f = gl.fma(l_all, a, l * b)
+        a_o = gl.convert_layout(a, gl.SliceLayout(1, o_layout))
+        b_o = gl.convert_layout(b, gl.SliceLayout(1, o_layout))
+        acc_f = gl.fma(acc_all, a_o[:, None], acc * b_o[:, None])
+        start = n0 // SPLIT * SPLIT
+        m_all = gl.where(pos_s >= start, m_f, m_all)
+        l_all = gl.where(pos_s >= start, l_f, l_all)
+        acc_all = gl.where((pos_o >= start)[:, None], acc_f, acc_all)
+        m = gl.full_like(m, float("-inf"))
+        l = gl.zeros_like(l)
+        acc = gl.zeros_like(acc)
+    return m_all, l_all, acc_all, m, l, acc
+
+
+@gluon.jit
+def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+                       cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                       stride_qt, stride_qh, stride_ot, stride_oh,
+                       q_smem, k_smem, v_smem, v_tail_smem, k_ready, v_ready, empty,
+                       GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
+                       CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
+                       STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+    """A consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the folded result
+    (single pass) or this split's state (split-KV) to memory."""
+    ROWS_: gl.constexpr = TOKENS * GROUP_PAD
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte accesses
+
+    q_buf = q_smem.index(wg)
+    v_tail = v_tail_smem.index(wg)
+    tok, head, row_ok, pos = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, io),
+                                   GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
+    q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    q_buf.store(q)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    _, _, _, pos_s = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
+                           GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+    _, _, _, pos_o = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, o_layout),
+                           GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+    full_end = (gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N  # chunks every row sees in full
+    mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
+
+    m = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l = gl.zeros([ROWS_], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS_, D], gl.float32, o_layout)
+    m_all = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_all = gl.zeros([ROWS_], gl.float32, gl.SliceLayout(1, s_layout))
+    acc_all = gl.zeros([ROWS_, D], gl.float32, o_layout)
+    i = 0
+    for n0 in range(c_lo, mid, BLOCK_N):
+        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
+                                m, l, acc, scale_log2e, False, ROWS_, BLOCK_N, D, STAGES,
+                                s_layout, o_layout, p_layout, io)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  s_layout, o_layout)
+        i += 1
+    for n0 in range(mid, c_hi, BLOCK_N):
+        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
+                                m, l, acc, scale_log2e, True, ROWS_, BLOCK_N, D, STAGES,
+                                s_layout, o_layout, p_layout, io)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  s_layout, o_layout)
+        i += 1
+
+    if PARTIALS:  # this split's state, for attention._combine_kernel
+        tok_s, head_s, ok_s, _ = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
+                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+        part_s = (tok_s * HQ + head_s) * NUM_SPLITS + split
+        keep_s = ok_s & (pos_s >= c_lo)
+        gl.store(part_m_ptr + part_s, m, mask=keep_s)
+        gl.store(part_l_ptr + part_s, l, mask=keep_s)
+        acc_io = gl.convert_layout(acc, io)
+        part = (tok * HQ + head) * NUM_SPLITS + split
+        gl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_io, mask=(row_ok & (pos >= c_lo))[:, None])
+    else:
+        out = acc_all / gl.convert_layout(l_all, gl.SliceLayout(1, o_layout))[:, None]
+        out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), io)
+        gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
+                 mask=row_ok[:, None])
+
+
+@gluon.jit
+def hopper_attention_kernel(
+    q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc,
+    tiles_ptr, positions_ptr, cta_slot_ptr, cta_len_ptr, order_ptr,
+    scale_log2e, L, HQ, NUM_SPLITS,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
+    BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
+    PARTIALS: gl.constexpr,
+):
+    """One program: one CTA tile (CONSUMERS x TOKENS tokens of one sequence) for one KV
+    head; every split of it (single pass) or split ``program_id(2)`` (split-KV)."""
+    cta = gl.load(order_ptr + gl.program_id(0))
+    kv_head = gl.program_id(1)
+    kv_len = gl.load(cta_len_ptr + cta).to(gl.int32)
+    split = gl.program_id(2)
+    if PARTIALS:
+        c_lo = split * SPLIT
+        c_hi = gl.minimum(c_lo + SPLIT, kv_len)
+    else:
+        c_lo = 0
+        c_hi = kv_len
+    if c_lo < c_hi:
+        row0 = gl.load(cta_slot_ptr + cta).to(gl.int32) * L
+        q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, TOKENS * GROUP_PAD, D],
+                                           gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+        v_tail = gl.allocate_shared_memory(v_desc.dtype, [CONSUMERS, BLOCK_N, D], v_desc.layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(s), count=1)
+            mbarrier.init(v_ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=CONSUMERS)
+        load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, row0, kv_head * D, c_lo, c_hi,
+                     BLOCK_N, STAGES)
+        if CONSUMERS == 2:
+            gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                                 stride_qt, stride_qh, stride_ot, stride_oh,
+                                 q_smem, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                                (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                                 stride_qt, stride_qh, stride_ot, stride_oh,
+                                 q_smem, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                                (_load_partition, load_args)],
+                               [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                                 stride_qt, stride_qh, stride_ot, stride_oh,
+                                 q_smem, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                                (_load_partition, load_args)],
+                               [1], [PRODUCER_REGS])
+
+
+
+@dataclass
+class Plan:
+    """The CTA tiles of one forward pass: each ``consumers`` x TOKENS tokens of one sequence."""
+    tiles: torch.Tensor     # [num_ctas, consumers * TOKENS] token indices, -1 as padding
+    cta_slot: torch.Tensor  # [num_ctas] the cache slot of each tile's sequence
+    cta_len: torch.Tensor   # [num_ctas] positions a tile sweeps: its last position + 1
+    order: torch.Tensor     # [num_ctas] tiles by sweep length, longest first (program order only)
+    consumers: int
+    num_splits: int         # splits of the longest sweep
+
+
+def tokens_per_warpgroup(group_pad: int) -> int:
+    return max(1, ROWS // group_pad)
+
+
+def host_plan(host_slots: list[int], host_positions: list[int], group_pad: int, split: int, device) -> Plan:
+    """Tiles of a mixed pass, planned on the host: sequences in slot order, each one's tokens
+    in batch order. Two consumer warpgroups per tile where sequences are long enough to fill
+    them (prefill); one where most sequences have a token or two (decode). Speed only: which
+    tile or warpgroup a token lands in never changes its bits."""
+    tokens = tokens_per_warpgroup(group_pad)
+    tokens_of: dict[int, list[int]] = {}
+    for token, slot in enumerate(host_slots):
+        tokens_of.setdefault(slot, []).append(token)
+    one = sum(-(-len(t) // tokens) for t in tokens_of.values())
+    two = sum(-(-len(t) // (2 * tokens)) for t in tokens_of.values())
+    consumers = 2 if 4 * two <= 3 * one else 1
+    width = consumers * tokens
+    rows: list[list[int]] = []
+    cta_slot: list[int] = []
+    cta_len: list[int] = []
+    for slot in sorted(tokens_of):
+        seq = tokens_of[slot]
+        for start in range(0, len(seq), width):
+            part = seq[start:start + width]
+            rows.append(part + [-1] * (width - len(part)))
+            cta_slot.append(slot)
+            cta_len.append(max(host_positions[t] for t in part) + 1)
+    order = sorted(range(len(rows)), key=lambda i: -cta_len[i])
+    packed = torch.tensor([cta_slot, cta_len, order], dtype=torch.int64).to(device, non_blocking=True)
+    return Plan(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True), packed[0], packed[1], packed[2],
+                consumers, (max(cta_len) - 1) // split + 1)
+
+
+def decode_plan(slots: torch.Tensor, positions: torch.Tensor, group_pad: int, split: int, L: int) -> Plan:
+    """A decode pass (each token its sequence's only one), planned on the device with no
+    host copy, so a CUDA graph can capture it. The split count covers the whole cache:
+    splits past a row's position exit at once."""
+    T = slots.shape[0]
+    tiles = torch.full((T, tokens_per_warpgroup(group_pad)), -1, dtype=torch.int64, device=slots.device)
+    tiles[:, 0] = torch.arange(T, device=slots.device)
+    return Plan(tiles, slots, positions + 1, torch.arange(T, device=slots.device), 1, (L - 1) // split + 1)
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether these tensors can take the Gluon kernels: a Hopper GPU (sm_90), 16-bit
+    values, head_dim 64 or 128, caches whose rows bulk copies can address."""
+    if INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        return False
+    D = q.shape[-1]
+    group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
+    if D not in (64, 128) or group_pad > ROWS or q.stride(-1) != 1:
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (k_cache, v_cache))
+
+
+_gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def _descriptor(cache: torch.Tensor, block_n: int):
+    """A bulk-copy descriptor of the cache seen as [slots x positions, KV heads x head_dim]:
+    one chunk of one KV head is the box [block_n, head_dim] at (slot * L + n0, kv_head * D)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    S, L, Hkv, D = cache.shape
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], _gl_dtype[cache.dtype])
+    return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D], layout)
+
+
+def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, plan: Plan,
+           out: torch.Tensor, parts, scale_log2e: float, block_n: int, split: int, stages: int | None = None):
+    """Run the kernel: the single pass into ``out``, or (``parts`` = (m, l, acc)) every split's
+    state into ``parts`` for the combine kernel."""
+    T, Hq, D = q.shape
+    S, L, Hkv, _ = k_cache.shape
+    group = Hq // Hkv
+    group_pad = triton.next_power_of_2(group)
+    num_ctas = plan.tiles.shape[0]
+    splits = plan.num_splits if parts is not None else 1
+    part_m, part_l, part_acc = parts if parts is not None else (out, out, out)
+    two = plan.consumers == 2
+    hopper_attention_kernel[(num_ctas, Hkv, splits)](
+        q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
+        plan.tiles, positions, plan.cta_slot, plan.cta_len, plan.order,
+        scale_log2e, L, Hq, splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
+        BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages or (3 if two else 2), PARTIALS=parts is not None,
+        num_warps=CONSUMER_WARPS.value, maxnreg=168 if two else 128,
+    )

@@ -1,0 +1,118 @@
+"""The Gluon attention kernels (Hopper): right against a float64 reference, and a
+query token's output is the same bits whichever launch computes it: alone or batched,
+prefill or decode, in a tile of one consumer warpgroup or of two, in one pass or split
+over the KV sweep, with its cache rows past the sweep holding NaN. On a Hopper GPU only
+(the CPU runs attention.py's Triton kernel under the interpreter: test_attention_kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from local_backend.kernels import attention as attention_module
+from local_backend.kernels.attention import SPLIT
+from local_backend.kernels.pass_memo import one_plan_per_pass
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="Gluon kernels run on Hopper (sm_90) only")
+
+HQ, HKV, D = 32, 8, 128
+S, L = 4, 2 * SPLIT + 300
+
+
+def run(q, cache, slots, positions, **kw):
+    return attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel="gluon", **kw)
+
+
+def cuda(values) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int64, device="cuda")
+
+
+@pytest.fixture
+def setup():
+    """Slot 0: a prompt over two split boundaries; slots 1-3: other sequences. Every cache
+    position no sequence wrote holds NaN: any read of one shows in the output."""
+    gen = torch.Generator().manual_seed(7)
+    k = torch.full((S, L, HKV, D), float("nan"), dtype=torch.bfloat16)
+    v = torch.full((S, L, HKV, D), float("nan"), dtype=torch.bfloat16)
+    lengths = {0: 2 * SPLIT + 77, 1: 40, 2: SPLIT + 3, 3: 5}
+    for slot, n in lengths.items():
+        k[slot, :n] = torch.randn(n, HKV, D, generator=gen).bfloat16()
+        v[slot, :n] = torch.randn(n, HKV, D, generator=gen).bfloat16()
+    q = torch.randn(lengths[0], HQ, D, generator=gen).bfloat16().cuda()
+    others = torch.randn(lengths[1] + 2, HQ, D, generator=gen).bfloat16().cuda()
+    return (k.cuda(), v.cuda()), q, others, lengths
+
+
+def reference(q, cache, slots, positions):
+    k, v = cache
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for t in range(q.shape[0]):
+        keys = k[slots[t], : positions[t] + 1].double().repeat_interleave(HQ // HKV, dim=1)
+        vals = v[slots[t], : positions[t] + 1].double().repeat_interleave(HQ // HKV, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[t].double(), keys) * D ** -0.5, dim=-1)
+        out[t] = torch.einsum("hn,nhd->hd", weights, vals)
+    return out
+
+
+def test_prefill_is_right_and_the_same_bits_in_every_launch(setup):
+    cache, q, others, lengths = setup
+    n = lengths[0]
+    slots, positions = cuda([0] * n), torch.arange(n, device="cuda")
+    one_pass = run(q, cache, slots, positions, split_kv=False)
+    assert torch.isfinite(one_pass).all(), "read a NaN cache position"
+    rows = torch.tensor([0, 1, SPLIT - 1, SPLIT, n - 1])
+    ref = reference(q[rows], cache, slots[rows], positions[rows])
+    err = (one_pass[rows].double() - ref).abs().max().item()
+    assert err < 2e-2 * max(ref.abs().max().item(), 1.0)
+    assert torch.equal(run(q, cache, slots, positions, split_kv=True), one_pass)
+    # chunked prefill: 100 tokens, then the rest
+    first = run(q[:100], cache, slots[:100], positions[:100])
+    rest = run(q[100:], cache, slots[100:], positions[100:])
+    assert torch.equal(torch.cat([first, rest]), one_pass)
+    # batched with another prefill and two decode tokens, shuffled
+    other_slots = cuda([1] * lengths[1] + [2, 3])
+    other_pos = torch.cat([torch.arange(lengths[1], device="cuda"), cuda([lengths[2] - 1, lengths[3] - 1])])
+    all_q = torch.cat([q, others])
+    all_slots, all_pos = torch.cat([slots, other_slots]), torch.cat([positions, other_pos])
+    perm = torch.randperm(len(all_q), generator=torch.Generator().manual_seed(3)).cuda()
+    mixed = run(all_q[perm], cache, all_slots[perm], all_pos[perm])
+    needle = (perm < n).nonzero().squeeze(1)
+    assert torch.equal(mixed[needle], one_pass[perm[needle]])
+
+
+def test_decode_is_the_same_bits_as_prefill(setup):
+    """Decode of single tokens (alone, next to others, split-KV or one pass, planned on
+    the device as in a CUDA graph) equals the prefill row of the same token."""
+    cache, q, others, lengths = setup
+    n = lengths[0]
+    prefill = run(q, cache, cuda([0] * n), torch.arange(n, device="cuda"))
+    for p in [0, 63, 64, SPLIT - 1, SPLIT, SPLIT + 1, 2 * SPLIT + 5, n - 1]:
+        for split in (False, True):
+            alone = run(q[p:p + 1], cache, cuda([0]), cuda([p]), split_kv=split)
+            assert torch.equal(alone[0], prefill[p]), f"decode of {p} (split_kv={split}) differs"
+            batch_q = torch.stack([others[-1], q[p], others[-2]])
+            slots, positions = cuda([3, 0, 2]), cuda([lengths[3] - 1, p, lengths[2] - 1])
+            with one_plan_per_pass(decode_only=True):
+                batched = run(batch_q, cache, slots, positions, split_kv=split)
+            assert torch.equal(batched[1], prefill[p])
+
+
+def test_one_and_two_consumer_tiles_and_the_triton_kernel_agree(setup):
+    """Two consumers per tile (a long prompt) and one (a prompt among many short ones)
+    give each token the same bits. The Triton kernel's arithmetic is the same, on the same
+    wgmma layouts; whether its bits equal is reported, not required."""
+    cache, q, others, lengths = setup
+    n = lengths[0]
+    slots, positions = cuda([0] * n), torch.arange(n, device="cuda")
+    two = run(q, cache, slots, positions)
+    plan = attention_module.hopper.host_plan(slots.tolist(), positions.tolist(), 4, SPLIT, "cuda")
+    assert plan.consumers == 2
+    many = torch.cat([q[:3]] + [others[:1]] * 40)
+    many_slots = cuda([0, 0, 0] + [1] * 40)
+    many_pos = cuda([0, 1, 2] + list(range(40)))
+    plan = attention_module.hopper.host_plan(many_slots.tolist(), many_pos.tolist(), 4, SPLIT, "cuda")
+    one = run(many[:3], cache, many_slots[:3], many_pos[:3])
+    assert torch.equal(one, two[:3])
+    triton_out = attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel="triton")
+    print(f"\nGluon == Triton kernel bit for bit: {torch.equal(triton_out, two)}")
