@@ -289,8 +289,12 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
             t = Tiles(64, 128, 64, 4, 4, tma=True, nested=chunked)
         else:
             t = Tiles(128, 128, 64, 4, 3, tma=True, nested=chunked)
-    else:
-        t = Tiles(128, 256, 64, 8, 3, tma=True, nested=True) if chunked else Tiles(128, 128, 64, 4, 5, tma=True)
+    elif chunked:
+        t = Tiles(128, 256, 64, 8, 3, tma=True, nested=True)
+    elif M < 4096:  # round 5 sweep (bench/results/h200_s7_call3_points.log): 3 stages, 0.86 -> 0.92x at 14336x4096
+        t = Tiles(128, 128, 64, 4, 3, tma=True)
+    else:  # GROUP_M 16: more programs share a weight column in L2 (4096^2 at M = 8192: 0.82 -> 0.90x)
+        t = Tiles(128, 128, 64, 4, 5, GROUP_M=16, tma=True)
     return _fit_block_k(t, K, chunk)
 
 
@@ -463,8 +467,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # Triton compiles one kernel per set of constexprs and per class of each int argument:
 # 1, a multiple of 16, or any other value. M is such an argument (so are the descriptors'
 # shapes), so a table entry needs up to three compiles; the representatives below cover
-# every row count the table can tell apart (it never changes past 1024 rows).
-WARM_ROWS = tuple(range(1, 1025)) + (1040, 1041)
+# every row count the table can tell apart (past 1024 rows it changes once, at 4096).
+WARM_ROWS = tuple(range(1, 1025)) + (1040, 1041, 4096, 4097)
 
 
 def _m_class(M: int) -> int:
