@@ -363,7 +363,8 @@ def _slices_to_fill(device: torch.device, programs: int, block_d: int, narrowest
     return slices
 
 
-def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, stages, combine_slices):
+def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, stages, combine_slices,
+                      pipelined=True):
     """The Gluon kernels of attention_hopper.py, planned like this file's, with this file's
     combine kernel for split-KV states."""
     T, Hq, D = q.shape
@@ -382,14 +383,14 @@ def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_k
         split_kv = _wants_split_kv(q.device, plan.tiles.shape[0] * Hkv, plan.num_splits)
     scale_log2e = float(scale) * LOG2_E
     if not split_kv:
-        hopper.launch(q, k_cache, v_cache, positions, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages)
+        hopper.launch(q, k_cache, v_cache, positions, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages, pipelined)
         return out
     splits = plan.num_splits
     part_m = torch.empty((T, Hq, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
     hopper.launch(q, k_cache, v_cache, positions, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
-                  SPLIT, stages)
+                  SPLIT, stages, pipelined)
     _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices)
     return out
 
@@ -404,8 +405,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ``rows``, ``num_warps`` and ``num_stages`` override the tile choice
     (benchmarks and tuning only; a server keeps one choice per model).
     ``split_kv`` forces the launch shape (None: chosen per batch); it never
-    changes the result's bits. ``kernel``: "gluon" (Hopper: attention_hopper.py),
-    "triton" (this file's kernel), None: Gluon where it runs. ``combine_slices``:
+    changes the result's bits. ``kernel``: "gluon" (Hopper: attention_hopper.py;
+    "gluon-plain" without its softmax/dot overlap), "triton" (this file's kernel), None:
+    Gluon where it runs. ``combine_slices``:
     slices of head_dim per combine program (None: enough to fill the GPU)."""
     check_attention(q, k_cache, v_cache, slots, positions)
     T, Hq, D = q.shape
@@ -417,9 +419,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
     group = Hq // Hkv
-    if kernel == "gluon" or (kernel is None and hopper.supports(q, k_cache, v_cache)):
+    if kernel in ("gluon", "gluon-plain") or (kernel is None and hopper.supports(q, k_cache, v_cache)):
         return _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, num_stages,
-                                 combine_slices)
+                                 combine_slices, pipelined=kernel != "gluon-plain")
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
     S, L = k_cache.shape[:2]
     if memo.decode_only:  # planned on the device: capturable in a CUDA graph

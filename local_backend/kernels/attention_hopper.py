@@ -36,7 +36,7 @@ from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (firs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
 CONSUMER_WARPS = gl.constexpr(4)
@@ -63,23 +63,56 @@ def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, layout: gl.constexpr,
 
 
 @gluon.jit
-def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, row0, col0, c_lo, c_hi,
+def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row0, col0, c_lo, c_hi,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The producer warp: K and V chunks c_lo .. c_hi into the ring, each stage as soon as
-    every consumer has released it."""
+    """The producer warp: K and V chunks c_lo .. c_hi into the ring, each K (V) stage as
+    soon as every consumer has released it (K after its scores, V after its P V)."""
     i = 0
     for n0 in range(c_lo, c_hi, BLOCK_N):
         s = i % STAGES
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+        phase = ((i // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(s), phase)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [row0 + n0, col0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), phase)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [row0 + n0, col0], v_ready.index(s), v_smem.index(s))
         i += 1
 
 
 @gluon.jit
-def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_ready, empty, m, l, acc,
+def _causal_mask(scores, n0, pos_s, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Scores of positions after a row's own position -> -inf."""
+    n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    return gl.where(n[None, :] <= pos_s[:, None], scores, float("-inf"))
+
+
+@gluon.jit
+def _softmax(scores, m, l, scale_log2e, dtype: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """The online-softmax update of one chunk (``attention._chunk``'s arithmetic): the new
+    running max, the new running sum, the probabilities as the P V operand, the rescale
+    factor of the accumulator. The max is of the raw scores; the scale comes after."""
+    new_max = gl.maximum(m, gl.max(scores, axis=1))
+    rescale = gl.exp2((m - new_max) * scale_log2e)
+    p = gl.exp2((scores - new_max[:, None]) * scale_log2e)
+    l = gl.fma(l, rescale, gl.sum(p, axis=1))
+    return new_max, l, gl.convert_layout(p.to(dtype), p_layout), gl.convert_layout(rescale, gl.SliceLayout(1, o_layout))
+
+
+@gluon.jit
+def _zero_past_end(v_buf, n0, kv_len, BLOCK_N: gl.constexpr, v_io: gl.constexpr):
+    """Zero, in the stage itself, this V chunk's rows at positions >= kv_len before the P V
+    dot reads them. With two consumers both write the same zeros: whichever store lands
+    last, the values are the same; the stage is reloaded only after both have released it."""
+    rows_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_io))
+    v = v_buf.load(v_io)
+    v_buf.store(gl.where((rows_n < kv_len)[:, None], v, gl.zeros_like(v)))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, m, l, acc,
                 scale_log2e, MASKED: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                 p_layout: gl.constexpr, v_io: gl.constexpr):
@@ -93,51 +126,148 @@ def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_
     scores = warpgroup_mma(q_buf, k_buf.permute((1, 0)), gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout),
                            use_acc=False, is_async=True)
     scores = warpgroup_mma_wait(0, deps=(scores, ))
+    mbarrier.arrive(k_empty.index(s), count=1)
     if MASKED:
-        n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        scores = gl.where(n[None, :] <= pos_s[:, None], scores, float("-inf"))
-    new_max = gl.maximum(m, gl.max(scores, axis=1))
-    rescale = gl.exp2((m - new_max) * scale_log2e)
-    p = gl.exp2((scores - new_max[:, None]) * scale_log2e)
-    l = gl.fma(l, rescale, gl.sum(p, axis=1))
-    p_op = gl.convert_layout(p.to(v_buf.dtype), p_layout)
-    acc = acc * gl.convert_layout(rescale, gl.SliceLayout(1, o_layout))[:, None]
+        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
+    new_max, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_buf.dtype, o_layout, p_layout)
+    acc = acc * rescale_o[:, None]
     mbarrier.wait(v_ready.index(s), phase)
     if MASKED and (n0 + BLOCK_N > kv_len):  # the sweep's last chunk: rows past its end may hold anything
-        rows_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_io))
-        v = v_buf.load(v_io)
-        v_tail.store(gl.where((rows_n < kv_len)[:, None], v, gl.zeros_like(v)))
-        fence_async_shared()
-        gl.thread_barrier()
-        acc = warpgroup_mma(p_op, v_tail, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-    else:
-        acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-    mbarrier.arrive(empty.index(s), count=1)
+        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
+    acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.arrive(v_empty.index(s), count=1)
     return new_max, l, acc
+
+
+@gluon.jit
+def _plain_sweep(c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+                 k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+                 PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                 SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr, v_io: gl.constexpr):
+    """Chunks c_lo .. c_hi one _chunk_step after the other (each waits for its own dots);
+    chunks before ``mid`` are seen in full by every row and skip the mask."""
+    i = 0
+    for n0 in range(c_lo, mid, BLOCK_N):
+        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+                                v_empty, m, l, acc, scale_log2e, False, ROWS_, BLOCK_N, D, STAGES,
+                                s_layout, o_layout, p_layout, v_io)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  s_layout, o_layout)
+        i += 1
+    for n0 in range(mid, c_hi, BLOCK_N):
+        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+                                v_empty, m, l, acc, scale_log2e, True, ROWS_, BLOCK_N, D, STAGES,
+                                s_layout, o_layout, p_layout, v_io)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  s_layout, o_layout)
+        i += 1
+    return m, l, acc, m_all, l_all, acc_all
+
+
+@gluon.jit
+def _pipelined_step(j, c_lo, total, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+                    k_ready, v_ready, k_empty, v_empty, scores, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+                    HAS_NEXT: gl.constexpr, PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr,
+                    D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                    o_layout: gl.constexpr, p_layout: gl.constexpr, v_io: gl.constexpr):
+    """Chunk j with the tensor cores kept busy: the scores of chunk j + 1 are computed
+    while chunk j's softmax runs, and chunk j's P V while chunk j + 1's scores wait.
+    ``scores`` (chunk j's) arrive complete; ``acc`` is in flight (the P V of chunk j - 1).
+    The arithmetic of every row is _chunk_step's; only the order of independent work moves."""
+    n0 = c_lo + j * BLOCK_N
+    s = j % STAGES
+    if HAS_NEXT:  # a: S of chunk j + 1, asynchronously
+        s1 = (j + 1) % STAGES
+        mbarrier.wait(k_ready.index(s1), ((j + 1) // STAGES) & 1)
+        next_scores = warpgroup_mma(q_buf, k_smem.index(s1).permute((1, 0)),
+                                    gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+    if n0 + BLOCK_N > full_end:  # b: chunk j's softmax (the mask is an exact no-op where every row sees all)
+        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
+    m, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_smem.dtype, o_layout, p_layout)
+    if HAS_NEXT:  # c: chunk j - 1's P V is done (the scores of j + 1 may still run)
+        acc = warpgroup_mma_wait(1, deps=(acc, ))
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    if j > 0:
+        mbarrier.arrive(v_empty.index((j - 1) % STAGES), count=1)
+    acc = acc * rescale_o[:, None]  # d: chunk j's P V, asynchronously
+    v_buf = v_smem.index(s)
+    mbarrier.wait(v_ready.index(s), (j // STAGES) & 1)
+    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
+        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
+    acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+    if HAS_NEXT:  # e: chunk j + 1's scores are done (chunk j's P V may still run)
+        scores = warpgroup_mma_wait(1, deps=(next_scores, ))
+        mbarrier.arrive(k_empty.index((j + 1) % STAGES), count=1)
+    if not PARTIALS:  # f: at a split's end, fold (this needs chunk j's P V done)
+        if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_lo + total * BLOCK_N):
+            done = warpgroup_mma_wait(0, deps=(acc, ))
+            m_all, l_all, acc_all, m, l, done = _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, done,
+                                                      scale_log2e, SPLIT, o_layout)
+            acc = warpgroup_mma_init(done)
+    return scores, m, l, acc, m_all, l_all, acc_all
+
+
+@gluon.jit
+def _pipelined_sweep(c_lo, c_hi, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+                     k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+                     PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                     SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                     p_layout: gl.constexpr, v_io: gl.constexpr):
+    """Chunks c_lo .. c_hi by _pipelined_step; returns the state with every P V done."""
+    total = (c_hi - c_lo + BLOCK_N - 1) // BLOCK_N
+    mbarrier.wait(k_ready.index(0), 0)
+    scores = warpgroup_mma(q_buf, k_smem.index(0).permute((1, 0)), gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout),
+                           use_acc=False, is_async=True)
+    scores = warpgroup_mma_wait(0, deps=(scores, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    acc = warpgroup_mma_init(acc)
+    for j in range(0, total - 1):
+        scores, m, l, acc, m_all, l_all, acc_all = _pipelined_step(
+            j, c_lo, total, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
+            k_empty, v_empty, scores, m, l, acc, m_all, l_all, acc_all, scale_log2e, True, PARTIALS, ROWS_,
+            BLOCK_N, D, SPLIT, STAGES, s_layout, o_layout, p_layout, v_io)
+    scores, m, l, acc, m_all, l_all, acc_all = _pipelined_step(
+        total - 1, c_lo, total, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
+        k_empty, v_empty, scores, m, l, acc, m_all, l_all, acc_all, scale_log2e, False, PARTIALS, ROWS_,
+        BLOCK_N, D, SPLIT, STAGES, s_layout, o_layout, p_layout, v_io)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.arrive(v_empty.index((total - 1) % STAGES), count=1)
+    return m, l, acc, m_all, l_all, acc_all
+
+
+@gluon.jit
+def _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e, SPLIT: gl.constexpr,
+          o_layout: gl.constexpr):
+    """Fold the state of the split holding chunk n0 into the result (``attention._fold``'s
+    arithmetic) and start the next split afresh; rows before the split keep theirs."""
+    m_f = gl.maximum(m_all, m)
+    a = gl.exp2((m_all - m_f) * scale_log2e)
+    b = gl.exp2((m - m_f) * scale_log2e)
+    l_f = gl.fma(l_all, a, l * b)
+    a_o = gl.convert_layout(a, gl.SliceLayout(1, o_layout))
+    b_o = gl.convert_layout(b, gl.SliceLayout(1, o_layout))
+    acc_f = gl.fma(acc_all, a_o[:, None], acc * b_o[:, None])
+    start = n0 // SPLIT * SPLIT
+    m_all = gl.where(pos_s >= start, m_f, m_all)
+    l_all = gl.where(pos_s >= start, l_f, l_all)
+    acc_all = gl.where((pos_o >= start)[:, None], acc_f, acc_all)
+    return m_all, l_all, acc_all, gl.full_like(m, float("-inf")), gl.zeros_like(l), gl.zeros_like(acc)
 
 
 @gluon.jit
 def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e,
                        BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
-    """After a split's last chunk, fold its state into the result (``attention._fold``'s
-    arithmetic) and start the next split afresh; rows before the split keep theirs."""
+    """_fold after a split's last chunk."""
     if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_hi):
-        m_f = gl.maximum(m_all, m)
-        a = gl.exp2((m_all - m_f) * scale_log2e)
-        b = gl.exp2((m - m_f) * scale_log2e)
-        l_f = gl.fma(l_all, a, l * b)
-        a_o = gl.convert_layout(a, gl.SliceLayout(1, o_layout))
-        b_o = gl.convert_layout(b, gl.SliceLayout(1, o_layout))
-        acc_f = gl.fma(acc_all, a_o[:, None], acc * b_o[:, None])
-        start = n0 // SPLIT * SPLIT
-        m_all = gl.where(pos_s >= start, m_f, m_all)
-        l_all = gl.where(pos_s >= start, l_f, l_all)
-        acc_all = gl.where((pos_o >= start)[:, None], acc_f, acc_all)
-        m = gl.full_like(m, float("-inf"))
-        l = gl.zeros_like(l)
-        acc = gl.zeros_like(acc)
+        m_all, l_all, acc_all, m, l, acc = _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e,
+                                                 SPLIT, o_layout)
     return m_all, l_all, acc_all, m, l, acc
 
 
@@ -145,10 +275,10 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
                        cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                        stride_qt, stride_qh, stride_ot, stride_oh,
-                       q_smem, k_smem, v_smem, v_tail_smem, k_ready, v_ready, empty,
+                       q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-                       STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+                       STAGES: gl.constexpr, PARTIALS: gl.constexpr, PIPELINED: gl.constexpr):
     """A consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the folded result
     (single pass) or this split's state (split-KV) to memory."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
@@ -159,7 +289,6 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte accesses
 
     q_buf = q_smem.index(wg)
-    v_tail = v_tail_smem.index(wg)
     tok, head, row_ok, pos = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, io),
                                    GROUP, GROUP_PAD, TOKENS, CONSUMERS)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
@@ -182,25 +311,16 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     m_all = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_all = gl.zeros([ROWS_], gl.float32, gl.SliceLayout(1, s_layout))
     acc_all = gl.zeros([ROWS_, D], gl.float32, o_layout)
-    i = 0
-    for n0 in range(c_lo, mid, BLOCK_N):
-        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
-                                m, l, acc, scale_log2e, False, ROWS_, BLOCK_N, D, STAGES,
-                                s_layout, o_layout, p_layout, io)
-        if not PARTIALS:
-            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
-                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
-                                                                  s_layout, o_layout)
-        i += 1
-    for n0 in range(mid, c_hi, BLOCK_N):
-        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
-                                m, l, acc, scale_log2e, True, ROWS_, BLOCK_N, D, STAGES,
-                                s_layout, o_layout, p_layout, io)
-        if not PARTIALS:
-            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
-                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
-                                                                  s_layout, o_layout)
-        i += 1
+    if PIPELINED:
+        m, l, acc, m_all, l_all, acc_all = _pipelined_sweep(
+            c_lo, c_hi, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
+            k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
+            STAGES, s_layout, o_layout, p_layout, io)
+    else:
+        m, l, acc, m_all, l_all, acc_all = _plain_sweep(
+            c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
+            k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
+            STAGES, s_layout, o_layout, p_layout, io)
 
     if PARTIALS:  # this split's state, for attention._combine_kernel
         tok_s, head_s, ok_s, _ = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
@@ -227,7 +347,7 @@ def hopper_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    PARTIALS: gl.constexpr,
+    PARTIALS: gl.constexpr, PIPELINED: gl.constexpr,
 ):
     """One program: one CTA tile (CONSUMERS x TOKENS tokens of one sequence) for one KV
     head; every split of it (single pass) or split ``program_id(2)`` (split-KV)."""
@@ -247,35 +367,36 @@ def hopper_attention_kernel(
                                            gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
-        v_tail = gl.allocate_shared_memory(v_desc.dtype, [CONSUMERS, BLOCK_N, D], v_desc.layout)
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(s), count=1)
             mbarrier.init(v_ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=CONSUMERS)
-        load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, empty, row0, kv_head * D, c_lo, c_hi,
+            mbarrier.init(k_empty.index(s), count=CONSUMERS)
+            mbarrier.init(v_empty.index(s), count=CONSUMERS)
+        load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row0, kv_head * D, c_lo, c_hi,
                      BLOCK_N, STAGES)
         if CONSUMERS == 2:
             gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
                                  cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                                  stride_qt, stride_qh, stride_ot, stride_oh,
-                                 q_smem, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                                 q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
                                 (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
                                  cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                                  stride_qt, stride_qh, stride_ot, stride_oh,
-                                 q_smem, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                                 q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
                                 (_load_partition, load_args)],
                                [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
                                  cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                                  stride_qt, stride_qh, stride_ot, stride_oh,
-                                 q_smem, k_smem, v_smem, v_tail, k_ready, v_ready, empty,
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                                 q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
                                 (_load_partition, load_args)],
                                [1], [PRODUCER_REGS])
 
@@ -362,9 +483,11 @@ def _descriptor(cache: torch.Tensor, block_n: int):
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, plan: Plan,
-           out: torch.Tensor, parts, scale_log2e: float, block_n: int, split: int, stages: int | None = None):
+           out: torch.Tensor, parts, scale_log2e: float, block_n: int, split: int, stages: int | None = None,
+           pipelined: bool = True):
     """Run the kernel: the single pass into ``out``, or (``parts`` = (m, l, acc)) every split's
-    state into ``parts`` for the combine kernel."""
+    state into ``parts`` for the combine kernel. ``pipelined``: each consumer overlaps its
+    softmax with its dots (_pipelined_sweep) or not (_plain_sweep): the same bits."""
     T, Hq, D = q.shape
     S, L, Hkv, _ = k_cache.shape
     group = Hq // Hkv
@@ -379,5 +502,6 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
         scale_log2e, L, Hq, splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages or (3 if two else 2), PARTIALS=parts is not None,
+        PIPELINED=pipelined,
         num_warps=CONSUMER_WARPS.value, maxnreg=168 if two else 128,
     )

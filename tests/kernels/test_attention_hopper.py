@@ -20,8 +20,11 @@ HQ, HKV, D = 32, 8, 128
 S, L = 4, 2 * SPLIT + 300
 
 
-def run(q, cache, slots, positions, **kw):
-    return attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel="gluon", **kw)
+def run(q, cache, slots, positions, kernel="gluon", **kw):
+    return attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel=kernel, **kw)
+
+
+KERNELS = ["gluon", "gluon-plain"]  # with and without the softmax/dot overlap in each consumer
 
 
 def cuda(values) -> torch.Tensor:
@@ -55,8 +58,11 @@ def reference(q, cache, slots, positions):
     return out
 
 
-def test_prefill_is_right_and_the_same_bits_in_every_launch(setup):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prefill_is_right_and_the_same_bits_in_every_launch(setup, kernel):
     cache, q, others, lengths = setup
+    run_ = run
+    run = lambda *a, **kw: run_(*a, kernel=kernel, **kw)  # noqa: E731
     n = lengths[0]
     slots, positions = cuda([0] * n), torch.arange(n, device="cuda")
     one_pass = run(q, cache, slots, positions, split_kv=False)
@@ -81,10 +87,13 @@ def test_prefill_is_right_and_the_same_bits_in_every_launch(setup):
     assert torch.equal(mixed[needle], one_pass[perm[needle]])
 
 
-def test_decode_is_the_same_bits_as_prefill(setup):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_decode_is_the_same_bits_as_prefill(setup, kernel):
     """Decode of single tokens (alone, next to others, split-KV or one pass, planned on
     the device as in a CUDA graph) equals the prefill row of the same token."""
     cache, q, others, lengths = setup
+    run_ = run
+    run = lambda *a, **kw: run_(*a, kernel=kernel, **kw)  # noqa: E731
     n = lengths[0]
     prefill = run(q, cache, cuda([0] * n), torch.arange(n, device="cuda"))
     for p in [0, 63, 64, SPLIT - 1, SPLIT, SPLIT + 1, 2 * SPLIT + 5, n - 1]:
@@ -106,13 +115,13 @@ def test_one_and_two_consumer_tiles_and_the_triton_kernel_agree(setup):
     n = lengths[0]
     slots, positions = cuda([0] * n), torch.arange(n, device="cuda")
     two = run(q, cache, slots, positions)
-    plan = attention_module.hopper.host_plan(slots.tolist(), positions.tolist(), 4, SPLIT, "cuda")
-    assert plan.consumers == 2
-    many = torch.cat([q[:3]] + [others[:1]] * 40)
-    many_slots = cuda([0, 0, 0] + [1] * 40)
-    many_pos = cuda([0, 1, 2] + list(range(40)))
-    plan = attention_module.hopper.host_plan(many_slots.tolist(), many_pos.tolist(), 4, SPLIT, "cuda")
-    one = run(many[:3], cache, many_slots[:3], many_pos[:3])
-    assert torch.equal(one, two[:3])
+    assert attention_module.hopper.host_plan(slots.tolist(), positions.tolist(), 4, SPLIT, "cuda").consumers == 2
+    assert torch.equal(run(q, cache, slots, positions, kernel="gluon-plain"), two)
+    # the prompt's first 3 tokens next to 8 single decode tokens: one consumer per tile
+    few_slots = cuda([0, 0, 0] + [1, 2, 3] * 2 + [1, 2])
+    few_pos = cuda([0, 1, 2] + [10, 20, 4] * 2 + [39, SPLIT])
+    few_q = torch.cat([q[:3], others[:8]])
+    assert attention_module.hopper.host_plan(few_slots.tolist(), few_pos.tolist(), 4, SPLIT, "cuda").consumers == 1
+    assert torch.equal(run(few_q, cache, few_slots, few_pos)[:3], two[:3])
     triton_out = attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel="triton")
     print(f"\nGluon == Triton kernel bit for bit: {torch.equal(triton_out, two)}")
