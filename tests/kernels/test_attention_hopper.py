@@ -6,6 +6,8 @@ over the KV sweep, with its cache rows past the sweep holding NaN. On a Hopper G
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -61,20 +63,19 @@ def reference(q, cache, slots, positions):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_prefill_is_right_and_the_same_bits_in_every_launch(setup, kernel):
     cache, q, others, lengths = setup
-    run_ = run
-    run = lambda *a, **kw: run_(*a, kernel=kernel, **kw)  # noqa: E731
+    go = functools.partial(run, kernel=kernel)
     n = lengths[0]
     slots, positions = cuda([0] * n), torch.arange(n, device="cuda")
-    one_pass = run(q, cache, slots, positions, split_kv=False)
+    one_pass = go(q, cache, slots, positions, split_kv=False)
     assert torch.isfinite(one_pass).all(), "read a NaN cache position"
     rows = torch.tensor([0, 1, SPLIT - 1, SPLIT, n - 1])
     ref = reference(q[rows], cache, slots[rows], positions[rows])
     err = (one_pass[rows].double() - ref).abs().max().item()
     assert err < 2e-2 * max(ref.abs().max().item(), 1.0)
-    assert torch.equal(run(q, cache, slots, positions, split_kv=True), one_pass)
+    assert torch.equal(go(q, cache, slots, positions, split_kv=True), one_pass)
     # chunked prefill: 100 tokens, then the rest
-    first = run(q[:100], cache, slots[:100], positions[:100])
-    rest = run(q[100:], cache, slots[100:], positions[100:])
+    first = go(q[:100], cache, slots[:100], positions[:100])
+    rest = go(q[100:], cache, slots[100:], positions[100:])
     assert torch.equal(torch.cat([first, rest]), one_pass)
     # batched with another prefill and two decode tokens, shuffled
     other_slots = cuda([1] * lengths[1] + [2, 3])
@@ -82,7 +83,7 @@ def test_prefill_is_right_and_the_same_bits_in_every_launch(setup, kernel):
     all_q = torch.cat([q, others])
     all_slots, all_pos = torch.cat([slots, other_slots]), torch.cat([positions, other_pos])
     perm = torch.randperm(len(all_q), generator=torch.Generator().manual_seed(3)).cuda()
-    mixed = run(all_q[perm], cache, all_slots[perm], all_pos[perm])
+    mixed = go(all_q[perm], cache, all_slots[perm], all_pos[perm])
     needle = (perm < n).nonzero().squeeze(1)
     assert torch.equal(mixed[needle], one_pass[perm[needle]])
 
@@ -92,18 +93,17 @@ def test_decode_is_the_same_bits_as_prefill(setup, kernel):
     """Decode of single tokens (alone, next to others, split-KV or one pass, planned on
     the device as in a CUDA graph) equals the prefill row of the same token."""
     cache, q, others, lengths = setup
-    run_ = run
-    run = lambda *a, **kw: run_(*a, kernel=kernel, **kw)  # noqa: E731
+    go = functools.partial(run, kernel=kernel)
     n = lengths[0]
-    prefill = run(q, cache, cuda([0] * n), torch.arange(n, device="cuda"))
+    prefill = go(q, cache, cuda([0] * n), torch.arange(n, device="cuda"))
     for p in [0, 63, 64, SPLIT - 1, SPLIT, SPLIT + 1, 2 * SPLIT + 5, n - 1]:
         for split in (False, True):
-            alone = run(q[p:p + 1], cache, cuda([0]), cuda([p]), split_kv=split)
+            alone = go(q[p:p + 1], cache, cuda([0]), cuda([p]), split_kv=split)
             assert torch.equal(alone[0], prefill[p]), f"decode of {p} (split_kv={split}) differs"
             batch_q = torch.stack([others[-1], q[p], others[-2]])
             slots, positions = cuda([3, 0, 2]), cuda([lengths[3] - 1, p, lengths[2] - 1])
             with one_plan_per_pass(decode_only=True):
-                batched = run(batch_q, cache, slots, positions, split_kv=split)
+                batched = go(batch_q, cache, slots, positions, split_kv=split)
             assert torch.equal(batched[1], prefill[p])
 
 
