@@ -27,6 +27,7 @@ def client(server: Server) -> openai.OpenAI:
 def test_chat_logprobs_match_the_engine_in_process_bit_for_bit(server_invariant):
     """The server answers what the engine computes: same tokens, same float bits."""
     from local_backend.engine import Engine, Request
+    from local_backend.kernels.revision import KERNELS_REVISION
 
     response = client(server_invariant).chat.completions.create(
         model="tiny", messages=COIN, max_tokens=2, temperature=0, seed=42, logprobs=True,
@@ -48,9 +49,9 @@ def test_chat_logprobs_match_the_engine_in_process_bit_for_bit(server_invariant)
     assert response.usage.prompt_tokens == len(expected.prompt_ids)
     assert response.usage.completion_tokens == len(expected.token_ids)
     health = server_invariant.health()
-    assert response.system_fingerprint == health["system_fingerprint"]
+    assert response.system_fingerprint == health["system_fingerprint"] == engine.fingerprint()
     assert health["weights_sha256"][:12] in response.system_fingerprint
-    assert "batch-invariant" in response.system_fingerprint and "cpu" in response.system_fingerprint
+    assert f"-batch-invariant-{engine.ops.implementation}-k{KERNELS_REVISION}-" in response.system_fingerprint
 
 
 def test_logprob_json_text_round_trips(server_default):
