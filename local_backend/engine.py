@@ -38,6 +38,7 @@ from local_backend.config import ModelConfig, ModelLoadError, parse_dtype, resol
 from local_backend.decode_graphs import MODES as DECODE_MODES
 from local_backend.decode_graphs import DecodeRunner
 from local_backend.kernels import Ops, get_ops, resolve_implementation
+from local_backend.kernels.revision import KERNELS_REVISION
 from local_backend.kv_cache import KVCache
 from local_backend.loader import load_model
 from local_backend.model import RotaryTable, Transformer
@@ -669,11 +670,12 @@ class Engine:
         return launched
 
     def fingerprint(self) -> str:
-        """system_fingerprint: what decides the numbers (weights, kernels and how they
-        run, dtype, device). The one format, in process and served."""
-        return "local-{}-{}-{}-{}-{}".format(self.weights_sha256[:12], self.ops.name,
-                                            self.ops.implementation, str(self.dtype).removeprefix("torch."),
-                                            self.device)
+        """system_fingerprint: what decides the numbers (weights, kernels, how they run and
+        their revision, dtype, device), e.g. ``local-8ac27644e391-batch-invariant-cpu-exact-
+        k2026.12-float32-cpu``. The one format, in process and served."""
+        return "local-{}-{}-{}-k{}-{}-{}".format(self.weights_sha256[:12], self.ops.name,
+                                                self.ops.implementation, KERNELS_REVISION,
+                                                str(self.dtype).removeprefix("torch."), self.device)
 
     def describe(self) -> dict[str, Any]:
         from importlib import metadata
@@ -689,6 +691,7 @@ class Engine:
             "weights_sha256": self.weights_sha256,
             "kernels": self.ops.name,
             "kernel_impl": self.ops.implementation,
+            "kernels_revision": KERNELS_REVISION,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "torch": torch.__version__,

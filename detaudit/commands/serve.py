@@ -64,7 +64,6 @@ def serve(
     """
     try:
         from local_backend.engine import Engine
-        from local_backend.gc_tuning import freeze_startup_objects
         from local_backend.server.main import serve as run_server
     except ImportError as exc:
         fail(f"detaudit serve needs the local extras ({exc.name} is missing): "
@@ -74,7 +73,6 @@ def serve(
                          prefill_chunk=prefill_chunk)
     if prefix_cache:
         stderr.print("prefix cache on", highlight=False)
-    freeze_startup_objects()  # collections skip the model: a steadier step time (gc_tuning.py)
     try:
         run_server(engine, model_id(model), host, port, max_queue=max_queue, max_body_bytes=max_body_bytes,
                    request_timeout_s=request_timeout, header_timeout_s=header_timeout,

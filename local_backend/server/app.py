@@ -106,7 +106,9 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_bytes: int = 1 << 20,
                request_timeout_s: float = 600.0, body_timeout_s: float = 60.0,
                log: RateLimiter | None = None,
-               connection_stats: Callable[[], dict] | None = None) -> Starlette:
+               connection_stats: Callable[[], dict] | None = None,
+               warm_up: dict | None = None) -> Starlette:
+    """``warm_up``: what the start-up warm-up did (``main.warm_up``), shown by /health."""
     scheduler = Scheduler(engine, max_queue=max_queue, request_timeout_s=request_timeout_s)
     log = log or RateLimiter()
     system_fingerprint = fingerprint(engine)
@@ -194,6 +196,7 @@ def create_app(engine: Engine, model_id: str, *, max_queue: int = 256, max_body_
                              "system_fingerprint": system_fingerprint,
                              "kernels": facts["kernels"], "dtype": facts["dtype"],
                              "device": facts["device"], "weights_sha256": facts["weights_sha256"],
+                             "warm_up": warm_up,
                              **stats, **(connection_stats() if connection_stats else {})},
                             status_code=status)
 

@@ -64,7 +64,7 @@ class EngineFailed(SchedulerError):
 
 
 def fingerprint(engine: Engine) -> str:
-    """system_fingerprint: what decides the numbers (weights, kernels, dtype, device)."""
+    """system_fingerprint: what decides the numbers (``Engine.fingerprint``)."""
     return engine.fingerprint()
 
 

@@ -6,19 +6,18 @@ is stored. Streams of the real ``detaudit serve``: tests/serve/test_streaming.py
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 
 import detaudit
 from detaudit.backends.base import BackendError
-from detaudit.backends.openai_backend import OpenAIBackend
 from detaudit.probes import Probe, load_probe, parse_probe
 from detaudit.records import Completion
 from detaudit.session import UsageProblem
 from detaudit.store import RunStore
 from detaudit.wire import request_body
+from tests.servers.client import send
 from tests.servers.sse_server import (DONE, Answer, SSEServer, chat_events, completions_events,
                                       event)
 
@@ -35,18 +34,6 @@ def streamed(probe: Probe | None = None) -> Probe:
 def sse():
     with SSEServer() as server:
         yield server
-
-
-def send(url: str, probe: Probe, **kwargs) -> Completion | BackendError:
-    async def go():
-        backend = OpenAIBackend(kwargs.pop("model", "gpt-4o-mini"), url, api=probe.api, **kwargs)
-        try:
-            return await backend.complete(probe, 0)
-        except BackendError as exc:
-            return exc
-        finally:
-            await backend.aclose()
-    return asyncio.run(go())
 
 
 def texts(completion: Completion) -> list[str]:

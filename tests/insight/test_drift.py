@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from scipy import stats
 
 import detaudit
+from detaudit import session
 from detaudit.defaults import LOCAL_MODEL
 from local_backend.config import resolve_model_dir
 from tests.insight.conftest import cli, stored_rows
@@ -133,7 +134,7 @@ def test_bad_input_is_one_line_and_exit_2(coin_runs, tmp_path):
 
 SEA = """name = "sea"
 kind = "fixed-seed"
-description = "Sampled at temperature 1 without a seed: a distribution of sentences."
+description = "Sampled at temperature 1, each sample under its own seed: a distribution of sentences."
 [request]
 messages = [{ role = "user", content = "Write one sentence about the sea." }]
 max_tokens = 8
@@ -143,24 +144,53 @@ top_logprobs = 5
 """
 
 
+class SeedPerSample:
+    """The run's real backend, each sample's request sent with seed ``first + index``.
+
+    Unseeded draws would make this test pass or fail by chance (a same-distribution run
+    flagged at p < alpha, as one run in twenty would be). Seeded draws on batch-invariant
+    kernels make each sample a function of (model, prompt, seed) alone, whatever batch it
+    runs in at concurrency 32, so every run below is the same on every try; the seeds of
+    different runs never overlap, so their samples are as independent as unseeded ones."""
+
+    def __init__(self, backend, first: int):
+        self.backend, self.first = backend, first
+
+    async def complete(self, probe, index: int):
+        return await self.backend.complete(probe.with_overrides(seed=self.first + index), index)
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+
+SEA_N = 200
+
+
 @pytest.fixture(scope="module")
 def sea_runs(tmp_path_factory) -> dict[str, object]:
     """Four baseline runs and NEW from one server, and one run from a server whose model
-    is sharper (logits x 3: temperature 1/3 in effect), under the same model name."""
+    is sharper (logits x 3: temperature 1/3 in effect), under the same model name; each
+    run draws under its own seeds (``SeedPerSample``), the sharper one under NEW's."""
     out = tmp_path_factory.mktemp("sea")
     probe = out / "sea.toml"
     probe.write_text(SEA)
     sharper = str(changed_model(out, 3.0))
     with ThreadPoolExecutor(2) as starting:  # both start at once
-        servers = list(starting.map(lambda args: Server(*args), [
-            ("--kernels", "default"), ("--kernels", "default", "--model", sharper)]))
+        servers = list(starting.map(lambda args: Server(*args), [(), ("--model", sharper)]))
     try:
-        def run(server: Server) -> Path:
-            return detaudit.run(str(probe), model="tiny", base_url=server.url, n=200, out=out,
-                                concurrency=32).path
+        def run(server: Server, first_seed: int) -> Path:
+            prepared = session.prepare(str(probe), model="tiny", base_url=server.url, n=SEA_N)
+            store, backend, concurrency = session.start(prepared, out, concurrency=32)
+            try:
+                result = session.execute(prepared.probe, SeedPerSample(backend, first_seed),
+                                         store, prepared.n, concurrency)
+                assert (result.status, result.ok) == ("complete", SEA_N), result
+            finally:
+                store.close()
+            return store.path
 
-        runs = {"baseline": [run(servers[0]) for _ in range(4)], "new": run(servers[0]),
-                "changed": run(servers[1])}
+        runs = {"baseline": [run(servers[0], i * SEA_N) for i in range(4)],
+                "new": run(servers[0], 4 * SEA_N), "changed": run(servers[1], 4 * SEA_N)}
     finally:
         for server in servers:
             server.stop()
@@ -187,6 +217,8 @@ def _mmd_by_definition(xs, ys) -> tuple[float, float]:
 
 def test_sampled_completions_same_distribution_no_alarm_and_a_sharper_model_an_alarm(sea_runs):
     baseline = sea_runs["baseline"]
+    # seeded, yet a distribution: most of NEW's sentences are unlike each other
+    assert len(set(_sequences(sea_runs["new"]))) > SEA_N // 2
     code, same = _json(sea_runs["new"], "--baseline", *baseline)
     assert code == 0 and same["differs"] is False, same["statistics"]
     (mmd,) = [s for s in same["statistics"] if s["name"] == "token sequences"]

@@ -220,3 +220,17 @@ def test_warm_up_covers_every_matmul_and_leaves_bits_alone(bi_engine):
     launched = bi_engine.warm_up()
     assert launched == 0 if DEVICE == "cpu" else launched > 0
     assert bits(bi_engine.generate([target()])[0]) == before
+
+
+def test_the_fingerprint_names_the_weights_kernels_their_revision_dtype_and_device(bi_engine, default_engine):
+    """The documented format (docs/ARCHITECTURE.md): a release that changes the kernels'
+    arithmetic bumps KERNELS_REVISION, so its runs carry another fingerprint."""
+    from local_backend.kernels.revision import KERNELS_REVISION
+
+    for engine in (bi_engine, default_engine):
+        facts = engine.describe()
+        assert engine.fingerprint() == "local-{}-{}-{}-k{}-{}-{}".format(
+            facts["weights_sha256"][:12], facts["kernels"], facts["kernel_impl"], KERNELS_REVISION,
+            facts["dtype"], facts["device"])
+        assert facts["kernels_revision"] == KERNELS_REVISION
+    assert bi_engine.fingerprint() != default_engine.fingerprint()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 
@@ -26,6 +27,7 @@ def client(server: Server) -> openai.OpenAI:
 def test_chat_logprobs_match_the_engine_in_process_bit_for_bit(server_invariant):
     """The server answers what the engine computes: same tokens, same float bits."""
     from local_backend.engine import Engine, Request
+    from local_backend.kernels.revision import KERNELS_REVISION
 
     response = client(server_invariant).chat.completions.create(
         model="tiny", messages=COIN, max_tokens=2, temperature=0, seed=42, logprobs=True,
@@ -47,9 +49,9 @@ def test_chat_logprobs_match_the_engine_in_process_bit_for_bit(server_invariant)
     assert response.usage.prompt_tokens == len(expected.prompt_ids)
     assert response.usage.completion_tokens == len(expected.token_ids)
     health = server_invariant.health()
-    assert response.system_fingerprint == health["system_fingerprint"]
+    assert response.system_fingerprint == health["system_fingerprint"] == engine.fingerprint()
     assert health["weights_sha256"][:12] in response.system_fingerprint
-    assert "batch-invariant" in response.system_fingerprint and "cpu" in response.system_fingerprint
+    assert f"-batch-invariant-{engine.ops.implementation}-k{KERNELS_REVISION}-" in response.system_fingerprint
 
 
 def test_logprob_json_text_round_trips(server_default):
@@ -111,6 +113,36 @@ def test_models_and_health(server_default):
         client(server_default).models.retrieve("gpt-4o")
     health = server_default.health()
     assert health["status"] == "ok" and health["kernels"] == "default"
+
+
+def test_the_engine_is_warmed_up_before_the_server_says_it_is_ready():
+    """``detaudit serve`` runs ``Engine.warm_up`` before it listens. Its first answers,
+    before any request ran, say what the warm-up did: exactly what the same engine's
+    warm_up does in process (on a GPU: every matmul kernel of the tile table and every
+    decode graph, in one line logged before the ready line; on a CPU nothing, since
+    nothing is compiled ahead there: start-up prints the ready line alone)."""
+    from local_backend.engine import Engine
+
+    server = Server("--kernels", "batch-invariant", "--max-batch", "4")
+    try:
+        health = server.health()
+        startup = list(server.stderr)
+    finally:
+        server.stop()
+    engine = Engine.load("tiny", kernels="batch-invariant", device=health["device"], max_slots=4)
+    launches = engine.warm_up()
+    graphs = len(engine.decode.captured) if engine.decode is not None else 0
+    assert health["steps"] == 0 and health["in_flight"] == 0  # no request has run yet
+    warmed = health["warm_up"]
+    assert (warmed["matmul_launches"], warmed["decode_graphs"]) == (launches, graphs)
+    assert warmed["seconds"] >= 0
+    ready = [i for i, line in enumerate(startup) if " at http://" in line]
+    assert ready == [len(startup) - 1], startup  # the ready line comes last
+    if launches or graphs:
+        said = rf"warmed up in \d+\.\d s: {launches} matmul kernels, {graphs} decode graphs\n"
+        assert sum(bool(re.fullmatch(said, line)) for line in startup[:-1]) == 1, startup
+    else:
+        assert health["device"] == "cpu" and startup[:-1] == [], startup
 
 
 BAD_REQUESTS = [

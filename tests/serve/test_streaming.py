@@ -6,7 +6,6 @@ run`` with a streamed probe stores what the whole answers store, raw chunks kept
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import struct
@@ -19,13 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detaudit.backends.base import BackendError
-from detaudit.backends.openai_backend import OpenAIBackend
 from detaudit.probes import load_probe
 from detaudit.store import RunStore
 from local_backend.config import resolve_model_dir
 from local_backend.server.streaming import TextDeltas
 from local_backend.tokenizer import Tokenizer
 from tests.serve.conftest import COIN, ROOT, Server, detaudit, json_out
+from tests.servers.client import send
 
 pytestmark = pytest.mark.slow
 
@@ -246,16 +245,7 @@ def test_the_request_timeout_ends_a_stream_with_an_error_event(short_timeout):
     # the backend reads it as a server error, retried
     probe = load_probe("coin-flip").with_overrides(stream=True, max_tokens=480)
     probe.request["ignore_eos"] = True
-
-    async def one():
-        backend = OpenAIBackend("tiny", short_timeout.url, api_key_env="DETAUDIT_NO_KEY_SET")
-        try:
-            return await backend.complete(probe, 0)
-        except BackendError as exc:
-            return exc
-        finally:
-            await backend.aclose()
-    error = asyncio.run(one())
+    error = send(short_timeout.url, probe, model="tiny", api_key_env="DETAUDIT_NO_KEY_SET")
     assert isinstance(error, BackendError) and error.kind == "server_error" and error.retryable
     assert "error event" in error.message and "request timeout" in error.message
 
