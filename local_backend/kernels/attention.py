@@ -37,6 +37,7 @@ Why it is batch-invariant:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,10 @@ LOG2_E = 1.4426950408889634
 GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
 GPU_WARPS = 4
 COMBINE_UNROLL = 1 if INTERPRET else 8  # split states in flight at once in _combine_kernel (speed only)
+# Which kernel runs when a call names none: "triton" (this file's) or "gluon" (attention_hopper.py
+# on Hopper, this file's elsewhere). "gluon" becomes the default once the device runs have
+# checked it end to end (bench/NOTES.md, issue 15 round 6).
+DEFAULT_KERNEL = os.environ.get("DETAUDIT_ATTENTION_KERNEL", "triton")
 
 __all__ = ["attention", "one_plan_per_pass", "tile_config", "BLOCK_N", "SPLIT"]
 
@@ -407,7 +412,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ``split_kv`` forces the launch shape (None: chosen per batch); it never
     changes the result's bits. ``kernel``: "gluon" (Hopper: attention_hopper.py;
     "gluon-plain" without its softmax/dot overlap), "triton" (this file's kernel), None:
-    Gluon where it runs. ``combine_slices``:
+    ``DEFAULT_KERNEL``. ``combine_slices``:
     slices of head_dim per combine program (None: enough to fill the GPU)."""
     check_attention(q, k_cache, v_cache, slots, positions)
     T, Hq, D = q.shape
@@ -419,7 +424,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
     group = Hq // Hkv
-    if kernel in ("gluon", "gluon-plain") or (kernel is None and hopper.supports(q, k_cache, v_cache)):
+    if kernel is None and DEFAULT_KERNEL == "gluon" and hopper.supports(q, k_cache, v_cache):
+        kernel = "gluon"
+    if kernel in ("gluon", "gluon-plain"):
         return _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, num_stages,
                                  combine_slices, pipelined=kernel != "gluon-plain")
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
