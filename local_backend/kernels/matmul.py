@@ -291,10 +291,16 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
             t = Tiles(128, 128, 64, 4, 3, tma=True, nested=chunked)
     elif chunked:
         t = Tiles(128, 256, 64, 8, 3, tma=True, nested=True)
-    elif M < 4096:  # round 5 sweep (bench/results/h200_s7_call3_points.log): 3 stages, 0.86 -> 0.92x at 14336x4096
+    # Round 5's sweep, each change against the old entry in the same run (bench/results/
+    # h200_s7_call3_points.log), applied only where it was measured: wide weights below 4096
+    # rows take 3 stages (14336x4096 at M = 2048: 0.86 -> 0.92x cuBLAS); narrow ones from 4096
+    # rows GROUP_M 16, more programs sharing a weight column in L2 (4096^2 at M = 8192: 0.82 -> 0.90x).
+    elif wide and M < 4096:
         t = Tiles(128, 128, 64, 4, 3, tma=True)
-    else:  # GROUP_M 16: more programs share a weight column in L2 (4096^2 at M = 8192: 0.82 -> 0.90x)
+    elif not wide and M >= 4096:
         t = Tiles(128, 128, 64, 4, 5, GROUP_M=16, tma=True)
+    else:
+        t = Tiles(128, 128, 64, 4, 5, tma=True)
     return _fit_block_k(t, K, chunk)
 
 
