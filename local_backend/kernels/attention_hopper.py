@@ -141,32 +141,40 @@ def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k
 
 
 @gluon.jit
+def _plain_range(c_lo, lo, hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+                 k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+                 MASKED: gl.constexpr, PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr,
+                 D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                 o_layout: gl.constexpr, p_layout: gl.constexpr, v_io: gl.constexpr):
+    """Chunks lo .. hi of the sweep c_lo .. c_hi, one _chunk_step after the other, each split
+    folded at its end (single pass)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        m, l, acc = _chunk_step((n0 - c_lo) // BLOCK_N, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+                                v_empty, m, l, acc, scale_log2e, MASKED, ROWS_, BLOCK_N, D, STAGES,
+                                s_layout, o_layout, p_layout, v_io)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  s_layout, o_layout)
+    return m, l, acc, m_all, l_all, acc_all
+
+
+@gluon.jit
 def _plain_sweep(c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
                  k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
                  PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                  SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                  p_layout: gl.constexpr, v_io: gl.constexpr):
-    """Chunks c_lo .. c_hi one _chunk_step after the other (each waits for its own dots);
-    chunks before ``mid`` are seen in full by every row and skip the mask."""
-    i = 0
-    for n0 in range(c_lo, mid, BLOCK_N):
-        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
-                                v_empty, m, l, acc, scale_log2e, False, ROWS_, BLOCK_N, D, STAGES,
-                                s_layout, o_layout, p_layout, v_io)
-        if not PARTIALS:
-            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
-                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
-                                                                  s_layout, o_layout)
-        i += 1
-    for n0 in range(mid, c_hi, BLOCK_N):
-        m, l, acc = _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
-                                v_empty, m, l, acc, scale_log2e, True, ROWS_, BLOCK_N, D, STAGES,
-                                s_layout, o_layout, p_layout, v_io)
-        if not PARTIALS:
-            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
-                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
-                                                                  s_layout, o_layout)
-        i += 1
+    """Chunks c_lo .. c_hi, each waiting for its own dots; those before ``mid`` are seen in
+    full by every row and skip the mask."""
+    m, l, acc, m_all, l_all, acc_all = _plain_range(
+        c_lo, c_lo, mid, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+        m, l, acc, m_all, l_all, acc_all, scale_log2e, False, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+        s_layout, o_layout, p_layout, v_io)
+    m, l, acc, m_all, l_all, acc_all = _plain_range(
+        c_lo, mid, c_hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+        m, l, acc, m_all, l_all, acc_all, scale_log2e, True, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+        s_layout, o_layout, p_layout, v_io)
     return m, l, acc, m_all, l_all, acc_all
 
 
@@ -302,7 +310,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                            GROUP, GROUP_PAD, TOKENS, CONSUMERS)
     _, _, _, pos_o = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, o_layout),
                            GROUP, GROUP_PAD, TOKENS, CONSUMERS)
-    full_end = (gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N  # chunks every row sees in full
+    full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
 
     m = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
@@ -378,6 +386,8 @@ def hopper_attention_kernel(
             mbarrier.init(v_empty.index(s), count=CONSUMERS)
         load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row0, kv_head * D, c_lo, c_hi,
                      BLOCK_N, STAGES)
+        # (the consumers' arguments are written out: constexprs would not survive a tuple built
+        # here and concatenated)
         if CONSUMERS == 2:
             gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
                                  cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
@@ -399,7 +409,6 @@ def hopper_attention_kernel(
                                  GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
                                 (_load_partition, load_args)],
                                [1], [PRODUCER_REGS])
-
 
 
 @dataclass
