@@ -1,6 +1,7 @@
 """Batch-invariant attention vs torch's scaled_dot_product_attention, bf16, GQA 32/8 heads, head_dim 128.
 
     PYTHONPATH=. python bench/bench_attention.py --json out/attention.json
+    PYTHONPATH=. python bench/bench_attention.py --kernels gluon,gluon-plain,triton   # Hopper, side by side
     PYTHONPATH=. python bench/bench_attention.py --tune --json out/attention_tune.json
 
 Prefill: B causal sequences of N tokens. Decode: one new token for each of B
@@ -14,7 +15,9 @@ plans once per forward pass and reuses it in every layer); "plan ms" is the
 cost of a fresh plan and the call, paid once per pass. Decode is also timed as
 CUDA-graph replays ("graph" columns: kernel time without Python launch costs,
 for ours and SDPA alike), since one small decode call lasts about as long as
-launching it.
+launching it. ``--kernels`` times several of ours in the same run, on the same inputs
+(on Hopper: the Gluon kernels of attention_hopper.py, pipelined and plain, and the Triton
+kernel), and says whether their outputs are equal bit for bit.
 """
 
 from __future__ import annotations
