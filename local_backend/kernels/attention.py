@@ -47,6 +47,7 @@ from local_backend.kernels._triton import (INTERPRET, cast_to, interpreted_dot, 
 from local_backend.kernels import attention_hopper as hopper
 from local_backend.kernels.contracts import check_attention, check_attention_indices
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
+from local_backend.kernels.tile_plan import build_tiles as _build_tiles
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
 SPLIT = 64 if INTERPRET else 512  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
@@ -292,26 +293,6 @@ def tile_config(group: int, head_dim: int, dtype: torch.dtype, rows: int | None 
     rows = rows or (GPU_ROWS if block_d * elem <= 256 else 16)
     kv_bytes_per_stage = 2 * BLOCK_N * block_d * elem
     return max(1, rows // group_pad), block_d, max(1, min(3, SHARED_MEMORY_FOR_KV // kv_bytes_per_stage))
-
-
-def _build_tiles(slots: list[int], BLOCK_M: int) -> torch.Tensor:
-    """[num_tiles, BLOCK_M] token indices, each row from one sequence, -1 as padding
-    (on the CPU, from a host list of slots). Sequences in slot order, each one's tiles
-    filled with its tokens in batch order.
-
-    Which tile or row a token lands in does not change its result (see the module
-    docstring). Plain Python: torch's CPU ops on a few thousand indices cost more in
-    thread-pool dispatch (ms on a many-core host) than the work itself.
-    """
-    tokens_of: dict[int, list[int]] = {}
-    for token, slot in enumerate(slots):
-        tokens_of.setdefault(slot, []).append(token)
-    rows: list[int] = []
-    for slot in sorted(tokens_of):
-        tokens = tokens_of[slot]
-        rows += tokens
-        rows += [-1] * (-len(tokens) % BLOCK_M)
-    return torch.tensor(rows, dtype=torch.int64).view(-1, BLOCK_M)
 
 
 @dataclass

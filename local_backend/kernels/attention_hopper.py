@@ -22,12 +22,14 @@ warpgroup, tile, program or launch shape (one pass or split-KV) computes a row o
 moves work around. The combine of split-KV states is ``attention._combine_kernel``.
 
 The K/V sweep's last chunk may run past the sequence into cache positions that hold
-anything (NaN too): there V is copied with those rows zeroed, so P = 0 meets finite
-values, as the Triton kernel's masked load does.
+anything (NaN too): those rows of its V stage are zeroed in place before the P V dot, so
+P = 0 meets finite values, as the Triton kernel's masked load does.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
+
+from local_backend.kernels.tile_plan import build_tiles
 
 ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
 CONSUMER_WARPS = gl.constexpr(4)
@@ -155,7 +159,7 @@ def _plain_range(c_lo, lo, hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem
         if not PARTIALS:
             m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
                                                                   m, l, acc, scale_log2e, BLOCK_N, SPLIT,
-                                                                  s_layout, o_layout)
+                                                                  o_layout)
     return m, l, acc, m_all, l_all, acc_all
 
 
@@ -271,7 +275,7 @@ def _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e, SPLIT
 
 @gluon.jit
 def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e,
-                       BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+                       BLOCK_N: gl.constexpr, SPLIT: gl.constexpr, o_layout: gl.constexpr):
     """_fold after a split's last chunk."""
     if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_hi):
         m_all, l_all, acc_all, m, l, acc = _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e,
@@ -306,8 +310,8 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     fence_async_shared()
     gl.thread_barrier()
 
-    _, _, _, pos_s = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
-                           GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+    tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
+                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS)
     _, _, _, pos_o = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, o_layout),
                            GROUP, GROUP_PAD, TOKENS, CONSUMERS)
     full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
@@ -331,8 +335,6 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
             STAGES, s_layout, o_layout, p_layout, io)
 
     if PARTIALS:  # this split's state, for attention._combine_kernel
-        tok_s, head_s, ok_s, _ = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
-                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS)
         part_s = (tok_s * HQ + head_s) * NUM_SPLITS + split
         keep_s = ok_s & (pos_s >= c_lo)
         gl.store(part_m_ptr + part_s, m, mask=keep_s)
@@ -427,28 +429,18 @@ def tokens_per_warpgroup(group_pad: int) -> int:
 
 
 def host_plan(host_slots: list[int], host_positions: list[int], group_pad: int, split: int, device) -> Plan:
-    """Tiles of a mixed pass, planned on the host: sequences in slot order, each one's tokens
-    in batch order. Two consumer warpgroups per tile where sequences are long enough to fill
-    them (prefill); one where most sequences have a token or two (decode). Speed only: which
-    tile or warpgroup a token lands in never changes its bits."""
+    """Tiles of a mixed pass, planned on the host (``tile_plan.build_tiles``). Two consumer
+    warpgroups per tile where sequences are long enough to fill them (prefill); one where
+    most sequences have a token or two (decode). Speed only: which tile or warpgroup a token
+    lands in never changes its bits."""
     tokens = tokens_per_warpgroup(group_pad)
-    tokens_of: dict[int, list[int]] = {}
-    for token, slot in enumerate(host_slots):
-        tokens_of.setdefault(slot, []).append(token)
-    one = sum(-(-len(t) // tokens) for t in tokens_of.values())
-    two = sum(-(-len(t) // (2 * tokens)) for t in tokens_of.values())
+    lengths = Counter(host_slots).values()
+    one = sum(-(-n // tokens) for n in lengths)
+    two = sum(-(-n // (2 * tokens)) for n in lengths)
     consumers = 2 if 4 * two <= 3 * one else 1
-    width = consumers * tokens
-    rows: list[list[int]] = []
-    cta_slot: list[int] = []
-    cta_len: list[int] = []
-    for slot in sorted(tokens_of):
-        seq = tokens_of[slot]
-        for start in range(0, len(seq), width):
-            part = seq[start:start + width]
-            rows.append(part + [-1] * (width - len(part)))
-            cta_slot.append(slot)
-            cta_len.append(max(host_positions[t] for t in part) + 1)
+    rows = build_tiles(host_slots, consumers * tokens).tolist()
+    cta_slot = [host_slots[row[0]] for row in rows]
+    cta_len = [max(host_positions[t] for t in row if t >= 0) + 1 for row in rows]
     order = sorted(range(len(rows)), key=lambda i: -cta_len[i])
     packed = torch.tensor([cta_slot, cta_len, order], dtype=torch.int64).to(device, non_blocking=True)
     return Plan(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True), packed[0], packed[1], packed[2],
@@ -465,10 +457,16 @@ def decode_plan(slots: torch.Tensor, positions: torch.Tensor, group_pad: int, sp
     return Plan(tiles, slots, positions + 1, torch.arange(T, device=slots.device), 1, (L - 1) // split + 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device: torch.device) -> bool:
+    """sm_90 (cached: every layer of every pass asks)."""
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether these tensors can take the Gluon kernels: a Hopper GPU (sm_90), 16-bit
     values, head_dim 64 or 128, caches whose rows bulk copies can address."""
-    if INTERPRET or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if INTERPRET or not q.is_cuda or not _is_hopper(q.device):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return False
