@@ -1,7 +1,7 @@
 """Batch-invariant attention vs torch's scaled_dot_product_attention, bf16, GQA 32/8 heads, head_dim 128.
 
     PYTHONPATH=. python bench/bench_attention.py --json out/attention.json
-    PYTHONPATH=. python bench/bench_attention.py --kernels gluon,gluon-plain,triton   # Hopper, side by side
+    PYTHONPATH=. python bench/bench_attention.py --kernels gluon,gluon-grid,triton   # Hopper, side by side
     PYTHONPATH=. python bench/bench_attention.py --tune --json out/attention_tune.json
 
 Prefill: B causal sequences of N tokens. Decode: one new token for each of B
@@ -16,7 +16,7 @@ cost of a fresh plan and the call, paid once per pass. Decode is also timed as
 CUDA-graph replays ("graph" columns: kernel time without Python launch costs,
 for ours and SDPA alike), since one small decode call lasts about as long as
 launching it. ``--kernels`` times several of ours in the same run, on the same inputs
-(on Hopper: the Gluon kernels of attention_hopper.py, pipelined and plain, and the Triton
+(on Hopper: the Gluon kernel of attention_hopper.py, persistent or one program per item, and the Triton
 kernel), and says whether their outputs are equal bit for bit.
 """
 
@@ -64,6 +64,18 @@ def graph_ms(fn, rep_ms: int) -> float:
     return median_ms(graph.replay, rep_ms)
 
 
+def issue_us(fn, calls: int = 50) -> float:
+    """Host time to issue one call (µs), the GPU left to catch up afterwards: what an eager
+    pass pays per layer before the kernel's own time counts."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> dict:
     rows, warps, stages, block_n, split = cand
     attn.BLOCK_N, attn.SPLIT = block_n, split
@@ -94,7 +106,7 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
         row["sdpa_graph_ms"] = graph_ms(ref, rep)
     outs = {}
     for kernel in kernels:  # side by side, same inputs, same run
-        kw = dict(rows=rows, num_warps=warps, num_stages=None if kernel == "gluon" else stages, kernel=kernel)
+        kw = dict(rows=rows, num_warps=warps, num_stages=None if kernel.startswith("gluon") else stages, kernel=kernel)
 
         def ours():
             return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
@@ -103,12 +115,13 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
         with pass_():  # as inside the engine's forward pass: the plan made once is reused (decode: on the device)
             out = outs[kernel] = ours()
             t_ours = median_ms(ours, rep)
+            t_issue = issue_us(ours)
         torch.cuda.synchronize()
         start = time.perf_counter()
         attn.attention(q, k_cache, v_cache, slots.clone(), positions.clone(), scale, **kw)  # a fresh plan
         torch.cuda.synchronize()
         fig = {"ms": t_ours, "plan_ms": (time.perf_counter() - start) * 1e3, "tflops": flops / t_ours / 1e9,
-               "ratio": t_ref / t_ours, "kv_gbps": 2 * B * N * HKV * D * 2 / t_ours / 1e6,
+               "ratio": t_ref / t_ours, "issue_us": t_issue, "kv_gbps": 2 * B * N * HKV * D * 2 / t_ours / 1e6,
                "rel_err_vs_sdpa": ((out.float() - expected.float()).norm() / expected.float().norm()).item()}
         first = N if kind == "prefill" else 1
         alone = attn.attention(q[:first], k_cache, v_cache, slots[:first], positions[:first], scale, **kw)
@@ -152,7 +165,8 @@ def main() -> None:
     cands = CANDIDATES if args.tune else [default]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print("prefill: TFLOP/s and ratio to SDPA; decode: KV GB/s eager, then CUDA-graph ratio to SDPA graph-timed.")
-    print("checks: alone=batch, prefill=decode (prefill) or split=1pass (decode), and kernels=each other")
+    print("checks: alone=batch, prefill=decode (prefill) or split=1pass (decode), and kernels=each other;"
+          " host: time to issue one call (plan reused)")
     print(f"{'kind':>7} {'B':>3} {'N|L':>6} | {'SDPA':>7} | " +
           " | ".join(f"{k:>6}: fig ratio graph checks" for k in kernels) + " | same")
     rows = []
@@ -175,7 +189,7 @@ def main() -> None:
                     graph = f"{f['graph_ratio']:>5.2f}" if "graph_ratio" in f else "    -"
                     check = f.get("bitwise_prefill_vs_decode", f.get("bitwise_split_vs_one_pass"))
                     cells.append(f"{fig:>7.1f} {f['ratio']:>5.2f} {graph} {int(f['bitwise_alone_vs_batch'])}"
-                                 f"{int(check)} err {f['rel_err_vs_sdpa']:.0e}")
+                                 f"{int(check)} err {f['rel_err_vs_sdpa']:.0e} host {f['issue_us']:.0f}us")
                 print(f"{kind:>7} {B:>3} {N:>6} | {ref_fig:>7.1f} | " + " | ".join(cells) +
                       f" | {r.get('bitwise_between_kernels', '-')}", flush=True)
                 torch.cuda.empty_cache()

@@ -31,7 +31,7 @@ for step in $steps; do
         > "$out/kernel_tests.log" 2>&1; rc=$?; tail -12 "$out/kernel_tests.log"
       # a hang (killed at the limit) would hang every later Gluon step too: time the Triton kernel only
       if [ $rc -eq 124 ]; then gluon=hung; echo "gluon=hung" >> "$out/modes"; fi ;;
-    attention) attn_args=${ATTN_ARGS:-}; [ $gluon = hung ] && attn_args="${attn_args/--kernels gluon,gluon-plain,/--kernels }"
+    attention) attn_args=${ATTN_ARGS:-}; [ $gluon = hung ] && attn_args="${attn_args/--kernels gluon,gluon-grid,/--kernels }"
                timeout ${ATTN_S:-240} python bench/bench_attention.py $attn_args --json "$out/attention.json" \
                  > "$out/attention.log" 2>&1; tail -16 "$out/attention.log" ;;
     points) timeout ${POINTS_S:-200} python bench/sweep_matmul_points.py ${POINTS_ARGS:-} --json "$out/points.json" \

@@ -47,7 +47,7 @@ from local_backend.kernels._triton import (INTERPRET, cast_to, interpreted_dot, 
 from local_backend.kernels import attention_hopper as hopper
 from local_backend.kernels.contracts import check_attention, check_attention_indices
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
-from local_backend.kernels.tile_plan import build_tiles as _build_tiles
+from local_backend.kernels.tile_plan import build_tiles as _build_tiles, sm_count
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
 SPLIT = 64 if INTERPRET else 512  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
@@ -321,13 +321,6 @@ def _decode_plan(T: int, device: torch.device, BLOCK_M: int, L: int) -> _Plan:
     return _Plan(tiles, (L - 1) // SPLIT + 1)
 
 
-_sm_count: dict[torch.device, int] = {}
-
-
-def _sms(device: torch.device) -> int:
-    if device not in _sm_count:
-        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_count[device]
 
 
 def _wants_split_kv(device: torch.device, programs: int, num_splits: int) -> bool:
@@ -335,7 +328,7 @@ def _wants_split_kv(device: torch.device, programs: int, num_splits: int) -> boo
     the GPU idle (decode of few sequences). Speed only: the bits are the same."""
     if INTERPRET or device.type != "cuda" or num_splits < 2:
         return False
-    return programs < _sms(device)
+    return programs < sm_count(device)
 
 
 def _slices_to_fill(device: torch.device, programs: int, block_d: int, narrowest: int = 32) -> int:
@@ -344,13 +337,13 @@ def _slices_to_fill(device: torch.device, programs: int, block_d: int, narrowest
     if INTERPRET or device.type != "cuda":
         return 1
     slices = 1
-    while programs * slices < 2 * _sms(device) and block_d // (2 * slices) >= narrowest:
+    while programs * slices < 2 * sm_count(device) and block_d // (2 * slices) >= narrowest:
         slices *= 2
     return slices
 
 
 def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, stages, combine_slices,
-                      pipelined=True):
+                      persistent=True):
     """The Gluon kernels of attention_hopper.py, planned like this file's, with this file's
     combine kernel for split-KV states."""
     T, Hq, D = q.shape
@@ -369,14 +362,14 @@ def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_k
         split_kv = _wants_split_kv(q.device, plan.tiles.shape[0] * Hkv, plan.num_splits)
     scale_log2e = float(scale) * LOG2_E
     if not split_kv:
-        hopper.launch(q, k_cache, v_cache, positions, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages, pipelined)
+        hopper.launch(q, k_cache, v_cache, positions, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages, persistent)
         return out
     splits = plan.num_splits
     part_m = torch.empty((T, Hq, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
     hopper.launch(q, k_cache, v_cache, positions, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
-                  SPLIT, stages, pipelined)
+                  SPLIT, stages, persistent)
     _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices)
     return out
 
@@ -391,8 +384,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ``rows``, ``num_warps`` and ``num_stages`` override the tile choice
     (benchmarks and tuning only; a server keeps one choice per model).
     ``split_kv`` forces the launch shape (None: chosen per batch); it never
-    changes the result's bits. ``kernel``: "gluon" (Hopper: attention_hopper.py;
-    "gluon-plain" without its softmax/dot overlap), "triton" (this file's kernel), None:
+    changes the result's bits. ``kernel``: "gluon" (Hopper: attention_hopper.py, persistent
+    programs; "gluon-grid" one program per work item), "triton" (this file's kernel), None:
     ``DEFAULT_KERNEL``. ``combine_slices``:
     slices of head_dim per combine program (None: enough to fill the GPU)."""
     check_attention(q, k_cache, v_cache, slots, positions)
@@ -407,9 +400,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     group = Hq // Hkv
     if kernel is None and DEFAULT_KERNEL == "gluon" and hopper.supports(q, k_cache, v_cache):
         kernel = "gluon"
-    if kernel in ("gluon", "gluon-plain"):
+    if kernel in ("gluon", "gluon-grid"):
         return _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, num_stages,
-                                 combine_slices, pipelined=kernel != "gluon-plain")
+                                 combine_slices, persistent=kernel == "gluon")
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
     S, L = k_cache.shape[:2]
     if memo.decode_only:  # planned on the device: capturable in a CUDA graph

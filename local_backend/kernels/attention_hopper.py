@@ -40,7 +40,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
-from local_backend.kernels.tile_plan import build_tiles
+from local_backend.kernels.tile_plan import build_tiles, sm_count
 
 ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
 CONSUMER_WARPS = gl.constexpr(4)
@@ -67,21 +67,48 @@ def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, layout: gl.constexpr,
 
 
 @gluon.jit
-def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row0, col0, c_lo, c_hi,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """The producer warp: K and V chunks c_lo .. c_hi into the ring, each K (V) stage as
-    soon as every consumer has released it (K after its scores, V after its P V)."""
+def _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
+          SPLIT: gl.constexpr, PARTIALS: gl.constexpr):
+    """Work item w: tile order[w // (HKV * NUM_SPLITS)], its KV head and split, the cache
+    row of its sequence's position 0, and the positions c_lo .. c_hi its sweep covers
+    (none for a split past the tile's end)."""
+    cta = gl.load(order_ptr + w // (HKV * NUM_SPLITS))
+    kv_head = (w // NUM_SPLITS) % HKV
+    split = w % NUM_SPLITS
+    kv_len = gl.load(cta_len_ptr + cta).to(gl.int32)
+    row0 = gl.load(cta_slot_ptr + cta).to(gl.int32) * L
+    if PARTIALS:
+        c_lo = split * SPLIT
+        c_hi = gl.minimum(c_lo + SPLIT, kv_len)
+    else:
+        c_lo = split * 0
+        c_hi = kv_len
+    return cta, kv_head, split, kv_len, row0, c_lo, c_hi
+
+
+@gluon.jit
+def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                    order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
+                    BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
+                    PARTIALS: gl.constexpr):
+    """The producer warp: the K and V chunks of this program's work items, one item after
+    the other through one ring, each K (V) stage as soon as every consumer has released it
+    (K after its scores, V after its P V). It runs ahead into the next item while the
+    consumers finish one, so no item starts waiting for its first copies."""
     i = 0
-    for n0 in range(c_lo, c_hi, BLOCK_N):
-        s = i % STAGES
-        phase = ((i // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(s), phase)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row0 + n0, col0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), phase)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row0 + n0, col0], v_ready.index(s), v_smem.index(s))
-        i += 1
+    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        _, kv_head, _, _, row0, c_lo, c_hi = _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
+                                                   SPLIT, PARTIALS)
+        for n0 in range(c_lo, c_hi, BLOCK_N):
+            s = i % STAGES
+            phase = ((i // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [row0 + n0, kv_head * D], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row0 + n0, kv_head * D], v_ready.index(s), v_smem.index(s))
+            i += 1
 
 
 @gluon.jit
@@ -145,16 +172,16 @@ def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k
 
 
 @gluon.jit
-def _plain_range(c_lo, lo, hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+def _sweep_range(base, c_lo, lo, hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
                  k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
                  MASKED: gl.constexpr, PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr,
                  D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
                  o_layout: gl.constexpr, p_layout: gl.constexpr, v_io: gl.constexpr):
     """Chunks lo .. hi of the sweep c_lo .. c_hi, one _chunk_step after the other, each split
-    folded at its end (single pass)."""
+    folded at its end (single pass). ``base``: the ring position of chunk c_lo."""
     for n0 in range(lo, hi, BLOCK_N):
-        m, l, acc = _chunk_step((n0 - c_lo) // BLOCK_N, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
-                                v_empty, m, l, acc, scale_log2e, MASKED, ROWS_, BLOCK_N, D, STAGES,
+        m, l, acc = _chunk_step(base + (n0 - c_lo) // BLOCK_N, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready,
+                                v_ready, k_empty, v_empty, m, l, acc, scale_log2e, MASKED, ROWS_, BLOCK_N, D, STAGES,
                                 s_layout, o_layout, p_layout, v_io)
         if not PARTIALS:
             m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
@@ -164,93 +191,22 @@ def _plain_range(c_lo, lo, hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem
 
 
 @gluon.jit
-def _plain_sweep(c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
-                 k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
-                 PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                 SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr, v_io: gl.constexpr):
-    """Chunks c_lo .. c_hi, each waiting for its own dots; those before ``mid`` are seen in
-    full by every row and skip the mask."""
-    m, l, acc, m_all, l_all, acc_all = _plain_range(
-        c_lo, c_lo, mid, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+def _sweep(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+           k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+           PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+           SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+           p_layout: gl.constexpr, v_io: gl.constexpr):
+    """Chunks c_lo .. c_hi, each waiting for its own dots (a softmax/dot overlap inside the
+    warpgroup, FA3-style, measured slower: bench/NOTES.md, round 7); those before ``mid``
+    are seen in full by every row and skip the mask."""
+    m, l, acc, m_all, l_all, acc_all = _sweep_range(
+        base, c_lo, c_lo, mid, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
         m, l, acc, m_all, l_all, acc_all, scale_log2e, False, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)
-    m, l, acc, m_all, l_all, acc_all = _plain_range(
-        c_lo, mid, c_hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+    m, l, acc, m_all, l_all, acc_all = _sweep_range(
+        base, c_lo, mid, c_hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
         m, l, acc, m_all, l_all, acc_all, scale_log2e, True, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)
-    return m, l, acc, m_all, l_all, acc_all
-
-
-@gluon.jit
-def _pipelined_step(j, c_lo, total, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
-                    k_ready, v_ready, k_empty, v_empty, scores, m, l, acc, m_all, l_all, acc_all, scale_log2e,
-                    HAS_NEXT: gl.constexpr, PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr,
-                    D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                    o_layout: gl.constexpr, p_layout: gl.constexpr, v_io: gl.constexpr):
-    """Chunk j with the tensor cores kept busy: the scores of chunk j + 1 are computed
-    while chunk j's softmax runs, and chunk j's P V while chunk j + 1's scores wait.
-    ``scores`` (chunk j's) arrive complete; ``acc`` is in flight (the P V of chunk j - 1).
-    The arithmetic of every row is _chunk_step's; only the order of independent work moves."""
-    n0 = c_lo + j * BLOCK_N
-    s = j % STAGES
-    if HAS_NEXT:  # a: S of chunk j + 1, asynchronously
-        s1 = (j + 1) % STAGES
-        mbarrier.wait(k_ready.index(s1), ((j + 1) // STAGES) & 1)
-        next_scores = warpgroup_mma(q_buf, k_smem.index(s1).permute((1, 0)),
-                                    gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
-    if n0 + BLOCK_N > full_end:  # b: chunk j's softmax (the mask is an exact no-op where every row sees all)
-        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
-    m, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_smem.dtype, o_layout, p_layout)
-    if HAS_NEXT:  # c: chunk j - 1's P V is done (the scores of j + 1 may still run)
-        acc = warpgroup_mma_wait(1, deps=(acc, ))
-    else:
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-    if j > 0:
-        mbarrier.arrive(v_empty.index((j - 1) % STAGES), count=1)
-    acc = acc * rescale_o[:, None]  # d: chunk j's P V, asynchronously
-    v_buf = v_smem.index(s)
-    mbarrier.wait(v_ready.index(s), (j // STAGES) & 1)
-    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
-        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
-    acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
-    if HAS_NEXT:  # e: chunk j + 1's scores are done (chunk j's P V may still run)
-        scores = warpgroup_mma_wait(1, deps=(next_scores, ))
-        mbarrier.arrive(k_empty.index((j + 1) % STAGES), count=1)
-    if not PARTIALS:  # f: at a split's end, fold (this needs chunk j's P V done)
-        if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_lo + total * BLOCK_N):
-            done = warpgroup_mma_wait(0, deps=(acc, ))
-            m_all, l_all, acc_all, m, l, done = _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, done,
-                                                      scale_log2e, SPLIT, o_layout)
-            acc = warpgroup_mma_init(done)
-    return scores, m, l, acc, m_all, l_all, acc_all
-
-
-@gluon.jit
-def _pipelined_sweep(c_lo, c_hi, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
-                     k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
-                     PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                     SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                     p_layout: gl.constexpr, v_io: gl.constexpr):
-    """Chunks c_lo .. c_hi by _pipelined_step; returns the state with every P V done."""
-    total = (c_hi - c_lo + BLOCK_N - 1) // BLOCK_N
-    mbarrier.wait(k_ready.index(0), 0)
-    scores = warpgroup_mma(q_buf, k_smem.index(0).permute((1, 0)), gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-    scores = warpgroup_mma_wait(0, deps=(scores, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    acc = warpgroup_mma_init(acc)
-    for j in range(0, total - 1):
-        scores, m, l, acc, m_all, l_all, acc_all = _pipelined_step(
-            j, c_lo, total, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
-            k_empty, v_empty, scores, m, l, acc, m_all, l_all, acc_all, scale_log2e, True, PARTIALS, ROWS_,
-            BLOCK_N, D, SPLIT, STAGES, s_layout, o_layout, p_layout, v_io)
-    scores, m, l, acc, m_all, l_all, acc_all = _pipelined_step(
-        total - 1, c_lo, total, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
-        k_empty, v_empty, scores, m, l, acc, m_all, l_all, acc_all, scale_log2e, False, PARTIALS, ROWS_,
-        BLOCK_N, D, SPLIT, STAGES, s_layout, o_layout, p_layout, v_io)
-    acc = warpgroup_mma_wait(0, deps=(acc, ))
-    mbarrier.arrive(v_empty.index((total - 1) % STAGES), count=1)
     return m, l, acc, m_all, l_all, acc_all
 
 
@@ -284,15 +240,15 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 
 
 @gluon.jit
-def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
-                       cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
-                       stride_qt, stride_qh, stride_ot, stride_oh,
-                       q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                       GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
-                       CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-                       STAGES: gl.constexpr, PARTIALS: gl.constexpr, PIPELINED: gl.constexpr):
-    """A consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the folded result
-    (single pass) or this split's state (split-KV) to memory."""
+def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+          cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+          stride_qt, stride_qh, stride_ot, stride_oh,
+          q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
+          CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
+          STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+    """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
+    folded result (single pass) or this split's state (split-KV) to memory."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -300,6 +256,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte accesses
 
+    # (the last item's dots that read this buffer are done: every chunk step waits for its own)
     q_buf = q_smem.index(wg)
     tok, head, row_ok, pos = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, io),
                                    GROUP, GROUP_PAD, TOKENS, CONSUMERS)
@@ -323,16 +280,10 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     m_all = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_all = gl.zeros([ROWS_], gl.float32, gl.SliceLayout(1, s_layout))
     acc_all = gl.zeros([ROWS_, D], gl.float32, o_layout)
-    if PIPELINED:
-        m, l, acc, m_all, l_all, acc_all = _pipelined_sweep(
-            c_lo, c_hi, full_end, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
-            k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
-            STAGES, s_layout, o_layout, p_layout, io)
-    else:
-        m, l, acc, m_all, l_all, acc_all = _plain_sweep(
-            c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
-            k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
-            STAGES, s_layout, o_layout, p_layout, io)
+    m, l, acc, m_all, l_all, acc_all = _sweep(
+        base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
+        k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
+        STAGES, s_layout, o_layout, p_layout, io)
 
     if PARTIALS:  # this split's state, for attention._combine_kernel
         part_s = (tok_s * HQ + head_s) * NUM_SPLITS + split
@@ -350,67 +301,80 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
 
 
 @gluon.jit
+def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+                       order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                       scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
+                       q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                       GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
+                       CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
+                       STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+    """A consumer warpgroup: this program's work items (the producer's, in the same order),
+    counting ring positions as the producer does."""
+    base = 0
+    for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
+        cta, kv_head, split, kv_len, row0, c_lo, c_hi = _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV,
+                                                              NUM_SPLITS, L, SPLIT, PARTIALS)
+        if c_lo < c_hi:
+            _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+                  cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                  stride_qt, stride_qh, stride_ot, stride_oh,
+                  q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                  GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)
+        base += (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
+
+
+@gluon.jit
 def hopper_attention_kernel(
     q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc,
     tiles_ptr, positions_ptr, cta_slot_ptr, cta_len_ptr, order_ptr,
-    scale_log2e, L, HQ, NUM_SPLITS,
+    scale_log2e, L, HQ, HKV, NUM_SPLITS, num_items,
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    PARTIALS: gl.constexpr, PIPELINED: gl.constexpr,
+    PARTIALS: gl.constexpr,
 ):
-    """One program: one CTA tile (CONSUMERS x TOKENS tokens of one sequence) for one KV
-    head; every split of it (single pass) or split ``program_id(2)`` (split-KV)."""
-    cta = gl.load(order_ptr + gl.program_id(0))
-    kv_head = gl.program_id(1)
-    kv_len = gl.load(cta_len_ptr + cta).to(gl.int32)
-    split = gl.program_id(2)
-    if PARTIALS:
-        c_lo = split * SPLIT
-        c_hi = gl.minimum(c_lo + SPLIT, kv_len)
+    """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
+    program_id, program_id + num_programs, ...: one item per program, or persistent
+    programs that each take several and keep their K/V ring streaming between them."""
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, TOKENS * GROUP_PAD, D],
+                                       gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=CONSUMERS)
+        mbarrier.init(v_empty.index(s), count=CONSUMERS)
+    load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                 order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
+                 BLOCK_N, D, SPLIT, STAGES, PARTIALS)
+    # (the consumers' arguments are written out: constexprs would not survive a tuple built
+    # here and concatenated)
+    if CONSUMERS == 2:
+        gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
+                             positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                             scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
+                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                            (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
+                             positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                             scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
+                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                            (_load_partition, load_args)],
+                           [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
-        c_lo = 0
-        c_hi = kv_len
-    if c_lo < c_hi:
-        row0 = gl.load(cta_slot_ptr + cta).to(gl.int32) * L
-        q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, TOKENS * GROUP_PAD, D],
-                                           gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
-        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(s), count=1)
-            mbarrier.init(v_ready.index(s), count=1)
-            mbarrier.init(k_empty.index(s), count=CONSUMERS)
-            mbarrier.init(v_empty.index(s), count=CONSUMERS)
-        load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row0, kv_head * D, c_lo, c_hi,
-                     BLOCK_N, STAGES)
-        # (the consumers' arguments are written out: constexprs would not survive a tuple built
-        # here and concatenated)
-        if CONSUMERS == 2:
-            gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
-                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
-                                 stride_qt, stride_qh, stride_ot, stride_oh,
-                                 q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
-                                (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
-                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
-                                 stride_qt, stride_qh, stride_ot, stride_oh,
-                                 q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
-                                (_load_partition, load_args)],
-                               [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
-                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
-                                 stride_qt, stride_qh, stride_ot, stride_oh,
-                                 q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, PIPELINED)),
-                                (_load_partition, load_args)],
-                               [1], [PRODUCER_REGS])
+        gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
+                             positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                             scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
+                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                            (_load_partition, load_args)],
+                           [1], [PRODUCER_REGS])
 
 
 @dataclass
@@ -489,26 +453,41 @@ def _descriptor(cache: torch.Tensor, block_n: int):
     return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D], layout)
 
 
+SM_SHARED_BYTES = 227 * 1024  # shared memory one SM gives its programs (sm_90)
+SM_REGISTERS = 64 * 1024
+SCRATCH_PER_CONSUMER = 9 * 1024  # layout conversions and barriers (8.3-8.5 KB in the compiled kernels)
+
+
+def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, elem: int, maxnreg: int) -> int:
+    """Programs that fit on one SM at once: the persistent grid's size per SM. By the
+    shared memory (Q per consumer, the K/V ring) and the registers (maxnreg per thread)."""
+    shared = consumers * (ROWS * head_dim * elem + SCRATCH_PER_CONSUMER) + stages * 2 * block_n * head_dim * elem
+    threads = (consumers * CONSUMER_WARPS.value + 1) * 32
+    return max(1, min(SM_SHARED_BYTES // (shared + 1024), SM_REGISTERS // (threads * maxnreg)))
+
+
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, plan: Plan,
            out: torch.Tensor, parts, scale_log2e: float, block_n: int, split: int, stages: int | None = None,
-           pipelined: bool = True):
+           persistent: bool = True):
     """Run the kernel: the single pass into ``out``, or (``parts`` = (m, l, acc)) every split's
-    state into ``parts`` for the combine kernel. ``pipelined``: each consumer overlaps its
-    softmax with its dots (_pipelined_sweep) or not (_plain_sweep): the same bits."""
+    state into ``parts`` for the combine kernel. ``persistent``: as many programs as fit on
+    the GPU at once, each taking work items in turn, or one program per item: the same bits."""
     T, Hq, D = q.shape
     S, L, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     group_pad = triton.next_power_of_2(group)
-    num_ctas = plan.tiles.shape[0]
     splits = plan.num_splits if parts is not None else 1
+    items = plan.tiles.shape[0] * Hkv * splits
     part_m, part_l, part_acc = parts if parts is not None else (out, out, out)
     two = plan.consumers == 2
-    hopper_attention_kernel[(num_ctas, Hkv, splits)](
+    stages = stages or (3 if two else 2)
+    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), 168 if two else 128)
+    programs = min(items, sm_count(q.device) * per_sm) if persistent else items
+    hopper_attention_kernel[(programs,)](
         q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
         plan.tiles, positions, plan.cta_slot, plan.cta_len, plan.order,
-        scale_log2e, L, Hq, splits, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
-        BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages or (3 if two else 2), PARTIALS=parts is not None,
-        PIPELINED=pipelined,
+        BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None,
         num_warps=CONSUMER_WARPS.value, maxnreg=168 if two else 128,
     )

@@ -24,3 +24,13 @@ def build_tiles(slots: list[int], BLOCK_M: int) -> torch.Tensor:
         rows += tokens
         rows += [-1] * (-len(tokens) % BLOCK_M)
     return torch.tensor(rows, dtype=torch.int64).view(-1, BLOCK_M)
+
+
+_sm_count: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's multiprocessors (cached: asked in every layer of every pass)."""
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count[device]

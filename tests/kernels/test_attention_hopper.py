@@ -1,7 +1,8 @@
 """The Gluon attention kernels (Hopper): right against a float64 reference, and a
 query token's output is the same bits whichever launch computes it: alone or batched,
 prefill or decode, in a tile of one consumer warpgroup or of two, in one pass or split
-over the KV sweep, with its cache rows past the sweep holding NaN. On a Hopper GPU only
+over the KV sweep, by a program of its own or a persistent one that takes many, with its
+cache rows past the sweep holding NaN. On a Hopper GPU only
 (the CPU runs attention.py's Triton kernel under the interpreter: test_attention_kernel)."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def run(q, cache, slots, positions, kernel="gluon", **kw):
     return attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel=kernel, **kw)
 
 
-KERNELS = ["gluon", "gluon-plain"]  # with and without the softmax/dot overlap in each consumer
+KERNELS = ["gluon", "gluon-grid"]  # persistent programs, one program per work item
 
 
 def cuda(values) -> torch.Tensor:
@@ -116,7 +117,7 @@ def test_one_and_two_consumer_tiles_and_the_triton_kernel_agree(setup):
     slots, positions = cuda([0] * n), torch.arange(n, device="cuda")
     two = run(q, cache, slots, positions)
     assert attention_module.hopper.host_plan(slots.tolist(), positions.tolist(), 4, SPLIT, "cuda").consumers == 2
-    assert torch.equal(run(q, cache, slots, positions, kernel="gluon-plain"), two)
+    assert torch.equal(run(q, cache, slots, positions, kernel="gluon-grid"), two)
     # the prompt's first 3 tokens next to 8 single decode tokens: one consumer per tile
     few_slots = cuda([0, 0, 0] + [1, 2, 3] * 2 + [1, 2])
     few_pos = cuda([0, 1, 2] + [10, 20, 4] * 2 + [39, SPLIT])
@@ -125,3 +126,23 @@ def test_one_and_two_consumer_tiles_and_the_triton_kernel_agree(setup):
     assert torch.equal(run(few_q, cache, few_slots, few_pos)[:3], two[:3])
     triton_out = attention_module.attention(q, *cache, slots, positions, D ** -0.5, kernel="triton")
     print(f"\nGluon == Triton kernel bit for bit: {torch.equal(triton_out, two)}")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_one_program_takes_every_work_item_in_turn(setup, monkeypatch, split):
+    """A persistent grid of one program per SM, on a GPU of one SM: every (tile, KV head,
+    split) item runs in turn through the same K/V ring, its stages' barriers carried from
+    item to item; the bits are those of one program per item."""
+    cache, q, others, lengths = setup
+    n = lengths[0]
+    all_q = torch.cat([q, others])
+    slots = torch.cat([cuda([0] * n), cuda([1] * lengths[1] + [2, 3])])
+    positions = torch.cat([torch.arange(n, device="cuda"), torch.arange(lengths[1], device="cuda"),
+                           cuda([lengths[2] - 1, lengths[3] - 1])])
+    expected = run(all_q, cache, slots, positions, kernel="gluon-grid", split_kv=split)
+    decode = run(others[-2:], cache, cuda([2, 3]), cuda([lengths[2] - 1, lengths[3] - 1]), kernel="gluon-grid",
+                 split_kv=split)
+    monkeypatch.setattr(attention_module.hopper, "sm_count", lambda device: 1)
+    assert torch.equal(run(all_q, cache, slots, positions, split_kv=split), expected)
+    assert torch.equal(run(others[-2:], cache, cuda([2, 3]), cuda([lengths[2] - 1, lengths[3] - 1]), split_kv=split),
+                       decode)
