@@ -12,10 +12,10 @@ a token vs the prefill row of the same token (prefill runs the single pass,
 decode of one sequence the split-KV launch), and for decode the split-KV launch
 vs the single pass. Ours is timed with its tile plan already made (the engine
 plans once per forward pass and reuses it in every layer); "plan ms" is the
-cost of a fresh plan and the call, paid once per pass. Decode is also timed as
+cost of a fresh plan and the call, paid once per pass. Both are also timed as
 CUDA-graph replays ("graph" columns: kernel time without Python launch costs,
-for ours and SDPA alike), since one small decode call lasts about as long as
-launching it. ``--kernels`` times several of ours in the same run, on the same inputs
+for ours and SDPA alike), since one small call lasts about as long as launching
+it; "host" is the time to issue one eager call. ``--kernels`` times several of ours in the same run, on the same inputs
 (on Hopper: the Gluon kernel of attention_hopper.py, persistent or one program per item, and the Triton
 kernel), and says whether their outputs are equal bit for bit.
 """
@@ -102,8 +102,7 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
     expected = expected.transpose(1, 2).reshape(q.shape) if kind == "prefill" else expected[:, :, 0]
     row = {"kind": kind, "B": B, "N_or_L": N, "cand": cand, "sdpa_ms": t_ref, "sdpa_tflops": flops / t_ref / 1e9,
            "kernels": kernels}
-    if kind == "decode":
-        row["sdpa_graph_ms"] = graph_ms(ref, rep)
+    row["sdpa_graph_ms"] = graph_ms(ref, rep)
     outs = {}
     for kernel in kernels:  # side by side, same inputs, same run
         kw = dict(rows=rows, num_warps=warps, num_stages=None if kernel.startswith("gluon") else stages, kernel=kernel)
@@ -126,11 +125,11 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
         first = N if kind == "prefill" else 1
         alone = attn.attention(q[:first], k_cache, v_cache, slots[:first], positions[:first], scale, **kw)
         fig["bitwise_alone_vs_batch"] = torch.equal(alone, out[:first])
+        with pass_():
+            ours()
+            fig["graph_ms"] = graph_ms(ours, rep)
+        fig["graph_ratio"] = row["sdpa_graph_ms"] / fig["graph_ms"]
         if kind == "decode":
-            with pass_():
-                ours()
-                fig["graph_ms"] = graph_ms(ours, rep)
-            fig["graph_ratio"] = row["sdpa_graph_ms"] / fig["graph_ms"]
             fig["kv_gbps_graph"] = 2 * B * N * HKV * D * 2 / fig["graph_ms"] / 1e6
             both = [attn.attention(q, k_cache, v_cache, slots, positions, scale, split_kv=s, **kw)
                     for s in (False, True)]
@@ -164,7 +163,8 @@ def main() -> None:
                attn.SPLIT)
     cands = CANDIDATES if args.tune else [default]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print("prefill: TFLOP/s and ratio to SDPA; decode: KV GB/s eager, then CUDA-graph ratio to SDPA graph-timed.")
+    print("prefill: TFLOP/s eager and ratio to SDPA; decode: KV GB/s eager and ratio; then the CUDA-graph ratio"
+          " (kernel time, no host) to SDPA graph-timed.")
     print("checks: alone=batch, prefill=decode (prefill) or split=1pass (decode), and kernels=each other;"
           " host: time to issue one call (plan reused)")
     print(f"{'kind':>7} {'B':>3} {'N|L':>6} | {'SDPA':>7} | " +

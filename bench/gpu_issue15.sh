@@ -2,7 +2,7 @@
 # Issue 15 in one device call: CUDA-graph and overlap tests, the needle check, bench_e2e,
 # profile_step, bench_matmul. Each step has its own time limit and writes its log/JSON into OUT_DIR.
 #   bash bench/gpu_issue15.sh OUT_DIR [steps...]
-#   steps: tests kernel_tests needle e2e e2e_gluon profile matmul points attention
+#   steps: tests kernel_tests needle e2e e2e_gluon e2e_triton profile host matmul points attention
 set -uo pipefail
 out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
@@ -45,6 +45,10 @@ for step in $steps; do
                DETAUDIT_ATTENTION_KERNEL=gluon timeout ${E2E_S:-190} python bench/bench_e2e.py \
                  --decode-graphs ${E2E_GRAPHS:-auto} --overlap $overlap ${E2E_ARGS:-} --json "$out/e2e_gluon.json" \
                  > "$out/e2e_gluon.log" 2>&1; tail -6 "$out/e2e_gluon.log" ;;
+    e2e_triton) DETAUDIT_ATTENTION_KERNEL=triton timeout ${E2E_S:-190} python bench/bench_e2e.py \
+                  --decode-graphs ${E2E_GRAPHS:-auto} --overlap $overlap ${E2E_ARGS:-} --json "$out/e2e_triton.json" \
+                  > "$out/e2e_triton.log" 2>&1; tail -6 "$out/e2e_triton.log" ;;
+    host) timeout ${HOST_S:-60} python bench/profile_attention_host.py > "$out/host.log" 2>&1; grep "==" "$out/host.log" ;;
     profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;
     matmul) timeout ${MATMUL_S:-120} python bench/bench_matmul.py ${MATMUL_ARGS:-} \

@@ -56,10 +56,11 @@ LOG2_E = 1.4426950408889634
 GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
 GPU_WARPS = 4
 COMBINE_UNROLL = 1 if INTERPRET else 8  # split states in flight at once in _combine_kernel (speed only)
-# Which kernel runs when a call names none: "triton" (this file's) or "gluon" (attention_hopper.py
-# on Hopper, this file's elsewhere). "gluon" becomes the default once the device runs have
-# checked it end to end (bench/NOTES.md, issue 15 round 6).
-DEFAULT_KERNEL = os.environ.get("DETAUDIT_ATTENTION_KERNEL", "triton")
+# Which kernel runs when a call names none: "gluon" (attention_hopper.py on Hopper, this file's
+# elsewhere) or "triton" (this file's everywhere). The same bits (tests/kernels/
+# test_attention_hopper.py; bench_attention's "same" column), the Gluon one faster on Hopper
+# (bench/NOTES.md, issue 15 round 7).
+DEFAULT_KERNEL = os.environ.get("DETAUDIT_ATTENTION_KERNEL", "gluon")
 
 __all__ = ["attention", "one_plan_per_pass", "tile_config", "BLOCK_N", "SPLIT"]
 

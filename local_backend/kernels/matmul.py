@@ -285,19 +285,24 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
         t = Tiles(64, 128, 64, 4, 4, tma=True, partials=True) if many_chunks else \
             Tiles(128, 128, 64, 4, 5, tma=True) if wide else Tiles(64, 64, 128, 4, 4)
     elif M <= 1024:
-        if triton.cdiv(M, 128) * triton.cdiv(N, 128) < SM_COUNT_GUESS:  # 128-row tiles would leave SMs idle
+        tiles_128 = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+        if 2 * tiles_128 < SM_COUNT_GUESS:  # 128-row tiles would leave most SMs idle
             t = Tiles(64, 128, 64, 4, 4, tma=True, nested=chunked)
+        elif tiles_128 <= SM_COUNT_GUESS:  # one wave of 128-row tiles: deep pipelines (H100 sweep, round 7:
+            # 4096^2 at M = 512 0.86 -> 0.96x cuBLAS, 4096x14336 0.76 -> 0.87x against 64-row tiles)
+            t = Tiles(128, 128, 64, 4, 5, tma=True, nested=chunked)
         else:
             t = Tiles(128, 128, 64, 4, 3, tma=True, nested=chunked)
     elif chunked:
         t = Tiles(128, 256, 64, 8, 3, tma=True, nested=True)
-    # Round 5's sweep, each change against the old entry in the same run (bench/results/
-    # h200_s7_call3_points.log), applied only where it was measured: wide weights below 4096
-    # rows take 3 stages (14336x4096 at M = 2048: 0.86 -> 0.92x cuBLAS); narrow ones from 4096
-    # rows GROUP_M 16, more programs sharing a weight column in L2 (4096^2 at M = 8192: 0.82 -> 0.90x).
-    elif wide and M < 4096:
+    # Rounds 5 and 7's sweeps, each change against the old entry in the same run (bench/results/
+    # h200_s7_call3_points.log, h100_s8_call2_points.log): below 4096 rows 3 stages (H200:
+    # 14336x4096 at M = 2048 0.86 -> 0.92x cuBLAS; H100: 4096^2 at M = 2048 0.86 -> 0.92x);
+    # narrow weights from 4096 rows GROUP_M 16, more programs sharing a weight column in L2
+    # (H200: 4096^2 at M = 8192 0.82 -> 0.90x; on the H100 the best tried, at 0.86x).
+    elif M < 4096:
         t = Tiles(128, 128, 64, 4, 3, tma=True)
-    elif not wide and M >= 4096:
+    elif not wide:
         t = Tiles(128, 128, 64, 4, 5, GROUP_M=16, tma=True)
     else:
         t = Tiles(128, 128, 64, 4, 5, tma=True)
