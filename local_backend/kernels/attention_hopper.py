@@ -9,7 +9,9 @@ per program); here
   * one or two consumer warpgroups each own 64 query rows (tokens x GQA group) and run
     the chunk steps: S = Q K^T and O += P V as asynchronous wgmma, the online softmax in
     between. Two consumers share every K/V chunk of one sequence (prefill); decode tiles
-    (one token each) use one.
+    (one token each) use one;
+  * programs are persistent: each takes work items (tile, KV head, split) in turn, and the
+    producer streams the next item's chunks while the consumers finish the last one.
 
 Why it is batch-invariant, and the same bits as the Triton kernel's math: every
 consumer warpgroup computes its rows with the layouts written below, fixed per model
