@@ -286,11 +286,12 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
             Tiles(128, 128, 64, 4, 5, tma=True) if wide else Tiles(64, 64, 128, 4, 4)
     elif M <= 1024:
         tiles_128 = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-        if 2 * tiles_128 < SM_COUNT_GUESS:  # 128-row tiles would leave most SMs idle
-            t = Tiles(64, 128, 64, 4, 4, tma=True, nested=chunked)
-        elif tiles_128 <= SM_COUNT_GUESS:  # one wave of 128-row tiles: deep pipelines (H100 sweep, round 7:
+        if 4 * tiles_128 >= 3 * SM_COUNT_GUESS and tiles_128 <= SM_COUNT_GUESS:
+            # one nearly full wave of 128-row tiles, deep pipelines (H100 sweep, round 7: 128 tiles,
             # 4096^2 at M = 512 0.86 -> 0.96x cuBLAS, 4096x14336 0.76 -> 0.87x against 64-row tiles)
             t = Tiles(128, 128, 64, 4, 5, tma=True, nested=chunked)
+        elif tiles_128 < SM_COUNT_GUESS:  # 128-row tiles would leave SMs idle
+            t = Tiles(64, 128, 64, 4, 4, tma=True, nested=chunked)
         else:
             t = Tiles(128, 128, 64, 4, 3, tma=True, nested=chunked)
     elif chunked:
