@@ -446,13 +446,18 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
 _gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
+@functools.lru_cache(maxsize=None)
+def _chunk_layout(block_n: int, head_dim: int, dtype: torch.dtype):
+    """The shared-memory layout of one K/V chunk (cached: every layer's launch asks)."""
+    return gl.NVMMASharedLayout.get_default_for([block_n, head_dim], _gl_dtype[dtype])
+
+
 def _descriptor(cache: torch.Tensor, block_n: int):
     """A bulk-copy descriptor of the cache seen as [slots x positions, KV heads x head_dim]:
     one chunk of one KV head is the box [block_n, head_dim] at (slot * L + n0, kv_head * D)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     S, L, Hkv, D = cache.shape
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], _gl_dtype[cache.dtype])
-    return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D], layout)
+    return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D], _chunk_layout(block_n, D, cache.dtype))
 
 
 SM_SHARED_BYTES = 227 * 1024  # shared memory one SM gives its programs (sm_90)
@@ -460,6 +465,7 @@ SM_REGISTERS = 64 * 1024
 SCRATCH_PER_CONSUMER = 9 * 1024  # layout conversions and barriers (8.3-8.5 KB in the compiled kernels)
 
 
+@functools.lru_cache(maxsize=None)
 def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, elem: int, maxnreg: int) -> int:
     """Programs that fit on one SM at once: the persistent grid's size per SM. By the
     shared memory (Q per consumer, the K/V ring) and the registers (maxnreg per thread)."""
