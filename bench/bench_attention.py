@@ -15,9 +15,10 @@ plans once per forward pass and reuses it in every layer); "plan ms" is the
 cost of a fresh plan and the call, paid once per pass. Both are also timed as
 CUDA-graph replays ("graph" columns: kernel time without Python launch costs,
 for ours and SDPA alike), since one small call lasts about as long as launching
-it; "host" is the time to issue one eager call. ``--kernels`` times several of ours in the same run, on the same inputs
-(on Hopper: the Gluon kernel of attention_hopper.py, persistent or one program per item, and the Triton
-kernel), and says whether their outputs are equal bit for bit.
+it; "host" is the time to issue one eager call. ``--kernels`` times several of ours
+in the same run, on the same inputs (on Hopper: the Gluon kernel of
+attention_hopper.py, persistent or one program per item, and the Triton kernel),
+and says whether their outputs are equal bit for bit.
 """
 
 from __future__ import annotations

@@ -41,13 +41,11 @@ for step in $steps; do
     e2e) eg=${E2E_GRAPHS:-both}; [ $graphs = off ] && eg=off
          timeout ${E2E_S:-190} python bench/bench_e2e.py --decode-graphs $eg --overlap $overlap ${E2E_ARGS:-} \
            --json "$out/e2e.json" > "$out/e2e.log" 2>&1; tail -14 "$out/e2e.log" ;;
-    e2e_gluon) [ $gluon = hung ] && { echo "e2e_gluon skipped: the Gluon kernel hung in kernel_tests"; continue; }
-               DETAUDIT_ATTENTION_KERNEL=gluon timeout ${E2E_S:-190} python bench/bench_e2e.py \
-                 --decode-graphs ${E2E_GRAPHS:-auto} --overlap $overlap ${E2E_ARGS:-} --json "$out/e2e_gluon.json" \
-                 > "$out/e2e_gluon.log" 2>&1; tail -6 "$out/e2e_gluon.log" ;;
-    e2e_triton) DETAUDIT_ATTENTION_KERNEL=triton timeout ${E2E_S:-190} python bench/bench_e2e.py \
-                  --decode-graphs ${E2E_GRAPHS:-auto} --overlap $overlap ${E2E_ARGS:-} --json "$out/e2e_triton.json" \
-                  > "$out/e2e_triton.log" 2>&1; tail -6 "$out/e2e_triton.log" ;;
+    e2e_gluon|e2e_triton)  # the engine with one attention kernel named
+      [ $step = e2e_gluon ] && [ $gluon = hung ] && { echo "$step skipped: the Gluon kernel hung in kernel_tests"; continue; }
+      DETAUDIT_ATTENTION_KERNEL=${step#e2e_} timeout ${E2E_S:-190} python bench/bench_e2e.py \
+        --decode-graphs ${E2E_GRAPHS:-auto} --overlap $overlap ${E2E_ARGS:-} --json "$out/$step.json" \
+        > "$out/$step.log" 2>&1; tail -6 "$out/$step.log" ;;
     host) timeout ${HOST_S:-60} python bench/profile_attention_host.py > "$out/host.log" 2>&1; grep "==" "$out/host.log" ;;
     profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;

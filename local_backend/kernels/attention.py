@@ -322,8 +322,6 @@ def _decode_plan(T: int, device: torch.device, BLOCK_M: int, L: int) -> _Plan:
     return _Plan(tiles, (L - 1) // SPLIT + 1)
 
 
-
-
 def _wants_split_kv(device: torch.device, programs: int, num_splits: int) -> bool:
     """Split the KV sweep when one program per (tile, KV head) would leave most of
     the GPU idle (decode of few sequences). Speed only: the bits are the same."""
