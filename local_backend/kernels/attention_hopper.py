@@ -40,7 +40,7 @@ from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (firs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_init, warpgroup_mma_wait)
+                                                              warpgroup_mma_wait)
 
 from local_backend.kernels.tile_plan import build_tiles, sm_count
 
@@ -385,7 +385,7 @@ class Plan:
     tiles: torch.Tensor     # [num_ctas, consumers * TOKENS] token indices, -1 as padding
     cta_slot: torch.Tensor  # [num_ctas] the cache slot of each tile's sequence
     cta_len: torch.Tensor   # [num_ctas] positions a tile sweeps: its last position + 1
-    order: torch.Tensor     # [num_ctas] tiles by sweep length, longest first (program order only)
+    order: torch.Tensor     # [num_ctas] tiles by sweep length, longest first (work-item order only)
     consumers: int
     num_splits: int         # splits of the longest sweep
 
@@ -489,7 +489,8 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
     part_m, part_l, part_acc = parts if parts is not None else (out, out, out)
     two = plan.consumers == 2
     stages = stages or (3 if two else 2)
-    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), 168 if two else 128)
+    maxnreg = 168 if two else 128
+    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg)
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
     hopper_attention_kernel[(programs,)](
         q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
@@ -497,5 +498,5 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None,
-        num_warps=CONSUMER_WARPS.value, maxnreg=168 if two else 128,
+        num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )
