@@ -18,7 +18,8 @@ for ours and SDPA alike), since one small call lasts about as long as launching
 it; "host" is the time to issue one eager call. ``--kernels`` times several of ours
 in the same run, on the same inputs (on Hopper: the Gluon kernel of
 attention_hopper.py, persistent or one program per item, and the Triton kernel),
-and says whether their outputs are equal bit for bit.
+and says whether their outputs are equal bit for bit; "gluon:4" names the Gluon kernel
+with a K/V ring of 4 stages (speed only: the stage count never touches the bits).
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
     row["sdpa_graph_ms"] = graph_ms(ref, rep)
     outs = {}
     for kernel in kernels:  # side by side, same inputs, same run
-        kw = dict(rows=rows, num_warps=warps, num_stages=None if kernel.startswith("gluon") else stages, kernel=kernel)
+        name, _, ring = kernel.partition(":")
+        gluon_stages = int(ring) if ring else None
+        kw = dict(rows=rows, num_warps=warps, num_stages=gluon_stages if name.startswith("gluon") else stages,
+                  kernel=name)
 
         def ours():
             return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
