@@ -1,7 +1,7 @@
 """Where a decode attention call spends its GPU time: each kernel's own time (CUPTI, through
 torch.profiler) for ours (the split kernel, the combine) and SDPA, per decode case and per
-speed-only variant: the Gluon K/V ring's depth, the combine's split states in flight, its
-slices of head_dim. Every variant's output is checked bit for bit against the default's.
+speed-only variant: the Gluon K/V ring's depth, which combine folds the split states (Gluon's or
+the Triton kernel's), its slices of head_dim. Every variant's output is checked bit for bit against the default's.
 
     PYTHONPATH=. python bench/profile_decode.py --json out/decode_profile.json
 
@@ -23,11 +23,10 @@ from local_backend.kernels import attention as attn
 
 HQ, HKV, D = 32, 8, 128
 DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000), (64, 8000), (8, 32000)]  # (B, L)
-VARIANTS = {  # name: (kernel, Gluon ring stages, combine unroll, combine slices); None = the default
+VARIANTS = {  # name: (kernel, Gluon ring stages, Gluon combine, combine slices); None = the default
     "default": (None, None, None, None),
-    "ring4": (None, 4, None, None),
-    "unroll32": (None, None, 32, None),
-    "unroll32-slices8": (None, None, 32, 8),
+    "triton-combine": (None, None, False, None),
+    "combine-slices1": (None, None, None, 1),
     "triton": ("triton", None, None, None),
 }
 
@@ -57,9 +56,9 @@ def run_case(B: int, L: int, calls: int, gen) -> dict:
     row = {"B": B, "L": L, "sdpa": kernel_times(
         lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, scale=D ** -0.5, enable_gqa=True), calls)}
     reference = None
-    unroll = attn.COMBINE_UNROLL
-    for name, (kernel, stages, combine_unroll, slices) in VARIANTS.items():
-        attn.COMBINE_UNROLL = combine_unroll or unroll
+    gluon_combine = attn.GLUON_COMBINE
+    for name, (kernel, stages, use_gluon_combine, slices) in VARIANTS.items():
+        attn.GLUON_COMBINE = gluon_combine if use_gluon_combine is None else use_gluon_combine
         try:
             def call():
                 return attn.attention(q, k_cache, v_cache, slots, positions, D ** -0.5, kernel=kernel,
@@ -72,7 +71,7 @@ def run_case(B: int, L: int, calls: int, gen) -> dict:
         except Exception as exc:  # a variant that does not compile here is reported, not fatal
             row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
-            attn.COMBINE_UNROLL = unroll
+            attn.GLUON_COMBINE = gluon_combine
     return row
 
 

@@ -44,7 +44,7 @@ import torch
 
 from local_backend.kernels._triton import (INTERPRET, cast_to, interpreted_dot, interpreted_matmul, tl,
                                              triton)
-from local_backend.kernels import attention_hopper as hopper
+from local_backend.kernels import attention_hopper as hopper, combine_hopper
 from local_backend.kernels.contracts import check_attention, check_attention_indices
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 from local_backend.kernels.tile_plan import build_tiles as _build_tiles, sm_count
@@ -56,6 +56,7 @@ LOG2_E = 1.4426950408889634
 GPU_ROWS = 64  # query rows (tokens x GQA group) per tile on a GPU
 GPU_WARPS = 4
 COMBINE_UNROLL = 1 if INTERPRET else 8  # split states in flight at once in _combine_kernel (speed only)
+GLUON_COMBINE = True  # after the Gluon kernel, combine_hopper's combine (the same bits, speed only)
 # Which kernel runs when a call names none: "gluon" (attention_hopper.py on Hopper, this file's
 # elsewhere) or "triton" (this file's everywhere). The same bits (tests/kernels/
 # test_attention_hopper.py; bench_attention's "same" column), the Gluon one faster on Hopper
@@ -343,8 +344,8 @@ def _slices_to_fill(device: torch.device, programs: int, block_d: int, narrowest
 
 def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, stages, combine_slices,
                       persistent=True):
-    """The Gluon kernels of attention_hopper.py, planned like this file's, with this file's
-    combine kernel for split-KV states."""
+    """The Gluon kernels of attention_hopper.py, planned like this file's; split-KV states
+    folded by combine_hopper's kernel (or, GLUON_COMBINE off, this file's)."""
     T, Hq, D = q.shape
     S, L, Hkv, _ = k_cache.shape
     group_pad = triton.next_power_of_2(Hq // Hkv)
@@ -369,7 +370,7 @@ def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_k
     part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
     hopper.launch(q, k_cache, v_cache, positions, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
                   SPLIT, stages, persistent)
-    _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices)
+    _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices, GLUON_COMBINE)
     return out
 
 
@@ -435,14 +436,18 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
-def _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, slices):
-    """Fold every token's split states in split order (``_combine_kernel``), over ``slices``
-    slices of head_dim per (token, KV head): each output column is folded on its own."""
+def _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, slices, gluon=False):
+    """Fold every token's split states in split order (``_combine_kernel``, or with ``gluon``
+    combine_hopper's kernel: the same bits), over ``slices`` slices of head_dim per (token,
+    KV head): each output column is folded on its own."""
     T, Hq, D = out.shape
     group = Hq // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     if slices is None:
         slices = _slices_to_fill(out.device, T * Hkv, block_d)
+    if gluon:
+        combine_hopper.combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, slices, SPLIT)
+        return
     _combine_kernel[(T, Hkv, slices)](
         part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, *out.stride(),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET, BLOCK_D=block_d, SPLIT=SPLIT,

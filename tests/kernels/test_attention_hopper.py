@@ -146,3 +146,29 @@ def test_one_program_takes_every_work_item_in_turn(setup, monkeypatch, split):
     assert torch.equal(run(all_q, cache, slots, positions, split_kv=split), expected)
     assert torch.equal(run(others[-2:], cache, cuda([2, 3]), cuda([lengths[2] - 1, lengths[3] - 1]), split_kv=split),
                        decode)
+
+
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (24, 8), (8, 8)])
+def test_the_gluon_combine_folds_split_states_as_the_triton_combine_does(hq, hkv):
+    """combine_hopper's kernel against attention._combine_kernel on the same split states:
+    tokens of 1 to 70 splits (blocks of states, and a block in flight, on either side of a
+    block's end), a GQA group padded to a power of two (24 / 8 = 3), every slicing of
+    head_dim; state slots past a token's last split hold NaN and must never be read."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    positions = cuda([0, SPLIT - 1, SPLIT, 15 * SPLIT + 7, 16 * SPLIT, 33 * SPLIT + 1, 69 * SPLIT + 511])
+    T, splits = positions.shape[0], 70
+    part_m = torch.randn(T, hq, splits, device="cuda", generator=gen) * 4
+    part_l = torch.rand(T, hq, splits, device="cuda", generator=gen) * 60 + 1
+    part_acc = torch.randn(T, hq, splits, D, device="cuda", generator=gen) * 30
+    for t, p in enumerate(positions.tolist()):
+        part_m[t, :, p // SPLIT + 1:] = part_l[t, :, p // SPLIT + 1:] = part_acc[t, :, p // SPLIT + 1:] = float("nan")
+    scale_log2e = D ** -0.5 * attention_module.LOG2_E
+    for slices in (1, 2, 4):
+        outs = []
+        for gluon in (False, True):
+            out = torch.empty(T, hq, D, dtype=torch.bfloat16, device="cuda")
+            attention_module._combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, hkv, slices,
+                                      gluon=gluon)
+            outs.append(out)
+        assert torch.isfinite(outs[1]).all(), "read a state past a token's last split"
+        assert torch.equal(outs[1], outs[0]), f"slices={slices}: the Gluon combine's bits differ"
