@@ -51,30 +51,40 @@ CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accu
 
 
 @gluon.jit
-def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, layout: gl.constexpr,
-          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr):
+def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, layout: gl.constexpr,
+          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
+          DECODE: gl.constexpr):
     """This warpgroup's rows (in ``layout``): row r is query head kv_head * GROUP + r % GROUP_PAD
     of the tile's token r // GROUP_PAD. Padding rows copy the tile's first token (so they
-    stay finite) and are never stored."""
+    stay finite) and are never stored. A decode plan's tile t is token t alone, at position
+    kv_len - 1: known without a load (a decode item's latency is a chain of loads)."""
     r = gl.arange(0, TOKENS * GROUP_PAD, layout=layout)
     g = r % GROUP_PAD
-    base = tiles_ptr + cta * (CONSUMERS * TOKENS)
-    tok = gl.load(base + wg * TOKENS + r // GROUP_PAD)
-    first = gl.load(base)
-    row_ok = (tok >= 0) & (g < GROUP)
-    tok = gl.where(tok >= 0, tok, first)
-    pos = gl.load(positions_ptr + tok)
     head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
+    if DECODE:
+        tok = gl.full([TOKENS * GROUP_PAD], cta, gl.int64, layout)
+        row_ok = (r < GROUP_PAD) & (g < GROUP)
+        pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)
+    else:
+        base = tiles_ptr + cta * (CONSUMERS * TOKENS)
+        tok = gl.load(base + wg * TOKENS + r // GROUP_PAD)
+        first = gl.load(base)
+        row_ok = (tok >= 0) & (g < GROUP)
+        tok = gl.where(tok >= 0, tok, first)
+        pos = gl.load(positions_ptr + tok)
     return tok, head, row_ok, pos
 
 
 @gluon.jit
 def _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
-          SPLIT: gl.constexpr, PARTIALS: gl.constexpr):
-    """Work item w: tile order[w // (HKV * NUM_SPLITS)], its KV head and split, the cache
-    row of its sequence's position 0, and the positions c_lo .. c_hi its sweep covers
-    (none for a split past the tile's end)."""
-    cta = gl.load(order_ptr + w // (HKV * NUM_SPLITS))
+          SPLIT: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr):
+    """Work item w: tile order[w // (HKV * NUM_SPLITS)] (a decode plan's order is the tiles'
+    own), its KV head and split, the cache row of its sequence's position 0, and the
+    positions c_lo .. c_hi its sweep covers (none for a split past the tile's end)."""
+    if DECODE:
+        cta = (w // (HKV * NUM_SPLITS)).to(gl.int64)
+    else:
+        cta = gl.load(order_ptr + w // (HKV * NUM_SPLITS))
     kv_head = (w // NUM_SPLITS) % HKV
     split = w % NUM_SPLITS
     kv_len = gl.load(cta_len_ptr + cta).to(gl.int32)
@@ -92,7 +102,7 @@ def _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
 def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                     order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
                     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-                    PARTIALS: gl.constexpr):
+                    PARTIALS: gl.constexpr, DECODE: gl.constexpr):
     """The producer warp: the K and V chunks of this program's work items, one item after
     the other through one ring, each K (V) stage as soon as every consumer has released it
     (K after its scores, V after its P V). It runs ahead into the next item while the
@@ -100,7 +110,7 @@ def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v
     i = 0
     for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
         _, kv_head, _, _, row0, c_lo, c_hi = _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
-                                                   SPLIT, PARTIALS)
+                                                   SPLIT, PARTIALS, DECODE)
         for n0 in range(c_lo, c_hi, BLOCK_N):
             s = i % STAGES
             phase = ((i // STAGES) & 1) ^ 1
@@ -248,7 +258,7 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
           q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-          STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+          STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
     folded result (single pass) or this split's state (split-KV) to memory."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
@@ -260,8 +270,8 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
 
     # (the last item's dots that read this buffer are done: every chunk step waits for its own)
     q_buf = q_smem.index(wg)
-    tok, head, row_ok, pos = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, io),
-                                   GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+    tok, head, row_ok, pos = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
+                                   GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
     q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -269,10 +279,10 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
     fence_async_shared()
     gl.thread_barrier()
 
-    tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, s_layout),
-                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS)
-    _, _, _, pos_o = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, gl.SliceLayout(1, o_layout),
-                           GROUP, GROUP_PAD, TOKENS, CONSUMERS)
+    tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len,
+                                       gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
+    _, _, _, pos_o = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
+                           GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
 
@@ -309,19 +319,19 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                        q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-                       STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+                       STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
     counting ring positions as the producer does."""
     base = 0
     for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
         cta, kv_head, split, kv_len, row0, c_lo, c_hi = _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV,
-                                                              NUM_SPLITS, L, SPLIT, PARTIALS)
+                                                              NUM_SPLITS, L, SPLIT, PARTIALS, DECODE)
         if c_lo < c_hi:
             _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
                   cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                   stride_qt, stride_qh, stride_ot, stride_oh,
                   q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                  GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)
+                  GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)
         base += (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
 
 
@@ -333,7 +343,7 @@ def hopper_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    PARTIALS: gl.constexpr,
+    PARTIALS: gl.constexpr, DECODE: gl.constexpr,
 ):
     """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
     program_id, program_id + num_programs, ...: one item per program, or persistent
@@ -353,7 +363,7 @@ def hopper_attention_kernel(
         mbarrier.init(v_empty.index(s), count=CONSUMERS)
     load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                  order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
-                 BLOCK_N, D, SPLIT, STAGES, PARTIALS)
+                 BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)
     # (the consumers' arguments are written out: constexprs would not survive a tuple built
     # here and concatenated)
     if CONSUMERS == 2:
@@ -361,12 +371,12 @@ def hopper_attention_kernel(
                              positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
                             (_load_partition, load_args)],
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -374,7 +384,7 @@ def hopper_attention_kernel(
                              positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS)),
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
                             (_load_partition, load_args)],
                            [1], [PRODUCER_REGS])
 
@@ -388,6 +398,7 @@ class Plan:
     order: torch.Tensor     # [num_ctas] tiles by sweep length, longest first (work-item order only)
     consumers: int
     num_splits: int         # splits of the longest sweep
+    decode: bool = False    # decode_plan's: tile t is token t alone, order the tiles' own
 
 
 def tokens_per_warpgroup(group_pad: int) -> int:
@@ -420,7 +431,7 @@ def decode_plan(slots: torch.Tensor, positions: torch.Tensor, group_pad: int, sp
     T = slots.shape[0]
     tiles = torch.full((T, tokens_per_warpgroup(group_pad)), -1, dtype=torch.int64, device=slots.device)
     tiles[:, 0] = torch.arange(T, device=slots.device)
-    return Plan(tiles, slots, positions + 1, torch.arange(T, device=slots.device), 1, (L - 1) // split + 1)
+    return Plan(tiles, slots, positions + 1, torch.arange(T, device=slots.device), 1, (L - 1) // split + 1, True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -497,6 +508,6 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
         plan.tiles, positions, plan.cta_slot, plan.cta_len, plan.order,
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
-        BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None,
+        BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,
         num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )
