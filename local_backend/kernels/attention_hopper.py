@@ -21,7 +21,8 @@ difference, the row sum over the same lanes in the same order, the rescale and t
 accumulation) and its split folds (``SPLIT`` positions, folded in split order) depend
 on that row alone, exactly as the module docstring of ``attention.py`` argues; which
 warpgroup, tile, program or launch shape (one pass or split-KV) computes a row only
-moves work around. Split-KV states are folded by ``combine_hopper`` (``attention._combine_kernel``'s bits).
+moves work around. Split-KV states are folded by ``combine_hopper`` (the bits of
+``attention._combine_kernel``).
 
 The K/V sweep's last chunk may run past the sequence into cache positions that hold
 anything (NaN too): those rows of its V stage are zeroed in place before the P V dot, so
