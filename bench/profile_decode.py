@@ -1,7 +1,8 @@
 """Where a decode attention call spends its GPU time: each kernel's own time (CUPTI, through
 torch.profiler) for ours (the split kernel, the combine) and SDPA, per decode case and per
-speed-only variant: the Gluon K/V ring's depth, which combine folds the split states (Gluon's or
-the Triton kernel's), its slices of head_dim. Every variant's output is checked bit for bit against the default's.
+speed-only variant: which combine folds the split states (Gluon's or the Triton kernel's), its
+slices of head_dim, the Triton attention kernel. Every variant's output is checked bit for bit
+against the default's.
 
     PYTHONPATH=. python bench/profile_decode.py --json out/decode_profile.json
 
@@ -23,11 +24,11 @@ from local_backend.kernels import attention as attn
 
 HQ, HKV, D = 32, 8, 128
 DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000), (64, 8000), (8, 32000)]  # (B, L)
-VARIANTS = {  # name: (kernel, Gluon ring stages, Gluon combine, combine slices); None = the default
-    "default": (None, None, None, None),
-    "triton-combine": (None, None, False, None),
-    "combine-slices1": (None, None, None, 1),
-    "triton": ("triton", None, None, None),
+VARIANTS = {  # name: (kernel, Gluon combine, combine slices); None = the default
+    "default": (None, None, None),
+    "triton-combine": (None, False, None),
+    "combine-slices1": (None, None, 1),
+    "triton": ("triton", None, None),
 }
 
 
@@ -57,12 +58,12 @@ def run_case(B: int, L: int, calls: int, gen) -> dict:
         lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, scale=D ** -0.5, enable_gqa=True), calls)}
     reference = None
     gluon_combine = attn.GLUON_COMBINE
-    for name, (kernel, stages, use_gluon_combine, slices) in VARIANTS.items():
+    for name, (kernel, use_gluon_combine, slices) in VARIANTS.items():
         attn.GLUON_COMBINE = gluon_combine if use_gluon_combine is None else use_gluon_combine
         try:
             def call():
                 return attn.attention(q, k_cache, v_cache, slots, positions, D ** -0.5, kernel=kernel,
-                                      num_stages=stages, combine_slices=slices)
+                                      combine_slices=slices)
             with attn.one_plan_per_pass(decode_only=True):
                 out = call()
                 row[name] = kernel_times(call, calls)

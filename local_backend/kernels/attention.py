@@ -441,13 +441,13 @@ def _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv,
     combine_hopper's kernel: the same bits), over ``slices`` slices of head_dim per (token,
     KV head): each output column is folded on its own."""
     T, Hq, D = out.shape
-    group = Hq // Hkv
     block_d = max(16, triton.next_power_of_2(D))
     if slices is None:  # the Gluon combine: whole rows up to 8 splits (H100, bench/NOTES.md round 8)
         slices = 1 if gluon and splits <= 8 else _slices_to_fill(out.device, T * Hkv, block_d)
     if gluon:
         combine_hopper.combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, slices, SPLIT)
         return
+    group = Hq // Hkv
     _combine_kernel[(T, Hkv, slices)](
         part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, *out.stride(),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), INTERPRETED=INTERPRET, BLOCK_D=block_d, SPLIT=SPLIT,
