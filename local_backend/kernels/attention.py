@@ -362,13 +362,13 @@ def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_k
         split_kv = _wants_split_kv(q.device, plan.tiles.shape[0] * Hkv, plan.num_splits)
     scale_log2e = float(scale) * LOG2_E
     if not split_kv:
-        hopper.launch(q, k_cache, v_cache, positions, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages, persistent)
+        hopper.launch(q, k_cache, v_cache, plan, out, None, scale_log2e, BLOCK_N, SPLIT, stages, persistent)
         return out
     splits = plan.num_splits
     part_m = torch.empty((T, Hq, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
-    hopper.launch(q, k_cache, v_cache, positions, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
+    hopper.launch(q, k_cache, v_cache, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
                   SPLIT, stages, persistent)
     _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices, GLUON_COMBINE)
     return out

@@ -52,13 +52,14 @@ CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accu
 
 
 @gluon.jit
-def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, layout: gl.constexpr,
+def _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, layout: gl.constexpr,
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
           DECODE: gl.constexpr):
     """This warpgroup's rows (in ``layout``): row r is query head kv_head * GROUP + r % GROUP_PAD
     of the tile's token r // GROUP_PAD. Padding rows copy the tile's first token (so they
-    stay finite) and are never stored. A decode plan's tile t is token t alone, at position
-    kv_len - 1: known without a load (a decode item's latency is a chain of loads)."""
+    stay finite) and are never stored. Tokens and their positions come in one round trip
+    (the plan holds both: a work item's start is a chain of loads); a decode plan's tile t
+    is token t alone at position kv_len - 1, known without a load."""
     r = gl.arange(0, TOKENS * GROUP_PAD, layout=layout)
     g = r % GROUP_PAD
     head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
@@ -67,25 +68,21 @@ def _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, layout: gl.constex
         row_ok = (r < GROUP_PAD) & (g < GROUP)
         pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)
     else:
-        base = tiles_ptr + cta * (CONSUMERS * TOKENS)
-        tok = gl.load(base + wg * TOKENS + r // GROUP_PAD)
-        first = gl.load(base)
+        row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
+        tok = gl.load(tiles_ptr + row)
+        pos = gl.load(tile_pos_ptr + row)
+        first = gl.load(tiles_ptr + cta * (CONSUMERS * TOKENS))
         row_ok = (tok >= 0) & (g < GROUP)
         tok = gl.where(tok >= 0, tok, first)
-        pos = gl.load(positions_ptr + tok)
     return tok, head, row_ok, pos
 
 
 @gluon.jit
-def _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
-          SPLIT: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr):
-    """Work item w: tile order[w // (HKV * NUM_SPLITS)] (a decode plan's order is the tiles'
-    own), its KV head and split, the cache row of its sequence's position 0, and the
-    positions c_lo .. c_hi its sweep covers (none for a split past the tile's end)."""
-    if DECODE:
-        cta = (w // (HKV * NUM_SPLITS)).to(gl.int64)
-    else:
-        cta = gl.load(order_ptr + w // (HKV * NUM_SPLITS))
+def _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L, SPLIT: gl.constexpr, PARTIALS: gl.constexpr):
+    """Work item w: tile w // (HKV * NUM_SPLITS) (the plan stores tiles in sweep order), its
+    KV head and split, the cache row of its sequence's position 0, and the positions
+    c_lo .. c_hi its sweep covers (none for a split past the tile's end)."""
+    cta = (w // (HKV * NUM_SPLITS)).to(gl.int64)
     kv_head = (w // NUM_SPLITS) % HKV
     split = w % NUM_SPLITS
     kv_len = gl.load(cta_len_ptr + cta).to(gl.int32)
@@ -101,17 +98,16 @@ def _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
 
 @gluon.jit
 def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                    order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
+                    cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
                     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-                    PARTIALS: gl.constexpr, DECODE: gl.constexpr):
+                    PARTIALS: gl.constexpr):
     """The producer warp: the K and V chunks of this program's work items, one item after
     the other through one ring, each K (V) stage as soon as every consumer has released it
     (K after its scores, V after its P V). It runs ahead into the next item while the
     consumers finish one, so no item starts waiting for its first copies."""
     i = 0
     for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        _, kv_head, _, _, row0, c_lo, c_hi = _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
-                                                   SPLIT, PARTIALS, DECODE)
+        _, kv_head, _, _, row0, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L, SPLIT, PARTIALS)
         for n0 in range(c_lo, c_hi, BLOCK_N):
             s = i % STAGES
             phase = ((i // STAGES) & 1) ^ 1
@@ -253,7 +249,7 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 
 
 @gluon.jit
-def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
           cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
           stride_qt, stride_qh, stride_ot, stride_oh,
           q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
@@ -271,7 +267,7 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
 
     # (the last item's dots that read this buffer are done: every chunk step waits for its own)
     q_buf = q_smem.index(wg)
-    tok, head, row_ok, pos = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
+    tok, head, row_ok, pos = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
                                    GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
     q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
@@ -280,9 +276,9 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
     fence_async_shared()
     gl.thread_barrier()
 
-    tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len,
+    tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len,
                                        gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
-    _, _, _, pos_o = _rows(tiles_ptr, positions_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
+    _, _, _, pos_o = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
                            GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
@@ -314,8 +310,8 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
 
 
 @gluon.jit
-def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
-                       order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
+                       cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                        scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                        q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
@@ -325,10 +321,10 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     counting ring positions as the producer does."""
     base = 0
     for w in range(gl.program_id(0), num_items, gl.num_programs(0)):
-        cta, kv_head, split, kv_len, row0, c_lo, c_hi = _item(w, order_ptr, cta_slot_ptr, cta_len_ptr, HKV,
-                                                              NUM_SPLITS, L, SPLIT, PARTIALS, DECODE)
+        cta, kv_head, split, kv_len, row0, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
+                                                              SPLIT, PARTIALS)
         if c_lo < c_hi:
-            _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, positions_ptr,
+            _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
                   cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                   stride_qt, stride_qh, stride_ot, stride_oh,
                   q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
@@ -339,7 +335,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
 @gluon.jit
 def hopper_attention_kernel(
     q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc,
-    tiles_ptr, positions_ptr, cta_slot_ptr, cta_len_ptr, order_ptr,
+    tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr,
     scale_log2e, L, HQ, HKV, NUM_SPLITS, num_items,
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
@@ -363,18 +359,18 @@ def hopper_attention_kernel(
         mbarrier.init(k_empty.index(s), count=CONSUMERS)
         mbarrier.init(v_empty.index(s), count=CONSUMERS)
     load_args = (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                 order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
-                 BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)
+                 cta_slot_ptr, cta_len_ptr, num_items, HKV, NUM_SPLITS, L,
+                 BLOCK_N, D, SPLIT, STAGES, PARTIALS)
     # (the consumers' arguments are written out: constexprs would not survive a tuple built
     # here and concatenated)
     if CONSUMERS == 2:
         gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
-                             positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                             tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                              GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
-                             positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                             tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                              GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
@@ -382,7 +378,7 @@ def hopper_attention_kernel(
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
-                             positions_ptr, order_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
+                             tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                              GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
@@ -392,14 +388,15 @@ def hopper_attention_kernel(
 
 @dataclass
 class Plan:
-    """The CTA tiles of one forward pass: each ``consumers`` x TOKENS tokens of one sequence."""
+    """The CTA tiles of one forward pass: each ``consumers`` x TOKENS tokens of one sequence,
+    stored in sweep order (longest first: work-item order only, never the bits)."""
     tiles: torch.Tensor     # [num_ctas, consumers * TOKENS] token indices, -1 as padding
+    tile_pos: torch.Tensor  # tiles' shape: each token's position (padding: the tile's first token's)
     cta_slot: torch.Tensor  # [num_ctas] the cache slot of each tile's sequence
     cta_len: torch.Tensor   # [num_ctas] positions a tile sweeps: its last position + 1
-    order: torch.Tensor     # [num_ctas] tiles by sweep length, longest first (work-item order only)
     consumers: int
     num_splits: int         # splits of the longest sweep
-    decode: bool = False    # decode_plan's: tile t is token t alone, order the tiles' own
+    decode: bool = False    # decode_plan's: tile t is token t alone (tile_pos is never read)
 
 
 def tokens_per_warpgroup(group_pad: int) -> int:
@@ -417,12 +414,14 @@ def host_plan(host_slots: list[int], host_positions: list[int], group_pad: int, 
     two = sum(-(-n // (2 * tokens)) for n in lengths)
     consumers = 2 if 4 * two <= 3 * one else 1
     rows = build_tiles(host_slots, consumers * tokens).tolist()
+    lens = [max(host_positions[t] for t in row if t >= 0) + 1 for row in rows]
+    longest_first = sorted(range(len(rows)), key=lambda i: -lens[i])
+    rows, cta_len = [rows[i] for i in longest_first], [lens[i] for i in longest_first]
+    tile_pos = [[host_positions[t if t >= 0 else row[0]] for t in row] for row in rows]
     cta_slot = [host_slots[row[0]] for row in rows]
-    cta_len = [max(host_positions[t] for t in row if t >= 0) + 1 for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: -cta_len[i])
-    packed = torch.tensor([cta_slot, cta_len, order], dtype=torch.int64).to(device, non_blocking=True)
-    return Plan(torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True), packed[0], packed[1], packed[2],
-                consumers, (max(cta_len) - 1) // split + 1)
+    packed = torch.tensor([rows, tile_pos], dtype=torch.int64).to(device, non_blocking=True)
+    per_cta = torch.tensor([cta_slot, cta_len], dtype=torch.int64).to(device, non_blocking=True)
+    return Plan(packed[0], packed[1], per_cta[0], per_cta[1], consumers, (max(cta_len) - 1) // split + 1)
 
 
 def decode_plan(slots: torch.Tensor, positions: torch.Tensor, group_pad: int, split: int, L: int) -> Plan:
@@ -432,7 +431,7 @@ def decode_plan(slots: torch.Tensor, positions: torch.Tensor, group_pad: int, sp
     T = slots.shape[0]
     tiles = torch.full((T, tokens_per_warpgroup(group_pad)), -1, dtype=torch.int64, device=slots.device)
     tiles[:, 0] = torch.arange(T, device=slots.device)
-    return Plan(tiles, slots, positions + 1, torch.arange(T, device=slots.device), 1, (L - 1) // split + 1, True)
+    return Plan(tiles, tiles, slots, positions + 1, 1, (L - 1) // split + 1, True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -486,7 +485,7 @@ def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, el
     return max(1, min(SM_SHARED_BYTES // (shared + 1024), SM_REGISTERS // (threads * maxnreg)))
 
 
-def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, plan: Plan,
+def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: Plan,
            out: torch.Tensor, parts, scale_log2e: float, block_n: int, split: int, stages: int | None = None,
            persistent: bool = True):
     """Run the kernel: the single pass into ``out``, or (``parts`` = (m, l, acc)) every split's
@@ -506,7 +505,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
     hopper_attention_kernel[(programs,)](
         q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
-        plan.tiles, positions, plan.cta_slot, plan.cta_len, plan.order,
+        plan.tiles, plan.tile_pos, plan.cta_slot, plan.cta_len,
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,

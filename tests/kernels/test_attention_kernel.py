@@ -216,15 +216,16 @@ def test_hopper_plan_covers_every_token_once_in_sequence_tiles():
         width = plan.consumers * hopper.tokens_per_warpgroup(4)
         assert plan.tiles.shape[1] == width
         seen = []
-        for row, slot, length in zip(plan.tiles.tolist(), plan.cta_slot.tolist(), plan.cta_len.tolist()):
+        for row, row_pos, slot, length in zip(plan.tiles.tolist(), plan.tile_pos.tolist(), plan.cta_slot.tolist(),
+                                              plan.cta_len.tolist()):
             real = [t for t in row if t >= 0]
             assert real and row == real + [-1] * (width - len(real))
+            assert row_pos == [positions[t] for t in real] + [positions[real[0]]] * (width - len(real))
             assert {slots[t] for t in real} == {slot}
             assert length == max(positions[t] for t in real) + 1
             seen += real
         assert sorted(seen) == list(range(len(slots)))
-        lengths_in_order = plan.cta_len[plan.order].tolist()
-        assert lengths_in_order == sorted(lengths_in_order, reverse=True)
+        assert plan.cta_len.tolist() == sorted(plan.cta_len.tolist(), reverse=True)  # longest sweeps first
         assert plan.consumers == (2 if all(n >= 40 for n in lengths) else plan.consumers)
     decode_only = hopper.host_plan(list(range(8)), [5] * 8, 4, SPLIT, "cpu")
     assert decode_only.consumers == 1
