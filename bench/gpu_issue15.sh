@@ -2,7 +2,7 @@
 # Issue 15 in one device call: CUDA-graph and overlap tests, the needle check, bench_e2e,
 # profile_step, bench_matmul. Each step has its own time limit and writes its log/JSON into OUT_DIR.
 #   bash bench/gpu_issue15.sh OUT_DIR [steps...]
-#   steps: tests kernel_tests needle e2e e2e_gluon e2e_triton profile host decode matmul points attention
+#   steps: tests kernel_tests needle e2e e2e_gluon e2e_triton profile host decode ablate matmul points attention
 set -uo pipefail
 out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
@@ -49,6 +49,8 @@ for step in $steps; do
     host) timeout ${HOST_S:-60} python bench/profile_attention_host.py > "$out/host.log" 2>&1; grep "==" "$out/host.log" ;;
     decode) timeout ${DECODE_S:-90} python bench/profile_decode.py --json "$out/decode.json" > "$out/decode.log" 2>&1
             grep -v "^$" "$out/decode.log" | tail -48 ;;
+    ablate) timeout ${ABLATE_S:-120} python bench/ablate_prefill.py ${ABLATE_ARGS:-} --json "$out/ablate.json" \
+              > "$out/ablate.log" 2>&1; tail -9 "$out/ablate.log" ;;
     profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;
     matmul) timeout ${MATMUL_S:-120} python bench/bench_matmul.py ${MATMUL_ARGS:-} \

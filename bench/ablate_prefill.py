@@ -1,0 +1,136 @@
+"""Where a causal prefill of the Gluon attention kernel spends its time: the kernel's GPU
+time (CUPTI) with one part taken out at a time, side by side in one run.
+
+    PYTHONPATH=. python bench/ablate_prefill.py --json out/ablate.json
+
+Each variant is attention_hopper.py with one edit made to a copy of its source (every edit
+must match exactly once, or the run stops): the item order back to plain round-robin, the
+Q load gone (Q from registers), the zeroing of V past the sweep's end gone, the causal
+mask gone, the output store gone (under a mask that is false at run time, so nothing is
+compiled away), or another K/V ring depth. A variant's time against the default's says
+what that part costs; only "round-robin" and the ring depths keep the default's bits (a
+check), the others compute something else and are timed only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu_info import gpu_info, header, write_json
+from local_backend.kernels import attention as attn
+from local_backend.kernels import attention_hopper as hopper
+from profile_decode import kernel_times
+
+HQ, HKV, D = 32, 8, 128
+PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
+SOURCE = Path(hopper.__file__)
+VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps the default's bits)
+    "default": ([], None, True),
+    "round-robin": ([("return j * programs + pid + odd * (programs - 1 - 2 * pid)",
+                      "return j * programs + pid + odd * 0")], None, True),
+    "stages2": ([], 2, True),
+    "stages4": ([], 4, True),
+    "no-q-load": ([("""    q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)""",
+                    "    q = gl.full([ROWS_, D], 0.01, q_ptr.dtype.element_ty, io)")], None, False),
+    "no-v-zeroing": ([("if MASKED and (n0 + BLOCK_N > kv_len):", "if MASKED and (n0 + BLOCK_N > kv_len + (1 << 30)):")],
+                     None, False),
+    "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
+    "no-out-store": ([("""                 mask=row_ok[:, None])""", """                 mask=(row_ok & (kv_len < 0))[:, None])""")],
+                     None, False),
+}
+
+
+def variant_module(name: str, edits: list[tuple[str, str]], folder: Path):
+    """attention_hopper.py with ``edits`` made, imported from its own file (Gluon reads the source)."""
+    text = SOURCE.read_text()
+    for old, new in edits:
+        if text.count(old) != 1:
+            sys.exit(f"ablate_prefill: variant {name}: the edit {old[:60]!r} matches {text.count(old)} times in "
+                     f"{SOURCE} (it must match once: update VARIANTS to the kernel's source)")
+        text = text.replace(old, new)
+    path = folder / f"attention_hopper_{name.replace('-', '_')}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_case(B: int, N: int, modules: dict, calls: int, gen) -> dict:
+    """SDPA's and every variant's kernel time on B causal sequences of N tokens."""
+    k_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
+    v_cache = torch.randn(B, N, HKV, D, device="cuda", generator=gen).bfloat16()
+    q = torch.randn(B * N, HQ, D, device="cuda", generator=gen).bfloat16()
+    q_t = q.view(B, N, HQ, D).transpose(1, 2).contiguous()
+    k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    row = {"B": B, "N": N, "sdpa_us": sum(kernel_times(
+        lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=D ** -0.5, enable_gqa=True),
+        calls).values())}
+    slots = [b for b in range(B) for _ in range(N)]
+    positions = list(range(N)) * B
+    group_pad = HQ // HKV
+    scale_log2e = D ** -0.5 * attn.LOG2_E
+    reference = attn.attention(q, k_cache, v_cache, torch.tensor(slots, device="cuda"),
+                               torch.tensor(positions, device="cuda"), D ** -0.5, split_kv=False)
+    for name, (module, stages, same_bits) in modules.items():
+        plan = module.host_plan(slots, positions, group_pad, attn.SPLIT, q.device)
+        out = torch.empty_like(q)
+
+        def call():
+            module.launch(q, k_cache, v_cache, plan, out, None, scale_log2e, attn.BLOCK_N, attn.SPLIT, stages)
+        fig = {"us": sum(kernel_times(call, calls).values())}
+        if same_bits:
+            fig["same_bits"] = bool(torch.equal(out, reference))
+        row[name] = fig
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        sys.exit("ablate_prefill needs a Hopper GPU (sm_90): it times the Gluon kernel")
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"ablate_prefill: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    info = gpu_info()
+    print(header(info))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        modules = {name: (variant_module(name, VARIANTS[name][0], Path(folder)) if VARIANTS[name][0] else hopper,
+                          VARIANTS[name][1], VARIANTS[name][2]) for name in names}
+        print("kernel time per call (us, CUPTI); in brackets: the variant's time / the default's"
+              " (default: SDPA's time / its time, the ratio to SDPA); * = not the default's bits (expected only for edits that"
+              " change the math)")
+        print(f"{'B x N':>9} | {'SDPA':>7} | " + " | ".join(f"{n:>16}" for n in names))
+        for B, N in PREFILL:
+            row = run_case(B, N, modules, args.calls, gen)
+            rows.append(row)
+            base = row.get("default", {}).get("us")
+            cells = []
+            for n in names:
+                f = row[n]
+                rel = row["sdpa_us"] / f["us"] if n == "default" else (f["us"] / base if base else float("nan"))
+                flag = "" if f.get("same_bits", True) else "*"
+                cells.append(f"{f['us']:>8.1f} ({rel:4.2f}){flag:1}")
+            print(f"{B:>3} x {N:<5}| {row['sdpa_us']:>7.1f} | " + " | ".join(f"{c:>16}" for c in cells), flush=True)
+            torch.cuda.empty_cache()
+    write_json(args.json, {"info": info, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
