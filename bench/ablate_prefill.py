@@ -3,13 +3,14 @@ time (CUPTI) with one part taken out at a time, side by side in one run.
 
     PYTHONPATH=. python bench/ablate_prefill.py --json out/ablate.json
 
-Each variant is attention_hopper.py with one edit made to a copy of its source (every edit
-must match exactly once, or the run stops): the item order back to plain round-robin, the
-Q load gone (Q from registers), the zeroing of V past the sweep's end gone, the causal
-mask gone, the output store gone (under a mask that is false at run time, so nothing is
-compiled away), or another K/V ring depth. A variant's time against the default's says
-what that part costs; only "round-robin" and the ring depths keep the default's bits (a
-check), the others compute something else and are timed only.
+Each variant is attention_hopper.py with an edit made to a copy of its source (every edit
+must match exactly once, or the run stops): the item order back to plain round-robin; the
+next item's Q no longer copied ahead (loaded when the item starts); no Q load at all; the
+zeroing of V past the sweep's end gone; the causal mask gone; the output store gone (under
+a mask that is false at run time, so nothing is compiled away); or another K/V ring depth.
+A variant's time against the default's says what that part costs. Variants that only move
+work around must keep the default's bits (checked); the others compute something else and
+are timed only.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
                       "return j * programs + pid + odd * 0")], None, True),
     "stages2": ([], 2, True),
     "stages4": ([], 4, True),
-    "no-q-load": ([("""    q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)""",
-                    "    q = gl.full([ROWS_, D], 0.01, q_ptr.dtype.element_ty, io)")], None, False),
+    "no-q-ahead": ([("q_ahead = two and not plan.decode and", "q_ahead = False and")], None, True),
+    "no-q-load": ([("q_ahead = two and not plan.decode and", "q_ahead = False and"),
+                   ("""        q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)""",
+                    "        q = gl.full([ROWS_, D], 0.01, q_ptr.dtype.element_ty, io)")], None, False),
     "no-v-zeroing": ([("if MASKED and (n0 + BLOCK_N > kv_len):", "if MASKED and (n0 + BLOCK_N > kv_len + (1 << 30)):")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),

@@ -41,6 +41,7 @@ import torch
 from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -265,15 +266,17 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 
 
 @gluon.jit
-def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
+def _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
           cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
           stride_qt, stride_qh, stride_ot, stride_oh,
-          q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+          k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-          STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr):
+          STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
-    folded result (single pass) or this split's state (split-KV) to memory."""
+    folded result (single pass) or this split's state (split-KV) to memory. ``q_buf``
+    holds its Q rows already (Q_AHEAD: copied in the background during the last item) or
+    gets them here."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -281,14 +284,15 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte accesses
 
-    # (the last item's dots that read this buffer are done: every chunk step waits for its own)
-    q_buf = q_smem.index(wg)
     tok, head, row_ok, pos = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
                                    GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
-    q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    q_buf.store(q)
+    if Q_AHEAD:  # this thread's copies of this item's Q (all but the newest group) have landed
+        async_copy.wait_group(1)
+    else:  # (the last item's dots that read this buffer are done: every chunk step waits for its own)
+        q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        q_buf.store(q)
     fence_async_shared()
     gl.thread_barrier()
 
@@ -326,28 +330,64 @@ def _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_
 
 
 @gluon.jit
+def _prefetch_q(q_buf, q_ptr, tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr, w, num_items, wg, HKV,
+                NUM_SPLITS, L, stride_qt, stride_qh, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+                TOKENS: gl.constexpr, CONSUMERS: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
+                PARTIALS: gl.constexpr, io: gl.constexpr):
+    """Start copying work item w's Q rows (this warpgroup's) into q_buf in the background
+    (cp.async, one commit group); nothing, zeros only, for an item past the last or with
+    no chunks. Padding rows get zeros, as the register path's masked load gives them."""
+    cta, kv_head, _, kv_len, _, c_lo, c_hi = _item(gl.minimum(w, num_items - 1), cta_slot_ptr, cta_len_ptr, HKV,
+                                                   NUM_SPLITS, L, SPLIT, PARTIALS)
+    tok, head, row_ok, _ = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
+                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, False)
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
+    wanted = row_ok & (w < num_items) & (c_lo < c_hi)
+    row_start = gl.multiple_of(tok * stride_qt + head * stride_qh, 8)  # launch() checks: 16-byte copies
+    async_copy.async_copy_global_to_shared(q_buf, q_ptr + row_start[:, None] + d[None, :], mask=wanted[:, None])
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
                        cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                        scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                        q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-                       STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr):
+                       STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr,
+                       Q_AHEAD: gl.constexpr):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
-    counting ring positions as the producer does."""
+    counting ring positions as the producer does. Q_AHEAD: two Q buffers, the next item's
+    rows copied into one while this item's dots read the other (a prefill item is a few
+    chunks long, and waiting for its Q cost 15% of an 8 x 512 prefill)."""
     base = 0
     programs = gl.num_programs(0)
+    pid = gl.program_id(0)
+    io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
+    if Q_AHEAD:
+        _prefetch_q(q_smem.index(2 * wg), q_ptr, tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr,
+                    _item_index(0, pid, programs), num_items, wg, HKV, NUM_SPLITS, L, stride_qt, stride_qh,
+                    GROUP, GROUP_PAD, TOKENS, CONSUMERS, D, SPLIT, PARTIALS, io)
     for j in range(0, gl.cdiv(num_items, programs)):
-        w = _item_index(j, gl.program_id(0), programs)
+        w = _item_index(j, pid, programs)
+        if Q_AHEAD:  # (every warp is past the last item, whose buffer the next item's copies overwrite)
+            gl.thread_barrier()
+            _prefetch_q(q_smem.index(2 * wg + (j + 1) % 2), q_ptr, tiles_ptr, tile_pos_ptr, cta_slot_ptr,
+                        cta_len_ptr, _item_index(j + 1, pid, programs), num_items, wg, HKV, NUM_SPLITS, L,
+                        stride_qt, stride_qh, GROUP, GROUP_PAD, TOKENS, CONSUMERS, D, SPLIT, PARTIALS, io)
+            q_buf = q_smem.index(2 * wg + j % 2)
+        else:
+            q_buf = q_smem.index(wg)
         if w < num_items:
             cta, kv_head, split, kv_len, row0, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
                                                                   SPLIT, PARTIALS)
             if c_lo < c_hi:
-                _tile(wg, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
+                _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
                       cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                       stride_qt, stride_qh, stride_ot, stride_oh,
-                      q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                      GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)
+                      k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                      GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD)
             base += (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
 
 
@@ -359,12 +399,12 @@ def hopper_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    PARTIALS: gl.constexpr, DECODE: gl.constexpr,
+    PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr,
 ):
     """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
     _item_index(0, program_id, num_programs), _item_index(1, ...), ...: one item per program,
     or persistent programs that each take several and keep their K/V ring streaming between them."""
-    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, TOKENS * GROUP_PAD, D],
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS * (2 if Q_AHEAD else 1), TOKENS * GROUP_PAD, D],
                                        gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
@@ -387,12 +427,14 @@ def hopper_attention_kernel(
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
+                             Q_AHEAD)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
+                             Q_AHEAD)),
                             (_load_partition, load_args)],
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -400,7 +442,8 @@ def hopper_attention_kernel(
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE)),
+                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
+                             Q_AHEAD)),
                             (_load_partition, load_args)],
                            [1], [PRODUCER_REGS])
 
@@ -496,10 +539,12 @@ SCRATCH_PER_CONSUMER = 9 * 1024  # layout conversions and barriers (8.3-8.5 KB i
 
 
 @functools.lru_cache(maxsize=None)
-def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, elem: int, maxnreg: int) -> int:
+def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, elem: int, maxnreg: int,
+                    q_buffers: int = 1) -> int:
     """Programs that fit on one SM at once: the persistent grid's size per SM. By the
-    shared memory (Q per consumer, the K/V ring) and the registers (maxnreg per thread)."""
-    shared = consumers * (ROWS * head_dim * elem + SCRATCH_PER_CONSUMER) + stages * 2 * block_n * head_dim * elem
+    shared memory (Q buffers per consumer, the K/V ring) and the registers (maxnreg per thread)."""
+    shared = (consumers * (q_buffers * ROWS * head_dim * elem + SCRATCH_PER_CONSUMER) +
+              stages * 2 * block_n * head_dim * elem)
     threads = (consumers * CONSUMER_WARPS.value + 1) * 32
     return max(1, min(SM_SHARED_BYTES // (shared + 1024), SM_REGISTERS // (threads * maxnreg)))
 
@@ -520,7 +565,9 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
     two = plan.consumers == 2
     stages = stages or (3 if two else 2)
     maxnreg = 168 if two else 128
-    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg)
+    # the next item's Q copied ahead: prefill, where it fits beside the ring without costing a program per SM
+    q_ahead = two and not plan.decode and q.data_ptr() % 16 == 0 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0
+    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg, 2 if q_ahead else 1)
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
     hopper_attention_kernel[(programs,)](
         q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
@@ -528,5 +575,6 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,
+        Q_AHEAD=q_ahead,
         num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )
