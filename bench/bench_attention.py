@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--cases", choices=["all", "decode", "prefill"], default="all")
     parser.add_argument("--kernels", default=None,
                         help="ours to time side by side, e.g. gluon,triton (default: both on Hopper, else triton)")
+    parser.add_argument("--split", type=int, default=None,
+                        help="KV positions per split instead of the kernels' own (a multiple of 64; changes the bits:"
+                             " for trying another device-wide choice)")
     parser.add_argument("--rep", type=int, default=40, help="milliseconds of timed repeats per figure")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -164,8 +167,10 @@ def main() -> None:
     kernels = (args.kernels or ("gluon,triton" if hopper else "triton")).split(",")
     info = gpu_info()
     print(header(info))
+    if args.split is not None and (args.split <= 0 or args.split % attn.BLOCK_N):
+        sys.exit(f"bench_attention: --split {args.split} is not a positive multiple of BLOCK_N = {attn.BLOCK_N}")
     default = (attn.GPU_ROWS, attn.GPU_WARPS, attn.tile_config(HQ // HKV, D, torch.bfloat16)[2], attn.BLOCK_N,
-               attn.SPLIT)
+               args.split or attn.SPLIT)
     cands = CANDIDATES if args.tune else [default]
     gen = torch.Generator(device="cuda").manual_seed(0)
     print("prefill: TFLOP/s eager and ratio to SDPA; decode: KV GB/s eager and ratio; then the CUDA-graph ratio"
