@@ -5,6 +5,7 @@ time (CUPTI) with one part taken out at a time, side by side in one run.
 
 Each variant is attention_hopper.py with an edit made to a copy of its source (every edit
 must match exactly once, or the run stops): the item order back to plain round-robin; the
+sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk step); the
 next item's Q no longer copied ahead (loaded when the item starts); no Q load at all; the
 zeroing of V past the sweep's end gone; the causal mask gone; the output store gone (under
 a mask that is false at run time, so nothing is compiled away); or another K/V ring depth.
@@ -43,7 +44,16 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
                    ("""        q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)""",
                     "        q = gl.full([ROWS_, D], 0.01, q_ptr.dtype.element_ty, io)")], None, False),
-    "no-v-zeroing": ([("if MASKED and (n0 + BLOCK_N > kv_len):", "if MASKED and (n0 + BLOCK_N > kv_len + (1 << 30)):")],
+    "two-loops": ([("""        base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+        v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+        s_layout, o_layout, p_layout, v_io)""", """        base, c_lo, c_lo, mid, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+        v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+        s_layout, o_layout, p_layout, v_io)
+    m, l, acc, m_all, l_all, acc_all = _sweep_range(
+        base, c_lo, mid, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+        v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+        s_layout, o_layout, p_layout, v_io)""")], None, True),
+    "no-v-zeroing": ([("if n0 + BLOCK_N > kv_len:", "if n0 + BLOCK_N > kv_len + (1 << 30):")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
     "no-out-store": ([("""                 mask=row_ok[:, None])""", """                 mask=(row_ok & (kv_len < 0))[:, None])""")],

@@ -169,12 +169,14 @@ def _zero_past_end(v_buf, n0, kv_len, BLOCK_N: gl.constexpr, v_io: gl.constexpr)
 
 
 @gluon.jit
-def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, m, l, acc,
-                scale_log2e, MASKED: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+def _chunk_step(i, n0, mid, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, m, l, acc,
+                scale_log2e, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
                 STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                 p_layout: gl.constexpr, v_io: gl.constexpr):
     """One online-softmax step over KV positions n0 .. n0 + BLOCK_N (``attention._chunk``'s
-    arithmetic, operation for operation)."""
+    arithmetic, operation for operation). Chunks from ``mid`` on are masked (those before
+    are seen in full by every row); the mask is a branch, not a second copy of the step,
+    so the sweep is one loop of one body."""
     s = i % STAGES
     phase = (i // STAGES) & 1
     k_buf = k_smem.index(s)
@@ -184,12 +186,12 @@ def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k
                            use_acc=False, is_async=True)
     scores = warpgroup_mma_wait(0, deps=(scores, ))
     mbarrier.arrive(k_empty.index(s), count=1)
-    if MASKED:
+    if n0 >= mid:
         scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
     new_max, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_buf.dtype, o_layout, p_layout)
     acc = acc * rescale_o[:, None]
     mbarrier.wait(v_ready.index(s), phase)
-    if MASKED and (n0 + BLOCK_N > kv_len):  # the sweep's last chunk: rows past its end may hold anything
+    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
         _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
     acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
@@ -198,16 +200,16 @@ def _chunk_step(i, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_ready, k
 
 
 @gluon.jit
-def _sweep_range(base, c_lo, lo, hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+def _sweep_range(base, c_lo, lo, hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
                  k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
-                 MASKED: gl.constexpr, PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr,
+                 PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr,
                  D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
                  o_layout: gl.constexpr, p_layout: gl.constexpr, v_io: gl.constexpr):
     """Chunks lo .. hi of the sweep c_lo .. c_hi, one _chunk_step after the other, each split
     folded at its end (single pass). ``base``: the ring position of chunk c_lo."""
     for n0 in range(lo, hi, BLOCK_N):
-        m, l, acc = _chunk_step(base + (n0 - c_lo) // BLOCK_N, n0, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready,
-                                v_ready, k_empty, v_empty, m, l, acc, scale_log2e, MASKED, ROWS_, BLOCK_N, D, STAGES,
+        m, l, acc = _chunk_step(base + (n0 - c_lo) // BLOCK_N, n0, mid, kv_len, pos_s, q_buf, k_smem, v_smem,
+                                k_ready, v_ready, k_empty, v_empty, m, l, acc, scale_log2e, ROWS_, BLOCK_N, D, STAGES,
                                 s_layout, o_layout, p_layout, v_io)
         if not PARTIALS:
             m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
@@ -226,12 +228,8 @@ def _sweep(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
     warpgroup, FA3-style, measured slower: bench/NOTES.md, round 7); those before ``mid``
     are seen in full by every row and skip the mask."""
     m, l, acc, m_all, l_all, acc_all = _sweep_range(
-        base, c_lo, c_lo, mid, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-        m, l, acc, m_all, l_all, acc_all, scale_log2e, False, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
-        s_layout, o_layout, p_layout, v_io)
-    m, l, acc, m_all, l_all, acc_all = _sweep_range(
-        base, c_lo, mid, c_hi, c_hi, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-        m, l, acc, m_all, l_all, acc_all, scale_log2e, True, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+        base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+        v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)
     return m, l, acc, m_all, l_all, acc_all
 
