@@ -15,6 +15,10 @@ changed), and a point's sweep stops after --budget-s seconds (compiles take most
 Each candidate is checked bit for bit against the table's 8192-row product (only the K
 chunking may set the order of a sum); a candidate that differs is reported, never picked.
 Prints the 5 fastest bitwise candidates per point and a table line to try.
+
+``--ws`` tries matmul_hopper's warp-specialised Gluon kernel instead (Tiles(..., ws=True):
+128-row tiles, BLOCK_N 128 or 256, 3-5 stages, GROUP_M 8 or 16, as many as fit beside its
+output staging tile), against the table's entry in the same run; Hopper, K in one chunk.
 """
 
 from __future__ import annotations
@@ -68,7 +72,17 @@ def candidates(table, chunked: bool, chunk: int, K: int, M: int) -> list:
     return [table] + grid
 
 
-def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen) -> dict:
+def ws_candidates(table) -> list:
+    """matmul_hopper's tiles that fit: stages x (128 + BLOCK_N) x 64 x 2 bytes of ring, plus
+    the 128 x BLOCK_N output tile staged for its bulk store."""
+    from local_backend.kernels.matmul import Tiles
+    grid = [Tiles(128, bn, 64, 4, stages, GROUP_M=group, tma=True, ws=True)
+            for bn in (256, 128) for stages in (3, 4, 5) for group in (8, 16)
+            if stages * (128 + bn) * 64 * 2 + 128 * bn * 2 <= SMEM_BYTES - 2048]
+    return [table] + grid
+
+
+def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen, ws: bool = False) -> dict:
     from bench_matmul import graph_ms_per_call
     from local_backend.kernels import matmul
     started = time.perf_counter()
@@ -82,7 +96,7 @@ def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen) -> di
     cublas_ms = graph_ms_per_call(lambda w: torch.mm(x, w.t()), weights, rep_ms)
     flops = 2 * M * N * K
     results, tried = [], 0
-    grid = candidates(table, chunk < K, chunk, K, M)
+    grid = ws_candidates(table) if ws else candidates(table, chunk < K, chunk, K, M)
     for t in grid:
         if time.perf_counter() - started > budget_s:
             break
@@ -127,6 +141,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=40.0, help="seconds per point, compiles included")
     parser.add_argument("--rep", type=int, default=15, help="milliseconds of timed replays per figure")
     parser.add_argument("--warm-s", type=float, default=3.0, help="seconds of large matmuls first (clocks up)")
+    parser.add_argument("--ws", action="store_true", help="try matmul_hopper's warp-specialised kernel")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -139,7 +154,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     points = []
     for N, K, M in args.points:
-        points.append(sweep_point(N, K, M, args.budget_s, args.rep, gen))
+        points.append(sweep_point(N, K, M, args.budget_s, args.rep, gen, args.ws))
         report(points[-1])
     print(header(gpu_info()))
     write_json(args.json, {"info": gpu_info(), "points": points})

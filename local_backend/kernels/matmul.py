@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from local_backend.kernels._triton import INTERPRET, cast_to, interpreted_dot, tl, triton
+from local_backend.kernels import matmul_hopper
 from local_backend.kernels.contracts import check_linear
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Tiles:
     tma: bool = False  # Hopper's bulk tensor copies instead of pointer loads (same dot, same numbers)
     partials: bool = False  # one program per (tile, K chunk) + a summing kernel (same sum, same numbers)
     nested: bool = False  # fused chunks as a loop nest the compiler flattens (same sum, same numbers)
+    # matmul_hopper's persistent warp-specialised kernel (BLOCK_M 128), where the launch
+    # would take TMA on sm_90 with K in one chunk; else this entry's Triton kernel (same numbers)
+    ws: bool = False
 
 
 @triton.jit
@@ -353,6 +357,7 @@ class _Launch:
     chunks: int
     partials: bool  # two kernels: the chunk partials, then their sum
     tma: bool
+    ws: bool  # matmul_hopper's kernel
     grid: tuple[int, ...]
     sum_grid: tuple[int, ...]  # the summing kernel's (partials only)
     flags: dict  # the kernel's constexprs and launch options
@@ -389,9 +394,10 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
     partials = t.partials and chunks > 1 and chunks * M * N < 2**31
     tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     elem = dtype.itemsize
+    tma = t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned)
     return _Launch(
-        tiles=t, chunk=chunk, chunks=chunks, partials=partials,
-        tma=t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned),
+        tiles=t, chunk=chunk, chunks=chunks, partials=partials, tma=tma,
+        ws=t.ws and tma and chunks == 1 and t.BLOCK_M == 128 and matmul_hopper.supported(device),
         grid=(tiles_mn, chunks) if partials else (tiles_mn,),
         sum_grid=(triton.cdiv(M * N, SUM_BLOCK),),
         flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
@@ -424,6 +430,7 @@ def clear_caches() -> None:
     """Forget the cached launch decisions and weight descriptors (frees weights they held)."""
     _LAUNCHES.clear()
     _WEIGHT_DESCS.clear()
+    matmul_hopper.clear_caches()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -451,6 +458,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     t = p.tiles
     part = torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials else out
     bias_arg = bias if bias is not None else out
+    if p.ws:
+        return matmul_hopper.linear(x2, weight, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages,
+                                    t.GROUP_M).reshape(*lead, N)
     if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         _linear_tma_kernel[p.grid](

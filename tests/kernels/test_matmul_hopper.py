@@ -1,0 +1,65 @@
+"""The warp-specialised Gluon matmul (matmul_hopper.py, Hopper only): the same bits as the
+Triton kernel of the table, at ragged row and column edges, with and without a bias, for a
+persistent program that takes many tiles and for a grid of one tile each; and a row's
+result does not depend on how many rows share the launch (batch invariance)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from local_backend.kernels import matmul
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the Gluon matmul runs on Hopper (sm_90) only")
+
+TRITON = matmul.Tiles(128, 128, 64, 4, 3, tma=True)
+WS = [matmul.Tiles(128, 256, 64, 4, 3, tma=True, ws=True), matmul.Tiles(128, 128, 64, 4, 5, GROUP_M=16, tma=True,
+                                                                         ws=True)]
+
+
+def operands(M: int, N: int, K: int, seed: int = 0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).bfloat16()
+    b = torch.randn(N, device="cuda", generator=gen).bfloat16()
+    return x, w, b
+
+
+@pytest.mark.parametrize("tiles", WS, ids=["n256", "n128"])
+@pytest.mark.parametrize("M,N,K", [(2048, 4096, 4096), (300, 1000, 520), (4100, 14336, 4096), (1, 384, 64)])
+def test_the_gluon_matmul_is_the_triton_kernels_bits(tiles, M, N, K):
+    x, w, b = operands(M, N, K)
+    assert matmul._launch_for(x.dtype, x.device, M, N, K, x.stride(), w.stride(), True, tiles, None, None).ws
+    for bias in (None, b):
+        ours = matmul.linear(x, w, bias, tiles=tiles)
+        expected = matmul.linear(x, w, bias, tiles=TRITON)
+        assert torch.equal(ours, expected), f"M={M} N={N} K={K} bias={bias is not None}"
+    reference = (x.double() @ w.double().t() + b.double()).float()
+    err = (matmul.linear(x, w, b, tiles=tiles).float() - reference).abs().max().item()
+    assert err < 2e-2 * max(reference.abs().max().item(), 1.0)
+
+
+def test_one_program_takes_every_tile_in_turn(monkeypatch):
+    """A persistent grid of one program (a GPU of one SM, as far as the launch knows): every
+    tile through the same ring, its barriers' phases carried from tile to tile."""
+    x, w, b = operands(1000, 1500, 640, seed=1)
+    expected = matmul.linear(x, w, b, tiles=TRITON)
+    monkeypatch.setattr(matmul.matmul_hopper, "sm_count", lambda device: 1)
+    assert torch.equal(matmul.linear(x, w, b, tiles=WS[0]), expected)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    x, w, _ = operands(8192, 4096, 4096, seed=2)
+    full = matmul.linear(x, w, tiles=WS[0])
+    for rows in (slice(0, 1), slice(1000, 1077), slice(4096, 8192)):
+        assert torch.equal(matmul.linear(x[rows], w, tiles=WS[0]), full[rows])
+
+
+def test_chunked_k_keeps_the_triton_kernel():
+    """K in several chunks (the fold order): the ws flag gives way to the Triton kernel."""
+    x, w, _ = operands(256, 512, 14336, seed=3)
+    launch = matmul._launch_for(x.dtype, x.device, 256, 512, 14336, x.stride(), w.stride(), True, WS[0], None, None)
+    assert launch.chunks > 1 and launch.tma and not launch.ws
+    triton_tiles = matmul.Tiles(128, 256, 64, 4, 3, tma=True)
+    assert torch.equal(matmul.linear(x, w, tiles=WS[0]), matmul.linear(x, w, tiles=triton_tiles))
