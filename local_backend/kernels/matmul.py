@@ -300,6 +300,14 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
             t = Tiles(128, 128, 64, 4, 3, tma=True, nested=chunked)
     elif chunked:
         t = Tiles(128, 256, 64, 8, 3, tma=True, nested=True)
+    # From 2048 rows, K in one chunk: matmul_hopper's warp-specialised kernel (H100 sweep, round 9,
+    # bench/results/h100_s10_call3_points.log: 4096^2 at M = 2048 / 8192 0.87 / 0.86 -> 0.99 / 1.03x
+    # cuBLAS, 14336x4096 0.82 / 0.85 -> 0.91 / 1.00x). Where its 128 x 256 tiles leave the last
+    # round of programs mostly idle (4096 columns at 2100 rows: 272 tiles on 132 SMs) the Triton
+    # kernel's smaller tiles idle less but each runs slower: about even. Off sm_90 the Triton
+    # kernel runs these tiles (8 warps).
+    elif M >= 2048:
+        t = Tiles(128, 256, 64, 8, 3, GROUP_M=16, tma=True, ws=True)
     # Rounds 5 and 7's sweeps, each change against the old entry in the same run (bench/results/
     # h200_s7_call3_points.log, h100_s8_call2_points.log): below 4096 rows 3 stages (H200:
     # 14336x4096 at M = 2048 0.86 -> 0.92x cuBLAS; H100: 4096^2 at M = 2048 0.86 -> 0.92x);
@@ -489,8 +497,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # Triton compiles one kernel per set of constexprs and per class of each int argument:
 # 1, a multiple of 16, or any other value. M is such an argument (so are the descriptors'
 # shapes), so a table entry needs up to three compiles; the representatives below cover
-# every row count the table can tell apart (past 1024 rows it changes once, at 4096).
-WARM_ROWS = tuple(range(1, 1025)) + (1040, 1041, 4096, 4097)
+# every row count the table can tell apart (past 1024 rows it changes at 2048 and 4096).
+WARM_ROWS = tuple(range(1, 1025)) + (1040, 1041, 2048, 2049, 4096, 4097)
 
 
 def _m_class(M: int) -> int:
