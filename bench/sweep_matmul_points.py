@@ -17,8 +17,8 @@ chunking may set the order of a sum); a candidate that differs is reported, neve
 Prints the 5 fastest bitwise candidates per point and a table line to try.
 
 ``--ws`` tries matmul_hopper's warp-specialised Gluon kernel instead (Tiles(..., ws=True):
-128-row tiles, BLOCK_N 128 or 256, 3-5 stages, GROUP_M 8 or 16, as many as fit beside its
-output staging tile), against the table's entry in the same run; Hopper, K in one chunk.
+128-row tiles, BLOCK_N 128 or 256 (128 where K is in chunks), 3-5 stages, GROUP_M 8 or 16,
+as many as fit beside its output staging tile), against the table's entry in the same run.
 """
 
 from __future__ import annotations
@@ -72,12 +72,12 @@ def candidates(table, chunked: bool, chunk: int, K: int, M: int) -> list:
     return [table] + grid
 
 
-def ws_candidates(table) -> list:
+def ws_candidates(table, chunked: bool) -> list:
     """matmul_hopper's tiles that fit: stages x (128 + BLOCK_N) x 64 x 2 bytes of ring, plus
-    the 128 x BLOCK_N output tile staged for its bulk store."""
+    the 128 x BLOCK_N output tile staged for its bulk store; K in chunks, 128 columns only."""
     from local_backend.kernels.matmul import Tiles
     grid = [Tiles(128, bn, 64, 4, stages, GROUP_M=group, tma=True, ws=True)
-            for bn in (256, 128) for stages in (3, 4, 5) for group in (8, 16)
+            for bn in ((128,) if chunked else (256, 128)) for stages in (3, 4, 5) for group in (8, 16)
             if stages * (128 + bn) * 64 * 2 + 128 * bn * 2 <= SMEM_BYTES - 2048]
     return [table] + grid
 
@@ -96,7 +96,7 @@ def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen, ws: b
     cublas_ms = graph_ms_per_call(lambda w: torch.mm(x, w.t()), weights, rep_ms)
     flops = 2 * M * N * K
     results, tried = [], 0
-    grid = ws_candidates(table) if ws else candidates(table, chunk < K, chunk, K, M)
+    grid = ws_candidates(table, chunk < K) if ws else candidates(table, chunk < K, chunk, K, M)
     for t in grid:
         if time.perf_counter() - started > budget_s:
             break

@@ -49,7 +49,8 @@ class Tiles:
     partials: bool = False  # one program per (tile, K chunk) + a summing kernel (same sum, same numbers)
     nested: bool = False  # fused chunks as a loop nest the compiler flattens (same sum, same numbers)
     # matmul_hopper's persistent warp-specialised kernel (BLOCK_M 128), where the launch
-    # would take TMA on sm_90 with K in one chunk; else this entry's Triton kernel (same numbers)
+    # would take TMA on sm_90, without partials, and (K in chunks) BLOCK_N <= 128 (a running
+    # total beside the accumulator); else this entry's Triton kernel (same numbers)
     ws: bool = False
 
 
@@ -405,7 +406,8 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
     tma = t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned)
     return _Launch(
         tiles=t, chunk=chunk, chunks=chunks, partials=partials, tma=tma,
-        ws=t.ws and tma and chunks == 1 and t.BLOCK_M == 128 and matmul_hopper.supported(device),
+        ws=(t.ws and tma and not partials and t.BLOCK_M == 128 and (chunks == 1 or t.BLOCK_N <= 128)
+            and matmul_hopper.supported(device)),
         grid=(tiles_mn, chunks) if partials else (tiles_mn,),
         sum_grid=(triton.cdiv(M * N, SUM_BLOCK),),
         flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
@@ -467,8 +469,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     part = torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials else out
     bias_arg = bias if bias is not None else out
     if p.ws:
-        return matmul_hopper.linear(x2, weight, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages,
-                                    t.GROUP_M).reshape(*lead, N)
+        return matmul_hopper.linear(x2, weight, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
+                                    p.chunk).reshape(*lead, N)
     if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         _linear_tma_kernel[p.grid](

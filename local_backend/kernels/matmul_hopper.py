@@ -15,8 +15,9 @@ Triton 3.6 does not warp-specialise a loop on sm_90. Here
 Why the same bits as the Triton kernel: a 16-bit wgmma adds its products into the fp32
 accumulator 16 of K at a time, in K order, whatever the tile (the note above matmul.py's
 table); the accumulator starts at zero, the bias is added once after the K loop, and the
-result is rounded to the output dtype once, as there. Only unchunked launches come here
-(K within one chunk): the chunk folds stay in the Triton kernel.
+result is rounded to the output dtype once, as there; where K is summed in chunks, each
+chunk's sum joins the total at the chunk's end, as there (not the partials launch, one
+program per chunk: that stays in the Triton kernels).
 """
 
 from __future__ import annotations
@@ -71,12 +72,13 @@ def _load_partition(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, K,
 
 
 @gluon.jit
-def _mma_partition(wg, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_ptr, M, N, K,
-                   HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                   STAGES: gl.constexpr):
+def _mma_partition(wg, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_ptr, M, N, K, CHUNK_K,
+                   HAS_BIAS: gl.constexpr, CHUNKED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                   GROUP_M: gl.constexpr, STAGES: gl.constexpr):
     """A consumer warpgroup: rows wg * 64 .. + 64 of every tile this program takes. Each K
     step's dot is issued, then the previous one awaited and its stage released, so the
-    tensor cores always have the next dot queued."""
+    tensor cores always have the next dot queued. CHUNKED: K is summed in chunks of CHUNK_K,
+    each chunk's sum added to the total at its end (``_linear_tma_kernel``'s fold, in its order)."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
     num_m = gl.cdiv(M, 2 * HALF_M)
@@ -86,7 +88,13 @@ def _mma_partition(wg, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_pt
     for t in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(t, num_m, num_n, GROUP_M)
         acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
+        total = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
         for k0 in range(0, K, BLOCK_K):
+            if CHUNKED:
+                if (k0 % CHUNK_K == 0) & (k0 > 0):
+                    acc = warpgroup_mma_wait(0, deps=(acc, ))
+                    total = total + acc
+                    acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, acc_layout)
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             acc = warpgroup_mma(x_smem.index(2 * s + wg), w_smem.index(s).permute((1, 0)), acc, is_async=True)
@@ -96,6 +104,8 @@ def _mma_partition(wg, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_pt
             i += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
+        if CHUNKED:
+            acc = total + acc
         if HAS_BIAS:
             cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
             acc = acc + gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
@@ -109,9 +119,9 @@ def _mma_partition(wg, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_pt
 
 
 @gluon.jit
-def hopper_linear_kernel(x_desc, w_desc, out_desc, bias_ptr, M, N, K,
-                         HAS_BIAS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                         GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+def hopper_linear_kernel(x_desc, w_desc, out_desc, bias_ptr, M, N, K, CHUNK_K,
+                         HAS_BIAS: gl.constexpr, CHUNKED: gl.constexpr, BLOCK_N: gl.constexpr,
+                         BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
     """out[M, N] = x[M, K] @ w[N, K]^T (+ bias), 128 x BLOCK_N tiles, persistent programs."""
     x_smem = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, HALF_M, BLOCK_K], x_desc.layout)
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
@@ -122,9 +132,9 @@ def hopper_linear_kernel(x_desc, w_desc, out_desc, bias_ptr, M, N, K,
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)
     gl.warp_specialize([(_mma_partition, (0, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_ptr, M, N, K,
-                                          HAS_BIAS, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+                                          CHUNK_K, HAS_BIAS, CHUNKED, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
                         (_mma_partition, (1, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_ptr, M, N, K,
-                                          HAS_BIAS, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
+                                          CHUNK_K, HAS_BIAS, CHUNKED, BLOCK_N, BLOCK_K, GROUP_M, STAGES)),
                         (_load_partition, (x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, K,
                                            BLOCK_N, BLOCK_K, GROUP_M, STAGES))],
                        [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -166,17 +176,18 @@ def supported(device: torch.device) -> bool:
 
 
 def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-           block_n: int, block_k: int, stages: int, group_m: int) -> torch.Tensor:
+           block_n: int, block_k: int, stages: int, group_m: int, chunk_k: int) -> torch.Tensor:
     """out = x2 @ weight^T (+ bias), x2 [M, K], weight [N, K], out [M, N], all 16-bit with
-    unit inner strides and 16-byte aligned rows (matmul._tma_ok); K in one chunk."""
+    unit inner strides and 16-byte aligned rows (matmul._tma_ok); K summed in chunks of
+    chunk_k (a multiple of block_k), or in one."""
     M, K = x2.shape
     N = weight.shape[0]
     half = HALF_M.value
     tiles = triton.cdiv(M, 2 * half) * triton.cdiv(N, block_n)
     hopper_linear_kernel[(min(tiles, sm_count(x2.device)),)](
         _descriptor(x2, [half, block_k]), _weight_desc(weight, [block_n, block_k]),
-        _descriptor(out, [half, block_n]), bias if bias is not None else out, M, N, K,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages,
+        _descriptor(out, [half, block_n]), bias if bias is not None else out, M, N, K, chunk_k,
+        HAS_BIAS=bias is not None, CHUNKED=chunk_k < K, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages,
         num_warps=CONSUMER_WARPS.value, maxnreg=168,
     )
     return out

@@ -1,7 +1,7 @@
 """The warp-specialised Gluon matmul (matmul_hopper.py, Hopper only): the same bits as the
-Triton kernel of the table, at ragged row and column edges, with and without a bias, for a
-persistent program that takes many tiles and for a grid of one tile each; and a row's
-result does not depend on how many rows share the launch (batch invariance)."""
+Triton kernel of the table, at ragged row and column edges, with and without a bias, with K
+in one chunk or several, for a persistent program that takes many tiles; and a row's result
+does not depend on how many rows share the launch (batch invariance)."""
 
 from __future__ import annotations
 
@@ -56,10 +56,19 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
         assert torch.equal(matmul.linear(x[rows], w, tiles=WS[0]), full[rows])
 
 
-def test_chunked_k_keeps_the_triton_kernel():
-    """K in several chunks (the fold order): the ws flag gives way to the Triton kernel."""
-    x, w, _ = operands(256, 512, 14336, seed=3)
-    launch = matmul._launch_for(x.dtype, x.device, 256, 512, 14336, x.stride(), w.stride(), True, WS[0], None, None)
-    assert launch.chunks > 1 and launch.tma and not launch.ws
-    triton_tiles = matmul.Tiles(128, 256, 64, 4, 3, tma=True)
-    assert torch.equal(matmul.linear(x, w, tiles=WS[0]), matmul.linear(x, w, tiles=triton_tiles))
+@pytest.mark.parametrize("M", [512, 300])
+def test_k_in_chunks_folds_as_the_triton_kernel_does(M):
+    """K in several chunks: each chunk's sum joins the total at its end, in the Triton
+    kernel's order (its nested loop and its flat one give the same bits); 128-column tiles
+    only: with 256 columns the running total would not fit beside the accumulator, and the
+    flag gives way to the Triton kernel."""
+    N, K = 1024, 14336
+    x, w, b = operands(M, N, K, seed=3)
+    narrow = matmul.Tiles(128, 128, 64, 4, 5, tma=True, ws=True)
+    launch = matmul._launch_for(x.dtype, x.device, M, N, K, x.stride(), w.stride(), True, narrow, None, None)
+    assert launch.chunks > 1 and launch.ws
+    wide = matmul._launch_for(x.dtype, x.device, M, N, K, x.stride(), w.stride(), True, WS[0], None, None)
+    assert wide.tma and not wide.ws
+    for nested in (True, False):
+        expected = matmul.linear(x, w, b, tiles=matmul.Tiles(128, 128, 64, 4, 3, tma=True, nested=nested))
+        assert torch.equal(matmul.linear(x, w, b, tiles=narrow), expected), f"nested={nested}"
