@@ -425,14 +425,20 @@ _WEIGHT_DESCS: dict[tuple, object] = {}
 MAX_CACHED_WEIGHT_DESCS = 1024
 
 
-def _weight_desc(weight: torch.Tensor, block: tuple[int, int]):
+def _triton_descriptor(t: torch.Tensor, block: tuple[int, int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, block)
+    return TensorDescriptor.from_tensor(t, list(block))
+
+
+def _weight_desc(weight: torch.Tensor, block: tuple[int, int], make=_triton_descriptor):
+    """The weight's descriptor for ``block``, made by ``make`` (Triton's, or matmul_hopper's
+    Gluon one) once per weight and kind."""
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, block, make)
     desc = _WEIGHT_DESCS.get(key)
     if desc is None:
         if len(_WEIGHT_DESCS) >= MAX_CACHED_WEIGHT_DESCS:
             _WEIGHT_DESCS.clear()
-        desc = _WEIGHT_DESCS[key] = TensorDescriptor.from_tensor(weight, list(block))
+        desc = _WEIGHT_DESCS[key] = make(weight, block)
     return desc
 
 
@@ -440,7 +446,6 @@ def clear_caches() -> None:
     """Forget the cached launch decisions and weight descriptors (frees weights they held)."""
     _LAUNCHES.clear()
     _WEIGHT_DESCS.clear()
-    matmul_hopper.clear_caches()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -469,7 +474,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     part = torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials else out
     bias_arg = bias if bias is not None else out
     if p.ws:
-        return matmul_hopper.linear(x2, weight, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
+        w_desc = _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K), matmul_hopper.descriptor)
+        return matmul_hopper.linear(x2, w_desc, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
                                     p.chunk).reshape(*lead, N)
     if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -149,24 +149,10 @@ def _layout(rows: int, cols: int, dtype: torch.dtype):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], _gl_dtype[dtype])
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
+def descriptor(t: torch.Tensor, block: tuple[int, int]):
+    """A bulk-copy descriptor of a 2-D tensor in [block] boxes, in this kernel's layout."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _layout(*block, t.dtype))
-
-
-_WEIGHT_DESCS: dict[tuple, object] = {}
-MAX_CACHED_WEIGHT_DESCS = 1024
-
-
-def _weight_desc(weight: torch.Tensor, block: list[int]):
-    """Weights live as long as the model: their descriptor is made once (see matmul._weight_desc)."""
-    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device, tuple(block))
-    desc = _WEIGHT_DESCS.get(key)
-    if desc is None:
-        if len(_WEIGHT_DESCS) >= MAX_CACHED_WEIGHT_DESCS:
-            _WEIGHT_DESCS.clear()
-        desc = _WEIGHT_DESCS[key] = _descriptor(weight, block)
-    return desc
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _layout(*block, t.dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,23 +161,21 @@ def supported(device: torch.device) -> bool:
     return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+def linear(x2: torch.Tensor, w_desc, bias: torch.Tensor | None, out: torch.Tensor,
            block_n: int, block_k: int, stages: int, group_m: int, chunk_k: int) -> torch.Tensor:
-    """out = x2 @ weight^T (+ bias), x2 [M, K], weight [N, K], out [M, N], all 16-bit with
-    unit inner strides and 16-byte aligned rows (matmul._tma_ok); K summed in chunks of
+    """out = x2 @ weight^T (+ bias), x2 [M, K], the weight [N, K] as ``w_desc`` (``descriptor``
+    in [block_n, block_k] boxes: made once per weight by the caller), out [M, N]; all 16-bit
+    with unit inner strides and 16-byte aligned rows (matmul._tma_ok); K summed in chunks of
     chunk_k (a multiple of block_k), or in one."""
     M, K = x2.shape
-    N = weight.shape[0]
+    N = out.shape[1]
     half = HALF_M.value
     tiles = triton.cdiv(M, 2 * half) * triton.cdiv(N, block_n)
     hopper_linear_kernel[(min(tiles, sm_count(x2.device)),)](
-        _descriptor(x2, [half, block_k]), _weight_desc(weight, [block_n, block_k]),
-        _descriptor(out, [half, block_n]), bias if bias is not None else out, M, N, K, chunk_k,
-        HAS_BIAS=bias is not None, CHUNKED=chunk_k < K, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, STAGES=stages,
-        num_warps=CONSUMER_WARPS.value, maxnreg=168,
+        descriptor(x2, (half, block_k)), w_desc, descriptor(out, (half, block_n)),
+        bias if bias is not None else out, M, N, K, chunk_k,
+        HAS_BIAS=bias is not None, CHUNKED=chunk_k < K, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        STAGES=stages, num_warps=CONSUMER_WARPS.value, maxnreg=168,
     )
     return out
 
-
-def clear_caches() -> None:
-    _WEIGHT_DESCS.clear()
