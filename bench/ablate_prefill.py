@@ -126,9 +126,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         modules = {name: (variant_module(name, VARIANTS[name][0], Path(folder)) if VARIANTS[name][0] else hopper,
                           VARIANTS[name][1], VARIANTS[name][2]) for name in names}
-        print("kernel time per call (us, CUPTI); in brackets: the variant's time / the default's"
-              " (default: SDPA's time / its time, the ratio to SDPA); * = not the default's bits (expected only for edits that"
-              " change the math)")
+        print("kernel time per call (us, CUPTI); in brackets: the variant's time / the default's (default:"
+              " SDPA's time / its time, the ratio to SDPA); * = not the default's bits (expected only for edits"
+              " that change the math)")
         print(f"{'B x N':>9} | {'SDPA':>7} | " + " | ".join(f"{n:>16}" for n in names))
         for B, N in PREFILL:
             row = run_case(B, N, modules, args.calls, gen)
