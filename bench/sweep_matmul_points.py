@@ -75,10 +75,11 @@ def candidates(table, chunked: bool, chunk: int, K: int, M: int) -> list:
 def ws_candidates(table, chunked: bool) -> list:
     """matmul_hopper's tiles that fit: stages x (128 + BLOCK_N) x 64 x 2 bytes of ring, plus
     the 128 x BLOCK_N output tile staged for its bulk store; K in chunks, 128 columns only."""
+    from local_backend.kernels import matmul_hopper
     from local_backend.kernels.matmul import Tiles
     grid = [Tiles(128, bn, 64, 4, stages, GROUP_M=group, tma=True, ws=True)
             for bn in ((128,) if chunked else (256, 128)) for stages in (3, 4, 5) for group in (8, 16)
-            if stages * (128 + bn) * 64 * 2 + 128 * bn * 2 <= SMEM_BYTES - 2048]
+            if matmul_hopper.shared_bytes(bn, 64, stages) <= matmul_hopper.SM_SHARED_BYTES]
     return [table] + grid
 
 

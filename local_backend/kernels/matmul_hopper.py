@@ -140,6 +140,15 @@ def hopper_linear_kernel(x_desc, w_desc, out_desc, bias_ptr, M, N, K, CHUNK_K,
                        [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+SM_SHARED_BYTES = 227 * 1024  # shared memory one SM gives a program (sm_90)
+
+
+def shared_bytes(block_n: int, block_k: int, stages: int, elem: int = 2) -> int:
+    """Shared memory one program takes: the ring (a 128-row X chunk and a W chunk per stage),
+    the output tile staged for its bulk store, the barriers."""
+    return stages * (2 * HALF_M.value + block_n) * block_k * elem + 2 * HALF_M.value * block_n * elem + 1024
+
+
 _gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 

@@ -9,7 +9,7 @@ import torch
 
 from kernel_checks import DEVICE, randn
 
-from local_backend.kernels import matmul
+from local_backend.kernels import matmul, matmul_hopper
 from local_backend.kernels.matmul import Tiles, triton
 
 # bench_matmul's (N, K) and the engine's Llama-3.2-1B projections
@@ -34,6 +34,21 @@ def test_warm_up_rows_reach_every_table_entry(table):
         def entries(rows):
             return {(_table(M, N, K, table), matmul._m_class(M)) for M in rows}
         assert entries(range(1, 8193)) <= entries(matmul.WARM_ROWS), (N, K)
+
+
+def test_the_gluon_matmuls_entries_fit_its_kernel():
+    """Every entry the table sends to matmul_hopper's kernel has its 128-row tiles and fits
+    one SM's shared memory; where K is in chunks, the entry's 256 columns send it to the
+    Triton kernel instead (the running total would not fit), and that kernel needs 8 warps."""
+    for N, K in SHAPES:
+        for M in range(1, 8193, 7):
+            t = matmul._gpu_tiles_16bit(M, N, K, _chunk(K))
+            if not t.ws:
+                continue
+            assert t.BLOCK_M == 128 and t.tma and not t.partials, (M, N, K, t)
+            assert matmul_hopper.shared_bytes(t.BLOCK_N, t.BLOCK_K, t.num_stages) <= matmul_hopper.SM_SHARED_BYTES
+            if K > _chunk(K) and t.BLOCK_N > 128:  # the Triton kernel runs it
+                assert t.num_warps == 8, (M, N, K, t)
 
 
 def test_partials_only_with_many_chunks_and_small_m():
