@@ -358,7 +358,8 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
     counting ring positions as the producer does. Q_AHEAD: two Q buffers, the next item's
     rows copied into one while this item's dots read the other (a prefill item is a few
-    chunks long, and waiting for its Q cost 15% of an 8 x 512 prefill)."""
+    chunks long; waiting for its Q at its start cost 3-4% up to 4096 tokens: bench/NOTES.md,
+    round 9)."""
     base = 0
     programs = gl.num_programs(0)
     pid = gl.program_id(0)
