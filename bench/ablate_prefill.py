@@ -9,7 +9,9 @@ sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk s
 next item's Q no longer copied ahead (loaded when the item starts); no Q load at all; the
 zeroing of V past the sweep's end gone; the causal mask gone; the output store gone (under
 a mask that is false at run time, so nothing is compiled away); or another K/V ring depth.
-A variant's time against the default's says what that part costs. Variants that only move
+Candidate changes ride along the same way: positions as int32 (the mask's compare in 32
+bits), the output stored straight from the accumulator's layout (no layout conversion
+through shared memory). A variant's time against the default's says what that part costs. Variants that only move
 work around must keep the default's bits (checked); the others compute something else and
 are timed only.
 """
@@ -56,6 +58,17 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
     "no-v-zeroing": ([("if n0 + BLOCK_N > kv_len:", "if n0 + BLOCK_N > kv_len + (1 << 30):")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
+    # candidate changes (speed only: the default's bits)
+    "pos-int32": ([("        pos = gl.load(tile_pos_ptr + row)\n", "        pos = gl.load(tile_pos_ptr + row).to(gl.int32)\n"),
+                   ("pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)",
+                    "pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)")], None, True),
+    "direct-store": ([("    _, _, _, pos_o = _rows(", "    tok_o, head_o, ok_o, pos_o = _rows("),
+                      ("""        out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), io)
+        gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
+                 mask=row_ok[:, None])""",
+                       """        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        gl.store(out_ptr + tok_o[:, None] * stride_ot + head_o[:, None] * stride_oh + d_o[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=ok_o[:, None])""")], None, True),
     "no-out-store": ([("""                 mask=row_ok[:, None])""", """                 mask=(row_ok & (kv_len < 0))[:, None])""")],
                      None, False),
 }
