@@ -7,7 +7,9 @@ Each variant is attention_hopper.py with an edit made to a copy of its source (e
 must match exactly once, or the run stops): the item order back to plain round-robin; the
 sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk step); the
 next item's Q no longer copied ahead (loaded when the item starts); no Q load at all; the
-zeroing of V past the sweep's end gone; the causal mask gone; the output store gone (under
+zeroing of V past the sweep's end gone; a tile's tokens and positions computed instead of
+loaded (right for this bench's tiles of consecutive tokens, wrong rows of Q and the output);
+the causal mask gone; the output store gone (under
 a mask that is false at run time, so nothing is compiled away); or another K/V ring depth.
 Candidate changes ride along the same way: positions as int32 (the mask's compare in 32
 bits), the output stored straight from the accumulator's layout (no layout conversion
@@ -69,6 +71,12 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
                        """        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
         gl.store(out_ptr + tok_o[:, None] * stride_ot + head_o[:, None] * stride_oh + d_o[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=ok_o[:, None])""")], None, True),
+    "no-meta-load": ([("""        tok = gl.load(tiles_ptr + row)
+        pos = gl.load(tile_pos_ptr + row)
+        first = gl.load(tiles_ptr + cta * (CONSUMERS * TOKENS))""",
+                       """        pos = (kv_len - CONSUMERS * TOKENS + wg * TOKENS + r // GROUP_PAD).to(gl.int64)
+        tok = pos
+        first = pos * 0""")], None, False),
     "no-out-store": ([("""                 mask=row_ok[:, None])""", """                 mask=(row_ok & (kv_len < 0))[:, None])""")],
                      None, False),
 }
