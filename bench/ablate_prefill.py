@@ -37,6 +37,17 @@ from profile_decode import kernel_times
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
 SOURCE = Path(hopper.__file__)
+# candidate changes (speed only: the default's bits)
+POS_INT32 = [("        pos = gl.load(tile_pos_ptr + row)\n", "        pos = gl.load(tile_pos_ptr + row).to(gl.int32)\n"),
+             ("pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)",
+              "pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)")]
+DIRECT_STORE = [("    _, _, _, pos_o = _rows(", "    tok_o, head_o, ok_o, pos_o = _rows("),
+                ("""        out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), io)
+        gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
+                 mask=row_ok[:, None])""",
+                 """        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        gl.store(out_ptr + tok_o[:, None] * stride_ot + head_o[:, None] * stride_oh + d_o[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=ok_o[:, None])""")]
 VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps the default's bits)
     "default": ([], None, True),
     "round-robin": ([("return j * programs + pid + odd * (programs - 1 - 2 * pid)",
@@ -60,17 +71,10 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
     "no-v-zeroing": ([("if n0 + BLOCK_N > kv_len:", "if n0 + BLOCK_N > kv_len + (1 << 30):")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
-    # candidate changes (speed only: the default's bits)
-    "pos-int32": ([("        pos = gl.load(tile_pos_ptr + row)\n", "        pos = gl.load(tile_pos_ptr + row).to(gl.int32)\n"),
-                   ("pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)",
-                    "pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)")], None, True),
-    "direct-store": ([("    _, _, _, pos_o = _rows(", "    tok_o, head_o, ok_o, pos_o = _rows("),
-                      ("""        out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), io)
-        gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
-                 mask=row_ok[:, None])""",
-                       """        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        gl.store(out_ptr + tok_o[:, None] * stride_ot + head_o[:, None] * stride_oh + d_o[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=ok_o[:, None])""")], None, True),
+    # the candidate changes above, alone and together
+    "pos-int32": (POS_INT32, None, True),
+    "direct-store": (DIRECT_STORE, None, True),
+    "int32-direct": (POS_INT32 + DIRECT_STORE, None, True),
     "no-meta-load": ([("""        tok = gl.load(tiles_ptr + row)
         pos = gl.load(tile_pos_ptr + row)
         first = gl.load(tiles_ptr + cta * (CONSUMERS * TOKENS))""",
