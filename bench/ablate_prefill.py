@@ -6,16 +6,15 @@ time (CUPTI) with one part taken out at a time, side by side in one run.
 Each variant is attention_hopper.py with an edit made to a copy of its source (every edit
 must match exactly once, or the run stops): the item order back to plain round-robin; the
 sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk step); the
-next item's Q no longer copied ahead (loaded when the item starts); no Q load at all; the
-zeroing of V past the sweep's end gone; a tile's tokens and positions computed instead of
-loaded (right for this bench's tiles of consecutive tokens, wrong rows of Q and the output);
-the causal mask gone; the output store gone (under
-a mask that is false at run time, so nothing is compiled away); or another K/V ring depth.
-Candidate changes ride along the same way: positions as int32 (the mask's compare in 32
-bits), the output stored straight from the accumulator's layout (no layout conversion
-through shared memory). A variant's time against the default's says what that part costs. Variants that only move
-work around must keep the default's bits (checked); the others compute something else and
-are timed only.
+next items' Q and rows no longer copied ahead (loaded when an item starts); no Q load at
+all; the zeroing of V past the sweep's end gone; the causal mask gone; the output store
+gone (under a mask that is false at run time, so nothing is compiled away); or another K/V
+ring depth. Candidate changes ride along the same way (round 10's: positions as int32,
+taken; the output stored straight from the accumulator's layout, 4-24% slower; a tile's
+rows computed instead of loaded, which led to copying them ahead). A variant's time
+against the default's says what that part costs. Variants that only move work around
+must keep the default's bits (checked); the others compute something else and are timed
+only.
 """
 
 from __future__ import annotations
@@ -37,24 +36,13 @@ from profile_decode import kernel_times
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
 SOURCE = Path(hopper.__file__)
-# candidate changes (speed only: the default's bits)
-POS_INT32 = [("        pos = gl.load(tile_pos_ptr + row)\n", "        pos = gl.load(tile_pos_ptr + row).to(gl.int32)\n"),
-             ("pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)",
-              "pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)")]
-DIRECT_STORE = [("    _, _, _, pos_o = _rows(", "    tok_o, head_o, ok_o, pos_o = _rows("),
-                ("""        out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), io)
-        gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
-                 mask=row_ok[:, None])""",
-                 """        d_o = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-        gl.store(out_ptr + tok_o[:, None] * stride_ot + head_o[:, None] * stride_oh + d_o[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=ok_o[:, None])""")]
 VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps the default's bits)
     "default": ([], None, True),
     "round-robin": ([("return j * programs + pid + odd * (programs - 1 - 2 * pid)",
                       "return j * programs + pid + odd * 0")], None, True),
     "stages2": ([], 2, True),
     "stages4": ([], 4, True),
-    "no-q-ahead": ([("q_ahead = two and not plan.decode and", "q_ahead = False and")], None, True),
+    "no-ahead": ([("q_ahead = two and not plan.decode and", "q_ahead = False and")], None, True),
     "no-q-load": ([("q_ahead = two and not plan.decode and", "q_ahead = False and"),
                    ("""        q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)""",
@@ -71,16 +59,6 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
     "no-v-zeroing": ([("if n0 + BLOCK_N > kv_len:", "if n0 + BLOCK_N > kv_len + (1 << 30):")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
-    # the candidate changes above, alone and together
-    "pos-int32": (POS_INT32, None, True),
-    "direct-store": (DIRECT_STORE, None, True),
-    "int32-direct": (POS_INT32 + DIRECT_STORE, None, True),
-    "no-meta-load": ([("""        tok = gl.load(tiles_ptr + row)
-        pos = gl.load(tile_pos_ptr + row)
-        first = gl.load(tiles_ptr + cta * (CONSUMERS * TOKENS))""",
-                       """        pos = (kv_len - CONSUMERS * TOKENS + wg * TOKENS + r // GROUP_PAD).to(gl.int64)
-        tok = pos
-        first = pos * 0""")], None, False),
     "no-out-store": ([("""                 mask=row_ok[:, None])""", """                 mask=(row_ok & (kv_len < 0))[:, None])""")],
                      None, False),
 }

@@ -61,22 +61,61 @@ def _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, layout: gl.constexp
     of the tile's token r // GROUP_PAD. Padding rows copy the tile's first token (so they
     stay finite) and are never stored. Tokens and their positions come in one round trip
     (the plan holds both: a work item's start is a chain of loads); a decode plan's tile t
-    is token t alone at position kv_len - 1, known without a load."""
+    is token t alone at position kv_len - 1, known without a load. Positions are int32
+    (the causal mask's compare: 1-2% of a short prefill, bench/NOTES.md round 10)."""
     r = gl.arange(0, TOKENS * GROUP_PAD, layout=layout)
     g = r % GROUP_PAD
     head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
     if DECODE:
         tok = gl.full([TOKENS * GROUP_PAD], cta, gl.int64, layout)
         row_ok = (r < GROUP_PAD) & (g < GROUP)
-        pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int64, layout)
+        pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)
     else:
         row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
         tok = gl.load(tiles_ptr + row)
-        pos = gl.load(tile_pos_ptr + row)
-        first = gl.load(tiles_ptr + cta * (CONSUMERS * TOKENS))
+        pos = gl.load(tile_pos_ptr + row).to(gl.int32)
         row_ok = (tok >= 0) & (g < GROUP)
-        tok = gl.where(tok >= 0, tok, first)
+        tok = gl.where(tok >= 0, tok, -1 - tok)  # padding: -1 - the tile's first token (host_plan)
     return tok, head, row_ok, pos
+
+
+@gluon.jit
+def _copy_meta(meta_smem, buf, tiles_ptr, tile_pos_ptr, cta_len_ptr, w, num_items, wg, HKV, NUM_SPLITS,
+               ROWS_: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Start copying what work item w's start needs into buffer ``buf`` of meta_smem
+    (cp.async, no wait): this warpgroup's row tokens, their positions, and the tile's length
+    (in every row). The item then starts on shared memory instead of a round trip to global
+    memory (13% of the kernel at 8 x 512, 7% at 4 x 1024: bench/NOTES.md, round 10).
+    Nothing for w past the last."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    r = gl.arange(0, ROWS_, layout=layout)
+    cta = (gl.minimum(w, num_items - 1) // (HKV * NUM_SPLITS)).to(gl.int64)
+    row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
+    wanted = (r >= 0) & (w < num_items)
+    async_copy.async_copy_global_to_shared(meta_smem.index(3 * buf), tiles_ptr + row, mask=wanted)
+    async_copy.async_copy_global_to_shared(meta_smem.index(3 * buf + 1), tile_pos_ptr + row, mask=wanted)
+    async_copy.async_copy_global_to_shared(meta_smem.index(3 * buf + 2), cta_len_ptr + cta + r * 0, mask=wanted)
+
+
+@gluon.jit
+def _meta_rows(meta_smem, buf, kv_head, layout: gl.constexpr, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
+               ROWS_: gl.constexpr):
+    """_rows from a _copy_meta copy that has landed."""
+    r = gl.arange(0, ROWS_, layout=layout)
+    g = r % GROUP_PAD
+    head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
+    tok = meta_smem.index(3 * buf).load(layout)
+    pos = meta_smem.index(3 * buf + 1).load(layout).to(gl.int32)
+    row_ok = (tok >= 0) & (g < GROUP)
+    return gl.where(tok >= 0, tok, -1 - tok), head, row_ok, pos
+
+
+@gluon.jit
+def _meta_len(meta_smem, buf):
+    """The tile length of a _copy_meta copy that has landed (its first row's copy: every
+    thread reads it, so the reduction to a scalar stays in registers)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    return gl.max(meta_smem.index(3 * buf + 2).slice(0, 1).load(layout), axis=0).to(gl.int32)
 
 
 @gluon.jit
@@ -96,17 +135,25 @@ def _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L, SPLIT: gl.constexpr,
     KV head and split, the cache row of its sequence's position 0, and the positions
     c_lo .. c_hi its sweep covers (none for a split past the tile's end)."""
     cta = (w // (HKV * NUM_SPLITS)).to(gl.int64)
-    kv_head = (w // NUM_SPLITS) % HKV
-    split = w % NUM_SPLITS
     kv_len = gl.load(cta_len_ptr + cta).to(gl.int32)
     row0 = gl.load(cta_slot_ptr + cta).to(gl.int32) * L
+    cta, kv_head, split, c_lo, c_hi = _item_span(w, kv_len, HKV, NUM_SPLITS, SPLIT, PARTIALS)
+    return cta, kv_head, split, kv_len, row0, c_lo, c_hi
+
+
+@gluon.jit
+def _item_span(w, kv_len, HKV, NUM_SPLITS, SPLIT: gl.constexpr, PARTIALS: gl.constexpr):
+    """_item's tile, KV head, split and positions c_lo .. c_hi, given the tile's length."""
+    cta = (w // (HKV * NUM_SPLITS)).to(gl.int64)
+    kv_head = (w // NUM_SPLITS) % HKV
+    split = w % NUM_SPLITS
     if PARTIALS:
         c_lo = split * SPLIT
         c_hi = gl.minimum(c_lo + SPLIT, kv_len)
     else:
         c_lo = split * 0
         c_hi = kv_len
-    return cta, kv_head, split, kv_len, row0, c_lo, c_hi
+    return cta, kv_head, split, c_lo, c_hi
 
 
 @gluon.jit
@@ -264,7 +311,7 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 
 
 @gluon.jit
-def _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
+def _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
           cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
           stride_qt, stride_qh, stride_ot, stride_oh,
           k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
@@ -272,9 +319,9 @@ def _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
           STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
-    folded result (single pass) or this split's state (split-KV) to memory. ``q_buf``
-    holds its Q rows already (Q_AHEAD: copied in the background during the last item) or
-    gets them here."""
+    folded result (single pass) or this split's state (split-KV) to memory. With Q_AHEAD,
+    ``q_buf`` and buffer ``meta`` of ``meta_smem`` hold its Q rows and row facts already (copied in the
+    background during the last items); else the rows are loaded here."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -282,22 +329,23 @@ def _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte accesses
 
-    tok, head, row_ok, pos = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
-                                   GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
-    if Q_AHEAD:  # this thread's copies of this item's Q (all but the newest group) have landed
-        async_copy.wait_group(1)
+    if Q_AHEAD:  # (landed: _compute_partition waited before the item began)
+        tok_s, head_s, ok_s, pos_s = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD,
+                                                ROWS_)
+        _, _, _, pos_o = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, o_layout), GROUP, GROUP_PAD, ROWS_)
     else:  # (the last item's dots that read this buffer are done: every chunk step waits for its own)
+        tok, head, row_ok, pos = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
+                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
         q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)
         q_buf.store(q)
-    fence_async_shared()
-    gl.thread_barrier()
-
-    tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len,
-                                       gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
-    _, _, _, pos_o = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
-                           GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
+        fence_async_shared()
+        gl.thread_barrier()
+        tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len,
+                                           gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
+        _, _, _, pos_o = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
+                               GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
     full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
 
@@ -312,6 +360,8 @@ def _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
         k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
         STAGES, s_layout, o_layout, p_layout, io)
 
+    if Q_AHEAD:  # (read only now: nothing held in registers through the sweep)
+        tok, head, row_ok, pos = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, io), GROUP, GROUP_PAD, ROWS_)
     if PARTIALS:  # this split's state, for attention._combine_kernel
         part_s = (tok_s * HQ + head_s) * NUM_SPLITS + split
         keep_s = ok_s & (pos_s >= c_lo)
@@ -328,62 +378,84 @@ def _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
 
 
 @gluon.jit
-def _prefetch_q(q_buf, q_ptr, tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr, w, num_items, wg, HKV,
-                NUM_SPLITS, L, stride_qt, stride_qh, GROUP: gl.constexpr, GROUP_PAD: gl.constexpr,
-                TOKENS: gl.constexpr, CONSUMERS: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-                PARTIALS: gl.constexpr, io: gl.constexpr):
+def _copy_q(q_buf, q_ptr, meta_smem, meta, w, num_items, HKV, NUM_SPLITS, stride_qt, stride_qh,
+            GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, ROWS_: gl.constexpr, D: gl.constexpr,
+            SPLIT: gl.constexpr, PARTIALS: gl.constexpr, io: gl.constexpr):
     """Start copying work item w's Q rows (this warpgroup's) into q_buf in the background
-    (cp.async, one commit group); nothing, zeros only, for an item past the last or with
-    no chunks. Padding rows get zeros, as the register path's masked load gives them."""
-    cta, kv_head, _, kv_len, _, c_lo, c_hi = _item(gl.minimum(w, num_items - 1), cta_slot_ptr, cta_len_ptr, HKV,
-                                                   NUM_SPLITS, L, SPLIT, PARTIALS)
-    tok, head, row_ok, _ = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
-                                 GROUP, GROUP_PAD, TOKENS, CONSUMERS, False)
+    (cp.async), its rows read from buffer ``meta`` of meta_smem (landed); nothing, zeros only, for an item
+    past the last or with no chunks. Padding rows get zeros, as the register path's masked
+    load gives them."""
+    _, kv_head, _, c_lo, c_hi = _item_span(gl.minimum(w, num_items - 1), _meta_len(meta_smem, meta), HKV,
+                                           NUM_SPLITS, SPLIT, PARTIALS)
+    tok, head, row_ok, _ = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, io), GROUP, GROUP_PAD, ROWS_)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
     wanted = row_ok & (w < num_items) & (c_lo < c_hi)
     row_start = gl.multiple_of(tok * stride_qt + head * stride_qh, 8)  # launch() checks: 16-byte copies
     async_copy.async_copy_global_to_shared(q_buf, q_ptr + row_start[:, None] + d[None, :], mask=wanted[:, None])
-    async_copy.commit_group()
 
 
 @gluon.jit
 def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
                        cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                        scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                       q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                       q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
                        STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr,
                        Q_AHEAD: gl.constexpr):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
-    counting ring positions as the producer does. Q_AHEAD: two Q buffers, the next item's
-    rows copied into one while this item's dots read the other (a prefill item is a few
-    chunks long; waiting for its Q at its start cost 3-4% up to 4096 tokens: bench/NOTES.md,
-    round 9)."""
+    counting ring positions as the producer does. Q_AHEAD (prefill, where an item is a few
+    chunks long): nothing at an item's start waits on global memory. Item j + 2's rows and
+    tile length (three buffers) and item j + 1's Q (two buffers, its addresses from the rows
+    landed) are copied in the background while item j runs. Waiting for its Q at its start
+    cost 3-4% up to 4096 tokens (bench/NOTES.md, round 9), for its rows 4-13% up to 2048
+    (round 10)."""
     base = 0
     programs = gl.num_programs(0)
     pid = gl.program_id(0)
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
+    ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     if Q_AHEAD:
-        _prefetch_q(q_smem.index(2 * wg), q_ptr, tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr,
-                    _item_index(0, pid, programs), num_items, wg, HKV, NUM_SPLITS, L, stride_qt, stride_qh,
-                    GROUP, GROUP_PAD, TOKENS, CONSUMERS, D, SPLIT, PARTIALS, io)
+        _copy_meta(meta_smem, 3 * wg, tiles_ptr, tile_pos_ptr, cta_len_ptr, _item_index(0, pid, programs),
+                   num_items, wg, HKV, NUM_SPLITS, ROWS_, GROUP_PAD, TOKENS, CONSUMERS)
+        _copy_meta(meta_smem, 3 * wg + 1, tiles_ptr, tile_pos_ptr, cta_len_ptr, _item_index(1, pid, programs),
+                   num_items, wg, HKV, NUM_SPLITS, ROWS_, GROUP_PAD, TOKENS, CONSUMERS)
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        gl.thread_barrier()
+        _copy_q(q_smem.index(2 * wg), q_ptr, meta_smem, 3 * wg, _item_index(0, pid, programs), num_items,
+                HKV, NUM_SPLITS, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS_, D, SPLIT, PARTIALS, io)
+        async_copy.commit_group()
     for j in range(0, gl.cdiv(num_items, programs)):
         w = _item_index(j, pid, programs)
-        if Q_AHEAD:  # (every warp is past the last item, whose buffer the next item's copies overwrite)
+        if Q_AHEAD:
+            # item j's Q and item j + 1's rows have landed (this thread's copies; the barrier:
+            # everyone's, and every warp is past item j - 1, whose buffers the new copies take)
+            async_copy.wait_group(0)
+            fence_async_shared()
             gl.thread_barrier()
-            _prefetch_q(q_smem.index(2 * wg + (j + 1) % 2), q_ptr, tiles_ptr, tile_pos_ptr, cta_slot_ptr,
-                        cta_len_ptr, _item_index(j + 1, pid, programs), num_items, wg, HKV, NUM_SPLITS, L,
-                        stride_qt, stride_qh, GROUP, GROUP_PAD, TOKENS, CONSUMERS, D, SPLIT, PARTIALS, io)
+            _copy_meta(meta_smem, 3 * wg + (j + 2) % 3, tiles_ptr, tile_pos_ptr, cta_len_ptr,
+                       _item_index(j + 2, pid, programs), num_items, wg, HKV, NUM_SPLITS, ROWS_, GROUP_PAD, TOKENS,
+                       CONSUMERS)
+            _copy_q(q_smem.index(2 * wg + (j + 1) % 2), q_ptr, meta_smem, 3 * wg + (j + 1) % 3,
+                    _item_index(j + 1, pid, programs), num_items, HKV, NUM_SPLITS, stride_qt, stride_qh,
+                    GROUP, GROUP_PAD, ROWS_, D, SPLIT, PARTIALS, io)
+            async_copy.commit_group()
             q_buf = q_smem.index(2 * wg + j % 2)
+            meta = 3 * wg + j % 3
         else:
             q_buf = q_smem.index(wg)
+            meta = 0  # (unused)
         if w < num_items:
-            cta, kv_head, split, kv_len, row0, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
-                                                                  SPLIT, PARTIALS)
+            if Q_AHEAD:
+                kv_len = _meta_len(meta_smem, meta)
+                cta, kv_head, split, c_lo, c_hi = _item_span(w, kv_len, HKV, NUM_SPLITS, SPLIT, PARTIALS)
+            else:
+                cta, kv_head, split, kv_len, _, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
+                                                                   SPLIT, PARTIALS)
             if c_lo < c_hi:
-                _tile(wg, base, q_buf, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
-                      cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
+                      tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
                       stride_qt, stride_qh, stride_ot, stride_oh,
                       k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD)
@@ -405,6 +477,9 @@ def hopper_attention_kernel(
     or persistent programs that each take several and keep their K/V ring streaming between them."""
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS * (2 if Q_AHEAD else 1), TOKENS * GROUP_PAD, D],
                                        gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
+    # Q_AHEAD: three buffers of row facts per consumer (_copy_meta: tokens, positions, length)
+    meta_smem = gl.allocate_shared_memory(gl.int64, [CONSUMERS * 3 * 3 if Q_AHEAD else 3, TOKENS * GROUP_PAD],
+                                          gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -425,13 +500,13 @@ def hopper_attention_kernel(
         gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                              GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
                              Q_AHEAD)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                              GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
                              Q_AHEAD)),
                             (_load_partition, load_args)],
@@ -440,7 +515,7 @@ def hopper_attention_kernel(
         gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                             q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                             q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                              GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
                              Q_AHEAD)),
                             (_load_partition, load_args)],
@@ -451,7 +526,7 @@ def hopper_attention_kernel(
 class Plan:
     """The CTA tiles of one forward pass: each ``consumers`` x TOKENS tokens of one sequence,
     stored in sweep order (longest first: work-item order only, never the bits)."""
-    tiles: torch.Tensor     # [num_ctas, consumers * TOKENS] token indices, -1 as padding
+    tiles: torch.Tensor     # [num_ctas, consumers * TOKENS] token indices; padding -1 - the tile's first token
     tile_pos: torch.Tensor  # tiles' shape: each token's position (padding: the tile's first token's)
     cta_slot: torch.Tensor  # [num_ctas] the cache slot of each tile's sequence
     cta_len: torch.Tensor   # [num_ctas] positions a tile sweeps: its last position + 1
@@ -479,6 +554,7 @@ def host_plan(host_slots: list[int], host_positions: list[int], group_pad: int, 
     longest_first = sorted(range(len(rows)), key=lambda i: -lens[i])
     rows, cta_len = [rows[i] for i in longest_first], [lens[i] for i in longest_first]
     tile_pos = [[host_positions[t if t >= 0 else row[0]] for t in row] for row in rows]
+    rows = [[t if t >= 0 else -1 - row[0] for t in row] for row in rows]  # the kernel needs no third load
     cta_slot = [host_slots[row[0]] for row in rows]
     packed = torch.tensor([rows, tile_pos], dtype=torch.int64).to(device, non_blocking=True)
     per_cta = torch.tensor([cta_slot, cta_len], dtype=torch.int64).to(device, non_blocking=True)
@@ -535,6 +611,7 @@ def _descriptor(cache: torch.Tensor, block_n: int):
 SM_SHARED_BYTES = 227 * 1024  # shared memory one SM gives its programs (sm_90)
 SM_REGISTERS = 64 * 1024
 SCRATCH_PER_CONSUMER = 9 * 1024  # layout conversions and barriers (8.3-8.5 KB in the compiled kernels)
+META_BYTES = 3 * 3 * ROWS * 8  # a consumer's _copy_meta buffers (with Q copied ahead)
 
 
 @functools.lru_cache(maxsize=None)
@@ -542,7 +619,8 @@ def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, el
                     q_buffers: int = 1) -> int:
     """Programs that fit on one SM at once: the persistent grid's size per SM. By the
     shared memory (Q buffers per consumer, the K/V ring) and the registers (maxnreg per thread)."""
-    shared = (consumers * (q_buffers * ROWS * head_dim * elem + SCRATCH_PER_CONSUMER) +
+    meta = META_BYTES if q_buffers > 1 else 0
+    shared = (consumers * (q_buffers * ROWS * head_dim * elem + meta + SCRATCH_PER_CONSUMER) +
               stages * 2 * block_n * head_dim * elem)
     threads = (consumers * CONSUMER_WARPS.value + 1) * 32
     return max(1, min(SM_SHARED_BYTES // (shared + 1024), SM_REGISTERS // (threads * maxnreg)))

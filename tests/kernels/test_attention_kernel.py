@@ -219,7 +219,7 @@ def test_hopper_plan_covers_every_token_once_in_sequence_tiles():
         for row, row_pos, slot, length in zip(plan.tiles.tolist(), plan.tile_pos.tolist(), plan.cta_slot.tolist(),
                                               plan.cta_len.tolist()):
             real = [t for t in row if t >= 0]
-            assert real and row == real + [-1] * (width - len(real))
+            assert real and row == real + [-1 - real[0]] * (width - len(real))  # padding names the first token
             assert row_pos == [positions[t] for t in real] + [positions[real[0]]] * (width - len(real))
             assert {slots[t] for t in real} == {slot}
             assert length == max(positions[t] for t in real) + 1
