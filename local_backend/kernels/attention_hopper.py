@@ -72,11 +72,16 @@ def _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, layout: gl.constexp
         pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)
     else:
         row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
-        tok = gl.load(tiles_ptr + row)
-        pos = gl.load(tile_pos_ptr + row).to(gl.int32)
-        row_ok = (tok >= 0) & (g < GROUP)
-        tok = gl.where(tok >= 0, tok, -1 - tok)  # padding: -1 - the tile's first token (host_plan)
+        tok, row_ok, pos = _planned_rows(gl.load(tiles_ptr + row), gl.load(tile_pos_ptr + row), g, GROUP)
     return tok, head, row_ok, pos
+
+
+@gluon.jit
+def _planned_rows(tok, pos, g, GROUP: gl.constexpr):
+    """A prefill plan's row entries as read (from global or shared memory): the token (a
+    padding row's entry is -1 - the tile's first token: host_plan), whether the row is real,
+    its position as int32."""
+    return gl.where(tok >= 0, tok, -1 - tok), (tok >= 0) & (g < GROUP), pos.to(gl.int32)
 
 
 @gluon.jit
@@ -104,10 +109,9 @@ def _meta_rows(meta_smem, buf, kv_head, layout: gl.constexpr, GROUP: gl.constexp
     r = gl.arange(0, ROWS_, layout=layout)
     g = r % GROUP_PAD
     head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
-    tok = meta_smem.index(3 * buf).load(layout)
-    pos = meta_smem.index(3 * buf + 1).load(layout).to(gl.int32)
-    row_ok = (tok >= 0) & (g < GROUP)
-    return gl.where(tok >= 0, tok, -1 - tok), head, row_ok, pos
+    tok, row_ok, pos = _planned_rows(meta_smem.index(3 * buf).load(layout), meta_smem.index(3 * buf + 1).load(layout),
+                                     g, GROUP)
+    return tok, head, row_ok, pos
 
 
 @gluon.jit
@@ -311,8 +315,8 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 
 
 @gluon.jit
-def _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
-          cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+def _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
+          tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
           stride_qt, stride_qh, stride_ot, stride_oh,
           k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
@@ -320,8 +324,8 @@ def _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_p
           STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
     folded result (single pass) or this split's state (split-KV) to memory. With Q_AHEAD,
-    ``q_buf`` and buffer ``meta`` of ``meta_smem`` hold its Q rows and row facts already (copied in the
-    background during the last items); else the rows are loaded here."""
+    ``q_buf`` and buffer ``meta`` of ``meta_smem`` hold its Q rows and row facts already
+    (copied in the background during the last items); else the rows are loaded here."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -382,9 +386,9 @@ def _copy_q(q_buf, q_ptr, meta_smem, meta, w, num_items, HKV, NUM_SPLITS, stride
             GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, ROWS_: gl.constexpr, D: gl.constexpr,
             SPLIT: gl.constexpr, PARTIALS: gl.constexpr, io: gl.constexpr):
     """Start copying work item w's Q rows (this warpgroup's) into q_buf in the background
-    (cp.async), its rows read from buffer ``meta`` of meta_smem (landed); nothing, zeros only, for an item
-    past the last or with no chunks. Padding rows get zeros, as the register path's masked
-    load gives them."""
+    (cp.async), its rows read from buffer ``meta`` of meta_smem (landed); nothing, zeros
+    only, for an item past the last or with no chunks. Padding rows get zeros, as the
+    register path's masked load gives them."""
     _, kv_head, _, c_lo, c_hi = _item_span(gl.minimum(w, num_items - 1), _meta_len(meta_smem, meta), HKV,
                                            NUM_SPLITS, SPLIT, PARTIALS)
     tok, head, row_ok, _ = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, io), GROUP, GROUP_PAD, ROWS_)
