@@ -288,7 +288,8 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
             (Tiles(16, 64, 64, 4, 6) if M <= 32 else Tiles(64, 64, 64, 4, 5)) if wide else Tiles(64, 32, 128, 4, 5)
     elif M <= 128:
         # narrow weights: 5 stages, TMA loads, GROUP_M 16 (H100 sweep, round 10, bench/results/
-        # h100_s11_call1_points128.log: 4096^2 at M = 128 0.85 -> 0.96x cuBLAS against 4 stages of pointer loads)
+        # h100_s11_call1_points128.log: 4096^2 at M = 128 0.85 -> 0.96x cuBLAS against 4 stages of pointer loads;
+        # bench_matmul with it, call 2: 0.99)
         t = Tiles(64, 128, 64, 4, 4, tma=True, partials=True) if many_chunks else \
             Tiles(128, 128, 64, 4, 5, tma=True) if wide else Tiles(64, 64, 128, 4, 5, GROUP_M=16, tma=True)
     elif M <= 1024:
