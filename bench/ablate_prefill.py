@@ -7,9 +7,9 @@ Each variant is attention_hopper.py with an edit made to a copy of its source (e
 must match exactly once, or the run stops): the item order back to plain round-robin; the
 sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk step); the
 next items' Q and rows no longer copied ahead (loaded when an item starts); no Q load at
-all; the zeroing of V past the sweep's end gone; the causal mask gone; the output store
-gone (under a mask that is false at run time, so nothing is compiled away); or another K/V
-ring depth. Candidate changes ride along the same way (round 10's: positions as int32,
+all; the zeroing of V past the sweep's end gone; the causal mask gone; the output stored
+row by row instead of by bulk copies (rows-out); the output store gone (row stores under a
+mask that is false at run time, so nothing is compiled away); or another K/V ring depth. Candidate changes ride along the same way (round 10's: positions as int32,
 taken; the output stored straight from the accumulator's layout, 4-24% slower; a tile's
 rows computed instead of loaded, which led to copying them ahead). A variant's time
 against the default's says what that part costs. Variants that only move work around
@@ -59,7 +59,9 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
     "no-v-zeroing": ([("if n0 + BLOCK_N > kv_len:", "if n0 + BLOCK_N > kv_len + (1 << 30):")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
-    "no-out-store": ([("""                 mask=row_ok[:, None])""", """                 mask=(row_ok & (kv_len < 0))[:, None])""")],
+    "rows-out": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and")], None, True),
+    "no-out-store": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and"),
+                      ("""             mask=row_ok[:, None])""", """             mask=(row_ok & (tok < 0))[:, None])""")],
                      None, False),
 }
 

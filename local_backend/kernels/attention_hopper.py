@@ -115,11 +115,24 @@ def _meta_rows(meta_smem, buf, kv_head, layout: gl.constexpr, GROUP: gl.constexp
 
 
 @gluon.jit
-def _meta_len(meta_smem, buf):
-    """The tile length of a _copy_meta copy that has landed (its first row's copy: every
-    thread reads it, so the reduction to a scalar stays in registers)."""
+def _meta_first(meta_smem, index):
+    """Row 0 of meta_smem.index(index), a _copy_meta copy that has landed, as a scalar (every
+    thread reads the one row, so the reduction to a scalar stays in registers)."""
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    return gl.max(meta_smem.index(3 * buf + 2).slice(0, 1).load(layout), axis=0).to(gl.int32)
+    return gl.max(meta_smem.index(index).slice(0, 1).load(layout), axis=0)
+
+
+@gluon.jit
+def _meta_len(meta_smem, buf):
+    """The tile length of a _copy_meta copy that has landed (``cta_len``'s low 32 bits)."""
+    return _meta_first(meta_smem, 3 * buf + 2).to(gl.int32)
+
+
+@gluon.jit
+def _meta_bulk(meta_smem, buf, wg):
+    """Whether warpgroup wg's rows of a _copy_meta copy are one box of the output (host_plan's
+    bit 32 + wg of ``cta_len``): its tokens real and consecutive."""
+    return ((_meta_first(meta_smem, 3 * buf + 2) >> (32 + wg)) & 1) != 0
 
 
 @gluon.jit
@@ -315,17 +328,20 @@ def _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc,
 
 
 @gluon.jit
-def _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
-          tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, part_m_ptr, part_l_ptr,
+          part_acc_ptr, tiles_ptr, tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
           stride_qt, stride_qh, stride_ot, stride_oh,
           k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-          STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr):
+          STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr,
+          BULK_OUT: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
     folded result (single pass) or this split's state (split-KV) to memory. With Q_AHEAD,
     ``q_buf`` and buffer ``meta`` of ``meta_smem`` hold its Q rows and row facts already
-    (copied in the background during the last items); else the rows are loaded here."""
+    (copied in the background during the last items); else the rows are loaded here.
+    BULK_OUT: rows that are one box of the output (_meta_bulk) leave by a bulk copy from
+    ``out_buf`` (_store_bulk); others by _store_rows."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -375,10 +391,38 @@ def _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_p
         part = (tok * HQ + head) * NUM_SPLITS + split
         gl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_io, mask=(row_ok & (pos >= c_lo))[:, None])
     else:
-        out = acc_all / gl.convert_layout(l_all, gl.SliceLayout(1, o_layout))[:, None]
-        out = gl.convert_layout(out.to(out_ptr.dtype.element_ty), io)
-        gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out,
-                 mask=row_ok[:, None])
+        out = (acc_all / gl.convert_layout(l_all, gl.SliceLayout(1, o_layout))[:, None]).to(out_ptr.dtype.element_ty)
+        if BULK_OUT:
+            if _meta_bulk(meta_smem, meta, wg):
+                _store_bulk(out, out_buf, out_desc, _meta_first(meta_smem, 3 * meta).to(gl.int32), kv_head * GROUP,
+                            TOKENS, GROUP, D)
+            else:
+                _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D, io)
+        else:
+            _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D, io)
+
+
+@gluon.jit
+def _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D: gl.constexpr, io: gl.constexpr):
+    """Each real row of a finished item to its (token, head) of the output, 16 bytes a thread."""
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
+    gl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], gl.convert_layout(out, io),
+             mask=row_ok[:, None])
+
+
+@gluon.jit
+def _store_bulk(out, out_buf, out_desc, tok0, head0, TOKENS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr):
+    """A finished item whose rows are tokens tok0 .. tok0 + TOKENS, heads head0 .. head0 + GROUP
+    (one box of the [T, HQ, D] output): staged in shared memory straight from the accumulator's
+    layout and sent by one bulk copy, which the warpgroup does not wait for. Storing row by
+    row took 12% of a 8 x 512 prefill (bench/NOTES.md, round 9): a layout conversion through
+    shared memory, then 64 masked row stores."""
+    tma.store_wait(0)  # the last item's bulk copy has read out_buf
+    gl.thread_barrier()
+    out_buf.store(out)
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(out_desc, [tok0, head0, 0], out_buf.reshape([TOKENS, GROUP, D]))
 
 
 @gluon.jit
@@ -402,11 +446,11 @@ def _copy_q(q_buf, q_ptr, meta_smem, meta, w, num_items, HKV, NUM_SPLITS, stride
 def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr,
                        cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                        scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                       q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                       q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
                        STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr,
-                       Q_AHEAD: gl.constexpr):
+                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
     counting ring positions as the producer does. Q_AHEAD (prefill, where an item is a few
     chunks long): nothing at an item's start waits on global memory. Item j + 2's rows and
@@ -458,23 +502,26 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                 cta, kv_head, split, kv_len, _, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
                                                                    SPLIT, PARTIALS)
             if c_lo < c_hi:
-                _tile(wg, base, q_buf, meta_smem, meta, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
-                      tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
-                      stride_qt, stride_qh, stride_ot, stride_oh,
+                _tile(wg, base, q_buf, meta_smem, meta, out_smem.index(wg), out_desc, q_ptr, out_ptr, part_m_ptr,
+                      part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split,
+                      scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                       k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                      GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD)
+                      GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD,
+                      BULK_OUT)
             base += (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    if BULK_OUT:
+        tma.store_wait(0)  # the last bulk copy has read out_buf before the program ends
 
 
 @gluon.jit
 def hopper_attention_kernel(
-    q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc,
+    q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc, out_desc,
     tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr,
     scale_log2e, L, HQ, HKV, NUM_SPLITS, num_items,
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-    PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr,
+    PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr,
 ):
     """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
     _item_index(0, program_id, num_programs), _item_index(1, ...), ...: one item per program,
@@ -484,6 +531,11 @@ def hopper_attention_kernel(
     # Q_AHEAD: three buffers of row facts per consumer (_copy_meta: tokens, positions, length)
     meta_smem = gl.allocate_shared_memory(gl.int64, [CONSUMERS * 3 * 3 if Q_AHEAD else 3, TOKENS * GROUP_PAD],
                                           gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    if BULK_OUT:  # a consumer's output rows staged for their bulk copy (_store_bulk)
+        out_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, TOKENS * GROUP_PAD, D],
+                                             gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
+    else:
+        out_smem = q_smem  # (unused)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -504,24 +556,24 @@ def hopper_attention_kernel(
         gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                             q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
-                             Q_AHEAD)),
+                             q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
+                             DECODE, Q_AHEAD, BULK_OUT)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                             q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
-                             Q_AHEAD)),
+                             q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
+                             DECODE, Q_AHEAD, BULK_OUT)),
                             (_load_partition, load_args)],
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([(_compute_partition, (0, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                             q_smem, meta_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                             GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE,
-                             Q_AHEAD)),
+                             q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
+                             DECODE, Q_AHEAD, BULK_OUT)),
                             (_load_partition, load_args)],
                            [1], [PRODUCER_REGS])
 
@@ -533,7 +585,8 @@ class Plan:
     tiles: torch.Tensor     # [num_ctas, consumers * TOKENS] token indices; padding -1 - the tile's first token
     tile_pos: torch.Tensor  # tiles' shape: each token's position (padding: the tile's first token's)
     cta_slot: torch.Tensor  # [num_ctas] the cache slot of each tile's sequence
-    cta_len: torch.Tensor   # [num_ctas] positions a tile sweeps: its last position + 1
+    cta_len: torch.Tensor   # [num_ctas] positions a tile sweeps: its last position + 1 (the low 32
+    #                         bits; host_plan sets bit 32 + wg where warpgroup wg's rows are one box)
     consumers: int
     num_splits: int         # splits of the longest sweep
     decode: bool = False    # decode_plan's: tile t is token t alone (tile_pos is never read)
@@ -558,11 +611,23 @@ def host_plan(host_slots: list[int], host_positions: list[int], group_pad: int, 
     longest_first = sorted(range(len(rows)), key=lambda i: -lens[i])
     rows, cta_len = [rows[i] for i in longest_first], [lens[i] for i in longest_first]
     tile_pos = [[host_positions[t if t >= 0 else row[0]] for t in row] for row in rows]
+    cta_len = [n | _bulk_bits(row, tokens, consumers) for n, row in zip(cta_len, rows)]
     rows = [[t if t >= 0 else -1 - row[0] for t in row] for row in rows]  # the kernel needs no third load
     cta_slot = [host_slots[row[0]] for row in rows]
     packed = torch.tensor([rows, tile_pos], dtype=torch.int64).to(device, non_blocking=True)
     per_cta = torch.tensor([cta_slot, cta_len], dtype=torch.int64).to(device, non_blocking=True)
-    return Plan(packed[0], packed[1], per_cta[0], per_cta[1], consumers, (max(cta_len) - 1) // split + 1)
+    return Plan(packed[0], packed[1], per_cta[0], per_cta[1], consumers, (max(lens) - 1) // split + 1)
+
+
+def _bulk_bits(row: list[int], tokens: int, consumers: int) -> int:
+    """Bit 32 + wg for each warpgroup wg of a tile whose tokens are real and consecutive
+    (t0, t0 + 1, ...): its output rows are one box of the [T, HQ, D] output (_store_bulk)."""
+    bits = 0
+    for wg in range(consumers):
+        own = row[wg * tokens:(wg + 1) * tokens]
+        if own[0] >= 0 and own == list(range(own[0], own[0] + tokens)):
+            bits |= 1 << (32 + wg)
+    return bits
 
 
 def decode_plan(slots: torch.Tensor, positions: torch.Tensor, group_pad: int, split: int, L: int) -> Plan:
@@ -612,6 +677,26 @@ def _descriptor(cache: torch.Tensor, block_n: int):
     return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D], _chunk_layout(block_n, D, cache.dtype))
 
 
+def _bulk_ok(out: torch.Tensor) -> bool:
+    """Whether bulk copies can address the output [T, HQ, D]: contiguous, 16-byte aligned."""
+    return out.is_contiguous() and out.data_ptr() % 16 == 0
+
+
+def _out_descriptor(out: torch.Tensor, tokens: int, group: int):
+    """A bulk-copy descriptor of the output [T, HQ, D] in boxes [tokens, group, D]: one
+    warpgroup's rows where its tokens are consecutive (_store_bulk)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    T, Hq, D = out.shape
+    box = [tokens, group, D]
+    return TensorDescriptor(out, [T, Hq, D], [Hq * D, D, 1], box, _box_layout(tuple(box), out.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _box_layout(box: tuple[int, ...], dtype: torch.dtype):
+    """The shared-memory layout of one output box (cached: every launch asks)."""
+    return gl.NVMMASharedLayout.get_default_for(list(box), _gl_dtype[dtype])
+
+
 SM_SHARED_BYTES = 227 * 1024  # shared memory one SM gives its programs (sm_90)
 SM_REGISTERS = 64 * 1024
 SCRATCH_PER_CONSUMER = 9 * 1024  # layout conversions and barriers (8.3-8.5 KB in the compiled kernels)
@@ -620,11 +705,13 @@ META_BYTES = 3 * 3 * ROWS * 8  # a consumer's _copy_meta buffers (with Q copied 
 
 @functools.lru_cache(maxsize=None)
 def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, elem: int, maxnreg: int,
-                    q_buffers: int = 1) -> int:
+                    q_buffers: int = 1, bulk_out: bool = False) -> int:
     """Programs that fit on one SM at once: the persistent grid's size per SM. By the
-    shared memory (Q buffers per consumer, the K/V ring) and the registers (maxnreg per thread)."""
+    shared memory (Q buffers per consumer, the output's staging buffer, the K/V ring) and the
+    registers (maxnreg per thread)."""
     meta = META_BYTES if q_buffers > 1 else 0
-    shared = (consumers * (q_buffers * ROWS * head_dim * elem + meta + SCRATCH_PER_CONSUMER) +
+    tiles = q_buffers + (1 if bulk_out else 0)
+    shared = (consumers * (tiles * ROWS * head_dim * elem + meta + SCRATCH_PER_CONSUMER) +
               stages * 2 * block_n * head_dim * elem)
     threads = (consumers * CONSUMER_WARPS.value + 1) * 32
     return max(1, min(SM_SHARED_BYTES // (shared + 1024), SM_REGISTERS // (threads * maxnreg)))
@@ -648,14 +735,18 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
     maxnreg = 168 if two else 128
     # the next item's Q copied ahead: prefill, where it fits beside the ring without costing a program per SM
     q_ahead = two and not plan.decode and q.data_ptr() % 16 == 0 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0
-    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg, 2 if q_ahead else 1)
+    # finished items leave by bulk copies (whole boxes of the output; the plan marks which)
+    bulk_out = q_ahead and parts is None and group == group_pad and _bulk_ok(out)
+    per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg, 2 if q_ahead else 1,
+                             bulk_out)
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
     hopper_attention_kernel[(programs,)](
         q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
+        _out_descriptor(out, tokens_per_warpgroup(group_pad), group) if bulk_out else None,
         plan.tiles, plan.tile_pos, plan.cta_slot, plan.cta_len,
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,
-        Q_AHEAD=q_ahead,
+        Q_AHEAD=q_ahead, BULK_OUT=bulk_out,
         num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )

@@ -202,30 +202,43 @@ def test_tile_plan_groups_each_sequence_in_batch_order():
 def test_hopper_plan_covers_every_token_once_in_sequence_tiles():
     """The Gluon kernels' host plan (attention_hopper.host_plan): every token exactly once,
     each tile from one sequence with its slot and sweep length, longest sweeps first, two
-    consumer warpgroups per tile only where sequences fill them."""
+    consumer warpgroups per tile only where sequences fill them; a warpgroup's bulk-store bit
+    set exactly where its tokens are real and consecutive (one box of the output)."""
     import random
     from local_backend.kernels import attention_hopper as hopper
     rng = random.Random(1)
-    for _ in range(50):
+    tokens = hopper.tokens_per_warpgroup(4)
+    boxes = rows_of_boxes = 0
+    for case in range(60):
         lengths = [rng.choice([1, 1, 2, 17, 40, 200]) for _ in range(rng.randint(1, 9))]
         slots = [s for s, n in enumerate(lengths) for _ in range(n)]
         positions = [p for n in lengths for p in range(n)]
-        rng.shuffle(order := list(range(len(slots))))
-        slots, positions = [slots[i] for i in order], [positions[i] for i in order]
+        if case % 2:  # the other half keeps the batch in sequence order: whole boxes
+            rng.shuffle(order := list(range(len(slots))))
+            slots, positions = [slots[i] for i in order], [positions[i] for i in order]
         plan = hopper.host_plan(slots, positions, 4, SPLIT, "cpu")
-        width = plan.consumers * hopper.tokens_per_warpgroup(4)
+        width = plan.consumers * tokens
         assert plan.tiles.shape[1] == width
         seen = []
-        for row, row_pos, slot, length in zip(plan.tiles.tolist(), plan.tile_pos.tolist(), plan.cta_slot.tolist(),
-                                              plan.cta_len.tolist()):
+        for row, row_pos, slot, word in zip(plan.tiles.tolist(), plan.tile_pos.tolist(), plan.cta_slot.tolist(),
+                                            plan.cta_len.tolist()):
             real = [t for t in row if t >= 0]
             assert real and row == real + [-1 - real[0]] * (width - len(real))  # padding names the first token
             assert row_pos == [positions[t] for t in real] + [positions[real[0]]] * (width - len(real))
             assert {slots[t] for t in real} == {slot}
-            assert length == max(positions[t] for t in real) + 1
+            assert word & 0xFFFFFFFF == max(positions[t] for t in real) + 1
+            for wg in range(plan.consumers):
+                own = row[wg * tokens:(wg + 1) * tokens]
+                box = own == list(range(own[0], own[0] + tokens))
+                assert bool(word >> (32 + wg) & 1) == box, (row, wg)
+                boxes += box
+            assert word >> (32 + plan.consumers) == 0
             seen += real
         assert sorted(seen) == list(range(len(slots)))
-        assert plan.cta_len.tolist() == sorted(plan.cta_len.tolist(), reverse=True)  # longest sweeps first
+        sweeps = [word & 0xFFFFFFFF for word in plan.cta_len.tolist()]
+        assert sweeps == sorted(sweeps, reverse=True)  # longest sweeps first
         assert plan.consumers == (2 if all(n >= 40 for n in lengths) else plan.consumers)
+        rows_of_boxes += plan.tiles.shape[0] * plan.consumers
+    assert 0 < boxes < rows_of_boxes  # both stores are planned
     decode_only = hopper.host_plan(list(range(8)), [5] * 8, 4, SPLIT, "cpu")
     assert decode_only.consumers == 1
