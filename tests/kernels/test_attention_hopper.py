@@ -172,3 +172,44 @@ def test_the_gluon_combine_folds_split_states_as_the_triton_combine_does(hq, hkv
             outs.append(out)
         assert torch.isfinite(outs[1]).all(), "read a state past a token's last split"
         assert torch.equal(outs[1], outs[0]), f"slices={slices}: the Gluon combine's bits differ"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_decode_split_states_folded_in_the_kernel_equal_the_combine_kernels(setup, monkeypatch, kernel):
+    """A decode pass (planned on the device, split-KV) whose split states the attention kernel
+    folds itself: the last split of each (token, KV head) to finish folds them all, counted
+    in per-group counters. 48 tokens over 1-3 splits each, many groups finishing at once:
+    the combine kernel's bits at every slicing, pass after pass (the counters go back to 0),
+    and on one program that takes every item in turn."""
+    cache, q, others, lengths = setup
+    gen = torch.Generator().manual_seed(11)
+    slots = torch.randint(0, 4, (48,), generator=gen)
+    positions = torch.tensor([int(torch.randint(0, lengths[s], (1,), generator=gen)) for s in slots.tolist()])
+    positions[:4] = torch.tensor([lengths[0] - 1, SPLIT - 1, SPLIT, 2 * SPLIT])  # slot 0 reaches these
+    slots[:4] = 0
+    batch_q = torch.randn(48, HQ, D, generator=gen).bfloat16().cuda()
+    slots, positions = slots.cuda(), positions.cuda()
+    launches = []
+    launch = attention_module.hopper.launch
+    monkeypatch.setattr(attention_module.hopper, "launch", lambda *a, **kw: launches.append(launch(*a, **kw)) or
+                        launches[-1])
+
+    def decode(**kw):
+        with one_plan_per_pass(decode_only=True):
+            return run(batch_q, cache, slots, positions, kernel=kernel, split_kv=True, **kw)
+
+    folded = decode()
+    assert launches == [True], "the kernel did not fold this pass's split states"
+    assert torch.isfinite(folded).all()
+    for slices in (1, 2, 4):
+        assert torch.equal(decode(combine_slices=slices), folded), f"combine kernel, {slices} slices"
+    assert launches[1:] == [False] * 3
+    for _ in range(3):
+        assert torch.equal(decode(), folded)
+    monkeypatch.setattr(attention_module.hopper, "sm_count", lambda device: 1)
+    assert torch.equal(decode(), folded)
+    assert launches[-4:] == [True] * 4
+    # a token alone in one pass (its splits folded in registers) has the same bits
+    for t in (0, 1, 2, 3):
+        alone = run(batch_q[t:t + 1], cache, slots[t:t + 1], positions[t:t + 1], kernel=kernel, split_kv=False)
+        assert torch.equal(alone[0], folded[t]), f"token {t} at position {int(positions[t])}"
