@@ -1,9 +1,8 @@
 """Where a decode attention call spends its GPU time: each kernel's own time (CUPTI, through
 torch.profiler) for ours (the split kernel, the combine) and SDPA, per decode case and per
-speed-only variant: which combine folds the split states (by default, up to 8 splits, the
-attention kernel itself; else Gluon's combine kernel; or the Triton one), its slices of head_dim
-(naming a slicing keeps the combine kernel), the Triton attention kernel. Every variant's
-output is checked bit for bit against the default's.
+speed-only variant: which combine folds the split states (Gluon's or the Triton kernel's), its
+slices of head_dim, the Triton attention kernel. Every variant's output is checked bit for bit
+against the default's.
 
     PYTHONPATH=. python bench/profile_decode.py --json out/decode_profile.json
 

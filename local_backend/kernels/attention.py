@@ -345,8 +345,7 @@ def _slices_to_fill(device: torch.device, programs: int, block_d: int, narrowest
 def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, stages, combine_slices,
                       persistent=True):
     """The Gluon kernels of attention_hopper.py, planned like this file's; split-KV states
-    folded by combine_hopper's kernel (or, GLUON_COMBINE off, this file's), or in a decode
-    pass by the attention kernel itself (combine_hopper.fold_group: the same bits)."""
+    folded by combine_hopper's kernel (or, GLUON_COMBINE off, this file's)."""
     T, Hq, D = q.shape
     S, L, Hkv, _ = k_cache.shape
     group_pad = triton.next_power_of_2(Hq // Hkv)
@@ -369,11 +368,9 @@ def _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_k
     part_m = torch.empty((T, Hq, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((T, Hq, splits, D), dtype=torch.float32, device=q.device)
-    # decode: the kernel folds the split states itself, unless a caller names the combine's slicing
-    folded = hopper.launch(q, k_cache, v_cache, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
-                           SPLIT, stages, persistent, fold=GLUON_COMBINE and combine_slices is None)
-    if not folded:
-        _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices, GLUON_COMBINE)
+    hopper.launch(q, k_cache, v_cache, plan, out, (part_m, part_l, part_acc), scale_log2e, BLOCK_N,
+                  SPLIT, stages, persistent)
+    _combine(part_m, part_l, part_acc, out, positions, scale_log2e, splits, Hkv, combine_slices, GLUON_COMBINE)
     return out
 
 

@@ -45,7 +45,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from local_backend.kernels import combine_hopper
 from local_backend.kernels.tile_plan import build_tiles, sm_count
 
 ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
@@ -336,14 +335,13 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
           STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr,
-          BULK_OUT: gl.constexpr, count_ptr, fold_bufs, FOLD_LAST: gl.constexpr, FOLD_BLOCK_S: gl.constexpr):
+          BULK_OUT: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
     folded result (single pass) or this split's state (split-KV) to memory. With Q_AHEAD,
     ``q_buf`` and buffer ``meta`` of ``meta_smem`` hold its Q rows and row facts already
     (copied in the background during the last items); else the rows are loaded here.
     BULK_OUT: rows that are one box of the output (_meta_bulk) leave by a bulk copy from
-    ``out_buf`` (_store_bulk); others by _store_rows. FOLD_LAST (decode, split-KV): the last
-    split of a (token, KV head) to finish folds them all into the output (_last_to_arrive)."""
+    ``out_buf`` (_store_bulk); others by _store_rows."""
     ROWS_: gl.constexpr = TOKENS * GROUP_PAD
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -392,13 +390,6 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
         acc_io = gl.convert_layout(acc, io)
         part = (tok * HQ + head) * NUM_SPLITS + split
         gl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc_io, mask=(row_ok & (pos >= c_lo))[:, None])
-        if FOLD_LAST:  # (a decode tile is token cta alone)
-            n = (kv_len - 1) // SPLIT + 1
-            if _last_to_arrive(count_ptr + cta * HQ // GROUP + kv_head, n):
-                m_smem, l_smem, acc_smem = fold_bufs
-                combine_hopper.fold_group(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, cta, kv_head, 0, n,
-                                          scale_log2e, D, HQ, NUM_SPLITS, stride_ot, stride_oh, m_smem, l_smem,
-                                          acc_smem, GROUP, GROUP_PAD, D, FOLD_BLOCK_S)
     else:
         out = (acc_all / gl.convert_layout(l_all, gl.SliceLayout(1, o_layout))[:, None]).to(out_ptr.dtype.element_ty)
         if BULK_OUT:
@@ -409,31 +400,6 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
                 _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D, io)
         else:
             _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D, io)
-
-
-@gluon.jit
-def _fence_gpu(x):
-    """A GPU-scope fence in each thread (x: one int32 per thread, passed through): its
-    stores before it are seen by every SM that synchronises after it."""
-    return gl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [x], dtype=gl.int32,
-                                     is_pure=False, pack=1)
-
-
-@gluon.jit
-def _last_to_arrive(count_ptr, n):
-    """Count this warpgroup's split state in at *count_ptr, one of n; whether it was the last
-    (then the count goes back to 0 for the next launch, and the other n - 1 states are
-    visible here). The last to arrive, not a fixed split, folds: no program waits for
-    another; the fold's order is split order whoever runs it, so the bits never depend on it."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # one lane per thread
-    r = _fence_gpu(gl.arange(0, 128, layout=layout))  # this thread's stores of the state, released
-    gl.thread_barrier()  # every thread's
-    one = r == 0
-    old = gl.atomic_add(count_ptr + r * 0, gl.full([128], 1, gl.int32, layout), mask=one, sem="acq_rel", scope="gpu")
-    last = gl.max(gl.where(one, old, -1), axis=0) == n - 1
-    gl.store(count_ptr + r * 0, gl.zeros([128], gl.int32, layout), mask=one & last)
-    _fence_gpu(r)  # the others' states, acquired by every thread that reads them
-    return last
 
 
 @gluon.jit
@@ -484,8 +450,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
                        STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr,
-                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr, count_ptr, fold_bufs,
-                       FOLD_LAST: gl.constexpr, FOLD_BLOCK_S: gl.constexpr):
+                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
     counting ring positions as the producer does. Q_AHEAD (prefill, where an item is a few
     chunks long): nothing at an item's start waits on global memory. Item j + 2's rows and
@@ -542,7 +507,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                       scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                       k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD,
-                      BULK_OUT, count_ptr, fold_bufs, FOLD_LAST, FOLD_BLOCK_S)
+                      BULK_OUT)
             base += (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
     if BULK_OUT:
         tma.store_wait(0)  # the last bulk copy has read out_buf before the program ends
@@ -550,14 +515,13 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
 
 @gluon.jit
 def hopper_attention_kernel(
-    q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc, out_desc, count_ptr,
+    q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc, out_desc,
     tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr,
     scale_log2e, L, HQ, HKV, NUM_SPLITS, num_items,
     stride_qt, stride_qh, stride_ot, stride_oh,
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr,
-    FOLD_LAST: gl.constexpr, FOLD_BLOCK_S: gl.constexpr,
 ):
     """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
     _item_index(0, program_id, num_programs), _item_index(1, ...), ...: one item per program,
@@ -572,10 +536,6 @@ def hopper_attention_kernel(
                                              gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
     else:
         out_smem = q_smem  # (unused)
-    if FOLD_LAST:
-        fold_bufs = combine_hopper.fold_buffers(GROUP_PAD, D, FOLD_BLOCK_S)
-    else:
-        fold_bufs = (q_smem, q_smem, q_smem)  # (unused)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -598,13 +558,13 @@ def hopper_attention_kernel(
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT, count_ptr, fold_bufs, FOLD_LAST, FOLD_BLOCK_S)),
+                             DECODE, Q_AHEAD, BULK_OUT)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT, count_ptr, fold_bufs, FOLD_LAST, FOLD_BLOCK_S)),
+                             DECODE, Q_AHEAD, BULK_OUT)),
                             (_load_partition, load_args)],
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -613,7 +573,7 @@ def hopper_attention_kernel(
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT, count_ptr, fold_bufs, FOLD_LAST, FOLD_BLOCK_S)),
+                             DECODE, Q_AHEAD, BULK_OUT)),
                             (_load_partition, load_args)],
                            [1], [PRODUCER_REGS])
 
@@ -745,26 +705,24 @@ META_BYTES = 3 * 3 * ROWS * 8  # a consumer's _copy_meta buffers (with Q copied 
 
 @functools.lru_cache(maxsize=None)
 def programs_per_sm(consumers: int, stages: int, block_n: int, head_dim: int, elem: int, maxnreg: int,
-                    q_buffers: int = 1, bulk_out: bool = False, fold_bytes: int = 0) -> int:
+                    q_buffers: int = 1, bulk_out: bool = False) -> int:
     """Programs that fit on one SM at once: the persistent grid's size per SM. By the
-    shared memory (Q buffers per consumer, the output's staging buffer, the fold's buffers,
-    the K/V ring) and the registers (maxnreg per thread)."""
+    shared memory (Q buffers per consumer, the output's staging buffer, the K/V ring) and the
+    registers (maxnreg per thread)."""
     meta = META_BYTES if q_buffers > 1 else 0
     tiles = q_buffers + (1 if bulk_out else 0)
     shared = (consumers * (tiles * ROWS * head_dim * elem + meta + SCRATCH_PER_CONSUMER) +
-              stages * 2 * block_n * head_dim * elem + fold_bytes)
+              stages * 2 * block_n * head_dim * elem)
     threads = (consumers * CONSUMER_WARPS.value + 1) * 32
     return max(1, min(SM_SHARED_BYTES // (shared + 1024), SM_REGISTERS // (threads * maxnreg)))
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: Plan,
            out: torch.Tensor, parts, scale_log2e: float, block_n: int, split: int, stages: int | None = None,
-           persistent: bool = True, fold: bool = True) -> bool:
+           persistent: bool = True):
     """Run the kernel: the single pass into ``out``, or (``parts`` = (m, l, acc)) every split's
     state into ``parts`` for the combine kernel. ``persistent``: as many programs as fit on
-    the GPU at once, each taking work items in turn, or one program per item: the same bits.
-    Whether ``out`` is complete: the single pass, or (``fold``) a decode pass whose split
-    states the kernel folded itself (FOLD_LAST); else the combine kernel is still to run."""
+    the GPU at once, each taking work items in turn, or one program per item: the same bits."""
     T, Hq, D = q.shape
     S, L, Hkv, _ = k_cache.shape
     group = Hq // Hkv
@@ -779,42 +737,16 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
     q_ahead = two and not plan.decode and q.data_ptr() % 16 == 0 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0
     # finished items leave by bulk copies (whole boxes of the output; the plan marks which)
     bulk_out = q_ahead and parts is None and group == group_pad and _bulk_ok(out)
-    # decode: the last split of each (token, KV head) folds them (one launch fewer), up to FOLD_MAX_SPLITS
-    folds = fold and parts is not None and plan.decode and splits <= FOLD_MAX_SPLITS
-    counts = _arrival_counts(q.device, T * Hkv) if folds else None
-    fold_block_s = combine_hopper.splits_per_block(group_pad, D)
-    fold_bytes = fold_block_s * group_pad * (D + 2) * 4 if counts is not None else 0
     per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg, 2 if q_ahead else 1,
-                             bulk_out, fold_bytes)
+                             bulk_out)
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
     hopper_attention_kernel[(programs,)](
         q, out, part_m, part_l, part_acc, _descriptor(k_cache, block_n), _descriptor(v_cache, block_n),
         _out_descriptor(out, tokens_per_warpgroup(group_pad), group) if bulk_out else None,
-        counts if counts is not None else plan.cta_len, plan.tiles, plan.tile_pos, plan.cta_slot, plan.cta_len,
+        plan.tiles, plan.tile_pos, plan.cta_slot, plan.cta_len,
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,
-        Q_AHEAD=q_ahead, BULK_OUT=bulk_out, FOLD_LAST=counts is not None, FOLD_BLOCK_S=fold_block_s,
+        Q_AHEAD=q_ahead, BULK_OUT=bulk_out,
         num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )
-    return parts is None or counts is not None
-
-
-FOLD_MAX_SPLITS = 8  # decode folds in the kernel up to this many splits; more go to the sliced combine kernel
-FOLD_MAX_GROUPS = 1 << 16  # (token, KV head) groups one set of arrival counters serves: 256 KB per GPU
-_counts: dict[int, torch.Tensor] = {}
-
-
-def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
-    """The GPU's arrival counters (int32, zero between launches: each launch leaves them so),
-    made once and kept for the process: a captured CUDA graph keeps their address. Launches
-    on one GPU share them, so they must run in turn (one stream, or streams that wait on each
-    other, as the engine's do). None (the combine kernel runs instead: the same bits) for
-    more groups than they serve, or where they would first be made inside a graph capture."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    counts = _counts.get(index)
-    if counts is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        counts = _counts[index] = torch.zeros(FOLD_MAX_GROUPS, dtype=torch.int32, device=device)
-    return counts if groups <= FOLD_MAX_GROUPS else None

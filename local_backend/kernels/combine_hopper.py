@@ -46,34 +46,17 @@ def combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, positions_ptr,
                    GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, BLOCK_DC: gl.constexpr,
                    SPLIT: gl.constexpr, BLOCK_S: gl.constexpr):
     """One token's GQA group, one slice of head_dim (program ids: token, KV head, slice)."""
-    tok = gl.program_id(0)
-    n = (gl.load(positions_ptr + tok) // SPLIT + 1).to(gl.int32)  # splits this token's sweep has
-    m_smem, l_smem, acc_smem = fold_buffers(GROUP_PAD, BLOCK_DC, BLOCK_S)
-    fold_group(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, tok, gl.program_id(1), gl.program_id(2) * BLOCK_DC, n,
-               scale_log2e, D, HQ, NUM_SPLITS, stride_ot, stride_oh, m_smem, l_smem, acc_smem,
-               GROUP, GROUP_PAD, BLOCK_DC, BLOCK_S)
-
-
-@gluon.jit
-def fold_buffers(GROUP_PAD: gl.constexpr, BLOCK_DC: gl.constexpr, BLOCK_S: gl.constexpr):
-    """The shared memory fold_group parks a block of split states in."""
+    rows: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])  # [head (or split x head), d]
     flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    tok = gl.program_id(0)
+    kv_head = gl.program_id(1)
+    d0 = gl.program_id(2) * BLOCK_DC
+    first_part = (tok * HQ + kv_head * GROUP) * NUM_SPLITS
+    n = (gl.load(positions_ptr + tok) // SPLIT + 1).to(gl.int32)  # splits this token's sweep has
+
     m_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_S * GROUP_PAD, 1], flat)
     l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_S * GROUP_PAD, 1], flat)
     acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_S * GROUP_PAD, BLOCK_DC], flat)
-    return m_smem, l_smem, acc_smem
-
-
-@gluon.jit
-def fold_group(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, tok, kv_head, d0, n,
-               scale_log2e, D, HQ, NUM_SPLITS, stride_ot, stride_oh, m_smem, l_smem, acc_smem,
-               GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, BLOCK_DC: gl.constexpr, BLOCK_S: gl.constexpr):
-    """Fold the n split states of token tok's GQA group (KV head kv_head), head_dim slice
-    d0 .. d0 + BLOCK_DC, in split order into the output, by one warpgroup: the combine
-    kernel's program, and the attention kernel's last split of a decode token
-    (attention_hopper's FOLD_LAST), so both give the same bits."""
-    rows: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])  # [head (or split x head), d]
-    first_part = (tok * HQ + kv_head * GROUP) * NUM_SPLITS
     m = gl.full([GROUP_PAD, 1], float("-inf"), gl.float32, rows)  # one column: broadcast over d
     l = gl.zeros([GROUP_PAD, 1], gl.float32, rows)
     acc = gl.zeros([GROUP_PAD, BLOCK_DC], gl.float32, rows)
