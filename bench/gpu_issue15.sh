@@ -49,7 +49,7 @@ for step in $steps; do
     host) timeout ${HOST_S:-60} python bench/profile_attention_host.py > "$out/host.log" 2>&1; grep "==" "$out/host.log" ;;
     decode) timeout ${DECODE_S:-90} python bench/profile_decode.py --json "$out/decode.json" > "$out/decode.log" 2>&1
             grep -v "^$" "$out/decode.log" | tail -48 ;;
-    ablate) timeout ${ABLATE_S:-120} python bench/ablate_prefill.py ${ABLATE_ARGS:-} --json "$out/ablate.json" \
+    ablate) timeout ${ABLATE_S:-120} python bench/ablate_attention.py ${ABLATE_ARGS:-} --json "$out/ablate.json" \
               > "$out/ablate.log" 2>&1; tail -9 "$out/ablate.log" ;;
     profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;

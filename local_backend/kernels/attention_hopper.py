@@ -287,14 +287,84 @@ def _sweep(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
            k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
            PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
            SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-           p_layout: gl.constexpr, v_io: gl.constexpr):
-    """Chunks c_lo .. c_hi, each waiting for its own dots (a softmax/dot overlap inside the
-    warpgroup, FA3-style, measured slower: bench/NOTES.md, round 7); those before ``mid``
-    are seen in full by every row and skip the mask."""
+           p_layout: gl.constexpr, v_io: gl.constexpr, SCORES_AHEAD: gl.constexpr):
+    """Chunks c_lo .. c_hi; those before ``mid`` are seen in full by every row and skip the
+    mask. A prefill chunk step waits for its own dots (the next chunk's scores issued before
+    this one's softmax, FA3-style, measured slower there: bench/NOTES.md, round 7); with
+    SCORES_AHEAD (decode, where a sweep is a chain of latencies) they are (_sweep_ahead)."""
+    if SCORES_AHEAD:
+        m, l, acc, m_all, l_all, acc_all = _sweep_ahead(
+            base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+            v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
+            s_layout, o_layout, p_layout, v_io)
+        return m, l, acc, m_all, l_all, acc_all
     m, l, acc, m_all, l_all, acc_all = _sweep_range(
         base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)
+    return m, l, acc, m_all, l_all, acc_all
+
+
+@gluon.jit
+def _issue_scores(i, q_buf, k_smem, k_ready, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  s_layout: gl.constexpr):
+    """S = Q K^T of the chunk at ring position i, issued as soon as its K stage lands (not waited for)."""
+    mbarrier.wait(k_ready.index(i % STAGES), (i // STAGES) & 1)
+    return warpgroup_mma(q_buf, k_smem.index(i % STAGES).permute((1, 0)),
+                         gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax_pv(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                p_layout: gl.constexpr, v_io: gl.constexpr):
+    """The rest of _chunk_step once the chunk's scores are in: mask, softmax, rescale, the P V
+    dot issued (not waited for). The same operations in the same order."""
+    if n0 >= mid:
+        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
+    v_buf = v_smem.index(i % STAGES)
+    new_max, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_buf.dtype, o_layout, p_layout)
+    acc = acc * rescale_o[:, None]
+    mbarrier.wait(v_ready.index(i % STAGES), (i // STAGES) & 1)
+    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
+        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
+    return new_max, l, warpgroup_mma(p_op, v_buf, acc, is_async=True)
+
+
+@gluon.jit
+def _sweep_ahead(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+                 k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+                 PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                 SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr, v_io: gl.constexpr):
+    """_sweep_range's chunk steps with the next chunk's scores in flight while this chunk's
+    softmax and P V run: a decode sweep is a chain of a few rows' steps, each waiting on its
+    dots, so hiding one dot's latency per step shortens it. The scores are the same dot on
+    the same operands; each step's arithmetic is _chunk_step's, so the bits are the same."""
+    scores = warpgroup_mma_wait(0, deps=(_issue_scores(base, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES,
+                                                       s_layout), ))
+    for n0 in range(c_lo, c_hi - BLOCK_N, BLOCK_N):  # every chunk but the last: a next one's scores to issue
+        i = base + (n0 - c_lo) // BLOCK_N
+        mbarrier.arrive(k_empty.index(i % STAGES), count=1)
+        ahead = _issue_scores(i + 1, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES, s_layout)
+        m, l, acc = _softmax_pv(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
+                                BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
+        acc, scores = warpgroup_mma_wait(0, deps=(acc, ahead))
+        mbarrier.arrive(v_empty.index(i % STAGES), count=1)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  o_layout)
+    n0 = c_lo + (c_hi - 1 - c_lo) // BLOCK_N * BLOCK_N  # the last chunk
+    i = base + (n0 - c_lo) // BLOCK_N
+    mbarrier.arrive(k_empty.index(i % STAGES), count=1)
+    m, l, acc = _softmax_pv(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
+                            BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.arrive(v_empty.index(i % STAGES), count=1)
+    if not PARTIALS:
+        m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
+                                                              m, l, acc, scale_log2e, BLOCK_N, SPLIT, o_layout)
     return m, l, acc, m_all, l_all, acc_all
 
 
@@ -378,7 +448,7 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
     m, l, acc, m_all, l_all, acc_all = _sweep(
         base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
         k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
-        STAGES, s_layout, o_layout, p_layout, io)
+        STAGES, s_layout, o_layout, p_layout, io, DECODE)
 
     if Q_AHEAD:  # (read only now: nothing held in registers through the sweep)
         tok, head, row_ok, pos = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, io), GROUP, GROUP_PAD, ROWS_)

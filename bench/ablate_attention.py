@@ -1,7 +1,9 @@
-"""Where a causal prefill of the Gluon attention kernel spends its time: the kernel's GPU
-time (CUPTI) with one part taken out at a time, side by side in one run.
+"""Where the Gluon attention kernel spends its time, in causal prefills and in decode: its
+GPU time (CUPTI; decode: with the combine kernel) with one part taken out, or done another
+way, at a time, side by side in one run.
 
-    PYTHONPATH=. python bench/ablate_prefill.py --json out/ablate.json
+    PYTHONPATH=. python bench/ablate_attention.py --json out/ablate.json
+    PYTHONPATH=. python bench/ablate_attention.py --cases decode --variants default,scores-wait,stages4
 
 Each variant is attention_hopper.py with an edit made to a copy of its source (every edit
 must match exactly once, or the run stops): the item order back to plain round-robin; the
@@ -9,9 +11,11 @@ sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk s
 next items' Q and rows no longer copied ahead (loaded when an item starts); no Q load at
 all; the zeroing of V past the sweep's end gone; the causal mask gone; the output stored
 row by row instead of by bulk copies (rows-out); the output store gone (row stores under a
-mask that is false at run time, so nothing is compiled away); or another K/V ring depth. Candidate changes ride along the same way (round 10's: positions as int32,
-taken; the output stored straight from the accumulator's layout, 4-24% slower; a tile's
-rows computed instead of loaded, which led to copying them ahead). A variant's time
+mask that is false at run time, so nothing is compiled away); another K/V ring depth; in
+decode, each chunk's scores waited for before the next chunk's are issued (scores-wait:
+prefill's chunk step). Candidate changes ride along the same way (round 10's: positions as
+int32, taken; the output stored straight from the accumulator's layout, 4-24% slower; a
+tile's rows computed instead of loaded, which led to copying them ahead). A variant's time
 against the default's says what that part costs. Variants that only move work around
 must keep the default's bits (checked); the others compute something else and are timed
 only.
@@ -35,7 +39,9 @@ from profile_decode import kernel_times
 
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
+DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000)]  # (B, L): one token per sequence
 SOURCE = Path(hopper.__file__)
+_LAST = "  # the sweep's last chunk: rows past its end may hold anything\n"
 VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps the default's bits)
     "default": ([], None, True),
     "round-robin": ([("return j * programs + pid + odd * (programs - 1 - 2 * pid)",
@@ -56,9 +62,15 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
         base, c_lo, mid, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)""")], None, True),
-    "no-v-zeroing": ([("if n0 + BLOCK_N > kv_len:", "if n0 + BLOCK_N > kv_len + (1 << 30):")],
+    "no-v-zeroing": ([(f"if n0 + BLOCK_N > kv_len:{_LAST}        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n{tail}",
+                       f"if n0 + BLOCK_N > kv_len + (1 << 30):{_LAST}        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n"
+                       f"{tail}") for tail in ("    acc = warpgroup_mma(", "    return new_max, l, warpgroup_mma(")],
                      None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
+    "stages3": ([], 3, True),
+    "stages6": ([], 6, True),
+    "scores-wait": ([("STAGES, s_layout, o_layout, p_layout, io, DECODE)", "STAGES, s_layout, o_layout, p_layout, io, False)")],
+                    None, True),
     "rows-out": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and")], None, True),
     "no-out-store": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and"),
                       ("""             mask=row_ok[:, None])""", """             mask=(row_ok & (tok < 0))[:, None])""")],
@@ -71,7 +83,7 @@ def variant_module(name: str, edits: list[tuple[str, str]], folder: Path):
     text = SOURCE.read_text()
     for old, new in edits:
         if text.count(old) != 1:
-            sys.exit(f"ablate_prefill: variant {name}: the edit {old[:60]!r} matches {text.count(old)} times in "
+            sys.exit(f"ablate_attention: variant {name}: the edit {old[:60]!r} matches {text.count(old)} times in "
                      f"{SOURCE} (it must match once: update VARIANTS to the kernel's source)")
         text = text.replace(old, new)
     path = folder / f"attention_hopper_{name.replace('-', '_')}.py"
@@ -105,7 +117,50 @@ def run_case(B: int, N: int, modules: dict, calls: int, gen) -> dict:
 
         def call():
             module.launch(q, k_cache, v_cache, plan, out, None, scale_log2e, attn.BLOCK_N, attn.SPLIT, stages)
-        fig = {"us": sum(kernel_times(call, calls).values())}
+        try:
+            fig = {"us": sum(kernel_times(call, calls).values())}
+        except Exception as exc:  # a variant that does not fit this case (shared memory) is reported, not fatal
+            row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+            continue
+        if same_bits:
+            fig["same_bits"] = bool(torch.equal(out, reference))
+        row[name] = fig
+    return row
+
+
+def run_decode_case(B: int, L: int, modules: dict, calls: int, gen) -> dict:
+    """SDPA's and every variant's time on one new token for each of B sequences of L cached
+    tokens, planned on the device and split over the sweep as the engine's decode pass is."""
+    k_cache = torch.randn(B, L, HKV, D, device="cuda", generator=gen).bfloat16()
+    v_cache = torch.randn(B, L, HKV, D, device="cuda", generator=gen).bfloat16()
+    q = torch.randn(B, HQ, D, device="cuda", generator=gen).bfloat16()
+    q_t = q[:, :, None, :].contiguous()
+    k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    row = {"B": B, "N": L, "sdpa_us": sum(kernel_times(
+        lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, scale=D ** -0.5, enable_gqa=True), calls).values())}
+    slots = torch.arange(B, device="cuda")
+    positions = torch.full((B,), L - 1, device="cuda")
+    scale_log2e = D ** -0.5 * attn.LOG2_E
+    with attn.one_plan_per_pass(decode_only=True):
+        reference = attn.attention(q, k_cache, v_cache, slots, positions, D ** -0.5)
+    for name, (module, stages, same_bits) in modules.items():
+        plan = module.decode_plan(slots, positions, HQ // HKV, attn.SPLIT, L)
+        split = attn._wants_split_kv(q.device, plan.tiles.shape[0] * HKV, plan.num_splits)
+        out = torch.empty_like(q)
+        part_m = torch.empty((B, HQ, plan.num_splits), dtype=torch.float32, device="cuda")
+        part_l, part_acc = torch.empty_like(part_m), torch.empty((B, HQ, plan.num_splits, D), device="cuda")
+
+        def call():
+            module.launch(q, k_cache, v_cache, plan, out, (part_m, part_l, part_acc) if split else None,
+                          scale_log2e, attn.BLOCK_N, attn.SPLIT, stages)
+            if split:
+                attn._combine(part_m, part_l, part_acc, out, positions, scale_log2e, plan.num_splits, HKV, None,
+                              attn.GLUON_COMBINE)
+        try:
+            fig = {"us": sum(kernel_times(call, calls).values()), "split": split}
+        except Exception as exc:
+            row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+            continue
         if same_bits:
             fig["same_bits"] = bool(torch.equal(out, reference))
         row[name] = fig
@@ -116,14 +171,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--cases", choices=["prefill", "decode", "all"], default="prefill")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        sys.exit("ablate_prefill needs a Hopper GPU (sm_90): it times the Gluon kernel")
+        sys.exit("ablate_attention needs a Hopper GPU (sm_90): it times the Gluon kernel")
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        sys.exit(f"ablate_prefill: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        sys.exit(f"ablate_attention: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     info = gpu_info()
     print(header(info))
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -135,17 +191,25 @@ def main() -> None:
               " SDPA's time / its time, the ratio to SDPA); * = not the default's bits (expected only for edits"
               " that change the math)")
         print(f"{'B x N':>9} | {'SDPA':>7} | " + " | ".join(f"{n:>16}" for n in names))
-        for B, N in PREFILL:
-            row = run_case(B, N, modules, args.calls, gen)
+        cases = [("prefill", B, N) for B, N in PREFILL] * (args.cases != "decode") + \
+            [("decode", B, L) for B, L in DECODE] * (args.cases != "prefill")
+        for kind, B, N in cases:
+            row = (run_case if kind == "prefill" else run_decode_case)(B, N, modules, args.calls, gen)
+            row["kind"] = kind
             rows.append(row)
             base = row.get("default", {}).get("us")
             cells = []
             for n in names:
                 f = row[n]
+                if "error" in f:
+                    cells.append("failed")
+                    print(f"  {n}: {f['error']}", file=sys.stderr)
+                    continue
                 rel = row["sdpa_us"] / f["us"] if n == "default" else (f["us"] / base if base else float("nan"))
                 flag = "" if f.get("same_bits", True) else "*"
                 cells.append(f"{f['us']:>8.1f} ({rel:4.2f}){flag:1}")
-            print(f"{B:>3} x {N:<5}| {row['sdpa_us']:>7.1f} | " + " | ".join(f"{c:>16}" for c in cells), flush=True)
+            print(f"{kind[0]} {B:>2} x {N:<5}| {row['sdpa_us']:>7.1f} | " + " | ".join(f"{c:>16}" for c in cells),
+                  flush=True)
             torch.cuda.empty_cache()
     write_json(args.json, {"info": info, "rows": rows})
 
