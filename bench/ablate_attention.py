@@ -11,9 +11,9 @@ sweep as two loops (unmasked chunks, then masked ones: two copies of the chunk s
 next items' Q and rows no longer copied ahead (loaded when an item starts); no Q load at
 all; the zeroing of V past the sweep's end gone; the causal mask gone; the output stored
 row by row instead of by bulk copies (rows-out); the output store gone (row stores under a
-mask that is false at run time, so nothing is compiled away); another K/V ring depth; in
-decode, each chunk's scores waited for before the next chunk's are issued (scores-wait:
-prefill's chunk step). Candidate changes ride along the same way (round 10's: positions as
+mask that is false at run time, so nothing is compiled away); another K/V ring depth; the
+two consumers unpaced instead of taking turns at the tensor cores (no-pingpong); in decode,
+each chunk's scores waited for before the next chunk's are issued (scores-wait). Candidate changes ride along the same way (round 10's: positions as
 int32, taken; the output stored straight from the accumulator's layout, 4-24% slower; a
 tile's rows computed instead of loaded, which led to copying them ahead). A variant's time
 against the default's says what that part costs. Variants that only move work around
@@ -41,8 +41,7 @@ HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
 DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000)]  # (B, L): one token per sequence
 SOURCE = Path(hopper.__file__)
-_LAST = "  # the sweep's last chunk: rows past its end may hold anything\n"
-VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps the default's bits)
+VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or None, keeps the default's bits)
     "default": ([], None, True),
     "round-robin": ([("return j * programs + pid + odd * (programs - 1 - 2 * pid)",
                       "return j * programs + pid + odd * 0")], None, True),
@@ -53,7 +52,7 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
                    ("""        q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)""",
                     "        q = gl.full([ROWS_, D], 0.01, q_ptr.dtype.element_ty, io)")], None, False),
-    "two-loops": ([("""        base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+    "two-loops": ([("PINGPONG: gl.constexpr = CONSUMERS == 2", "PINGPONG: gl.constexpr = False"), ("""        base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)""", """        base, c_lo, c_lo, mid, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
@@ -62,15 +61,13 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
         base, c_lo, mid, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)""")], None, True),
-    "no-v-zeroing": ([(f"if n0 + BLOCK_N > kv_len:{_LAST}        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n{tail}",
-                       f"if n0 + BLOCK_N > kv_len + (1 << 30):{_LAST}        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n"
-                       f"{tail}") for tail in ("    acc = warpgroup_mma(", "    return new_max, l, warpgroup_mma(")],
-                     None, False),
+    "no-v-zeroing": ([("        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n", "        pass\n", 3)], None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
     "stages3": ([], 3, True),
     "stages6": ([], 6, True),
-    "scores-wait": ([("STAGES, s_layout, o_layout, p_layout, io, DECODE)", "STAGES, s_layout, o_layout, p_layout, io, False)")],
+    "scores-wait": ([("p_layout, io, DECODE, wg, turn, turns, PINGPONG)", "p_layout, io, False, wg, turn, turns, PINGPONG)")],
                     None, True),
+    "no-pingpong": ([("PINGPONG: gl.constexpr = CONSUMERS == 2", "PINGPONG: gl.constexpr = False")], None, True),
     "rows-out": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and")], None, True),
     "no-out-store": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and"),
                       ("""             mask=row_ok[:, None])""", """             mask=(row_ok & (tok < 0))[:, None])""")],
@@ -81,10 +78,11 @@ VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps
 def variant_module(name: str, edits: list[tuple[str, str]], folder: Path):
     """attention_hopper.py with ``edits`` made, imported from its own file (Gluon reads the source)."""
     text = SOURCE.read_text()
-    for old, new in edits:
-        if text.count(old) != 1:
+    for old, new, *times in edits:
+        times = times[0] if times else 1
+        if text.count(old) != times:
             sys.exit(f"ablate_attention: variant {name}: the edit {old[:60]!r} matches {text.count(old)} times in "
-                     f"{SOURCE} (it must match once: update VARIANTS to the kernel's source)")
+                     f"{SOURCE} (it must match {times}: update VARIANTS to the kernel's source)")
         text = text.replace(old, new)
     path = folder / f"attention_hopper_{name.replace('-', '_')}.py"
     path.write_text(text)

@@ -287,11 +287,19 @@ def _sweep(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
            k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
            PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
            SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-           p_layout: gl.constexpr, v_io: gl.constexpr, SCORES_AHEAD: gl.constexpr):
+           p_layout: gl.constexpr, v_io: gl.constexpr, SCORES_AHEAD: gl.constexpr, wg, turn, turns,
+           PINGPONG: gl.constexpr):
     """Chunks c_lo .. c_hi; those before ``mid`` are seen in full by every row and skip the
     mask. A prefill chunk step waits for its own dots (the next chunk's scores issued before
     this one's softmax, FA3-style, measured slower there: bench/NOTES.md, round 7); with
-    SCORES_AHEAD (decode, where a sweep is a chain of latencies) they are (_sweep_ahead)."""
+    SCORES_AHEAD (decode, where a sweep is a chain of latencies) they are (_sweep_ahead).
+    PINGPONG (two consumers): the warpgroups take turns at the tensor cores (_sweep_pingpong)."""
+    if PINGPONG:
+        m, l, acc, m_all, l_all, acc_all = _sweep_pingpong(
+            base, wg, turn, turns, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
+            k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
+            STAGES, s_layout, o_layout, p_layout, v_io)
+        return m, l, acc, m_all, l_all, acc_all
     if SCORES_AHEAD:
         m, l, acc, m_all, l_all, acc_all = _sweep_ahead(
             base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
@@ -369,6 +377,85 @@ def _sweep_ahead(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_s
 
 
 @gluon.jit
+def _my_turn(turn, wg, k):
+    """Wait until warpgroup wg may issue its k-th block of dots: warpgroup 0 goes first, then
+    the two take turns (each passes the turn on right after issuing: _pass_turn)."""
+    mbarrier.wait(turn.index(wg), (k & 1) ^ (1 - wg))
+
+
+@gluon.jit
+def _pass_turn(turn, wg):
+    mbarrier.arrive(turn.index(1 - wg), count=1)
+
+
+@gluon.jit
+def _softmax_scaled(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                    p_layout: gl.constexpr, v_io: gl.constexpr):
+    """_softmax_pv up to the P V dot: the chunk's probabilities, the accumulator rescaled, its V
+    stage landed (and zeroed past the sweep's end)."""
+    if n0 >= mid:
+        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
+    v_buf = v_smem.index(i % STAGES)
+    new_max, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_buf.dtype, o_layout, p_layout)
+    acc = acc * rescale_o[:, None]
+    mbarrier.wait(v_ready.index(i % STAGES), (i // STAGES) & 1)
+    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
+        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
+    return new_max, l, p_op, acc
+
+
+@gluon.jit
+def _sweep_pingpong(base, wg, turn, turns, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
+                    k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
+                    PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                    SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                    p_layout: gl.constexpr, v_io: gl.constexpr):
+    """_sweep_range's chunk steps for two consumers that take turns at the tensor cores
+    (FA3's ping-pong): a warpgroup issues one block of dots, the last chunk's P V and this
+    chunk's scores, passes the turn, and runs this chunk's softmax while the other
+    warpgroup's block runs. Both share every K/V chunk, so unpaced they start each chunk
+    together, run their dots together and their softmaxes together, and the tensor cores
+    idle through the softmaxes. ``turns``: blocks this warpgroup issued before this item.
+    Each step's operations on a row are _chunk_step's in the same order (the P V of a chunk
+    is only issued later, after the accumulator's rescale as before), so the same bits."""
+    _my_turn(turn, wg, turns)
+    scores = _issue_scores(base, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES, s_layout)
+    _pass_turn(turn, wg)
+    scores = warpgroup_mma_wait(0, deps=(scores, ))
+    mbarrier.arrive(k_empty.index(base % STAGES), count=1)
+    m, l, p_op, acc = _softmax_scaled(base, c_lo, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc,
+                                      scale_log2e, BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
+    for n0 in range(c_lo + BLOCK_N, c_hi, BLOCK_N):
+        c = (n0 - c_lo) // BLOCK_N
+        i = base + c
+        _my_turn(turn, wg, turns + c)
+        acc = warpgroup_mma(p_op, v_smem.index((i - 1) % STAGES), acc, is_async=True)
+        ahead = _issue_scores(i, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES, s_layout)
+        _pass_turn(turn, wg)
+        acc, scores = warpgroup_mma_wait(0, deps=(acc, ahead))
+        mbarrier.arrive(v_empty.index((i - 1) % STAGES), count=1)
+        mbarrier.arrive(k_empty.index(i % STAGES), count=1)
+        if not PARTIALS:
+            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0 - BLOCK_N, c_hi, pos_s, pos_o, m_all, l_all,
+                                                                  acc_all, m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                                  o_layout)
+        m, l, p_op, acc = _softmax_scaled(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc,
+                                          scale_log2e, BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
+    c = (c_hi - 1 - c_lo) // BLOCK_N  # the last chunk's P V
+    _my_turn(turn, wg, turns + c + 1)
+    acc = warpgroup_mma(p_op, v_smem.index((base + c) % STAGES), acc, is_async=True)
+    _pass_turn(turn, wg)
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    mbarrier.arrive(v_empty.index((base + c) % STAGES), count=1)
+    if not PARTIALS:
+        m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(c_lo + c * BLOCK_N, c_hi, pos_s, pos_o, m_all, l_all,
+                                                              acc_all, m, l, acc, scale_log2e, BLOCK_N, SPLIT,
+                                                              o_layout)
+    return m, l, acc, m_all, l_all, acc_all
+
+
+@gluon.jit
 def _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e, SPLIT: gl.constexpr,
           o_layout: gl.constexpr):
     """Fold the state of the split holding chunk n0 into the result (``attention._fold``'s
@@ -405,7 +492,7 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
           STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr,
-          BULK_OUT: gl.constexpr):
+          BULK_OUT: gl.constexpr, turn, turns, PINGPONG: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
     folded result (single pass) or this split's state (split-KV) to memory. With Q_AHEAD,
     ``q_buf`` and buffer ``meta`` of ``meta_smem`` hold its Q rows and row facts already
@@ -448,7 +535,7 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
     m, l, acc, m_all, l_all, acc_all = _sweep(
         base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
         k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
-        STAGES, s_layout, o_layout, p_layout, io, DECODE)
+        STAGES, s_layout, o_layout, p_layout, io, DECODE, wg, turn, turns, PINGPONG)
 
     if Q_AHEAD:  # (read only now: nothing held in registers through the sweep)
         tok, head, row_ok, pos = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, io), GROUP, GROUP_PAD, ROWS_)
@@ -520,7 +607,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
                        STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr,
-                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr):
+                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr, turn):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
     counting ring positions as the producer does. Q_AHEAD (prefill, where an item is a few
     chunks long): nothing at an item's start waits on global memory. Item j + 2's rows and
@@ -529,6 +616,8 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     cost 3-4% up to 4096 tokens (bench/NOTES.md, round 9), for its rows 4-13% up to 2048
     (round 10)."""
     base = 0
+    turns = 0  # (two consumers) blocks of dots issued: _sweep_pingpong's turns
+    PINGPONG: gl.constexpr = CONSUMERS == 2
     programs = gl.num_programs(0)
     pid = gl.program_id(0)
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
@@ -577,8 +666,10 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                       scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                       k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                       GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD,
-                      BULK_OUT)
-            base += (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
+                      BULK_OUT, turn, turns, PINGPONG)
+            chunks = (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
+            base += chunks
+            turns += gl.where(chunks > 0, chunks + 1, 0)
     if BULK_OUT:
         tma.store_wait(0)  # the last bulk copy has read out_buf before the program ends
 
@@ -611,6 +702,9 @@ def hopper_attention_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # two consumers' turns
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
@@ -628,13 +722,13 @@ def hopper_attention_kernel(
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT)),
+                             DECODE, Q_AHEAD, BULK_OUT, turn)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT)),
+                             DECODE, Q_AHEAD, BULK_OUT, turn)),
                             (_load_partition, load_args)],
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -643,7 +737,7 @@ def hopper_attention_kernel(
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT)),
+                             DECODE, Q_AHEAD, BULK_OUT, turn)),
                             (_load_partition, load_args)],
                            [1], [PRODUCER_REGS])
 
