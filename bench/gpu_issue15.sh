@@ -2,7 +2,7 @@
 # Issue 15 in one device call: CUDA-graph and overlap tests, the needle check, bench_e2e,
 # profile_step, bench_matmul. Each step has its own time limit and writes its log/JSON into OUT_DIR.
 #   bash bench/gpu_issue15.sh OUT_DIR [steps...]
-#   steps: tests kernel_tests needle e2e e2e_gluon e2e_triton profile host decode ablate matmul points attention
+#   steps: smoke tests kernel_tests needle e2e e2e_gluon e2e_triton profile host decode ablate matmul points attention
 set -uo pipefail
 out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
@@ -25,6 +25,15 @@ for step in $steps; do
       if [ $rc -ne 0 ] && grep -q "FAILED.*test_overlap" "$out/tests.log"; then overlap=off; fi
       if [ $rc -ne 0 ] && grep -q "FAILED.*test_cuda_graph_buckets" "$out/tests.log"; then graphs=off; fi
       [ $rc -ne 0 ] && echo "graphs=$graphs overlap=$overlap" > "$out/modes" ;;
+    smoke)  # one Gluon prefill and decode; a hang turns the two consumers' ping-pong off for the later steps
+      timeout ${SMOKE_S:-90} python -c "
+import torch
+from local_backend.kernels import attention as a
+k = torch.randn(2, 600, 8, 128, device='cuda').bfloat16(); v = torch.randn_like(k); q = torch.randn(600, 32, 128, device='cuda').bfloat16()
+slots = torch.arange(2, device='cuda').repeat_interleave(300); pos = torch.arange(300, device='cuda').repeat(2)
+a.attention(q, k, v, slots, pos, 0.088, kernel='gluon'); torch.cuda.synchronize(); print('smoke ok')" > "$out/smoke.log" 2>&1
+      rc=$?; tail -2 "$out/smoke.log"
+      if [ $rc -eq 124 ]; then export DETAUDIT_ATTENTION_PINGPONG=0; echo "pingpong off: the smoke run hung" | tee -a "$out/steps.txt"; fi ;;
     kernel_tests)
       timeout ${KTESTS_S:-240} python -m pytest -q -x -rs -s -p no:cacheprovider -p no:warnings \
         tests/kernels/test_attention_hopper.py tests/kernels/test_attention_kernel.py ${KTESTS_EXTRA:-} \

@@ -33,6 +33,7 @@ P = 0 meets finite values, as the Triton kernel's masked load does.
 from __future__ import annotations
 
 import functools
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -48,6 +49,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from local_backend.kernels.tile_plan import build_tiles, sm_count
 
 ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
+# Two consumers take turns at the tensor cores (_sweep_pingpong). Speed only; the switch is
+# for benches and for a device whose first run of it hangs (bench/gpu_issue15.sh turns it off).
+PINGPONG = os.environ.get("DETAUDIT_ATTENTION_PINGPONG", "1") != "0"
 CONSUMER_WARPS = gl.constexpr(4)
 PRODUCER_REGS = gl.constexpr(24)  # a warp that only issues copies needs the fewest registers there are
 CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accumulators
@@ -607,7 +611,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                        GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
                        CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
                        STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr,
-                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr, turn):
+                       Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr, turn, PINGPONG: gl.constexpr):
     """A consumer warpgroup: this program's work items (the producer's, in the same order),
     counting ring positions as the producer does. Q_AHEAD (prefill, where an item is a few
     chunks long): nothing at an item's start waits on global memory. Item j + 2's rows and
@@ -617,7 +621,6 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     (round 10)."""
     base = 0
     turns = 0  # (two consumers) blocks of dots issued: _sweep_pingpong's turns
-    PINGPONG: gl.constexpr = CONSUMERS == 2
     programs = gl.num_programs(0)
     pid = gl.program_id(0)
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
@@ -683,6 +686,7 @@ def hopper_attention_kernel(
     GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
     BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
     PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr, BULK_OUT: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
     _item_index(0, program_id, num_programs), _item_index(1, ...), ...: one item per program,
@@ -722,13 +726,13 @@ def hopper_attention_kernel(
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT, turn)),
+                             DECODE, Q_AHEAD, BULK_OUT, turn, PINGPONG)),
                             (_compute_partition, (1, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, tiles_ptr,
                              tile_pos_ptr, cta_slot_ptr, cta_len_ptr, num_items, HKV, L,
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT, turn)),
+                             DECODE, Q_AHEAD, BULK_OUT, turn, PINGPONG)),
                             (_load_partition, load_args)],
                            [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
@@ -737,7 +741,7 @@ def hopper_attention_kernel(
                              scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                              q_smem, meta_smem, out_smem, out_desc, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS,
-                             DECODE, Q_AHEAD, BULK_OUT, turn)),
+                             DECODE, Q_AHEAD, BULK_OUT, turn, PINGPONG)),
                             (_load_partition, load_args)],
                            [1], [PRODUCER_REGS])
 
@@ -911,6 +915,6 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,
-        Q_AHEAD=q_ahead, BULK_OUT=bulk_out,
+        Q_AHEAD=q_ahead, BULK_OUT=bulk_out, PINGPONG=two and PINGPONG,
         num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )
