@@ -3,7 +3,7 @@ GPU time (CUPTI; decode: with the combine kernel) with one part taken out, or do
 way, at a time, side by side in one run.
 
     PYTHONPATH=. python bench/ablate_attention.py --json out/ablate.json
-    PYTHONPATH=. python bench/ablate_attention.py --cases decode --variants default,scores-wait,stages4
+    PYTHONPATH=. python bench/ablate_attention.py --cases decode --variants default,stages4
 
 Each variant is attention_hopper.py with an edit made to a copy of its source (every edit
 must match exactly once, or the run stops): the item order back to plain round-robin; the
@@ -12,8 +12,8 @@ next items' Q and rows no longer copied ahead (loaded when an item starts); no Q
 all; the zeroing of V past the sweep's end gone; the causal mask gone; the output stored
 row by row instead of by bulk copies (rows-out); the output store gone (row stores under a
 mask that is false at run time, so nothing is compiled away); another K/V ring depth; the
-two consumers unpaced instead of taking turns at the tensor cores (no-pingpong); in decode,
-each chunk's scores waited for before the next chunk's are issued (scores-wait). Candidate changes ride along the same way (round 10's: positions as
+two consumers unpaced instead of taking turns at the tensor cores (no-pingpong, or
+pingpong for the launches that go unpaced). Candidate changes ride along the same way (round 10's: positions as
 int32, taken; the output stored straight from the accumulator's layout, 4-24% slower; a
 tile's rows computed instead of loaded, which led to copying them ahead). A variant's time
 against the default's says what that part costs. Variants that only move work around
@@ -52,7 +52,7 @@ VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or No
                    ("""        q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)""",
                     "        q = gl.full([ROWS_, D], 0.01, q_ptr.dtype.element_ty, io)")], None, False),
-    "two-loops": ([("PINGPONG=two and PINGPONG,", "PINGPONG=False,"), ("""        base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
+    "two-loops": ([("pingpong = two and PINGPONG and", "pingpong = False and"), ("""        base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)""", """        base, c_lo, c_lo, mid, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
@@ -61,13 +61,12 @@ VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or No
         base, c_lo, mid, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)""")], None, True),
-    "no-v-zeroing": ([("        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n", "        pass\n", 3)], None, False),
+    "no-v-zeroing": ([("        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n", "        pass\n", 2)], None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
     "stages3": ([], 3, True),
     "stages6": ([], 6, True),
-    "scores-wait": ([("p_layout, io, DECODE, wg, turn, turns, PINGPONG)", "p_layout, io, False, wg, turn, turns, PINGPONG)")],
-                    None, True),
-    "no-pingpong": ([("PINGPONG=two and PINGPONG,", "PINGPONG=False,")], None, True),
+    "no-pingpong": ([("pingpong = two and PINGPONG and", "pingpong = False and")], None, True),
+    "pingpong-all": ([("plan.num_splits * split > PINGPONG_MIN_SWEEP", "True")], None, True),
     "rows-out": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and")], None, True),
     "no-out-store": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and"),
                       ("""             mask=row_ok[:, None])""", """             mask=(row_ok & (tok < 0))[:, None])""")],

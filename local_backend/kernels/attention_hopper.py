@@ -52,6 +52,7 @@ ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
 # Two consumers take turns at the tensor cores (_sweep_pingpong). Speed only; the switch is
 # for benches and for a device whose first run of it hangs (bench/gpu_issue15.sh turns it off).
 PINGPONG = os.environ.get("DETAUDIT_ATTENTION_PINGPONG", "1") != "0"
+PINGPONG_MIN_SWEEP = 1024  # positions: launches whose longest sweep is shorter stay unpaced
 CONSUMER_WARPS = gl.constexpr(4)
 PRODUCER_REGS = gl.constexpr(24)  # a warp that only issues copies needs the fewest registers there are
 CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accumulators
@@ -291,24 +292,17 @@ def _sweep(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
            k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
            PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
            SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-           p_layout: gl.constexpr, v_io: gl.constexpr, SCORES_AHEAD: gl.constexpr, wg, turn, turns,
-           PINGPONG: gl.constexpr):
+           p_layout: gl.constexpr, v_io: gl.constexpr, wg, turn, turns, PINGPONG: gl.constexpr):
     """Chunks c_lo .. c_hi; those before ``mid`` are seen in full by every row and skip the
-    mask. A prefill chunk step waits for its own dots (the next chunk's scores issued before
-    this one's softmax, FA3-style, measured slower there: bench/NOTES.md, round 7); with
-    SCORES_AHEAD (decode, where a sweep is a chain of latencies) they are (_sweep_ahead).
-    PINGPONG (two consumers): the warpgroups take turns at the tensor cores (_sweep_pingpong)."""
+    mask. Each chunk step waits for its own dots (the next chunk's scores issued before this
+    one's softmax, FA3-style, measured slower in prefill, bench/NOTES.md round 7, and no faster
+    in decode, round 11). PINGPONG (two consumers): the warpgroups take turns at the tensor
+    cores (_sweep_pingpong)."""
     if PINGPONG:
         m, l, acc, m_all, l_all, acc_all = _sweep_pingpong(
             base, wg, turn, turns, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
             k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
             STAGES, s_layout, o_layout, p_layout, v_io)
-        return m, l, acc, m_all, l_all, acc_all
-    if SCORES_AHEAD:
-        m, l, acc, m_all, l_all, acc_all = _sweep_ahead(
-            base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
-            v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
-            s_layout, o_layout, p_layout, v_io)
         return m, l, acc, m_all, l_all, acc_all
     m, l, acc, m_all, l_all, acc_all = _sweep_range(
         base, c_lo, c_lo, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
@@ -327,60 +321,6 @@ def _issue_scores(i, q_buf, k_smem, k_ready, ROWS_: gl.constexpr, BLOCK_N: gl.co
 
 
 @gluon.jit
-def _softmax_pv(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                p_layout: gl.constexpr, v_io: gl.constexpr):
-    """The rest of _chunk_step once the chunk's scores are in: mask, softmax, rescale, the P V
-    dot issued (not waited for). The same operations in the same order."""
-    if n0 >= mid:
-        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
-    v_buf = v_smem.index(i % STAGES)
-    new_max, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_buf.dtype, o_layout, p_layout)
-    acc = acc * rescale_o[:, None]
-    mbarrier.wait(v_ready.index(i % STAGES), (i // STAGES) & 1)
-    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
-        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
-    return new_max, l, warpgroup_mma(p_op, v_buf, acc, is_async=True)
-
-
-@gluon.jit
-def _sweep_ahead(base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem,
-                 k_ready, v_ready, k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e,
-                 PARTIALS: gl.constexpr, ROWS_: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                 SPLIT: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 p_layout: gl.constexpr, v_io: gl.constexpr):
-    """_sweep_range's chunk steps with the next chunk's scores in flight while this chunk's
-    softmax and P V run: a decode sweep is a chain of a few rows' steps, each waiting on its
-    dots, so hiding one dot's latency per step shortens it. The scores are the same dot on
-    the same operands; each step's arithmetic is _chunk_step's, so the bits are the same."""
-    scores = warpgroup_mma_wait(0, deps=(_issue_scores(base, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES,
-                                                       s_layout), ))
-    for n0 in range(c_lo, c_hi - BLOCK_N, BLOCK_N):  # every chunk but the last: a next one's scores to issue
-        i = base + (n0 - c_lo) // BLOCK_N
-        mbarrier.arrive(k_empty.index(i % STAGES), count=1)
-        ahead = _issue_scores(i + 1, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES, s_layout)
-        m, l, acc = _softmax_pv(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
-                                BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
-        acc, scores = warpgroup_mma_wait(0, deps=(acc, ahead))
-        mbarrier.arrive(v_empty.index(i % STAGES), count=1)
-        if not PARTIALS:
-            m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
-                                                                  m, l, acc, scale_log2e, BLOCK_N, SPLIT,
-                                                                  o_layout)
-    n0 = c_lo + (c_hi - 1 - c_lo) // BLOCK_N * BLOCK_N  # the last chunk
-    i = base + (n0 - c_lo) // BLOCK_N
-    mbarrier.arrive(k_empty.index(i % STAGES), count=1)
-    m, l, acc = _softmax_pv(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
-                            BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
-    acc = warpgroup_mma_wait(0, deps=(acc, ))
-    mbarrier.arrive(v_empty.index(i % STAGES), count=1)
-    if not PARTIALS:
-        m_all, l_all, acc_all, m, l, acc = _fold_at_split_end(n0, c_hi, pos_s, pos_o, m_all, l_all, acc_all,
-                                                              m, l, acc, scale_log2e, BLOCK_N, SPLIT, o_layout)
-    return m, l, acc, m_all, l_all, acc_all
-
-
-@gluon.jit
 def _my_turn(turn, wg, k):
     """Wait until warpgroup wg may issue its k-th block of dots: warpgroup 0 goes first, then
     the two take turns (each passes the turn on right after issuing: _pass_turn)."""
@@ -396,8 +336,8 @@ def _pass_turn(turn, wg):
 def _softmax_scaled(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                     p_layout: gl.constexpr, v_io: gl.constexpr):
-    """_softmax_pv up to the P V dot: the chunk's probabilities, the accumulator rescaled, its V
-    stage landed (and zeroed past the sweep's end)."""
+    """_chunk_step between the two dots: the chunk's probabilities, the accumulator rescaled,
+    its V stage landed (and zeroed past the sweep's end)."""
     if n0 >= mid:
         scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
     v_buf = v_smem.index(i % STAGES)
@@ -539,7 +479,7 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
     m, l, acc, m_all, l_all, acc_all = _sweep(
         base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
         k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
-        STAGES, s_layout, o_layout, p_layout, io, DECODE, wg, turn, turns, PINGPONG)
+        STAGES, s_layout, o_layout, p_layout, io, wg, turn, turns, PINGPONG)
 
     if Q_AHEAD:  # (read only now: nothing held in registers through the sweep)
         tok, head, row_ok, pos = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, io), GROUP, GROUP_PAD, ROWS_)
@@ -905,6 +845,9 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
     q_ahead = two and not plan.decode and q.data_ptr() % 16 == 0 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0
     # finished items leave by bulk copies (whole boxes of the output; the plan marks which)
     bulk_out = q_ahead and parts is None and group == group_pad and _bulk_ok(out)
+    # the two consumers take turns at the tensor cores where some sweep is long (ping-pong: 4-9% off
+    # from 2048 tokens, 2% on at 512; H100, bench/NOTES.md round 11)
+    pingpong = two and PINGPONG and plan.num_splits * split > PINGPONG_MIN_SWEEP
     per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg, 2 if q_ahead else 1,
                              bulk_out)
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
@@ -915,6 +858,6 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
         scale_log2e, L, Hq, Hkv, splits, items, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, TOKENS=tokens_per_warpgroup(group_pad), CONSUMERS=plan.consumers,
         BLOCK_N=block_n, D=D, SPLIT=split, STAGES=stages, PARTIALS=parts is not None, DECODE=plan.decode,
-        Q_AHEAD=q_ahead, BULK_OUT=bulk_out, PINGPONG=two and PINGPONG,
+        Q_AHEAD=q_ahead, BULK_OUT=bulk_out, PINGPONG=pingpong,
         num_warps=CONSUMER_WARPS.value, maxnreg=maxnreg,
     )
