@@ -12,8 +12,7 @@ next items' Q and rows no longer copied ahead (loaded when an item starts); no Q
 all; the zeroing of V past the sweep's end gone; the causal mask gone; the output stored
 row by row instead of by bulk copies (rows-out); the output store gone (row stores under a
 mask that is false at run time, so nothing is compiled away); another K/V ring depth; the
-two consumers unpaced instead of taking turns at the tensor cores (no-pingpong, or
-pingpong for the launches that go unpaced). Candidate changes ride along the same way (round 10's: positions as
+two consumers unpaced instead of taking turns at the tensor cores (no-pingpong). Candidate changes ride along the same way (round 10's: positions as
 int32, taken; the output stored straight from the accumulator's layout, 4-24% slower; a
 tile's rows computed instead of loaded, which led to copying them ahead). A variant's time
 against the default's says what that part costs. Variants that only move work around
@@ -66,7 +65,6 @@ VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or No
     "stages3": ([], 3, True),
     "stages6": ([], 6, True),
     "no-pingpong": ([("pingpong = two and PINGPONG and", "pingpong = False and")], None, True),
-    "pingpong-all": ([("plan.num_splits * split > PINGPONG_MIN_SWEEP", "True")], None, True),
     "rows-out": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and")], None, True),
     "no-out-store": ([("bulk_out = q_ahead and parts is None and", "bulk_out = False and"),
                       ("""             mask=row_ok[:, None])""", """             mask=(row_ok & (tok < 0))[:, None])""")],

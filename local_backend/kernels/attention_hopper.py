@@ -52,7 +52,6 @@ ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
 # Two consumers take turns at the tensor cores (_sweep_pingpong). Speed only; the switch is
 # for benches and for a device whose first run of it hangs (bench/gpu_issue15.sh turns it off).
 PINGPONG = os.environ.get("DETAUDIT_ATTENTION_PINGPONG", "1") != "0"
-PINGPONG_MIN_SWEEP = 1024  # positions: launches whose longest sweep is shorter stay unpaced
 CONSUMER_WARPS = gl.constexpr(4)
 PRODUCER_REGS = gl.constexpr(24)  # a warp that only issues copies needs the fewest registers there are
 CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accumulators
@@ -845,9 +844,10 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: 
     q_ahead = two and not plan.decode and q.data_ptr() % 16 == 0 and q.stride(0) % 8 == 0 and q.stride(1) % 8 == 0
     # finished items leave by bulk copies (whole boxes of the output; the plan marks which)
     bulk_out = q_ahead and parts is None and group == group_pad and _bulk_ok(out)
-    # the two consumers take turns at the tensor cores where some sweep is long (ping-pong: 4-9% off
-    # from 2048 tokens, 2% on at 512; H100, bench/NOTES.md round 11)
-    pingpong = two and PINGPONG and plan.num_splits * split > PINGPONG_MIN_SWEEP
+    # the two consumers take turns at the tensor cores (ping-pong: 4-9% off from 2048 tokens, even at
+    # 1024, 2% on at 512 by kernel time; graph-timed at 512 0.80 with it, 0.78 without, in another
+    # run; H100, bench/NOTES.md round 11)
+    pingpong = two and PINGPONG
     per_sm = programs_per_sm(plan.consumers, stages, block_n, D, q.element_size(), maxnreg, 2 if q_ahead else 1,
                              bulk_out)
     programs = min(items, sm_count(q.device) * per_sm) if persistent else items
