@@ -112,14 +112,7 @@ def run_case(B: int, N: int, modules: dict, calls: int, gen) -> dict:
 
         def call():
             module.launch(q, k_cache, v_cache, plan, out, None, scale_log2e, attn.BLOCK_N, attn.SPLIT, stages)
-        try:
-            fig = {"us": sum(kernel_times(call, calls).values())}
-        except Exception as exc:  # a variant that does not fit this case (shared memory) is reported, not fatal
-            row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
-            continue
-        if same_bits:
-            fig["same_bits"] = bool(torch.equal(out, reference))
-        row[name] = fig
+        row[name] = variant_figures(call, calls, out, reference if same_bits else None)
     return row
 
 
@@ -151,15 +144,20 @@ def run_decode_case(B: int, L: int, modules: dict, calls: int, gen) -> dict:
             if split:
                 attn._combine(part_m, part_l, part_acc, out, positions, scale_log2e, plan.num_splits, HKV, None,
                               attn.GLUON_COMBINE)
-        try:
-            fig = {"us": sum(kernel_times(call, calls).values()), "split": split}
-        except Exception as exc:
-            row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
-            continue
-        if same_bits:
-            fig["same_bits"] = bool(torch.equal(out, reference))
-        row[name] = fig
+        row[name] = {**variant_figures(call, calls, out, reference if same_bits else None), "split": split}
     return row
+
+
+def variant_figures(call, calls: int, out: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    """A variant's kernel time per call and (``reference`` given) whether its output has the
+    default's bits; a variant that does not fit the case (shared memory) is reported, not fatal."""
+    try:
+        fig = {"us": sum(kernel_times(call, calls).values())}
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    if reference is not None:
+        fig["same_bits"] = bool(torch.equal(out, reference))
+    return fig
 
 
 def main() -> None:
