@@ -514,9 +514,9 @@ def _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D: gl.con
 def _store_bulk(out, out_buf, out_desc, tok0, head0, TOKENS: gl.constexpr, GROUP: gl.constexpr, D: gl.constexpr):
     """A finished item whose rows are tokens tok0 .. tok0 + TOKENS, heads head0 .. head0 + GROUP
     (one box of the [T, HQ, D] output): staged in shared memory straight from the accumulator's
-    layout and sent by one bulk copy, which the warpgroup does not wait for. Storing row by
-    row took 12% of a 8 x 512 prefill (bench/NOTES.md, round 9): a layout conversion through
-    shared memory, then 64 masked row stores."""
+    layout and sent by one bulk copy, which the warpgroup does not wait for, instead of a
+    layout conversion through shared memory and 64 masked row stores (1-2% of the kernel's
+    time at 512-4096 tokens: bench/NOTES.md, round 11)."""
     tma.store_wait(0)  # the last item's bulk copy has read out_buf
     gl.thread_barrier()
     out_buf.store(out)
@@ -645,10 +645,10 @@ def hopper_attention_kernel(
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # two consumers' turns
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # PINGPONG: the consumers' turns
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(s), count=1)
         mbarrier.init(v_ready.index(s), count=1)
