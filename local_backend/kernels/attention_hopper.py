@@ -245,25 +245,14 @@ def _chunk_step(i, n0, mid, kv_len, pos_s, q_buf, k_smem, v_smem, k_ready, v_rea
     arithmetic, operation for operation). Chunks from ``mid`` on are masked (those before
     are seen in full by every row); the mask is a branch, not a second copy of the step,
     so the sweep is one loop of one body."""
-    s = i % STAGES
-    phase = (i // STAGES) & 1
-    k_buf = k_smem.index(s)
-    v_buf = v_smem.index(s)
-    mbarrier.wait(k_ready.index(s), phase)
-    scores = warpgroup_mma(q_buf, k_buf.permute((1, 0)), gl.zeros([ROWS_, BLOCK_N], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-    scores = warpgroup_mma_wait(0, deps=(scores, ))
-    mbarrier.arrive(k_empty.index(s), count=1)
-    if n0 >= mid:
-        scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
-    new_max, l, p_op, rescale_o = _softmax(scores, m, l, scale_log2e, v_buf.dtype, o_layout, p_layout)
-    acc = acc * rescale_o[:, None]
-    mbarrier.wait(v_ready.index(s), phase)
-    if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
-        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)
-    acc = warpgroup_mma(p_op, v_buf, acc, is_async=True)
+    scores = warpgroup_mma_wait(0, deps=(_issue_scores(i, q_buf, k_smem, k_ready, ROWS_, BLOCK_N, STAGES,
+                                                       s_layout), ))
+    mbarrier.arrive(k_empty.index(i % STAGES), count=1)
+    new_max, l, p_op, acc = _softmax_scaled(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc,
+                                            scale_log2e, BLOCK_N, STAGES, s_layout, o_layout, p_layout, v_io)
+    acc = warpgroup_mma(p_op, v_smem.index(i % STAGES), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
-    mbarrier.arrive(v_empty.index(s), count=1)
+    mbarrier.arrive(v_empty.index(i % STAGES), count=1)
     return new_max, l, acc
 
 
@@ -335,7 +324,7 @@ def _pass_turn(turn, wg):
 def _softmax_scaled(i, n0, mid, kv_len, pos_s, scores, v_smem, v_ready, m, l, acc, scale_log2e,
                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                     p_layout: gl.constexpr, v_io: gl.constexpr):
-    """_chunk_step between the two dots: the chunk's probabilities, the accumulator rescaled,
+    """A chunk step between its two dots: the chunk's probabilities, the accumulator rescaled,
     its V stage landed (and zeroed past the sweep's end)."""
     if n0 >= mid:
         scores = _causal_mask(scores, n0, pos_s, BLOCK_N, s_layout)
@@ -771,9 +760,10 @@ _gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 @functools.lru_cache(maxsize=None)
-def _chunk_layout(block_n: int, head_dim: int, dtype: torch.dtype):
-    """The shared-memory layout of one K/V chunk (cached: every layer's launch asks)."""
-    return gl.NVMMASharedLayout.get_default_for([block_n, head_dim], _gl_dtype[dtype])
+def _box_layout(box: tuple[int, ...], dtype: torch.dtype):
+    """The shared-memory layout of one bulk-copy box: a K/V chunk or an output box (cached:
+    every launch asks)."""
+    return gl.NVMMASharedLayout.get_default_for(list(box), _gl_dtype[dtype])
 
 
 def _descriptor(cache: torch.Tensor, block_n: int):
@@ -781,7 +771,8 @@ def _descriptor(cache: torch.Tensor, block_n: int):
     one chunk of one KV head is the box [block_n, head_dim] at (slot * L + n0, kv_head * D)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     S, L, Hkv, D = cache.shape
-    return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D], _chunk_layout(block_n, D, cache.dtype))
+    return TensorDescriptor(cache, [S * L, Hkv * D], [Hkv * D, 1], [block_n, D],
+                            _box_layout((block_n, D), cache.dtype))
 
 
 def _bulk_ok(out: torch.Tensor) -> bool:
@@ -796,12 +787,6 @@ def _out_descriptor(out: torch.Tensor, tokens: int, group: int):
     T, Hq, D = out.shape
     box = [tokens, group, D]
     return TensorDescriptor(out, [T, Hq, D], [Hq * D, D, 1], box, _box_layout(tuple(box), out.dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _box_layout(box: tuple[int, ...], dtype: torch.dtype):
-    """The shared-memory layout of one output box (cached: every launch asks)."""
-    return gl.NVMMASharedLayout.get_default_for(list(box), _gl_dtype[dtype])
 
 
 SM_SHARED_BYTES = 227 * 1024  # shared memory one SM gives its programs (sm_90)
