@@ -60,7 +60,7 @@ VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or No
         base, c_lo, mid, c_hi, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready, k_empty,
         v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT, STAGES,
         s_layout, o_layout, p_layout, v_io)""")], None, True),
-    "no-v-zeroing": ([("        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n", "        pass\n", 2)], None, False),
+    "no-v-zeroing": ([("        _zero_past_end(v_buf, n0, kv_len, BLOCK_N, v_io)\n", "        pass\n")], None, False),
     "no-mask": ([("mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)", "mid = c_hi + full_end * 0")], None, False),
     "stages3": ([], 3, True),
     "stages6": ([], 6, True),
