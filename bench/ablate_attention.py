@@ -40,7 +40,7 @@ HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
 DECODE = [(1, 1000), (1, 8000), (1, 32000), (16, 4000), (64, 1000)]  # (B, L): one token per sequence
 SOURCE = Path(hopper.__file__)
-VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or None, keeps the default's bits)
+VARIANTS = {  # name: ([(old, new) source edits], K/V ring stages or None, keeps the default's bits)
     "default": ([], None, True),
     "round-robin": ([("return j * programs + pid + odd * (programs - 1 - 2 * pid)",
                       "return j * programs + pid + odd * 0")], None, True),
@@ -75,11 +75,10 @@ VARIANTS = {  # name: ([(old, new[, times]) source edits], K/V ring stages or No
 def variant_module(name: str, edits: list[tuple[str, str]], folder: Path):
     """attention_hopper.py with ``edits`` made, imported from its own file (Gluon reads the source)."""
     text = SOURCE.read_text()
-    for old, new, *times in edits:
-        times = times[0] if times else 1
-        if text.count(old) != times:
+    for old, new in edits:
+        if text.count(old) != 1:
             sys.exit(f"ablate_attention: variant {name}: the edit {old[:60]!r} matches {text.count(old)} times in "
-                     f"{SOURCE} (it must match {times}: update VARIANTS to the kernel's source)")
+                     f"{SOURCE} (it must match once: update VARIANTS to the kernel's source)")
         text = text.replace(old, new)
     path = folder / f"attention_hopper_{name.replace('-', '_')}.py"
     path.write_text(text)
