@@ -19,7 +19,9 @@ it; "host" is the time to issue one eager call. ``--kernels`` times several of o
 in the same run, on the same inputs (on Hopper: the Gluon kernel of
 attention_hopper.py, persistent or one program per item, and the Triton kernel),
 and says whether their outputs are equal bit for bit; "gluon:4" names the Gluon kernel
-with a K/V ring of 4 stages (speed only: the stage count never touches the bits).
+with a K/V ring of 4 stages (speed only: the stage count never touches the bits), and
+"gluon-serial" the Gluon kernels with the combine launched only after the attention kernel
+ends (no programmatic dependent launch: combine_hopper).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_info import gpu_info, header, write_json
-from local_backend.kernels import attention as attn
+from local_backend.kernels import attention as attn, combine_hopper
 
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
@@ -108,11 +110,14 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
     outs = {}
     for kernel in kernels:  # side by side, same inputs, same run
         name, _, ring = kernel.partition(":")
+        serial = name.endswith("-serial")  # the Gluon combine launched after the attention kernel ends (no PDL)
+        name = name.removesuffix("-serial")
         gluon_stages = int(ring) if ring else None
         kw = dict(rows=rows, num_warps=warps, num_stages=gluon_stages if name.startswith("gluon") else stages,
                   kernel=name)
 
         def ours():
+            combine_hopper.PDL = not serial
             return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
 
         pass_ = lambda: attn.one_plan_per_pass(decode_only=kind == "decode")  # noqa: E731

@@ -606,6 +606,13 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
 
 
 @gluon.jit
+def _launch_dependents():
+    """Let the next kernel in the stream start, if launched as a programmatic dependent (PDL)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
 def hopper_attention_kernel(
     q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, k_desc, v_desc, out_desc,
     tiles_ptr, tile_pos_ptr, cta_slot_ptr, cta_len_ptr,
@@ -618,7 +625,11 @@ def hopper_attention_kernel(
 ):
     """Work items (CTA tile, KV head, split: one split of all in the single pass) w =
     _item_index(0, program_id, num_programs), _item_index(1, ...), ...: one item per program,
-    or persistent programs that each take several and keep their K/V ring streaming between them."""
+    or persistent programs that each take several and keep their K/V ring streaming between them.
+    Split-KV (PARTIALS): the combine kernel that follows may take its places at once
+    (combine_hopper: it waits for this kernel's end before it reads a split state)."""
+    if PARTIALS:
+        _launch_dependents()
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS * (2 if Q_AHEAD else 1), TOKENS * GROUP_PAD, D],
                                        gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
     # Q_AHEAD: three buffers of row facts per consumer (_copy_meta: tokens, positions, length)

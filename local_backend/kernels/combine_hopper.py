@@ -8,9 +8,17 @@ so a long sweep pays one memory round trip per split (1 x 32000 tokens, 63 split
 of combine against 47 us of attention on an H100; bench/NOTES.md, round 8). Here the
 states of ``BLOCK_S`` splits arrive in one load, are parked in shared memory, and the next
 block's load is in flight while this block is folded: one round trip per block, overlapped.
+
+Why it starts early: a decode pass of one short sequence is a chain of two short kernels,
+and the combine's launch and its positions' load would wait for the attention kernel's end.
+It is launched as a programmatic dependent (PDL): its programs take their places while the
+attention kernel runs (which signals them at its start: attention_hopper), read what that
+kernel does not write, and wait at ``griddepcontrol.wait`` for the split states. Speed only.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -19,6 +27,16 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 WARPS = 4
+# Launch as a programmatic dependent of the attention kernel (module docstring). Speed only;
+# the switch is for benches (side by side) and for a driver or graph capture that refuses it.
+PDL = os.environ.get("DETAUDIT_PDL", "1") != "0"
+
+
+@gluon.jit
+def _wait_for_prior_kernel():
+    """Block until the kernel before this one in the stream has finished and its writes are
+    visible (a no-op unless launched as a programmatic dependent)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -53,6 +71,7 @@ def combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, positions_ptr,
     d0 = gl.program_id(2) * BLOCK_DC
     first_part = (tok * HQ + kv_head * GROUP) * NUM_SPLITS
     n = (gl.load(positions_ptr + tok) // SPLIT + 1).to(gl.int32)  # splits this token's sweep has
+    # (positions were written before the attention kernel began: read while it runs)
 
     m_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_S * GROUP_PAD, 1], flat)
     l_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_S * GROUP_PAD, 1], flat)
@@ -60,6 +79,7 @@ def combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, positions_ptr,
     m = gl.full([GROUP_PAD, 1], float("-inf"), gl.float32, rows)  # one column: broadcast over d
     l = gl.zeros([GROUP_PAD, 1], gl.float32, rows)
     acc = gl.zeros([GROUP_PAD, BLOCK_DC], gl.float32, rows)
+    _wait_for_prior_kernel()  # the split states
     m_n, l_n, acc_n = _load_block(part_m_ptr, part_l_ptr, part_acc_ptr, first_part, 0, n, D, d0, NUM_SPLITS,
                                   GROUP, GROUP_PAD, BLOCK_DC, BLOCK_S, rows)
     for s0 in range(0, n, BLOCK_S):
@@ -110,5 +130,5 @@ def combine(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, 
     combine_kernel[(T, Hkv, slices)](
         part_m, part_l, part_acc, out, positions, scale_log2e, D, Hq, splits, out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_DC=block_dc, SPLIT=split,
-        BLOCK_S=splits_per_block(group_pad, block_dc), num_warps=WARPS,
+        BLOCK_S=splits_per_block(group_pad, block_dc), num_warps=WARPS, launch_pdl=PDL,
     )
