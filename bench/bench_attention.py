@@ -21,7 +21,8 @@ attention_hopper.py, persistent or one program per item, and the Triton kernel),
 and says whether their outputs are equal bit for bit; "gluon:4" names the Gluon kernel
 with a K/V ring of 4 stages (speed only: the stage count never touches the bits), and
 "gluon-serial" the Gluon kernels with the combine launched only after the attention kernel
-ends (no programmatic dependent launch: combine_hopper).
+ends (no programmatic dependent launch: combine_hopper), "gluon-nopp" with the two
+consumers unpaced (no ping-pong: attention_hopper); speed only, the same bits.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_info import gpu_info, header, write_json
-from local_backend.kernels import attention as attn, combine_hopper
+from local_backend.kernels import attention as attn, attention_hopper as hopper, combine_hopper
 
 HQ, HKV, D = 32, 8, 128
 PREFILL = [(8, 512), (4, 1024), (2, 2048), (1, 4096), (1, 8192)]  # (B, N)
@@ -110,14 +111,15 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
     outs = {}
     for kernel in kernels:  # side by side, same inputs, same run
         name, _, ring = kernel.partition(":")
-        serial = name.endswith("-serial")  # the Gluon combine launched after the attention kernel ends (no PDL)
-        name = name.removesuffix("-serial")
+        serial = "-serial" in name  # the Gluon combine launched after the attention kernel ends (no PDL)
+        no_pingpong = "-nopp" in name  # the two Gluon consumers unpaced (no ping-pong)
+        name = name.replace("-serial", "").replace("-nopp", "")
         gluon_stages = int(ring) if ring else None
         kw = dict(rows=rows, num_warps=warps, num_stages=gluon_stages if name.startswith("gluon") else stages,
                   kernel=name)
 
         def ours():
-            combine_hopper.PDL = not serial
+            combine_hopper.PDL, hopper.PINGPONG = not serial, not no_pingpong
             return attn.attention(q, k_cache, v_cache, slots, positions, scale, **kw)
 
         pass_ = lambda: attn.one_plan_per_pass(decode_only=kind == "decode")  # noqa: E731
@@ -175,8 +177,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA GPU (the CPU interpreter's speed means nothing)")
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    kernels = (args.kernels or ("gluon,triton" if hopper else "triton")).split(",")
+    on_hopper = torch.cuda.get_device_capability() == (9, 0)
+    kernels = (args.kernels or ("gluon,triton" if on_hopper else "triton")).split(",")
     info = gpu_info()
     print(header(info))
     if args.split is not None and (args.split <= 0 or args.split % attn.BLOCK_N):
