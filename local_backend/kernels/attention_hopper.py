@@ -9,7 +9,8 @@ per program); here
   * one or two consumer warpgroups each own 64 query rows (tokens x GQA group) and run
     the chunk steps: S = Q K^T and O += P V as asynchronous wgmma, the online softmax in
     between. Two consumers share every K/V chunk of one sequence (prefill); decode tiles
-    (one token each) use one;
+    (one token each) use one, with the dots transposed (_decode_tile: the token's GQA group
+    is the wgmma N, so the tensor cores do no work for padding rows);
   * programs are persistent: each takes work items (tile, KV head, split) in turn, dealt
     out in a snake order that evens out the work per program, and the producer streams
     the next item's chunks while the consumers finish the last one.
@@ -213,14 +214,24 @@ def _causal_mask(scores, n0, pos_s, BLOCK_N: gl.constexpr, s_layout: gl.constexp
 
 
 @gluon.jit
-def _softmax(scores, m, l, scale_log2e, dtype: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+def _online_softmax(scores, m, l, scale_log2e):
     """The online-softmax update of one chunk (``attention._chunk``'s arithmetic): the new
-    running max, the new running sum, the probabilities as the P V operand, the rescale
-    factor of the accumulator. The max is of the raw scores; the scale comes after."""
+    running max, the new running sum, the probabilities, the rescale factor of the
+    accumulator. The max is of the raw scores; the scale comes after. The row sum's order
+    is the layout's: a thread's columns in register order, then its lanes (the same in
+    ``s_layout`` and ``_decode_tile``'s ``rows``)."""
     new_max = gl.maximum(m, gl.max(scores, axis=1))
     rescale = gl.exp2((m - new_max) * scale_log2e)
     p = gl.exp2((scores - new_max[:, None]) * scale_log2e)
     l = gl.fma(l, rescale, gl.sum(p, axis=1))
+    return new_max, l, p, rescale
+
+
+@gluon.jit
+def _softmax(scores, m, l, scale_log2e, dtype: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """_online_softmax with the probabilities as the P V operand and the rescale factor in
+    the accumulator's rows."""
+    new_max, l, p, rescale = _online_softmax(scores, m, l, scale_log2e)
     return new_max, l, gl.convert_layout(p.to(dtype), p_layout), gl.convert_layout(rescale, gl.SliceLayout(1, o_layout))
 
 
@@ -492,6 +503,97 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
 
 
 @gluon.jit
+def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cta, kv_head, kv_len,
+                 c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
+                 k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                 GROUP: gl.constexpr, HEADS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                 SPLIT: gl.constexpr, STAGES: gl.constexpr, PARTIALS: gl.constexpr):
+    """One decode work item (a token's GQA group, one KV head, one split) with the dots
+    transposed: S^T = K Q^T and O^T += V^T P^T, the chunk's positions (and head_dim) as the
+    wgmma M and the group's HEADS query heads as its N. _tile's dots put the rows in M,
+    which is 64 for one warpgroup: a decode group of 4 heads padded to 64 rows kept the
+    tensor cores 16 times busier than needed, and each chunk step waited on them.
+
+    The same bits as _tile: every score and output element is the same products added 16
+    positions at a time in the same order (the tensor cores' arithmetic does not depend on
+    an element's place in the tile or on which operand is which: matmul.py's bitwise check
+    covers both), and the softmax runs on the scores in ``rows``, a layout that gives each
+    thread a row's columns in _tile's order and reduces across the same lanes, so the max
+    and the row sum come out the same."""
+    s_t_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEADS, 16])
+    rows: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [4, 1], [1, 0])  # [HEADS, BLOCK_N]: _tile's row pattern
+    io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte accesses
+    r = gl.arange(0, HEADS, layout=gl.SliceLayout(1, io))
+    real = r < GROUP
+    head = kv_head * GROUP + gl.where(real, r, 0)
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
+    q = gl.load(q_ptr + cta * stride_qt + head[:, None] * stride_qh + d[None, :], mask=real[:, None], other=0.0)
+    q_buf.store(q)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    pos = kv_len - 1  # every row's position: the token is its sequence's last
+    full_end = (pos + 1) // BLOCK_N * BLOCK_N  # chunks seen in full
+    mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
+    m = gl.full([HEADS], float("-inf"), gl.float32, gl.SliceLayout(1, rows))
+    l = gl.zeros([HEADS], gl.float32, gl.SliceLayout(1, rows))
+    acc = gl.zeros([D, HEADS], gl.float32, s_t_layout)
+    m_all = gl.full([HEADS], float("-inf"), gl.float32, gl.SliceLayout(1, rows))
+    l_all = gl.zeros([HEADS], gl.float32, gl.SliceLayout(1, rows))
+    acc_all = gl.zeros([D, HEADS], gl.float32, s_t_layout)
+    for n0 in range(c_lo, c_hi, BLOCK_N):
+        i = base + (n0 - c_lo) // BLOCK_N
+        mbarrier.wait(k_ready.index(i % STAGES), (i // STAGES) & 1)
+        s_t = warpgroup_mma(k_smem.index(i % STAGES), q_buf.permute((1, 0)),
+                            gl.zeros([BLOCK_N, HEADS], gl.float32, s_t_layout), use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(0, deps=(s_t, ))
+        mbarrier.arrive(k_empty.index(i % STAGES), count=1)
+        scores = gl.convert_layout(gl.permute(s_t, [1, 0]), rows)
+        if n0 >= mid:  # the causal mask (_causal_mask's compare)
+            n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, rows))
+            scores = gl.where(n[None, :] <= pos, scores, float("-inf"))
+        m, l, p, rescale = _online_softmax(scores, m, l, scale_log2e)
+        p_buf.store(p.to(p_buf.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = acc * gl.convert_layout(rescale, gl.SliceLayout(0, s_t_layout))[None, :]
+        v_buf = v_smem.index(i % STAGES)
+        mbarrier.wait(v_ready.index(i % STAGES), (i // STAGES) & 1)
+        if n0 + BLOCK_N > kv_len:  # the sweep's last chunk: rows past its end may hold anything
+            _zero_past_end(v_buf, n0, kv_len, BLOCK_N, io)
+        acc = warpgroup_mma(v_buf.permute((1, 0)), p_buf.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(v_empty.index(i % STAGES), count=1)
+        if not PARTIALS:
+            if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_hi):  # a split's end: _fold's arithmetic
+                m_f = gl.maximum(m_all, m)
+                a = gl.exp2((m_all - m_f) * scale_log2e)
+                b = gl.exp2((m - m_f) * scale_log2e)
+                l_all = gl.fma(l_all, a, l * b)
+                a_o = gl.convert_layout(a, gl.SliceLayout(0, s_t_layout))
+                b_o = gl.convert_layout(b, gl.SliceLayout(0, s_t_layout))
+                acc_all = gl.fma(acc_all, a_o[None, :], acc * b_o[None, :])
+                m_all = m_f  # (every row's position is past every split's start)
+                m = gl.full_like(m, float("-inf"))
+                l = gl.zeros_like(l)
+                acc = gl.zeros_like(acc)
+
+    if PARTIALS:  # this split's state, for the combine kernel
+        r_s = gl.arange(0, HEADS, layout=gl.SliceLayout(1, rows))
+        part_s = (cta * HQ + kv_head * GROUP + gl.where(r_s < GROUP, r_s, 0)) * NUM_SPLITS + split
+        gl.store(part_m_ptr + part_s, m, mask=r_s < GROUP)
+        gl.store(part_l_ptr + part_s, l, mask=r_s < GROUP)
+        part = (cta * HQ + head) * NUM_SPLITS + split
+        gl.store(part_acc_ptr + part[:, None] * D + d[None, :], gl.convert_layout(gl.permute(acc, [1, 0]), io),
+                 mask=real[:, None])
+    else:
+        out = (acc_all / gl.convert_layout(l_all, gl.SliceLayout(0, s_t_layout))[None, :]).to(out_ptr.dtype.element_ty)
+        gl.store(out_ptr + cta * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 gl.convert_layout(gl.permute(out, [1, 0]), io), mask=real[:, None])
+
+
+@gluon.jit
 def _store_rows(out, out_ptr, tok, head, row_ok, stride_ot, stride_oh, D: gl.constexpr, io: gl.constexpr):
     """Each real row of a finished item to its (token, head) of the output, 16 bytes a thread."""
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
@@ -592,17 +694,30 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                 cta, kv_head, split, kv_len, _, c_lo, c_hi = _item(w, cta_slot_ptr, cta_len_ptr, HKV, NUM_SPLITS, L,
                                                                    SPLIT, PARTIALS)
             if c_lo < c_hi:
-                _tile(wg, base, q_buf, meta_smem, meta, out_smem.index(wg), out_desc, q_ptr, out_ptr, part_m_ptr,
-                      part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split,
-                      scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
-                      k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                      GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD,
-                      BULK_OUT, turn, turns, PINGPONG)
+                if DECODE:
+                    _decode_tile(q_buf, out_smem.index(wg), base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                                 cta, kv_head, kv_len, c_lo, c_hi, split, scale_log2e, HQ, NUM_SPLITS,
+                                 stride_qt, stride_qh, stride_ot, stride_oh, k_smem, v_smem, k_ready, v_ready,
+                                 k_empty, v_empty, GROUP, _decode_heads(GROUP_PAD), BLOCK_N, D, SPLIT, STAGES,
+                                 PARTIALS)
+                else:
+                    _tile(wg, base, q_buf, meta_smem, meta, out_smem.index(wg), out_desc, q_ptr, out_ptr, part_m_ptr,
+                          part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split,
+                          scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
+                          k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+                          GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD,
+                          BULK_OUT, turn, turns, PINGPONG)
             chunks = (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
             base += chunks
             turns += gl.where(chunks > 0, chunks + 1, 0)
     if BULK_OUT:
         tma.store_wait(0)  # the last bulk copy has read out_buf before the program ends
+
+
+@gluon.constexpr_function
+def _decode_heads(group_pad):
+    """_decode_tile's wgmma N: the GQA group padded to a power of two, at least 8."""
+    return max(8, group_pad)
 
 
 @gluon.jit
@@ -630,14 +745,23 @@ def hopper_attention_kernel(
     (combine_hopper: it waits for this kernel's end before it reads a split state)."""
     if PARTIALS:
         _launch_dependents()
-    q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS * (2 if Q_AHEAD else 1), TOKENS * GROUP_PAD, D],
-                                       gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
+    if DECODE:  # _decode_tile's operands: the group's Q and the chunk's probabilities, [heads, .]
+        HEADS: gl.constexpr = _decode_heads(GROUP_PAD)
+        q_smem = gl.allocate_shared_memory(k_desc.dtype, [1, HEADS, D],
+                                           gl.NVMMASharedLayout.get_default_for([HEADS, D], k_desc.dtype))
+    else:
+        q_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS * (2 if Q_AHEAD else 1), TOKENS * GROUP_PAD, D],
+                                           gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D],
+                                                                                k_desc.dtype))
     # Q_AHEAD: three buffers of row facts per consumer (_copy_meta: tokens, positions, length)
     meta_smem = gl.allocate_shared_memory(gl.int64, [CONSUMERS * 3 * 3 if Q_AHEAD else 3, TOKENS * GROUP_PAD],
                                           gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     if BULK_OUT:  # a consumer's output rows staged for their bulk copy (_store_bulk)
         out_smem = gl.allocate_shared_memory(k_desc.dtype, [CONSUMERS, TOKENS * GROUP_PAD, D],
                                              gl.NVMMASharedLayout.get_default_for([TOKENS * GROUP_PAD, D], k_desc.dtype))
+    elif DECODE:  # _decode_tile's probabilities
+        out_smem = gl.allocate_shared_memory(k_desc.dtype, [1, HEADS, BLOCK_N],
+                                             gl.NVMMASharedLayout.get_default_for([HEADS, BLOCK_N], k_desc.dtype))
     else:
         out_smem = q_smem  # (unused)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)

@@ -172,3 +172,38 @@ def test_the_gluon_combine_folds_split_states_as_the_triton_combine_does(hq, hkv
             outs.append(out)
         assert torch.isfinite(outs[1]).all(), "read a state past a token's last split"
         assert torch.equal(outs[1], outs[0]), f"slices={slices}: the Gluon combine's bits differ"
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (8, 8, 128), (24, 8, 128), (64, 4, 128), (32, 8, 64)])
+def test_decode_groups_of_any_size_are_the_prefill_rows(hq, hkv, d):
+    """Decode passes (planned on the device) put the GQA group's heads in the dots' N
+    (attention_hopper._decode_tile); prefill puts them in M with the tokens. For groups of
+    1, 3 (padded to 4), 4 and 16 heads and head_dim 64 or 128, each decode token (split-KV
+    and one pass, alone and batched with others) is its prefill row, bit for bit, and the
+    cache past each sweep holds NaN."""
+    gen = torch.Generator().manual_seed(11)
+    lengths = [SPLIT + 130, 3 * SPLIT - 1, 64, 9]
+    cache_len = 3 * SPLIT
+    k = torch.full((len(lengths), cache_len, hkv, d), float("nan"), dtype=torch.bfloat16)
+    v = torch.full_like(k, float("nan"))
+    qs = []
+    for slot, n in enumerate(lengths):
+        k[slot, :n] = torch.randn(n, hkv, d, generator=gen).bfloat16()
+        v[slot, :n] = torch.randn(n, hkv, d, generator=gen).bfloat16()
+        qs.append(torch.randn(n, hq, d, generator=gen).bfloat16().cuda())
+    k, v = k.cuda(), v.cuda()
+    prefill = [attention_module.attention(q, k, v, cuda([slot] * len(q)), torch.arange(len(q), device="cuda"),
+                                          d ** -0.5, kernel="gluon") for slot, q in enumerate(qs)]
+    last = cuda([n - 1 for n in lengths])
+    batch_q = torch.stack([q[-1] for q in qs])
+    for split in (False, True):
+        with one_plan_per_pass(decode_only=True):
+            batched = attention_module.attention(batch_q, k, v, cuda(range(len(lengths))), last, d ** -0.5,
+                                                 kernel="gluon", split_kv=split)
+        with one_plan_per_pass(decode_only=True):
+            alone = attention_module.attention(batch_q[1:2], k, v, cuda([1]), last[1:2], d ** -0.5,
+                                               kernel="gluon", split_kv=split)
+        assert torch.isfinite(batched).all(), "read a NaN cache position"
+        for slot in range(len(lengths)):
+            assert torch.equal(batched[slot], prefill[slot][-1]), f"slot {slot} (split_kv={split}) differs"
+        assert torch.equal(alone[0], prefill[1][-1])
