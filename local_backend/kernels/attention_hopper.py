@@ -60,24 +60,17 @@ CONSUMER_REGS = gl.constexpr(240)  # the rest of the register file, for the accu
 
 @gluon.jit
 def _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, layout: gl.constexpr,
-          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr,
-          DECODE: gl.constexpr):
+          GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr, CONSUMERS: gl.constexpr):
     """This warpgroup's rows (in ``layout``): row r is query head kv_head * GROUP + r % GROUP_PAD
     of the tile's token r // GROUP_PAD. Padding rows copy the tile's first token (so they
     stay finite) and are never stored. Tokens and their positions come in one round trip
-    (the plan holds both: a work item's start is a chain of loads); a decode plan's tile t
-    is token t alone at position kv_len - 1, known without a load. Positions are int32
+    (the plan holds both: a work item's start is a chain of loads). Positions are int32
     (the causal mask's compare: 1-2% of a short prefill, bench/NOTES.md round 10)."""
     r = gl.arange(0, TOKENS * GROUP_PAD, layout=layout)
     g = r % GROUP_PAD
     head = kv_head * GROUP + gl.where(g < GROUP, g, 0)
-    if DECODE:
-        tok = gl.full([TOKENS * GROUP_PAD], cta, gl.int64, layout)
-        row_ok = (r < GROUP_PAD) & (g < GROUP)
-        pos = gl.full([TOKENS * GROUP_PAD], kv_len - 1, gl.int32, layout)
-    else:
-        row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
-        tok, row_ok, pos = _planned_rows(gl.load(tiles_ptr + row), gl.load(tile_pos_ptr + row), g, GROUP)
+    row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
+    tok, row_ok, pos = _planned_rows(gl.load(tiles_ptr + row), gl.load(tile_pos_ptr + row), g, GROUP)
     return tok, head, row_ok, pos
 
 
@@ -434,7 +427,7 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
           k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
           GROUP: gl.constexpr, GROUP_PAD: gl.constexpr, TOKENS: gl.constexpr,
           CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, SPLIT: gl.constexpr,
-          STAGES: gl.constexpr, PARTIALS: gl.constexpr, DECODE: gl.constexpr, Q_AHEAD: gl.constexpr,
+          STAGES: gl.constexpr, PARTIALS: gl.constexpr, Q_AHEAD: gl.constexpr,
           BULK_OUT: gl.constexpr, turn, turns, PINGPONG: gl.constexpr):
     """One work item of a consumer warpgroup: its 64 rows over chunks c_lo .. c_hi; the
     folded result (single pass) or this split's state (split-KV) to memory. With Q_AHEAD,
@@ -456,16 +449,16 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
         _, _, _, pos_o = _meta_rows(meta_smem, meta, kv_head, gl.SliceLayout(1, o_layout), GROUP, GROUP_PAD, ROWS_)
     else:  # (the last item's dots that read this buffer are done: every chunk step waits for its own)
         tok, head, row_ok, pos = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, io),
-                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
+                                       GROUP, GROUP_PAD, TOKENS, CONSUMERS)
         q = gl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                     mask=row_ok[:, None], other=0.0)
         q_buf.store(q)
         fence_async_shared()
         gl.thread_barrier()
         tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len,
-                                           gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
+                                           gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS)
         _, _, _, pos_o = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
-                               GROUP, GROUP_PAD, TOKENS, CONSUMERS, DECODE)
+                               GROUP, GROUP_PAD, TOKENS, CONSUMERS)
     full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
 
@@ -705,7 +698,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                           part_l_ptr, part_acc_ptr, tiles_ptr, tile_pos_ptr, cta, kv_head, kv_len, c_lo, c_hi, split,
                           scale_log2e, HQ, NUM_SPLITS, stride_qt, stride_qh, stride_ot, stride_oh,
                           k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                          GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, DECODE, Q_AHEAD,
+                          GROUP, GROUP_PAD, TOKENS, CONSUMERS, BLOCK_N, D, SPLIT, STAGES, PARTIALS, Q_AHEAD,
                           BULK_OUT, turn, turns, PINGPONG)
             chunks = (gl.maximum(c_hi - c_lo, 0) + BLOCK_N - 1) // BLOCK_N
             base += chunks
