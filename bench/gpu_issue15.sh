@@ -33,14 +33,30 @@ k = torch.randn(2, 600, 8, 128, device='cuda').bfloat16(); v = torch.randn_like(
 slots = torch.arange(2, device='cuda').repeat_interleave(300); pos = torch.arange(300, device='cuda').repeat(2)
 a.attention(q, k, v, slots, pos, 0.088, kernel='gluon'); torch.cuda.synchronize(); print('smoke ok')" > "$out/smoke.log" 2>&1
       rc=$?; tail -2 "$out/smoke.log"
-      if [ $rc -eq 124 ]; then export DETAUDIT_ATTENTION_PINGPONG=0; echo "pingpong off: the smoke run hung" | tee -a "$out/steps.txt"; fi ;;
+      if [ $rc -eq 124 ]; then export DETAUDIT_ATTENTION_PINGPONG=0; echo "pingpong off: the smoke run hung" | tee -a "$out/steps.txt"; fi
+      # one decode pass planned on the device (the transposed decode items): a hang skips every later Gluon step
+      timeout ${SMOKE_S:-90} python -c "
+import torch
+from local_backend.kernels import attention as a
+from local_backend.kernels.pass_memo import one_plan_per_pass
+k = torch.randn(2, 600, 8, 128, device='cuda').bfloat16(); v = torch.randn_like(k); q = torch.randn(2, 32, 128, device='cuda').bfloat16()
+for split in (False, True):
+    with one_plan_per_pass(decode_only=True):
+        a.attention(q, k, v, torch.arange(2, device='cuda'), torch.tensor([599, 300], device='cuda'), 0.088, kernel='gluon', split_kv=split)
+torch.cuda.synchronize(); print('decode smoke ok')" >> "$out/smoke.log" 2>&1
+      rc=$?; tail -1 "$out/smoke.log"
+      if [ $rc -eq 124 ]; then
+        gluon=hung; export DETAUDIT_ATTENTION_KERNEL=triton; echo "gluon=hung" >> "$out/modes"
+        echo "the Gluon decode hung: later steps run the Triton attention kernel" | tee -a "$out/steps.txt"
+      fi ;;
     kernel_tests)
+      [ $gluon = hung ] && { echo "kernel_tests skipped: a Gluon kernel hung"; continue; }
       timeout ${KTESTS_S:-240} python -m pytest -q -x -rs -s -p no:cacheprovider -p no:warnings \
         tests/kernels/test_attention_hopper.py tests/kernels/test_attention_kernel.py ${KTESTS_EXTRA:-} \
         > "$out/kernel_tests.log" 2>&1; rc=$?; tail -12 "$out/kernel_tests.log"
       # a hang (killed at the limit) would hang every later Gluon step too: time the Triton kernel only
       if [ $rc -eq 124 ]; then gluon=hung; echo "gluon=hung" >> "$out/modes"; fi ;;
-    attention) attn_args=${ATTN_ARGS:-}; [ $gluon = hung ] && attn_args="${attn_args/--kernels gluon,gluon-grid,/--kernels }"
+    attention) attn_args=${ATTN_ARGS:-}; [ $gluon = hung ] && attn_args="$(sed -E 's/--kernels [^ ]+/--kernels triton/' <<< "$attn_args") --kernels triton"
                timeout ${ATTN_S:-240} python bench/bench_attention.py $attn_args --json "$out/attention.json" \
                  > "$out/attention.log" 2>&1; tail -16 "$out/attention.log" ;;
     points) timeout ${POINTS_S:-200} python bench/sweep_matmul_points.py ${POINTS_ARGS:-} --json "$out/points.json" \
