@@ -229,6 +229,14 @@ def _softmax(scores, m, l, scale_log2e, dtype: gl.constexpr, o_layout: gl.conste
 
 
 @gluon.jit
+def _fresh_state(ROWS_: gl.constexpr, row_layout: gl.constexpr, ACC_M: gl.constexpr, ACC_N: gl.constexpr,
+                 acc_layout: gl.constexpr):
+    """An online softmax's state before its first chunk: running max -inf, sum 0, accumulator 0."""
+    return (gl.full([ROWS_], float("-inf"), gl.float32, row_layout), gl.zeros([ROWS_], gl.float32, row_layout),
+            gl.zeros([ACC_M, ACC_N], gl.float32, acc_layout))
+
+
+@gluon.jit
 def _zero_past_end(v_buf, n0, kv_len, BLOCK_N: gl.constexpr, v_io: gl.constexpr):
     """Zero, in the stage itself, this V chunk's rows at positions >= kv_len before the P V
     dot reads them. With two consumers both write the same zeros: whichever store lands
@@ -462,12 +470,8 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
     full_end = ((gl.min(pos_s, axis=0) + 1) // BLOCK_N * BLOCK_N).to(gl.int32)  # chunks every row sees in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
 
-    m = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l = gl.zeros([ROWS_], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([ROWS_, D], gl.float32, o_layout)
-    m_all = gl.full([ROWS_], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_all = gl.zeros([ROWS_], gl.float32, gl.SliceLayout(1, s_layout))
-    acc_all = gl.zeros([ROWS_, D], gl.float32, o_layout)
+    m, l, acc = _fresh_state(ROWS_, gl.SliceLayout(1, s_layout), ROWS_, D, o_layout)
+    m_all, l_all, acc_all = _fresh_state(ROWS_, gl.SliceLayout(1, s_layout), ROWS_, D, o_layout)
     m, l, acc, m_all, l_all, acc_all = _sweep(
         base, c_lo, c_hi, mid, kv_len, pos_s, pos_o, q_buf, k_smem, v_smem, k_ready, v_ready,
         k_empty, v_empty, m, l, acc, m_all, l_all, acc_all, scale_log2e, PARTIALS, ROWS_, BLOCK_N, D, SPLIT,
@@ -529,12 +533,8 @@ def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, par
     pos = kv_len - 1  # every row's position: the token is its sequence's last
     full_end = (pos + 1) // BLOCK_N * BLOCK_N  # chunks seen in full
     mid = gl.minimum(gl.maximum(full_end, c_lo), c_hi)
-    m = gl.full([HEADS], float("-inf"), gl.float32, gl.SliceLayout(1, rows))
-    l = gl.zeros([HEADS], gl.float32, gl.SliceLayout(1, rows))
-    acc = gl.zeros([D, HEADS], gl.float32, s_t_layout)
-    m_all = gl.full([HEADS], float("-inf"), gl.float32, gl.SliceLayout(1, rows))
-    l_all = gl.zeros([HEADS], gl.float32, gl.SliceLayout(1, rows))
-    acc_all = gl.zeros([D, HEADS], gl.float32, s_t_layout)
+    m, l, acc = _fresh_state(HEADS, gl.SliceLayout(1, rows), D, HEADS, s_t_layout)  # (acc transposed)
+    m_all, l_all, acc_all = _fresh_state(HEADS, gl.SliceLayout(1, rows), D, HEADS, s_t_layout)
     for n0 in range(c_lo, c_hi, BLOCK_N):
         i = base + (n0 - c_lo) // BLOCK_N
         mbarrier.wait(k_ready.index(i % STAGES), (i // STAGES) & 1)
