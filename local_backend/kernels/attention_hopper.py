@@ -400,14 +400,21 @@ def _sweep_pingpong(base, wg, turn, turns, c_lo, c_hi, mid, kv_len, pos_s, pos_o
 
 
 @gluon.jit
+def _fold_rows(m_all, l_all, m, l, scale_log2e):
+    """``attention._fold``'s per-row part: the folded max and sum, and the factors that
+    rescale the result so far (a) and the split's state (b)."""
+    m_f = gl.maximum(m_all, m)
+    a = gl.exp2((m_all - m_f) * scale_log2e)
+    b = gl.exp2((m - m_f) * scale_log2e)
+    return m_f, a, b, gl.fma(l_all, a, l * b)
+
+
+@gluon.jit
 def _fold(n0, pos_s, pos_o, m_all, l_all, acc_all, m, l, acc, scale_log2e, SPLIT: gl.constexpr,
           o_layout: gl.constexpr):
     """Fold the state of the split holding chunk n0 into the result (``attention._fold``'s
     arithmetic) and start the next split afresh; rows before the split keep theirs."""
-    m_f = gl.maximum(m_all, m)
-    a = gl.exp2((m_all - m_f) * scale_log2e)
-    b = gl.exp2((m - m_f) * scale_log2e)
-    l_f = gl.fma(l_all, a, l * b)
+    m_f, a, b, l_f = _fold_rows(m_all, l_all, m, l, scale_log2e)
     a_o = gl.convert_layout(a, gl.SliceLayout(1, o_layout))
     b_o = gl.convert_layout(b, gl.SliceLayout(1, o_layout))
     acc_f = gl.fma(acc_all, a_o[:, None], acc * b_o[:, None])
@@ -560,10 +567,7 @@ def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, par
         mbarrier.arrive(v_empty.index(i % STAGES), count=1)
         if not PARTIALS:
             if ((n0 + BLOCK_N) % SPLIT == 0) | (n0 + BLOCK_N >= c_hi):  # a split's end: _fold's arithmetic
-                m_f = gl.maximum(m_all, m)
-                a = gl.exp2((m_all - m_f) * scale_log2e)
-                b = gl.exp2((m - m_f) * scale_log2e)
-                l_all = gl.fma(l_all, a, l * b)
+                m_f, a, b, l_all = _fold_rows(m_all, l_all, m, l, scale_log2e)
                 a_o = gl.convert_layout(a, gl.SliceLayout(0, s_t_layout))
                 b_o = gl.convert_layout(b, gl.SliceLayout(0, s_t_layout))
                 acc_all = gl.fma(acc_all, a_o[None, :], acc * b_o[None, :])
