@@ -572,9 +572,7 @@ def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, par
                 b_o = gl.convert_layout(b, gl.SliceLayout(0, s_t_layout))
                 acc_all = gl.fma(acc_all, a_o[None, :], acc * b_o[None, :])
                 m_all = m_f  # (every row's position is past every split's start)
-                m = gl.full_like(m, float("-inf"))
-                l = gl.zeros_like(l)
-                acc = gl.zeros_like(acc)
+                m, l, acc = _fresh_state(HEADS, gl.SliceLayout(1, rows), D, HEADS, s_t_layout)
 
     if PARTIALS:  # this split's state, for the combine kernel
         r_s = gl.arange(0, HEADS, layout=gl.SliceLayout(1, rows))
@@ -586,8 +584,8 @@ def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, par
                  mask=real[:, None])
     else:
         out = (acc_all / gl.convert_layout(l_all, gl.SliceLayout(0, s_t_layout))[None, :]).to(out_ptr.dtype.element_ty)
-        gl.store(out_ptr + cta * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 gl.convert_layout(gl.permute(out, [1, 0]), io), mask=real[:, None])
+        _store_rows(gl.permute(out, [1, 0]), out_ptr, gl.full([HEADS], cta, gl.int64, gl.SliceLayout(1, io)), head,
+                    real, stride_ot, stride_oh, D, io)
 
 
 @gluon.jit
