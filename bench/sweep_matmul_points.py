@@ -16,6 +16,9 @@ Each candidate is checked bit for bit against the table's 8192-row product (only
 chunking may set the order of a sum); a candidate that differs is reported, never picked.
 Prints the 5 fastest bitwise candidates per point and a table line to try.
 
+``--tiles "Tiles(...);Tiles(...)"`` times exactly these against the table's entry instead of
+the grid (e.g. the ``halves`` launch: ``Tiles(128, 256, 64, 8, 3, tma=True, halves=True)``).
+
 ``--ws`` tries matmul_hopper's warp-specialised Gluon kernel instead (Tiles(..., ws=True):
 128-row tiles, BLOCK_N 128 or 256 (128 where K is in chunks), 3-5 stages, GROUP_M 8 or 16,
 as many as fit beside its output staging tile), against the table's entry in the same run.
@@ -83,7 +86,14 @@ def ws_candidates(table, chunked: bool) -> list:
     return [table] + grid
 
 
-def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen, ws: bool = False) -> dict:
+def parse_tiles(text: str) -> list:
+    """"Tiles(...);Tiles(...)" -> Tiles objects (the dataclass's own repr reads back)."""
+    from local_backend.kernels.matmul import Tiles
+    return [eval(part, {"Tiles": Tiles}) for part in text.split(";") if part.strip()]
+
+
+def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen, ws: bool = False,
+                tiles: list | None = None) -> dict:
     from bench_matmul import graph_ms_per_call
     from local_backend.kernels import matmul
     started = time.perf_counter()
@@ -97,7 +107,8 @@ def sweep_point(N: int, K: int, M: int, budget_s: float, rep_ms: int, gen, ws: b
     cublas_ms = graph_ms_per_call(lambda w: torch.mm(x, w.t()), weights, rep_ms)
     flops = 2 * M * N * K
     results, tried = [], 0
-    grid = ws_candidates(table, chunk < K) if ws else candidates(table, chunk < K, chunk, K, M)
+    grid = ([table] + [t for t in tiles if t != table] if tiles else ws_candidates(table, chunk < K) if ws
+            else candidates(table, chunk < K, chunk, K, M))
     for t in grid:
         if time.perf_counter() - started > budget_s:
             break
@@ -143,6 +154,7 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=15, help="milliseconds of timed replays per figure")
     parser.add_argument("--warm-s", type=float, default=3.0, help="seconds of large matmuls first (clocks up)")
     parser.add_argument("--ws", action="store_true", help="try matmul_hopper's warp-specialised kernel")
+    parser.add_argument("--tiles", type=parse_tiles, help='only these, ";"-separated: "Tiles(128, 256, 64, 8, 3, tma=True)"')
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -155,7 +167,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     points = []
     for N, K, M in args.points:
-        points.append(sweep_point(N, K, M, args.budget_s, args.rep, gen, args.ws))
+        points.append(sweep_point(N, K, M, args.budget_s, args.rep, gen, args.ws, args.tiles))
         report(points[-1])
     print(header(gpu_info()))
     write_json(args.json, {"info": gpu_info(), "points": points})

@@ -11,7 +11,12 @@ So a row's sums are added in the same order whether the batch holds 1 row or
     ``nested``: a chunk loop the compiler flattens and pipelines);
   * ``partials``: one program per (output tile, chunk) writes its fp32 partial
     to memory and a second kernel adds them in the same order (small M, where
-    one program per tile would leave most SMs idle).
+    one program per tile would leave most SMs idle);
+  * ``halves``: two programs per output tile (K in 2 to 4 chunks). The first
+    sums the first chunks, 0 + p0 (+ p1), and publishes that running total; the
+    second keeps its one or two chunk sums apart, waits for the total, and adds
+    them to it in order. Large tiles on half as many tiles (mid-size M, where
+    the tiles that fill the SMs read more from L2 than the tensor cores can use).
 What changes with M is only the launch shape and the tiles (BLOCK_M x BLOCK_N,
 BLOCK_K, warps, pipeline depth, program order): a tensor-core dot computes each
 output element from its own row and column alone, adding products into the
@@ -48,6 +53,7 @@ class Tiles:
     tma: bool = False  # Hopper's bulk tensor copies instead of pointer loads (same dot, same numbers)
     partials: bool = False  # one program per (tile, K chunk) + a summing kernel (same sum, same numbers)
     nested: bool = False  # fused chunks as a loop nest the compiler flattens (same sum, same numbers)
+    halves: bool = False  # two programs per tile, K's first and last chunks (same sum, same numbers)
     # matmul_hopper's persistent warp-specialised kernel (BLOCK_M 128), where the launch
     # would take TMA on sm_90, without partials, and (K in chunks) BLOCK_N <= 128 (a running
     # total beside the accumulator); else this entry's Triton kernel (same numbers)
@@ -79,6 +85,32 @@ def _k_range(K, CHUNK_K, PARTIALS: tl.constexpr):
 
 
 @triton.jit
+def _publish_first_half(part_ptr, flags_ptr, tile, total, rows, cols, M, N):
+    """The first half's running total to memory, then its flag up (release: every thread's
+    stores before the flag)."""
+    tl.store(part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], total,
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+    tl.debug_barrier()
+    tl.atomic_xchg(flags_ptr + tile, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _second_half_sum(part_ptr, flags_ptr, first_chunk, last_chunk, two_chunks, rows, cols, M, N):
+    """(first half's total + this half's first chunk) + its second chunk: the fused loop's order.
+    Waits for this tile's first half and takes its flag down for the next launch. The first
+    halves are the grid's first row of programs, dispatched before any second half, so the
+    one waited for is running or done. (Zeros added where a half has one chunk leave the
+    bits as they are: a running total that starts at +0 is never -0.)"""
+    tile = tl.program_id(0)
+    while tl.atomic_cas(flags_ptr + tile, 1, 0, sem="acquire", scope="gpu") != 1:
+        pass
+    tl.debug_barrier()
+    total = tl.load(part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                    mask=(rows < M)[:, None] & (cols < N)[None, :], other=0.0, cache_modifier=".cg")
+    return (total + first_chunk) + tl.where(two_chunks, last_chunk, 0.0)
+
+
+@triton.jit
 def _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
                   stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED: tl.constexpr):
     """acc + x[rows, k0:k0+BLOCK_K] @ w[cols, k0:k0+BLOCK_K]^T (zeros past K)."""
@@ -96,11 +128,11 @@ def _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr,
-    M, N, K, CHUNK_K,
+    x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, flags_ptr,
+    M, N, K, CHUNK_K, K_MID,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, CHUNKED: tl.constexpr, PARTIALS: tl.constexpr,
-    NESTED: tl.constexpr,
+    NESTED: tl.constexpr, HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -114,6 +146,28 @@ def _linear_kernel(
     k_start, k_end = _k_range(K, CHUNK_K, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HALVES:
+        # The first half sums its chunks into the running total; the second keeps its first
+        # chunk's sum in `total` and its second's (if any) in `acc`. One loop for both, so the
+        # two halves are one pipelined loop nest with two accumulators, as in NESTED.
+        second = tl.program_id(1) == 1
+        c_lo = tl.where(second, K_MID, 0)
+        c_hi = tl.where(second, K, K_MID)
+        for c0 in tl.range(c_lo, c_hi, CHUNK_K, flatten=True):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kk in range(0, CHUNK_K, BLOCK_K):
+                acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
+                                    stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
+            total += tl.where(second & (c0 > c_lo), 0.0, acc)
+        if second:
+            acc = _second_half_sum(part_ptr, flags_ptr, total, acc, K - K_MID > CHUNK_K, rows, cols, M, N)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+                     cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & col_ok[None, :])
+        else:
+            _publish_first_half(part_ptr, flags_ptr, tl.program_id(0), total, rows, cols, M, N)
+        return
     if NESTED and CHUNKED and not PARTIALS:
         # chunk by chunk; past K the loads are zeros, which leave a sum's bits as they are
         for c0 in tl.range(0, K, CHUNK_K, flatten=True):
@@ -168,10 +222,10 @@ def _sum_partials_kernel(
 
 @triton.jit
 def _linear_tma_kernel(
-    x_desc, w_desc, out_desc, bias_ptr, part_ptr,
-    M, N, K, CHUNK_K,
+    x_desc, w_desc, out_desc, bias_ptr, part_ptr, flags_ptr,
+    M, N, K, CHUNK_K, K_MID,
     HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, CHUNKED: tl.constexpr, PARTIALS: tl.constexpr,
-    NESTED: tl.constexpr,
+    NESTED: tl.constexpr, HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The same loop as _linear_kernel, fed by tensor descriptors (TMA zero-fills past the edges)."""
@@ -182,6 +236,25 @@ def _linear_tma_kernel(
     k_start, k_end = _k_range(K, CHUNK_K, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HALVES:  # as in _linear_kernel
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        second = tl.program_id(1) == 1
+        c_lo = tl.where(second, K_MID, 0)
+        c_hi = tl.where(second, K, K_MID)
+        for c0 in tl.range(c_lo, c_hi, CHUNK_K, flatten=True):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kk in range(0, CHUNK_K, BLOCK_K):
+                acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
+            total += tl.where(second & (c0 > c_lo), 0.0, acc)
+        if second:
+            acc = _second_half_sum(part_ptr, flags_ptr, total, acc, K - K_MID > CHUNK_K, rows, cols, M, N)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
+        else:
+            _publish_first_half(part_ptr, flags_ptr, tl.program_id(0), total, rows, cols, M, N)
+        return
     if NESTED and CHUNKED and not PARTIALS:
         for c0 in tl.range(0, K, CHUNK_K, flatten=True):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -368,6 +441,8 @@ class _Launch:
     chunk: int
     chunks: int
     partials: bool  # two kernels: the chunk partials, then their sum
+    halves: bool  # two programs per tile, the second waiting for the first's running total
+    k_mid: int  # where the second half's chunks start (halves only)
     tma: bool
     ws: bool  # matmul_hopper's kernel
     grid: tuple[int, ...]
@@ -405,17 +480,45 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
         raise ValueError(f"chunk_k={chunk} is not a multiple of BLOCK_K={t.BLOCK_K}")
     partials = t.partials and chunks > 1 and chunks * M * N < 2**31
     tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
+    # a second half spins until its first half has published, so every program must be
+    # resident at once (one per SM at most: the tiles that use halves fill an SM's shared memory)
+    halves = (t.halves and not partials and 2 <= chunks <= 4 and M * N < 2**31
+              and 2 * tiles_mn <= _sm_count(device))
     elem = dtype.itemsize
     tma = t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned)
     return _Launch(
-        tiles=t, chunk=chunk, chunks=chunks, partials=partials, tma=tma,
-        ws=(t.ws and tma and not partials and t.BLOCK_M == 128 and (chunks == 1 or t.BLOCK_N <= 128)
+        tiles=t, chunk=chunk, chunks=chunks, partials=partials, halves=halves, k_mid=(chunks // 2) * chunk,
+        tma=tma,
+        ws=(t.ws and tma and not partials and not halves and t.BLOCK_M == 128 and (chunks == 1 or t.BLOCK_N <= 128)
             and matmul_hopper.supported(device)),
-        grid=(tiles_mn, chunks) if partials else (tiles_mn,),
+        grid=(tiles_mn, chunks) if partials else (tiles_mn, 2) if halves else (tiles_mn,),
         sum_grid=(triton.cdiv(M * N, SUM_BLOCK),),
-        flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, BLOCK_M=t.BLOCK_M, BLOCK_N=t.BLOCK_N,
-                   BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M, num_warps=t.num_warps, num_stages=t.num_stages),
+        flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, HALVES=halves, BLOCK_M=t.BLOCK_M,
+                   BLOCK_N=t.BLOCK_N, BLOCK_K=t.BLOCK_K, GROUP_M=t.GROUP_M, num_warps=t.num_warps,
+                   num_stages=t.num_stages),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Programs that run at once, one per SM; the interpreter runs them one by one, in order."""
+    if INTERPRET or device.type != "cuda":
+        return 2**30
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# One flag per tile for the halves launch, per device and stream: a second half takes its
+# flag down after reading, so the flags are all 0 between launches and need no reset.
+_HALF_FLAGS: dict[tuple, torch.Tensor] = {}
+
+
+def _half_flags(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    flags = _HALF_FLAGS.get(key)
+    if flags is None or flags.numel() < tiles:
+        flags = _HALF_FLAGS[key] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return flags
 
 
 # Weights live as long as the model, so their tensor descriptors are made once per
@@ -474,7 +577,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     aligned = x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
     p = _launch_for(x.dtype, x.device, M, N, K, x2.stride(), weight.stride(), aligned, tiles, chunk_k, table)
     t = p.tiles
-    part = torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials else out
+    part = (torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials
+            else torch.empty((M, N), dtype=torch.float32, device=x.device) if p.halves else out)
+    flags = _half_flags(x.device, p.grid[0]) if p.halves else out
     bias_arg = bias if bias is not None else out
     if p.ws:
         w_desc = _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K), matmul_hopper.descriptor)
@@ -486,14 +591,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             TensorDescriptor(x2, x2.shape, x2.stride(), [t.BLOCK_M, t.BLOCK_K]),
             _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K)),
             TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N]),
-            bias_arg, part, M, N, K, p.chunk,
+            bias_arg, part, flags, M, N, K, p.chunk, p.k_mid,
             HAS_BIAS=bias is not None, OUT_DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
             **p.flags,
         )
     else:
         _linear_kernel[p.grid](
-            x2, weight, bias_arg, out, part,
-            M, N, K, p.chunk,
+            x2, weight, bias_arg, out, part, flags,
+            M, N, K, p.chunk, p.k_mid,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
             HAS_BIAS=bias is not None, INTERPRETED=INTERPRET, **p.flags,
         )
@@ -529,7 +634,7 @@ def warm_up(layers: list[tuple[torch.Tensor, torch.Tensor | None]], table: str |
         for M in WARM_ROWS:
             p = _launch_for(weight.dtype, weight.device, M, N, K, (K, 1), weight.stride(),
                             weight.data_ptr() % 16 == 0, None, None, table)
-            key = (p.tiles, p.partials, p.tma, p.chunks > 1, _m_class(M), bias is not None, weight.dtype,
+            key = (p.tiles, p.partials, p.halves, p.tma, p.chunks > 1, _m_class(M), bias is not None, weight.dtype,
                    N, K, weight.stride())
             if key not in seen:
                 seen.add(key)

@@ -65,9 +65,12 @@ def _chunk_launches():
     from local_backend.kernels.matmul import Tiles
     if INTERPRET:  # big tiles: each interpreted program costs milliseconds
         return [Tiles(128, 128, 32, 4, 1, GROUP_M=1), Tiles(128, 128, 32, 4, 1, GROUP_M=1, nested=True),
-                Tiles(128, 128, 32, 4, 1, GROUP_M=1, partials=True), Tiles(16, 32, 32, 4, 1, partials=True)]
+                Tiles(128, 128, 32, 4, 1, GROUP_M=1, partials=True), Tiles(16, 32, 32, 4, 1, partials=True),
+                Tiles(128, 128, 32, 4, 1, GROUP_M=1, halves=True), Tiles(16, 32, 32, 4, 1, halves=True)]
     return [Tiles(64, 64, 64, 4, 3), Tiles(64, 64, 64, 4, 3, nested=True), Tiles(16, 32, 64, 4, 3, partials=True),
-            Tiles(16, 64, 64, 4, 3, partials=True), Tiles(64, 64, 64, 4, 3, partials=True)]
+            Tiles(16, 64, 64, 4, 3, partials=True), Tiles(64, 64, 64, 4, 3, partials=True),
+            Tiles(64, 64, 64, 4, 3, halves=True), Tiles(16, 32, 64, 4, 3, halves=True),
+            Tiles(64, 64, 64, 4, 3, tma=True, halves=True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,15 +81,18 @@ def test_chunked_linear_is_one_sum_in_every_launch_shape(gen, dtype):
     from local_backend.kernels import matmul
     N, K, chunk = 150, 200, 64  # 4 chunks: 64, 64, 64, 8
     if DEVICE == "cuda":
-        K, chunk = 520, 128
+        K, chunk = 496, 128  # 4 chunks: 128, 128, 128, 112
     w, b = randn(N, K, gen=gen, dtype=dtype), randn(N, gen=gen, dtype=dtype)
     needle = randn(K, gen=gen, dtype=dtype)
     others = randn(max(EXTRA_ROWS), K, gen=gen, dtype=dtype)
     launches = _chunk_launches()
     alone = [matmul.linear(needle[None], w, b, tiles=t, chunk_k=chunk)[0] for t in launches]
     assert all(torch.equal(a, alone[0]) for a in alone[1:]), "launch shapes disagree on one row"
+    halves = [t for t in launches if t.halves]
+    assert halves and all(matmul._launch_for(dtype, w.device, 1, N, K, (K, 1), w.stride(), True, t, chunk, None).halves
+                          for t in halves), "the halves launch was not taken"
     for batch, at in batches_with_needle(needle, others, gen):
-        for t in launches[:2]:
+        for t in [t for t in launches if not t.partials]:
             out = matmul.linear(batch, w, b, tiles=t, chunk_k=chunk)
             assert torch.equal(out[at], alone[0]), f"row differs in a batch of {len(batch)} ({t})"
     assert_close_to(matmul.linear(others, w, b, tiles=launches[2], chunk_k=chunk),
