@@ -85,29 +85,45 @@ def _k_range(K, CHUNK_K, PARTIALS: tl.constexpr):
 
 
 @triton.jit
-def _publish_first_half(part_ptr, flags_ptr, tile, total, rows, cols, M, N):
-    """The first half's running total to memory, then its flag up (release: every thread's
-    stores before the flag)."""
-    tl.store(part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], total,
-             mask=(rows < M)[:, None] & (cols < N)[None, :])
+def _publish_first_half(flags_ptr):
+    """Raise this tile's flag once every thread's stores of its total are done (release)."""
     tl.debug_barrier()
-    tl.atomic_xchg(flags_ptr + tile, 1, sem="release", scope="gpu")
+    tl.atomic_xchg(flags_ptr + tl.program_id(0), 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _second_half_sum(part_ptr, flags_ptr, first_chunk, last_chunk, two_chunks, rows, cols, M, N):
-    """(first half's total + this half's first chunk) + its second chunk: the fused loop's order.
-    Waits for this tile's first half and takes its flag down for the next launch. The first
-    halves are the grid's first row of programs, dispatched before any second half, so the
-    one waited for is running or done. (Zeros added where a half has one chunk leave the
-    bits as they are: a running total that starts at +0 is never -0.)"""
+def _split_columns(tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] -> its left and right halves (registers only: each thread keeps its values)."""
+    return tile.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+
+
+@triton.jit
+def _join_columns(left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    return tl.join(left, right).permute(0, 2, 1).reshape(BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _stage(part_desc, row, col, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An fp32 tile to the scratch, in two bulk copies of half its columns (half the staging)."""
+    left, right = _split_columns(tile, BLOCK_M, BLOCK_N)
+    part_desc.store([row, col], left)
+    part_desc.store([row, col + BLOCK_N // 2], right)
+
+
+@triton.jit
+def _unstage(part_desc, row, col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    return _join_columns(part_desc.load([row, col]), part_desc.load([row, col + BLOCK_N // 2]), BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _wait_for_first_half(flags_ptr):
+    """Wait for this tile's first half to publish and take its flag down for the next launch.
+    The first halves are the grid's first row of programs, dispatched before any second
+    half, so the one waited for is running or done."""
     tile = tl.program_id(0)
     while tl.atomic_cas(flags_ptr + tile, 1, 0, sem="acquire", scope="gpu") != 1:
         pass
     tl.debug_barrier()
-    total = tl.load(part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                    mask=(rows < M)[:, None] & (cols < N)[None, :], other=0.0, cache_modifier=".cg")
-    return (total + first_chunk) + tl.where(two_chunks, last_chunk, 0.0)
 
 
 @triton.jit
@@ -147,26 +163,44 @@ def _linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HALVES:
-        # The first half sums its chunks into the running total; the second keeps its first
-        # chunk's sum in `total` and its second's (if any) in `acc`. One loop for both, so the
-        # two halves are one pipelined loop nest with two accumulators, as in NESTED.
-        second = tl.program_id(1) == 1
-        c_lo = tl.where(second, K_MID, 0)
-        c_hi = tl.where(second, K, K_MID)
-        for c0 in tl.range(c_lo, c_hi, CHUNK_K, flatten=True):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(0, CHUNK_K, BLOCK_K):
-                acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
+        # The first half sums its chunks (0 + p0 (+ p1)) and publishes that total in the fp32
+        # scratch's rows [0, M). The second sums its first chunk, parks it in rows [M, 2M)
+        # where it has a second (two accumulators would not fit the registers beside the
+        # pipeline at 128 x 256), sums that one, waits for the first half's total and adds
+        # in the fused loop's order: (total + its first chunk) + its second.
+        part = part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+        in_tile = row_ok[:, None] & col_ok[None, :]
+        if tl.program_id(1) == 0:
+            for c0 in tl.range(0, K_MID, CHUNK_K, flatten=True):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for kk in range(0, CHUNK_K, BLOCK_K):
+                    acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
+                                        stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
+                total += acc
+            tl.store(part, total, mask=in_tile)
+            _publish_first_half(flags_ptr)
+        else:
+            k_b = tl.minimum(K_MID + CHUNK_K, K)
+            for k0 in range(K_MID, k_b, BLOCK_K):
+                acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
                                     stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
-            total += tl.where(second & (c0 > c_lo), 0.0, acc)
-        if second:
-            acc = _second_half_sum(part_ptr, flags_ptr, total, acc, K - K_MID > CHUNK_K, rows, cols, M, N)
+            two_chunks = k_b < K
+            if two_chunks:
+                tl.store(part + M * N, acc, mask=in_tile)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k0 in range(k_b, K, BLOCK_K):
+                    acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
+                                        stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
+            _wait_for_first_half(flags_ptr)
+            first = tl.load(part, mask=in_tile, other=0.0, cache_modifier=".cg")
+            if two_chunks:
+                acc = (first + tl.load(part + M * N, mask=in_tile, other=0.0, cache_modifier=".cg")) + acc
+            else:
+                acc = first + acc
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-                     cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & col_ok[None, :])
-        else:
-            _publish_first_half(part_ptr, flags_ptr, tl.program_id(0), total, rows, cols, M, N)
+                     cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=in_tile)
         return
     if NESTED and CHUNKED and not PARTIALS:
         # chunk by chunk; past K the loads are zeros, which leave a sum's bits as they are
@@ -222,7 +256,7 @@ def _sum_partials_kernel(
 
 @triton.jit
 def _linear_tma_kernel(
-    x_desc, w_desc, out_desc, bias_ptr, part_ptr, flags_ptr,
+    x_desc, w_desc, out_desc, bias_ptr, part_ptr, part_desc, flags_ptr,
     M, N, K, CHUNK_K, K_MID,
     HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, CHUNKED: tl.constexpr, PARTIALS: tl.constexpr,
     NESTED: tl.constexpr, HALVES: tl.constexpr,
@@ -236,24 +270,35 @@ def _linear_tma_kernel(
     k_start, k_end = _k_range(K, CHUNK_K, PARTIALS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HALVES:  # as in _linear_kernel
-        rows = off_m + tl.arange(0, BLOCK_M)
-        cols = off_n + tl.arange(0, BLOCK_N)
-        second = tl.program_id(1) == 1
-        c_lo = tl.where(second, K_MID, 0)
-        c_hi = tl.where(second, K, K_MID)
-        for c0 in tl.range(c_lo, c_hi, CHUNK_K, flatten=True):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(0, CHUNK_K, BLOCK_K):
-                acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
-            total += tl.where(second & (c0 > c_lo), 0.0, acc)
-        if second:
-            acc = _second_half_sum(part_ptr, flags_ptr, total, acc, K - K_MID > CHUNK_K, rows, cols, M, N)
+    if HALVES:  # as in _linear_kernel, the scratch read and written by bulk copies
+        if tl.program_id(1) == 0:
+            for c0 in tl.range(0, K_MID, CHUNK_K, flatten=True):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for kk in range(0, CHUNK_K, BLOCK_K):
+                    acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
+                total += acc
+            _stage(part_desc, off_m, off_n, total, BLOCK_M, BLOCK_N)
+            _publish_first_half(flags_ptr)
+        else:
+            k_b = tl.minimum(K_MID + CHUNK_K, K)
+            for k0 in range(K_MID, k_b, BLOCK_K):
+                acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+            two_chunks = k_b < K
+            if two_chunks:
+                _stage(part_desc, M + off_m, off_n, acc, BLOCK_M, BLOCK_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k0 in range(k_b, K, BLOCK_K):
+                    acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+            _wait_for_first_half(flags_ptr)
+            first = _unstage(part_desc, off_m, off_n, BLOCK_M, BLOCK_N)
+            if two_chunks:
+                acc = (first + _unstage(part_desc, M + off_m, off_n, BLOCK_M, BLOCK_N)) + acc
+            else:
+                acc = first + acc
             if HAS_BIAS:
+                cols = off_n + tl.arange(0, BLOCK_N)
                 acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
             out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
-        else:
-            _publish_first_half(part_ptr, flags_ptr, tl.program_id(0), total, rows, cols, M, N)
         return
     if NESTED and CHUNKED and not PARTIALS:
         for c0 in tl.range(0, K, CHUNK_K, flatten=True):
@@ -367,7 +412,12 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
             Tiles(128, 128, 64, 4, 5, tma=True) if wide else Tiles(64, 64, 128, 4, 5, GROUP_M=16, tma=True)
     elif M <= 1024:
         tiles_128 = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-        if 4 * tiles_128 >= 3 * SM_COUNT_GUESS and tiles_128 <= SM_COUNT_GUESS:
+        halves_256 = 2 * triton.cdiv(M, 128) * triton.cdiv(N, 256)
+        if 3 <= triton.cdiv(K, chunk) <= 4 and 4 * halves_256 >= 3 * SM_COUNT_GUESS and halves_256 <= SM_COUNT_GUESS:
+            # K in 3-4 chunks (4096x14336 at M = 512): 128 x 256 tiles, two programs each, in one
+            # wave; the 128 x 128 tiles below read a third more from L2 for the same products
+            t = Tiles(128, 256, 64, 8, 3, tma=True, halves=True)
+        elif 4 * tiles_128 >= 3 * SM_COUNT_GUESS and tiles_128 <= SM_COUNT_GUESS:
             # one nearly full wave of 128-row tiles, deep pipelines (H100 sweep, round 7: 128 tiles,
             # 4096^2 at M = 512 0.86 -> 0.96x cuBLAS, 4096x14336 0.76 -> 0.87x against 64-row tiles)
             t = Tiles(128, 128, 64, 4, 5, tma=True, nested=chunked)
@@ -578,7 +628,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     p = _launch_for(x.dtype, x.device, M, N, K, x2.stride(), weight.stride(), aligned, tiles, chunk_k, table)
     t = p.tiles
     part = (torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials
-            else torch.empty((M, N), dtype=torch.float32, device=x.device) if p.halves else out)
+            else torch.empty((2 * M, N), dtype=torch.float32, device=x.device) if p.halves else out)
     flags = _half_flags(x.device, p.grid[0]) if p.halves else out
     bias_arg = bias if bias is not None else out
     if p.ws:
@@ -587,11 +637,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                     p.chunk).reshape(*lead, N)
     if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
+        out_desc = TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N])
         _linear_tma_kernel[p.grid](
             TensorDescriptor(x2, x2.shape, x2.stride(), [t.BLOCK_M, t.BLOCK_K]),
             _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K)),
-            TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N]),
-            bias_arg, part, flags, M, N, K, p.chunk, p.k_mid,
+            out_desc, bias_arg, part,
+            TensorDescriptor(part, part.shape, part.stride(), [t.BLOCK_M, t.BLOCK_N // 2]) if p.halves else out_desc,
+            flags, M, N, K, p.chunk, p.k_mid,
             HAS_BIAS=bias is not None, OUT_DTYPE=tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16,
             **p.flags,
         )
