@@ -104,10 +104,30 @@ def _join_columns(left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _stage(part_desc, row, col, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """An fp32 tile to the scratch, in two bulk copies of half its columns (half the staging)."""
+    """An fp32 tile to the scratch, in two bulk copies of half its columns (half the staging),
+    landed in global memory when this returns."""
     left, right = _split_columns(tile, BLOCK_M, BLOCK_N)
     part_desc.store([row, col], left)
     part_desc.store([row, col + BLOCK_N // 2], right)
+    _bulk_stores_landed()
+
+
+@triton.jit
+def _bulk_stores_landed():
+    """Wait until this thread's bulk (TMA) stores are written to global memory, not only read
+    from shared memory as Triton's own wait does, and order them before this thread's later
+    accesses of any proxy; a barrier then extends that to the whole program."""
+    tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, 0;",
+                              "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _async_reads_after_acquire():
+    """Order this thread's earlier generic-proxy accesses (the flag's acquire) before its later
+    bulk (TMA) reads."""
+    tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -290,6 +310,7 @@ def _linear_tma_kernel(
                 for k0 in range(k_b, K, BLOCK_K):
                     acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
             _wait_for_first_half(flags_ptr)
+            _async_reads_after_acquire()
             first = _unstage(part_desc, off_m, off_n, BLOCK_M, BLOCK_N)
             if two_chunks:
                 acc = (first + _unstage(part_desc, M + off_m, off_n, BLOCK_M, BLOCK_N)) + acc
