@@ -2,7 +2,7 @@
 # Issue 15 in one device call: CUDA-graph and overlap tests, the needle check, bench_e2e,
 # profile_step, bench_matmul. Each step has its own time limit and writes its log/JSON into OUT_DIR.
 #   bash bench/gpu_issue15.sh OUT_DIR [steps...]
-#   steps: smoke tests kernel_tests needle e2e e2e_gluon e2e_triton profile host decode ablate matmul points attention
+#   steps: smoke tests kernel_tests mm_tests needle e2e e2e_gluon e2e_triton profile host decode ablate matmul points attention
 set -uo pipefail
 out=${1:?usage: bench/gpu_issue15.sh OUT_DIR [steps...]}
 shift
@@ -78,6 +78,11 @@ torch.cuda.synchronize(); print('decode smoke ok')" >> "$out/smoke.log" 2>&1
               > "$out/ablate.log" 2>&1; tail -9 "$out/ablate.log" ;;
     profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;
+    mm_tests)  # the matmul kernels on the GPU; a hang (a second half waiting forever) turns halves off
+      timeout ${MMTESTS_S:-120} python -m pytest -q -x -p no:cacheprovider -p no:warnings \
+        tests/kernels/test_matmul_kernel.py tests/kernels/test_matmul_hopper.py > "$out/mm_tests.log" 2>&1
+      rc=$?; tail -3 "$out/mm_tests.log"
+      if [ $rc -eq 124 ]; then export DETAUDIT_MATMUL_HALVES=0; echo "halves off: mm_tests hung" | tee -a "$out/steps.txt"; fi ;;
     matmul) timeout ${MATMUL_S:-120} python bench/bench_matmul.py ${MATMUL_ARGS:-} \
               --json "$out/matmul.json" > "$out/matmul.log" 2>&1; tail -26 "$out/matmul.log" ;;
   esac

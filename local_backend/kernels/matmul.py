@@ -391,6 +391,10 @@ TABLE = os.environ.get("DETAUDIT_MATMUL_TABLE", "round4")
 # kernel, as lean on the host as round 3's launch).
 PARTIALS_MIN_CHUNKS = 3
 
+# DETAUDIT_MATMUL_HALVES=0: table entries with halves run as one program per tile (same
+# numbers; a switch for A/B runs and a way out should a second half ever wait forever)
+HALVES = os.environ.get("DETAUDIT_MATMUL_HALVES", "1") != "0"
+
 
 def round3_tiles_16bit(M: int, N: int) -> Tiles:
     """Round 3's table (BLOCK_K = 64, one chunk), kept for A/B benches."""
@@ -553,7 +557,7 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
     tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     # a second half spins until its first half has published, so every program must be
     # resident at once (one per SM at most: the tiles that use halves fill an SM's shared memory)
-    halves = (t.halves and not partials and 2 <= chunks <= 4 and M * N < 2**31
+    halves = (t.halves and HALVES and not partials and 2 <= chunks <= 4 and M * N < 2**31
               and 2 * tiles_mn <= _sm_count(device))
     elem = dtype.itemsize
     tma = t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned)
