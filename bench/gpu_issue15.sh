@@ -80,7 +80,7 @@ torch.cuda.synchronize(); print('decode smoke ok')" >> "$out/smoke.log" 2>&1
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;
     mm_tests)  # the matmul kernels on the GPU; a hang (a second half waiting forever) turns halves off
       timeout ${MMTESTS_S:-120} python -m pytest -q -x -p no:cacheprovider -p no:warnings \
-        tests/kernels/test_matmul_kernel.py tests/kernels/test_matmul_hopper.py > "$out/mm_tests.log" 2>&1
+        tests/kernels/test_matmul_kernel.py tests/kernels/test_matmul_halves.py tests/kernels/test_matmul_hopper.py > "$out/mm_tests.log" 2>&1
       rc=$?; tail -3 "$out/mm_tests.log"
       if [ $rc -eq 124 ]; then export DETAUDIT_MATMUL_HALVES=0; echo "halves off: mm_tests hung" | tee -a "$out/steps.txt"; fi ;;
     matmul) timeout ${MATMUL_S:-120} python bench/bench_matmul.py ${MATMUL_ARGS:-} \

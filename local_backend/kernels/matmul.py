@@ -291,6 +291,9 @@ def _linear_tma_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HALVES:  # as in _linear_kernel, the scratch read and written by bulk copies
+        # whole tiles: a tile's rows past M land in its own rows of the scratch, so the parked
+        # chunks start at M rounded up to whole tiles
+        parked = tl.cdiv(M, BLOCK_M) * BLOCK_M
         if tl.program_id(1) == 0:
             for c0 in tl.range(0, K_MID, CHUNK_K, flatten=True):
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -305,7 +308,7 @@ def _linear_tma_kernel(
                 acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
             two_chunks = k_b < K
             if two_chunks:
-                _stage(part_desc, M + off_m, off_n, acc, BLOCK_M, BLOCK_N)
+                _stage(part_desc, parked + off_m, off_n, acc, BLOCK_M, BLOCK_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(k_b, K, BLOCK_K):
                     acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
@@ -313,7 +316,7 @@ def _linear_tma_kernel(
             _async_reads_after_acquire()
             first = _unstage(part_desc, off_m, off_n, BLOCK_M, BLOCK_N)
             if two_chunks:
-                acc = (first + _unstage(part_desc, M + off_m, off_n, BLOCK_M, BLOCK_N)) + acc
+                acc = (first + _unstage(part_desc, parked + off_m, off_n, BLOCK_M, BLOCK_N)) + acc
             else:
                 acc = first + acc
             if HAS_BIAS:
@@ -653,7 +656,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     p = _launch_for(x.dtype, x.device, M, N, K, x2.stride(), weight.stride(), aligned, tiles, chunk_k, table)
     t = p.tiles
     part = (torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials
-            else torch.empty((2 * M, N), dtype=torch.float32, device=x.device) if p.halves else out)
+            else torch.empty((2 * triton.cdiv(M, t.BLOCK_M) * t.BLOCK_M, N), dtype=torch.float32, device=x.device)
+            if p.halves else out)
     flags = _half_flags(x.device, p.grid[0]) if p.halves else out
     bias_arg = bias if bias is not None else out
     if p.ws:
