@@ -78,7 +78,7 @@ torch.cuda.synchronize(); print('decode smoke ok')" >> "$out/smoke.log" 2>&1
               > "$out/ablate.log" 2>&1; tail -9 "$out/ablate.log" ;;
     profile) timeout ${PROFILE_S:-120} python bench/profile_step.py --trace "$out/mixed_pass_trace.txt" \
                --json "$out/profile.json" > "$out/profile.log" 2>&1; tail -4 "$out/profile.log" ;;
-    mm_tests)  # the matmul kernels on the GPU; a hang (a second half waiting forever) turns halves off
+    mm_tests)  # the matmul kernels on the GPU; a hang (a second half waiting forever) keeps the table's halves off
       timeout ${MMTESTS_S:-120} python -m pytest -q -x -p no:cacheprovider -p no:warnings \
         tests/kernels/test_matmul_kernel.py tests/kernels/test_matmul_halves.py tests/kernels/test_matmul_hopper.py > "$out/mm_tests.log" 2>&1
       rc=$?; tail -3 "$out/mm_tests.log"

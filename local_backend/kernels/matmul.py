@@ -394,9 +394,10 @@ TABLE = os.environ.get("DETAUDIT_MATMUL_TABLE", "round4")
 # kernel, as lean on the host as round 3's launch).
 PARTIALS_MIN_CHUNKS = 3
 
-# DETAUDIT_MATMUL_HALVES=0: table entries with halves run as one program per tile (same
-# numbers; a switch for A/B runs and a way out should a second half ever wait forever)
-HALVES = os.environ.get("DETAUDIT_MATMUL_HALVES", "1") != "0"
+# Whether the table picks the halves launch (same numbers either way; explicit Tiles with
+# halves=True always get it where it fits). Off until measured on a GPU: DETAUDIT_MATMUL_HALVES=1
+# turns it on (bench/NOTES.md, "Issue 15, round 13").
+TABLE_HALVES = os.environ.get("DETAUDIT_MATMUL_HALVES", "0") != "0"
 
 
 def round3_tiles_16bit(M: int, N: int) -> Tiles:
@@ -441,7 +442,7 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
     elif M <= 1024:
         tiles_128 = triton.cdiv(M, 128) * triton.cdiv(N, 128)
         halves_256 = 2 * triton.cdiv(M, 128) * triton.cdiv(N, 256)
-        if 3 <= triton.cdiv(K, chunk) <= 4 and 4 * halves_256 >= 3 * SM_COUNT_GUESS and halves_256 <= SM_COUNT_GUESS:
+        if TABLE_HALVES and 3 <= triton.cdiv(K, chunk) <= 4 and 4 * halves_256 >= 3 * SM_COUNT_GUESS and halves_256 <= SM_COUNT_GUESS:
             # K in 3-4 chunks (4096x14336 at M = 512): 128 x 256 tiles, two programs each, in one
             # wave; the 128 x 128 tiles below read a third more from L2 for the same products
             t = Tiles(128, 256, 64, 8, 3, tma=True, halves=True)
@@ -560,7 +561,7 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
     tiles_mn = triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
     # a second half spins until its first half has published, so every program must be
     # resident at once (one per SM at most: the tiles that use halves fill an SM's shared memory)
-    halves = (t.halves and HALVES and not partials and 2 <= chunks <= 4 and M * N < 2**31
+    halves = (t.halves and not partials and 2 <= chunks <= 4 and M * N < 2**31
               and 2 * tiles_mn <= _sm_count(device))
     elem = dtype.itemsize
     tma = t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned)
