@@ -442,7 +442,8 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
     elif M <= 1024:
         tiles_128 = triton.cdiv(M, 128) * triton.cdiv(N, 128)
         halves_256 = 2 * triton.cdiv(M, 128) * triton.cdiv(N, 256)
-        if TABLE_HALVES and 3 <= triton.cdiv(K, chunk) <= 4 and 4 * halves_256 >= 3 * SM_COUNT_GUESS and halves_256 <= SM_COUNT_GUESS:
+        fills_one_wave = 4 * halves_256 >= 3 * SM_COUNT_GUESS and halves_256 <= SM_COUNT_GUESS
+        if TABLE_HALVES and 3 <= triton.cdiv(K, chunk) <= 4 and fills_one_wave:
             # K in 3-4 chunks (4096x14336 at M = 512): 128 x 256 tiles, two programs each, in one
             # wave; the 128 x 128 tiles below read a third more from L2 for the same products
             t = Tiles(128, 256, 64, 8, 3, tma=True, halves=True)
