@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--rep", type=int, default=15, help="milliseconds of timed replays per figure")
     parser.add_argument("--warm-s", type=float, default=3.0, help="seconds of large matmuls first (clocks up)")
     parser.add_argument("--ws", action="store_true", help="try matmul_hopper's warp-specialised kernel")
-    parser.add_argument("--tiles", type=parse_tiles, help='only these, ";"-separated: "Tiles(128, 256, 64, 8, 3, tma=True)"')
+    parser.add_argument("--tiles", type=parse_tiles,
+                        help='only these, ";"-separated: "Tiles(128, 256, 64, 8, 3, tma=True)"')
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

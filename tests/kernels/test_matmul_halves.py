@@ -15,7 +15,8 @@ from local_backend.kernels import matmul
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                                 reason="the bulk-copy kernel runs on Hopper or newer")
 
-HALVES = [matmul.Tiles(128, 256, 64, 8, 3, tma=True, halves=True), matmul.Tiles(64, 64, 64, 4, 3, tma=True, halves=True)]
+HALVES = [matmul.Tiles(128, 256, 64, 8, 3, tma=True, halves=True),
+          matmul.Tiles(64, 64, 64, 4, 3, tma=True, halves=True)]
 FUSED = matmul.Tiles(64, 64, 64, 4, 3, tma=True, nested=True)
 
 
