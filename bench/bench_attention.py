@@ -109,6 +109,7 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
            "kernels": kernels}
     row["sdpa_graph_ms"] = graph_ms(ref, rep)
     outs = {}
+    defaults = combine_hopper.PDL, hopper.PINGPONG  # each variant's ours() sets them; the case ends with them restored
     for kernel in kernels:  # side by side, same inputs, same run
         name, _, ring = kernel.partition(":")
         serial = "-serial" in name  # the Gluon combine launched after the attention kernel ends (no PDL)
@@ -157,6 +158,7 @@ def case(kind: str, B: int, N: int, cand, rep: int, gen, kernels: list[str]) -> 
             dec = attn.attention(q[N - 1:N], k_cache, v_cache, slots[:1], last, scale, **kw)
             fig["bitwise_prefill_vs_decode"] = torch.equal(dec, out[N - 1:N])
         row[kernel] = fig
+    combine_hopper.PDL, hopper.PINGPONG = defaults
     if len(outs) > 1:
         first = next(iter(outs.values()))
         row["bitwise_between_kernels"] = all(torch.equal(first, o) for o in outs.values())
