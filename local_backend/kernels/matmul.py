@@ -163,6 +163,22 @@ def _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k0, K,
 
 
 @triton.jit
+def _pointer_chunks(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, k_end, K, CHUNK_K,
+                    stride_xm, stride_xk, stride_wn, stride_wk, INTERPRETED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """0 + p0 + p1 + ... over the chunks before k_end, chunk by chunk: a loop nest the compiler
+    flattens and pipelines. Past K the loads are zeros, which leave a sum's bits as they are."""
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in tl.range(0, k_end, CHUNK_K, flatten=True):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, CHUNK_K, BLOCK_K):
+            acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
+                                stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
+        total += acc
+    return total
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, flags_ptr,
     M, N, K, CHUNK_K, K_MID,
@@ -191,12 +207,8 @@ def _linear_kernel(
         part = part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
         in_tile = row_ok[:, None] & col_ok[None, :]
         if tl.program_id(1) == 0:
-            for c0 in tl.range(0, K_MID, CHUNK_K, flatten=True):
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for kk in range(0, CHUNK_K, BLOCK_K):
-                    acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
-                                        stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
-                total += acc
+            total = _pointer_chunks(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, K_MID, K, CHUNK_K,
+                                    stride_xm, stride_xk, stride_wn, stride_wk, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_K)
             tl.store(part, total, mask=in_tile)
             _publish_first_half(flags_ptr)
         else:
@@ -223,14 +235,8 @@ def _linear_kernel(
                      cast_to(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=in_tile)
         return
     if NESTED and CHUNKED and not PARTIALS:
-        # chunk by chunk; past K the loads are zeros, which leave a sum's bits as they are
-        for c0 in tl.range(0, K, CHUNK_K, flatten=True):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(0, CHUNK_K, BLOCK_K):
-                acc = _pointer_step(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, c0 + kk, K,
-                                    stride_xm, stride_xk, stride_wn, stride_wk, acc, INTERPRETED)
-            total += acc
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        total = _pointer_chunks(x_ptr, w_ptr, rows, cols, ks, row_ok, col_ok, K, K, CHUNK_K,
+                                stride_xm, stride_xk, stride_wn, stride_wk, INTERPRETED, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             if CHUNKED and not PARTIALS:
@@ -275,6 +281,19 @@ def _sum_partials_kernel(
 
 
 @triton.jit
+def _tma_chunks(x_desc, w_desc, off_m, off_n, k_end, CHUNK_K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_pointer_chunks fed by tensor descriptors (TMA zero-fills past the edges)."""
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in tl.range(0, k_end, CHUNK_K, flatten=True):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, CHUNK_K, BLOCK_K):
+            acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
+        total += acc
+    return total
+
+
+@triton.jit
 def _linear_tma_kernel(
     x_desc, w_desc, out_desc, bias_ptr, part_ptr, part_desc, flags_ptr,
     M, N, K, CHUNK_K, K_MID,
@@ -295,12 +314,8 @@ def _linear_tma_kernel(
         # chunks start at M rounded up to whole tiles
         parked = tl.cdiv(M, BLOCK_M) * BLOCK_M
         if tl.program_id(1) == 0:
-            for c0 in tl.range(0, K_MID, CHUNK_K, flatten=True):
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for kk in range(0, CHUNK_K, BLOCK_K):
-                    acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
-                total += acc
-            _stage(part_desc, off_m, off_n, total, BLOCK_M, BLOCK_N)
+            _stage(part_desc, off_m, off_n, _tma_chunks(x_desc, w_desc, off_m, off_n, K_MID, CHUNK_K,
+                                                        BLOCK_M, BLOCK_N, BLOCK_K), BLOCK_M, BLOCK_N)
             _publish_first_half(flags_ptr)
         else:
             k_b = tl.minimum(K_MID + CHUNK_K, K)
@@ -325,12 +340,7 @@ def _linear_tma_kernel(
             out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
         return
     if NESTED and CHUNKED and not PARTIALS:
-        for c0 in tl.range(0, K, CHUNK_K, flatten=True):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kk in range(0, CHUNK_K, BLOCK_K):
-                acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
-            total += acc
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        total = _tma_chunks(x_desc, w_desc, off_m, off_n, K, CHUNK_K, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             if CHUNKED and not PARTIALS:
