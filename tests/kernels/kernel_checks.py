@@ -35,3 +35,12 @@ def batches_with_needle(needle: torch.Tensor, others: torch.Tensor, gen: torch.G
         at = int(torch.randint(0, extra + 1, (1,), generator=gen))
         batch = torch.cat([others[:at], needle[None], others[at:extra]])
         yield batch, at
+
+
+def gpu_linear_operands(M: int, N: int, K: int, seed: int = 0):
+    """bf16 x [M, K], weight [N, K] (scaled so outputs stay near 1) and bias [N], drawn on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).bfloat16()
+    b = torch.randn(N, device="cuda", generator=gen).bfloat16()
+    return x, w, b

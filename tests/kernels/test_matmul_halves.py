@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_checks import gpu_linear_operands as operands
 from local_backend.kernels import matmul
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
@@ -18,14 +19,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 HALVES = [matmul.Tiles(128, 256, 64, 8, 3, tma=True, halves=True),
           matmul.Tiles(64, 64, 64, 4, 3, tma=True, halves=True)]
 FUSED = matmul.Tiles(64, 64, 64, 4, 3, tma=True, nested=True)
-
-
-def operands(M: int, N: int, K: int, seed: int = 0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).bfloat16()
-    b = torch.randn(N, device="cuda", generator=gen).bfloat16()
-    return x, w, b
 
 
 @pytest.mark.parametrize("tiles", HALVES, ids=["128x256", "64x64"])

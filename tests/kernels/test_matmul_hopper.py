@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_checks import gpu_linear_operands as operands
 from local_backend.kernels import matmul
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -16,14 +17,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 TRITON = matmul.Tiles(128, 128, 64, 4, 3, tma=True)
 WS = [matmul.Tiles(128, 256, 64, 4, 3, tma=True, ws=True), matmul.Tiles(128, 128, 64, 4, 5, GROUP_M=16, tma=True,
                                                                          ws=True)]
-
-
-def operands(M: int, N: int, K: int, seed: int = 0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(N, K, device="cuda", generator=gen) * K ** -0.5).bfloat16()
-    b = torch.randn(N, device="cuda", generator=gen).bfloat16()
-    return x, w, b
 
 
 @pytest.mark.parametrize("tiles", WS, ids=["n256", "n128"])
