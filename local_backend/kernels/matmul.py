@@ -14,9 +14,10 @@ So a row's sums are added in the same order whether the batch holds 1 row or
     one program per tile would leave most SMs idle);
   * ``halves``: two programs per output tile (K in 2 to 4 chunks). The first
     sums the first chunks, 0 + p0 (+ p1), and publishes that running total; the
-    second keeps its one or two chunk sums apart, waits for the total, and adds
-    them to it in order. Large tiles on half as many tiles (mid-size M, where
-    the tiles that fill the SMs read more from L2 than the tensor cores can use).
+    second keeps its one or two chunk sums apart (the first parked in memory),
+    waits for the total, and adds them to it in order. Large tiles on half as
+    many tiles (mid-size M, where the tiles that fill the SMs read more from L2
+    than the tensor cores can use).
 What changes with M is only the launch shape and the tiles (BLOCK_M x BLOCK_N,
 BLOCK_K, warps, pipeline depth, program order): a tensor-core dot computes each
 output element from its own row and column alone, adding products into the
