@@ -113,13 +113,19 @@ def _stage(part_desc, row, col, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     _bulk_stores_landed()
 
 
+# The interpreter runs programs one by one with every copy done when it returns (and has no
+# inline PTX), so the proxy fences below are compiled only for a GPU.
+_PROXY_FENCES = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
 def _bulk_stores_landed():
     """Wait until this thread's bulk (TMA) stores are written to global memory, not only read
     from shared memory as Triton's own wait does, and order them before this thread's later
     accesses of any proxy; a barrier then extends that to the whole program."""
-    tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, 0;",
-                              "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    if _PROXY_FENCES:
+        tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, 0;",
+                                  "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
 
 
@@ -127,8 +133,9 @@ def _bulk_stores_landed():
 def _async_reads_after_acquire():
     """Order this thread's earlier generic-proxy accesses (the flag's acquire) before its later
     bulk (TMA) reads."""
-    tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    if _PROXY_FENCES:
+        tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit

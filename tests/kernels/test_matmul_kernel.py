@@ -97,3 +97,39 @@ def test_chunked_linear_is_one_sum_in_every_launch_shape(gen, dtype):
             assert torch.equal(out[at], alone[0]), f"row differs in a batch of {len(batch)} ({t})"
     assert_close_to(matmul.linear(others, w, b, tiles=launches[2], chunk_k=chunk),
                     others.double() @ w.double().T + b.double(), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's run of the bulk-copy kernel (a GPU runs "
+                                             "test_matmul_halves.py)")
+@pytest.mark.parametrize("M,N,K,BM,BN", [(77, 200, 1472, 64, 64), (130, 256, 1088, 64, 128), (40, 96, 704, 64, 64)])
+def test_bulk_copy_halves_add_as_the_nested_loop(gen, M, N, K, BM, BN):
+    """The TMA kernel's halves, launched under the interpreter (fp32, where its tensor
+    descriptors work): 4, 3 and 2 chunks, ragged rows and columns, with and without a bias:
+    the nested loop's bits, and every flag taken down again. (The interpreter runs one
+    program at a time, so races between programs show on a GPU only: test_matmul_halves.py.)"""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from local_backend.kernels import matmul
+    from local_backend.kernels._triton import tl, triton
+    chunk = 384
+    chunks = triton.cdiv(K, chunk)
+    x, w, b = randn(M, K, gen=gen), randn(N, K, gen=gen, scale=K ** -0.5), randn(N, gen=gen)
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+
+    def launch(halves: bool, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.zeros(M, N)
+        part = torch.full((2 * triton.cdiv(M, BM) * BM, N), float("nan"))
+        flags = torch.zeros(tiles, dtype=torch.int32)
+        matmul._linear_tma_kernel[(tiles, 2 if halves else 1)](
+            TensorDescriptor(x, x.shape, x.stride(), [BM, 64]), TensorDescriptor(w, w.shape, w.stride(), [BN, 64]),
+            TensorDescriptor(out, out.shape, out.stride(), [BM, BN]), b if bias else out, part,
+            TensorDescriptor(part, part.shape, part.stride(), [BM, BN // 2]), flags, M, N, K, chunk,
+            (chunks // 2) * chunk, HAS_BIAS=bias, OUT_DTYPE=tl.float32, CHUNKED=True, PARTIALS=False,
+            NESTED=not halves, HALVES=halves, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=64, GROUP_M=8)
+        return out, flags
+
+    for bias in (True, False):
+        nested, _ = launch(False, bias)
+        halves, flags = launch(True, bias)
+        assert torch.equal(halves, nested), f"halves differ from the nested loop (bias {bias})"
+        assert not flags.any(), "a flag was left up"
+    assert_close_to(halves, x.double() @ w.double().T, torch.float32)
