@@ -438,7 +438,7 @@ def _fit_block_k(t: Tiles, K: int, chunk: int) -> Tiles:
     return t
 
 
-def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
+def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int, sm_count: int = SM_COUNT_GUESS) -> Tiles:
     chunked = chunk < K
     many_chunks = triton.cdiv(K, chunk) >= PARTIALS_MIN_CHUNKS  # partials pay (see PARTIALS_MIN_CHUNKS)
     wide = N > 8192
@@ -460,7 +460,7 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
     elif M <= 1024:
         tiles_128 = triton.cdiv(M, 128) * triton.cdiv(N, 128)
         halves_256 = 2 * triton.cdiv(M, 128) * triton.cdiv(N, 256)
-        fills_one_wave = 4 * halves_256 >= 3 * SM_COUNT_GUESS and halves_256 <= SM_COUNT_GUESS
+        fills_one_wave = 4 * halves_256 >= 3 * sm_count and halves_256 <= sm_count  # resident at once
         if TABLE_HALVES and 3 <= triton.cdiv(K, chunk) <= 4 and fills_one_wave:
             # K in 3-4 chunks (4096x14336 at M = 512): 128 x 256 tiles, two programs each, in one
             # wave; the 128 x 128 tiles below read a third more from L2 for the same products
@@ -497,12 +497,14 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int) -> Tiles:
     return _fit_block_k(t, K, chunk)
 
 
-def tiles_for(dtype: torch.dtype, M: int, N: int, K: int, table: str | None = None) -> Tiles:
+def tiles_for(dtype: torch.dtype, M: int, N: int, K: int, table: str | None = None,
+              sm_count: int = SM_COUNT_GUESS) -> Tiles:
     """The tiles for one launch (speed only: the sum's order is k_chunk's).
 
     Under the interpreter one fixed shape is used (big, because each interpreted
     program costs about 2 ms), and the dot is ``interpreted_dot``, not numpy's BLAS;
     there BLOCK_K does set the order (numpy sums each block), so it never changes.
+    ``sm_count``: the device's SMs (the halves launch needs all its programs resident at once).
     """
     if INTERPRET:
         return Tiles(128, 128, 32, num_warps=4, num_stages=1, GROUP_M=1)
@@ -510,7 +512,7 @@ def tiles_for(dtype: torch.dtype, M: int, N: int, K: int, table: str | None = No
         return Tiles(64, 64, 32, num_warps=4, num_stages=3)
     if (table or TABLE) == "round3":
         return round3_tiles_16bit(M, N)
-    return _gpu_tiles_16bit(M, N, K, min(k_chunk(dtype, N, K, table), K))
+    return _gpu_tiles_16bit(M, N, K, min(k_chunk(dtype, N, K, table), K), sm_count)
 
 
 # K is cut into about K / 4096 chunks (H200 sweep, round 4: bench/NOTES.md); 0: one chunk
@@ -571,7 +573,8 @@ def _launch_for(dtype: torch.dtype, device: torch.device, M: int, N: int, K: int
 
 
 def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table) -> _Launch:
-    t = tiles or tiles_for(dtype, M, N, K, table)
+    sm_count = _sm_count(device) if device.type == "cuda" else SM_COUNT_GUESS
+    t = tiles or tiles_for(dtype, M, N, K, table, sm_count)
     chunk = min(chunk_k or k_chunk(dtype, N, K, table), K)
     chunks = triton.cdiv(K, chunk)
     if chunks > 1 and chunk % t.BLOCK_K:

@@ -118,3 +118,21 @@ def test_warm_up_is_a_no_op_on_the_cpu(gen):
     matmul.clear_caches()
     assert matmul.warm_up([(w, None), (w, randn(40, gen=gen))]) == 0
     assert not matmul._LAUNCHES
+
+
+def test_the_tables_halves_keep_every_program_resident(monkeypatch):
+    """With the table's halves switched on: 4096x14336 (K in 4 chunks) at 385-512 rows takes
+    them on a 132-SM GPU, and wherever the table picks halves for a device's SM count, the
+    two programs of every tile fit on it at once (a second half spins until its first half
+    is done). Off (the default), the table never picks them."""
+    monkeypatch.setattr(matmul, "TABLE_HALVES", True)
+    chunk = _chunk(14336)
+    assert all(matmul._gpu_tiles_16bit(M, 4096, 14336, chunk).halves for M in range(385, 513))
+    for sm_count in (114, 132):
+        for N, K in SHAPES:
+            for M in range(1, 2049):
+                t = matmul._gpu_tiles_16bit(M, N, K, _chunk(K), sm_count)
+                programs = 2 * triton.cdiv(M, t.BLOCK_M) * triton.cdiv(N, t.BLOCK_N)
+                assert not t.halves or programs <= sm_count, (M, N, K, sm_count)
+    monkeypatch.setattr(matmul, "TABLE_HALVES", False)
+    assert not any(matmul._gpu_tiles_16bit(M, N, K, _chunk(K)).halves for N, K in SHAPES for M in range(1, 2049))
