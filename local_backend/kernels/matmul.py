@@ -573,7 +573,7 @@ def _launch_for(dtype: torch.dtype, device: torch.device, M: int, N: int, K: int
 
 
 def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chunk_k, table) -> _Launch:
-    sm_count = _sm_count(device) if device.type == "cuda" else SM_COUNT_GUESS
+    sm_count = _sm_count(device)
     t = tiles or tiles_for(dtype, M, N, K, table, sm_count)
     chunk = min(chunk_k or k_chunk(dtype, N, K, table), K)
     chunks = triton.cdiv(K, chunk)
@@ -584,7 +584,7 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
     # a second half spins until its first half has published, so every program must be
     # resident at once (one per SM at most: the tiles that use halves fill an SM's shared memory)
     halves = (t.halves and not partials and 2 <= chunks <= 4 and M * N < 2**31
-              and 2 * tiles_mn <= _sm_count(device))
+              and 2 * tiles_mn <= sm_count)
     elem = dtype.itemsize
     tma = t.tma and _tma_ok(dtype, device, N, elem, x_stride, w_stride, aligned)
     return _Launch(
@@ -606,6 +606,14 @@ def _sm_count(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 2**30
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scratch(p: _Launch, M: int, N: int, device: torch.device) -> torch.Tensor:
+    """fp32 memory between programs: the chunk partials, or for halves the first halves' totals
+    (rows [0, M)) and the parked chunks (from M rounded up to whole tiles)."""
+    if p.partials:
+        return torch.empty((p.chunks, M, N), dtype=torch.float32, device=device)
+    return torch.empty((2 * triton.cdiv(M, p.tiles.BLOCK_M) * p.tiles.BLOCK_M, N), dtype=torch.float32, device=device)
 
 
 # One flag per tile for the halves launch, per device and stream: a second half takes its
@@ -678,9 +686,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     aligned = x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
     p = _launch_for(x.dtype, x.device, M, N, K, x2.stride(), weight.stride(), aligned, tiles, chunk_k, table)
     t = p.tiles
-    part = (torch.empty((p.chunks, M, N), dtype=torch.float32, device=x.device) if p.partials
-            else torch.empty((2 * triton.cdiv(M, t.BLOCK_M) * t.BLOCK_M, N), dtype=torch.float32, device=x.device)
-            if p.halves else out)
+    part = _scratch(p, M, N, x.device) if p.partials or p.halves else out
     flags = _half_flags(x.device, p.grid[0]) if p.halves else out
     bias_arg = bias if bias is not None else out
     if p.ws:
