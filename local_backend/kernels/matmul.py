@@ -116,6 +116,19 @@ def _stage(part_desc, row, col, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 # The interpreter runs programs one by one with every copy done when it returns (and has no
 # inline PTX), so the proxy fences below are compiled only for a GPU.
 _PROXY_FENCES = tl.constexpr(not INTERPRET)
+# The bulk-copy kernel's dots and stores go through the interpreter's exact paths there
+# (``interpreted_dot``, ``cast_to``): its own tl.dot multiplies bf16 operands' bit patterns
+# (Triton issue #11584), so the CPU suite could check that kernel in fp32 only.
+_INTERPRETED = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _tma_step(x_desc, w_desc, off_m, off_n, k0, acc):
+    """acc + x[off_m tile, k0 block] @ w[off_n tile, k0 block]^T, read by bulk copies."""
+    if _INTERPRETED:
+        return interpreted_dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+    else:
+        return tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
 
 
 @triton.jit
@@ -296,7 +309,7 @@ def _tma_chunks(x_desc, w_desc, off_m, off_n, k_end, CHUNK_K,
     for c0 in tl.range(0, k_end, CHUNK_K, flatten=True):
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, CHUNK_K, BLOCK_K):
-            acc = tl.dot(x_desc.load([off_m, c0 + kk]), w_desc.load([off_n, c0 + kk]).T, acc)
+            acc = _tma_step(x_desc, w_desc, off_m, off_n, c0 + kk, acc)
         total += acc
     return total
 
@@ -328,13 +341,13 @@ def _linear_tma_kernel(
         else:
             k_b = tl.minimum(K_MID + CHUNK_K, K)
             for k0 in range(K_MID, k_b, BLOCK_K):
-                acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+                acc = _tma_step(x_desc, w_desc, off_m, off_n, k0, acc)
             two_chunks = k_b < K
             if two_chunks:
                 _stage(part_desc, parked + off_m, off_n, acc, BLOCK_M, BLOCK_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k0 in range(k_b, K, BLOCK_K):
-                    acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+                    acc = _tma_step(x_desc, w_desc, off_m, off_n, k0, acc)
             _wait_for_first_half(flags_ptr)
             _async_reads_after_acquire()
             first = _unstage(part_desc, off_m, off_n, BLOCK_M, BLOCK_N)
@@ -345,7 +358,7 @@ def _linear_tma_kernel(
             if HAS_BIAS:
                 cols = off_n + tl.arange(0, BLOCK_N)
                 acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
+            out_desc.store([off_m, off_n], cast_to(acc, OUT_DTYPE, _INTERPRETED))
         return
     if NESTED and CHUNKED and not PARTIALS:
         total = _tma_chunks(x_desc, w_desc, off_m, off_n, K, CHUNK_K, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -355,7 +368,7 @@ def _linear_tma_kernel(
                 if (k0 % CHUNK_K == 0) & (k0 > 0):
                     total += acc
                     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+            acc = _tma_step(x_desc, w_desc, off_m, off_n, k0, acc)
     if PARTIALS:
         rows = off_m + tl.arange(0, BLOCK_M)
         cols = off_n + tl.arange(0, BLOCK_N)
@@ -367,7 +380,7 @@ def _linear_tma_kernel(
         if HAS_BIAS:
             cols = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        out_desc.store([off_m, off_n], acc.to(OUT_DTYPE))
+        out_desc.store([off_m, off_n], cast_to(acc, OUT_DTYPE, _INTERPRETED))
 
 
 @functools.lru_cache(maxsize=None)
