@@ -105,8 +105,8 @@ def test_chunked_linear_is_one_sum_in_every_launch_shape(gen, dtype):
 @pytest.mark.parametrize("M,N,K,BM,BN", [(77, 200, 1472, 64, 64), (130, 256, 1088, 64, 128), (40, 96, 704, 64, 64)])
 def test_bulk_copy_halves_add_as_the_nested_loop(gen, dtype, M, N, K, BM, BN):
     """The TMA kernel's halves, launched under the interpreter in the engine's dtype and in
-    fp32: 4, 3 and 2 chunks, ragged rows and columns, with and without a bias: the nested
-    loop's bits, in bf16 the pointer kernel's bits (one order of addition in both), and every
+    fp32: 4, 3 and 2 chunks, ragged rows and columns, with and without a bias: the nested and
+    fused loops' bits, in bf16 the pointer kernel's bits (one order of addition in both), and every
     flag taken down again. (The interpreter runs one program at a time, so races between
     programs show on a GPU only: test_matmul_halves.py.)"""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -118,7 +118,7 @@ def test_bulk_copy_halves_add_as_the_nested_loop(gen, dtype, M, N, K, BM, BN):
     w, b = randn(N, K, gen=gen, scale=K ** -0.5, dtype=dtype), randn(N, gen=gen, dtype=dtype)
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
 
-    def launch(halves: bool, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    def launch(halves: bool, bias, nested: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.zeros(M, N, dtype=dtype)
         part = torch.full((2 * triton.cdiv(M, BM) * BM, N), float("nan"))
         flags = torch.zeros(tiles, dtype=torch.int32)
@@ -127,7 +127,7 @@ def test_bulk_copy_halves_add_as_the_nested_loop(gen, dtype, M, N, K, BM, BN):
             TensorDescriptor(out, out.shape, out.stride(), [BM, BN]), b if bias else out, part,
             TensorDescriptor(part, part.shape, part.stride(), [BM, BN // 2]), flags, M, N, K, chunk,
             (chunks // 2) * chunk, HAS_BIAS=bias, OUT_DTYPE=getattr(tl, str(dtype).removeprefix("torch.")), CHUNKED=True,
-            PARTIALS=False, NESTED=not halves, HALVES=halves, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=64, GROUP_M=8)
+            PARTIALS=False, NESTED=nested and not halves, HALVES=halves, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=64, GROUP_M=8)
         return out, flags
 
     for bias in (True, False):
@@ -135,6 +135,7 @@ def test_bulk_copy_halves_add_as_the_nested_loop(gen, dtype, M, N, K, BM, BN):
         halves, flags = launch(True, bias)
         assert torch.equal(halves, nested), f"halves differ from the nested loop (bias {bias})"
         assert not flags.any(), "a flag was left up"
+        assert torch.equal(launch(False, bias, nested=False)[0], nested), "the fused loop differs"
         if dtype == torch.bfloat16:  # fp32 weights reach the interpreter's dot as a transposed view,
             # whose products numpy sums over K in another order than the pointer kernel's
             pointer = matmul.linear(x, w, b if bias else None, tiles=matmul.Tiles(BM, BN, 64, 4, 3, nested=True),
