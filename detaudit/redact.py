@@ -35,8 +35,9 @@ _PATTERNS = [
     # Authorization: <scheme> <credentials>
     (re.compile(r"(?i)(\b(?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?(?>(?:[a-z]+\s+)?))"
                 r"(?!\*\*\*)[^\s\"'&,;}]{4,}"), r"\1" + MASK),
-    # api_key=..., "api-key": "...", x-api-key: ..., password=...
-    (re.compile(r"(?i)(\b(?:x-)?(?:api[_-]?key|access[_-]?token|auth[_-]?token|password|"
+    # api_key=..., "api-key": "...", x-api-key: ..., password=... (not a path's last part:
+    # "results/secret: no such run folder" names a folder, it gives no secret)
+    (re.compile(r"(?i)((?<![/\\])\b(?:x-)?(?:api[_-]?key|access[_-]?token|auth[_-]?token|password|"
                 r"passwd|secret)[\"']?\s*[:=]\s*[\"']?)(?!\*\*\*)[^\s\"'&,;}]{4,}"),
      r"\1" + MASK),
 ]

@@ -236,9 +236,12 @@ def test_redact_masks_registered_secrets_and_credential_shapes():
     assert redact("http://me:pw@host:8000/v1") == "http://***@host:8000/v1"
     assert redact('{"api_key": "zzzz9999", "x": 1}') == '{"api_key": "***", "x": 1}'
     assert redact("x-api-key: qwerty123") == "x-api-key: ***"
+    assert redact("db.password=hunter22 at /v1?secret=abcd1234") == "db.password=*** at /v1?secret=***"
     # Ordinary messages are left alone.
     for text in ("HTTP 503 from http://127.0.0.1:8000/v1: overloaded", "Bearer token required",
-                 "the body is not JSON: '<html>'", "rate limited (slow down)"):
+                 "the body is not JSON: '<html>'", "rate limited (slow down)",
+                 "/etc/passwd: unknown file type", "results/secret: no such run folder",
+                 "C:\\runs\\password: no such run folder"):
         assert redact(text) == text
 
 
