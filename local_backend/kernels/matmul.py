@@ -15,9 +15,9 @@ So a row's sums are added in the same order whether the batch holds 1 row or
   * ``halves``: two programs per output tile (K in 2 to 4 chunks). The first
     sums the first chunks, 0 + p0 (+ p1), and publishes that running total; the
     second keeps its one or two chunk sums apart (the first parked in memory),
-    waits for the total, and adds them to it in order. Large tiles on half as
-    many tiles (mid-size M, where the tiles that fill the SMs read more from L2
-    than the tensor cores can use).
+    waits for the total, and adds them to it in order. Opt-in: meant for large
+    tiles at mid-size M, it measured slower than one program per tile on an
+    H100 (bench/NOTES.md, "Issue 15, round 14").
 What changes with M is only the launch shape and the tiles (BLOCK_M x BLOCK_N,
 BLOCK_K, warps, pipeline depth, program order): a tensor-core dot computes each
 output element from its own row and column alone, adding products into the
@@ -113,12 +113,10 @@ def _stage(part_desc, row, col, tile, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
     _bulk_stores_landed()
 
 
-# The interpreter runs programs one by one with every copy done when it returns (and has no
-# inline PTX), so the proxy fences below are compiled only for a GPU.
-_PROXY_FENCES = tl.constexpr(not INTERPRET)
-# The bulk-copy kernel's dots and stores go through the interpreter's exact paths there
-# (``interpreted_dot``, ``cast_to``): its own tl.dot multiplies bf16 operands' bit patterns
-# (Triton issue #11584), so the CPU suite could check that kernel in fp32 only.
+# Under the interpreter the bulk-copy kernel's dots and stores take its exact paths
+# (``interpreted_dot``, ``cast_to``: its own tl.dot multiplies bf16 operands' bit patterns,
+# Triton issue #11584), and the proxy fences are left out: it runs programs one by one with
+# every copy done when it returns, and has no inline PTX.
 _INTERPRETED = tl.constexpr(INTERPRET)
 
 
@@ -136,7 +134,7 @@ def _bulk_stores_landed():
     """Wait until this thread's bulk (TMA) stores are written to global memory, not only read
     from shared memory as Triton's own wait does, and order them before this thread's later
     accesses of any proxy; a barrier then extends that to the whole program."""
-    if _PROXY_FENCES:
+    if not _INTERPRETED:
         tl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.u32 $0, 0;",
                                   "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     tl.debug_barrier()
@@ -146,7 +144,7 @@ def _bulk_stores_landed():
 def _async_reads_after_acquire():
     """Order this thread's earlier generic-proxy accesses (the flag's acquire) before its later
     bulk (TMA) reads."""
-    if _PROXY_FENCES:
+    if not _INTERPRETED:
         tl.inline_asm_elementwise("fence.proxy.async.global;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
@@ -426,8 +424,9 @@ TABLE = os.environ.get("DETAUDIT_MATMUL_TABLE", "round4")
 PARTIALS_MIN_CHUNKS = 3
 
 # Whether the table picks the halves launch (same numbers either way; explicit Tiles with
-# halves=True always get it where it fits). Off until measured on a GPU: DETAUDIT_MATMUL_HALVES=1
-# turns it on (bench/NOTES.md, "Issue 15, round 13").
+# halves=True always get it where it fits). Off: on an H100 it gave 0.72x cuBLAS where the
+# 128 x 128 entry gives 0.87x (bench/NOTES.md, "Issue 15, round 14"); DETAUDIT_MATMUL_HALVES=1
+# turns it on for A/B runs.
 TABLE_HALVES = os.environ.get("DETAUDIT_MATMUL_HALVES", "0") != "0"
 
 
@@ -476,7 +475,7 @@ def _gpu_tiles_16bit(M: int, N: int, K: int, chunk: int, sm_count: int = SM_COUN
         fills_one_wave = 4 * halves_256 >= 3 * sm_count and halves_256 <= sm_count  # resident at once
         if TABLE_HALVES and 3 <= triton.cdiv(K, chunk) <= 4 and fills_one_wave:
             # K in 3-4 chunks (4096x14336 at M = 512): 128 x 256 tiles, two programs each, in one
-            # wave; the 128 x 128 tiles below read a third more from L2 for the same products
+            # wave (a third less L2 traffic than the 128 x 128 tiles below, yet slower: TABLE_HALVES)
             t = Tiles(128, 256, 64, 8, 3, tma=True, halves=True)
         elif 4 * tiles_128 >= 3 * SM_COUNT_GUESS and tiles_128 <= SM_COUNT_GUESS:
             # one nearly full wave of 128-row tiles, deep pipelines (H100 sweep, round 7: 128 tiles,
