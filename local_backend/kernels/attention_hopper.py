@@ -43,6 +43,7 @@ import torch
 from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from local_backend.kernels.gluon_api import cp_async_load, cta_barrier, tma_load, tma_store
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
@@ -95,9 +96,9 @@ def _copy_meta(meta_smem, buf, tiles_ptr, tile_pos_ptr, cta_len_ptr, w, num_item
     cta = (gl.minimum(w, num_items - 1) // (HKV * NUM_SPLITS)).to(gl.int64)
     row = cta * (CONSUMERS * TOKENS) + wg * TOKENS + r // GROUP_PAD
     wanted = (r >= 0) & (w < num_items)
-    async_copy.async_copy_global_to_shared(meta_smem.index(3 * buf), tiles_ptr + row, mask=wanted)
-    async_copy.async_copy_global_to_shared(meta_smem.index(3 * buf + 1), tile_pos_ptr + row, mask=wanted)
-    async_copy.async_copy_global_to_shared(meta_smem.index(3 * buf + 2), cta_len_ptr + cta + r * 0, mask=wanted)
+    cp_async_load(meta_smem.index(3 * buf), tiles_ptr + row, mask=wanted)
+    cp_async_load(meta_smem.index(3 * buf + 1), tile_pos_ptr + row, mask=wanted)
+    cp_async_load(meta_smem.index(3 * buf + 2), cta_len_ptr + cta + r * 0, mask=wanted)
 
 
 @gluon.jit
@@ -192,10 +193,10 @@ def _load_partition(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v
                 phase = ((i // STAGES) & 1) ^ 1
                 mbarrier.wait(k_empty.index(s), phase)
                 mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [row0 + n0, kv_head * D], k_ready.index(s), k_smem.index(s))
+                tma_load(k_desc, [row0 + n0, kv_head * D], k_ready.index(s), k_smem.index(s))
                 mbarrier.wait(v_empty.index(s), phase)
                 mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [row0 + n0, kv_head * D], v_ready.index(s), v_smem.index(s))
+                tma_load(v_desc, [row0 + n0, kv_head * D], v_ready.index(s), v_smem.index(s))
                 i += 1
 
 
@@ -245,7 +246,7 @@ def _zero_past_end(v_buf, n0, kv_len, BLOCK_N: gl.constexpr, v_io: gl.constexpr)
     v = v_buf.load(v_io)
     v_buf.store(gl.where((rows_n < kv_len)[:, None], v, gl.zeros_like(v)))
     fence_async_shared()
-    gl.thread_barrier()
+    cta_barrier()
 
 
 @gluon.jit
@@ -469,7 +470,7 @@ def _tile(wg, base, q_buf, meta_smem, meta, out_buf, out_desc, q_ptr, out_ptr, p
                     mask=row_ok[:, None], other=0.0)
         q_buf.store(q)
         fence_async_shared()
-        gl.thread_barrier()
+        cta_barrier()
         tok_s, head_s, ok_s, pos_s = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len,
                                            gl.SliceLayout(1, s_layout), GROUP, GROUP_PAD, TOKENS, CONSUMERS)
         _, _, _, pos_o = _rows(tiles_ptr, tile_pos_ptr, cta, wg, kv_head, kv_len, gl.SliceLayout(1, o_layout),
@@ -535,7 +536,7 @@ def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, par
     q = gl.load(q_ptr + cta * stride_qt + head[:, None] * stride_qh + d[None, :], mask=real[:, None], other=0.0)
     q_buf.store(q)
     fence_async_shared()
-    gl.thread_barrier()
+    cta_barrier()
 
     pos = kv_len - 1  # every row's position: the token is its sequence's last
     full_end = (pos + 1) // BLOCK_N * BLOCK_N  # chunks seen in full
@@ -556,7 +557,7 @@ def _decode_tile(q_buf, p_buf, base, q_ptr, out_ptr, part_m_ptr, part_l_ptr, par
         m, l, p, rescale = _online_softmax(scores, m, l, scale_log2e)
         p_buf.store(p.to(p_buf.dtype))
         fence_async_shared()
-        gl.thread_barrier()
+        cta_barrier()
         acc = acc * gl.convert_layout(rescale, gl.SliceLayout(0, s_t_layout))[None, :]
         v_buf = v_smem.index(i % STAGES)
         mbarrier.wait(v_ready.index(i % STAGES), (i // STAGES) & 1)
@@ -604,11 +605,11 @@ def _store_bulk(out, out_buf, out_desc, tok0, head0, TOKENS: gl.constexpr, GROUP
     layout conversion through shared memory and 64 masked row stores (1-2% of the kernel's
     time at 512-4096 tokens: bench/NOTES.md, round 11)."""
     tma.store_wait(0)  # the last item's bulk copy has read out_buf
-    gl.thread_barrier()
+    cta_barrier()
     out_buf.store(out)
     fence_async_shared()
-    gl.thread_barrier()
-    tma.async_copy_shared_to_global(out_desc, [tok0, head0, 0], out_buf.reshape([TOKENS, GROUP, D]))
+    cta_barrier()
+    tma_store(out_desc, [tok0, head0, 0], out_buf.reshape([TOKENS, GROUP, D]))
 
 
 @gluon.jit
@@ -625,7 +626,7 @@ def _copy_q(q_buf, q_ptr, meta_smem, meta, w, num_items, HKV, NUM_SPLITS, stride
     d = gl.arange(0, D, layout=gl.SliceLayout(0, io))
     wanted = row_ok & (w < num_items) & (c_lo < c_hi)
     row_start = gl.multiple_of(tok * stride_qt + head * stride_qh, 8)  # launch() checks: 16-byte copies
-    async_copy.async_copy_global_to_shared(q_buf, q_ptr + row_start[:, None] + d[None, :], mask=wanted[:, None])
+    cp_async_load(q_buf, q_ptr + row_start[:, None] + d[None, :], mask=wanted[:, None])
 
 
 @gluon.jit
@@ -657,7 +658,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    num_items, wg, HKV, NUM_SPLITS, ROWS_, GROUP_PAD, TOKENS, CONSUMERS)
         async_copy.commit_group()
         async_copy.wait_group(0)
-        gl.thread_barrier()
+        cta_barrier()
         _copy_q(q_smem.index(2 * wg), q_ptr, meta_smem, 3 * wg, _item_index(0, pid, programs), num_items,
                 HKV, NUM_SPLITS, stride_qt, stride_qh, GROUP, GROUP_PAD, ROWS_, D, SPLIT, PARTIALS, io)
         async_copy.commit_group()
@@ -668,7 +669,7 @@ def _compute_partition(wg, q_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
             # everyone's, and every warp is past item j - 1, whose buffers the new copies take)
             async_copy.wait_group(0)
             fence_async_shared()
-            gl.thread_barrier()
+            cta_barrier()
             _copy_meta(meta_smem, 3 * wg + (j + 2) % 3, tiles_ptr, tile_pos_ptr, cta_len_ptr,
                        _item_index(j + 2, pid, programs), num_items, wg, HKV, NUM_SPLITS, ROWS_, GROUP_PAD, TOKENS,
                        CONSUMERS)

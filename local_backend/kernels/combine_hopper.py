@@ -25,6 +25,7 @@ import torch
 from local_backend.kernels._triton import triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from local_backend.kernels.gluon_api import cta_barrier
 
 WARPS = 4
 # Launch as a programmatic dependent of the attention kernel (module docstring). Speed only;
@@ -86,7 +87,7 @@ def combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, positions_ptr,
         m_smem.store(m_n)
         l_smem.store(l_n)
         acc_smem.store(acc_n)
-        gl.thread_barrier()
+        cta_barrier()
         # the next block's states are on their way while this block is folded
         m_n, l_n, acc_n = _load_block(part_m_ptr, part_l_ptr, part_acc_ptr, first_part, s0 + BLOCK_S, n, D, d0,
                                       NUM_SPLITS, GROUP, GROUP_PAD, BLOCK_DC, BLOCK_S, rows)
@@ -103,7 +104,7 @@ def combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, positions_ptr,
                 b_d, acc_s = gl.broadcast(b, acc_s)
                 acc = gl.fma(acc, a_d, acc_s * b_d)
                 m = new_max
-        gl.thread_barrier()  # every warp is done with the block before the next one lands
+        cta_barrier()  # every warp is done with the block before the next one lands
     l_d, acc = gl.broadcast(l, acc)
     out = (acc / l_d).to(out_ptr.dtype.element_ty)
     g = gl.arange(0, GROUP_PAD, layout=gl.SliceLayout(1, rows))

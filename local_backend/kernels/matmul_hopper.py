@@ -29,6 +29,7 @@ import torch
 from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from local_backend.kernels.gluon_api import cta_barrier, tma_load, tma_store
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
@@ -64,10 +65,9 @@ def _load_partition(x_desc, w_desc, x_smem, w_smem, ready, empty, M, N, K,
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(x_desc, [pid_m * 2 * HALF_M, k0], ready.index(s), x_smem.index(2 * s))
-            tma.async_copy_global_to_shared(x_desc, [pid_m * 2 * HALF_M + HALF_M, k0], ready.index(s),
-                                            x_smem.index(2 * s + 1))
-            tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, k0], ready.index(s), w_smem.index(s))
+            tma_load(x_desc, [pid_m * 2 * HALF_M, k0], ready.index(s), x_smem.index(2 * s))
+            tma_load(x_desc, [pid_m * 2 * HALF_M + HALF_M, k0], ready.index(s), x_smem.index(2 * s + 1))
+            tma_load(w_desc, [pid_n * BLOCK_N, k0], ready.index(s), w_smem.index(s))
             i += 1
 
 
@@ -110,11 +110,11 @@ def _mma_partition(wg, x_smem, w_smem, ready, empty, out_smem, out_desc, bias_pt
             cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
             acc = acc + gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
         tma.store_wait(0)  # the last tile's bulk store has read out_buf
-        gl.thread_barrier()
+        cta_barrier()
         out_buf.store(acc.to(out_desc.dtype))
         fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(out_desc, [pid_m * 2 * HALF_M + wg * HALF_M, pid_n * BLOCK_N], out_buf)
+        cta_barrier()
+        tma_store(out_desc, [pid_m * 2 * HALF_M + wg * HALF_M, pid_n * BLOCK_N], out_buf)
     tma.store_wait(0)
 
 
