@@ -44,10 +44,11 @@ import torch
 
 from local_backend.kernels._triton import (INTERPRET, cast_to, interpreted_dot, interpreted_matmul, tl,
                                              triton)
-from local_backend.kernels import attention_hopper as hopper, combine_hopper
+from local_backend.kernels import attention_hopper as hopper, combine_hopper, gluon_api
 from local_backend.kernels.contracts import check_attention, check_attention_indices
 from local_backend.kernels.pass_memo import memo, one_plan_per_pass
 from local_backend.kernels.tile_plan import build_tiles as _build_tiles, sm_count
+from triton.compiler.errors import CompilationError
 
 BLOCK_N = 64   # KV positions per chunk; fixed, never "a fixed number of chunks"
 SPLIT = 64 if INTERPRET else 512  # KV positions per split, a multiple of BLOCK_N; fixed per device kind
@@ -398,11 +399,18 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slots = slots.to(torch.int64).contiguous()
     positions = positions.to(torch.int64).contiguous()
     group = Hq // Hkv
-    if kernel is None and DEFAULT_KERNEL == "gluon" and hopper.supports(q, k_cache, v_cache):
+    chosen = kernel is None and DEFAULT_KERNEL == "gluon" and hopper.supports(q, k_cache, v_cache) \
+        and not gluon_api.refused("attention")
+    if chosen:
         kernel = "gluon"
     if kernel in ("gluon", "gluon-grid"):
-        return _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, num_stages,
-                                 combine_slices, persistent=kernel == "gluon")
+        try:
+            return _hopper_attention(q, k_cache, v_cache, slots, positions, scale, out, split_kv, num_stages,
+                                     combine_slices, persistent=kernel == "gluon")
+        except CompilationError as error:  # this Triton cannot build it: the Triton kernel, the same bits
+            if not chosen:
+                raise
+            gluon_api.refuse("attention", error)
     BLOCK_M, BLOCK_D, stages = tile_config(group, D, q.dtype, rows)
     S, L = k_cache.shape[:2]
     if memo.decode_only:  # planned on the device: capturable in a CUDA graph

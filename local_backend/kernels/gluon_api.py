@@ -13,19 +13,68 @@ every release named.
 
 from __future__ import annotations
 
+import warnings
+
 from local_backend.kernels._triton import triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.language.core import builtin
 
-# Every thread of the CTA waits here (bar.sync 0); the same instruction in both releases.
-cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 
+def _first(module, *names):
+    """The first of ``names`` that ``module`` has (newest name first: Triton 3.9 keeps the old
+    names only as stubs that raise "has been removed"). If it has none (a release that renamed the
+    call again), a stand-in that fails the kernel's compile with a message naming them: the
+    callers then run the Triton kernel (``refuse``), and importing this module never fails."""
+    for name in names:
+        found = getattr(module, name, None)
+        if found is not None:
+            return found
+
+    @builtin
+    def missing(*args, _semantic=None, **kwargs):
+        raise RuntimeError(f"Triton {triton.__version__}'s Gluon has none of {', '.join(names)}")
+    return missing
+
+
+# Every thread of the CTA waits here (bar.sync 0); the same instruction in every release.
+cta_barrier = _first(gl, "barrier", "thread_barrier")
 # A bulk tensor copy global -> shared (args: descriptor, coordinates, mbarrier, destination)
 # and shared -> global (descriptor, coordinates, source); the same instructions in every release.
-tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+tma_load = _first(tma, "async_load", "async_copy_global_to_shared")
+tma_store = _first(tma, "async_store", "async_copy_shared_to_global")
 # A per-thread asynchronous copy global -> shared (cp.async; args: destination, pointers, mask=)
-cp_async_load = async_copy.async_load if hasattr(async_copy, "async_load") else async_copy.async_copy_global_to_shared
+cp_async_load = _first(async_copy, "async_load", "async_copy_global_to_shared")
 
-__all__ = ["cp_async_load", "cta_barrier", "tma_load", "tma_store"]
+# Kernel families ("attention", "matmul") whose Gluon kernel the installed Triton refused to
+# compile, with the line of its error that says why. Each family has a Triton kernel that gives the
+# same bits (tests/kernels/test_attention_hopper.py, test_matmul_hopper.py); the callers run
+# that one instead, so a Triton release that renames another Gluon call costs speed, not a crash.
+_refused: dict[str, str] = {}
+
+
+def refused(family: str) -> bool:
+    """Whether ``family``'s Gluon kernel failed to compile in this process."""
+    return family in _refused
+
+
+def why(error: BaseException) -> str:
+    """What a compile error says at its root: Triton wraps the failing call's own message in
+    one CompilationError per enclosing function, each ending in a caret line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and line.strip() != "^"]
+    return (lines[-1] if lines else type(error).__name__)[:300]
+
+
+def refuse(family: str, error: Exception) -> None:
+    """Record that ``family``'s Gluon kernel does not compile here, and say so once."""
+    _refused[family] = reason = why(error)
+    warnings.warn(f"Triton {triton.__version__} cannot compile the Gluon {family} kernel ({reason}); "
+                  f"running the Triton {family} kernel instead: the same bits, slower on Hopper. "
+                  "Upgrade detaudit, or install the Triton release your torch was built with.",
+                  RuntimeWarning, stacklevel=3)
+
+
+__all__ = ["cp_async_load", "cta_barrier", "refuse", "refused", "tma_load", "tma_store", "why"]

@@ -38,8 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from local_backend.kernels._triton import INTERPRET, cast_to, interpreted_dot, tl, triton
-from local_backend.kernels import matmul_hopper
+from local_backend.kernels import gluon_api, matmul_hopper
 from local_backend.kernels.contracts import check_linear
+from triton.compiler.errors import CompilationError
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -701,10 +703,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     part = _scratch(p, M, N, x.device) if p.partials or p.halves else out
     flags = _half_flags(x.device, p.grid[0]) if p.halves else out
     bias_arg = bias if bias is not None else out
-    if p.ws:
+    if p.ws and not gluon_api.refused("matmul"):
         w_desc = _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K), matmul_hopper.descriptor)
-        return matmul_hopper.linear(x2, w_desc, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
-                                    p.chunk).reshape(*lead, N)
+        try:
+            return matmul_hopper.linear(x2, w_desc, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
+                                        p.chunk).reshape(*lead, N)
+        except CompilationError as error:  # this Triton cannot build it: the bulk-copy kernel below, the same bits
+            gluon_api.refuse("matmul", error)
     if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         out_desc = TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N])
