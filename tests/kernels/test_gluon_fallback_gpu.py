@@ -64,7 +64,8 @@ print(json.dumps(out))
 
 def test_without_a_gluon_call_the_engine_runs_the_triton_kernels_bits():
     proc = subprocess.run([sys.executable, "-c", PROGRAM], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                          os.environ.get("PYTHONPATH")]))})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(lines[-1])
