@@ -15,6 +15,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Compiled kernels fuse a * b + c into one FMA, as every Triton up to 3.9 does by default.
+# Triton 3.10 turns fusion off by default ("TRITON_DEFAULT_FP_FUSION is unset" warns about it
+# in 3.9), which would give other bits under the same KERNELS_REVISION. Pinned here, so
+# that a Triton upgrade does not silently move a GPU's bits; the interpreter never fuses.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
