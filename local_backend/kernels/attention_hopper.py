@@ -43,11 +43,11 @@ import torch
 from local_backend.kernels._triton import INTERPRET, triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from local_backend.kernels.gluon_api import cp_async_load, cta_barrier, tma_load, tma_store
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
+from local_backend.kernels.gluon_api import cp_async_load, cta_barrier, tma_load, tma_store
 from local_backend.kernels.tile_plan import build_tiles, sm_count
 
 ROWS = 64  # query rows per consumer warpgroup: the wgmma M of one warpgroup
