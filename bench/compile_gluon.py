@@ -12,16 +12,14 @@ sm_90a. Prints one row per release: compiled launches, seconds, and the first er
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.kernels.gluon_offline import report_in_fresh_process  # noqa: E402
 UNPACKED = Path.home() / ".cache" / "detaudit" / "triton-releases"
 
 
@@ -40,19 +38,10 @@ def package_dir(source: Path) -> Path:
 
 
 def compile_under(folder: Path, cases: list[str]) -> dict:
-    """gluon_offline's report for the release in ``folder``, from a fresh process and a cold cache."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT)]), "TRITON_INTERPRET": "0",
-               "TRITON_CACHE_DIR": cache}
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "tests.kernels.gluon_offline", "--json", *cases], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=1800)
-        seconds = time.perf_counter() - start
-    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not reports:
-        tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
-        return dict(triton=folder.name, rows=[], seconds=seconds, crash=" | ".join(tail))
-    return dict(json.loads(reports[-1]), seconds=seconds)
+    """gluon_offline's report for the release in ``folder`` (a fresh process, a cold cache), timed."""
+    start = time.perf_counter()
+    report = report_in_fresh_process(cases, path=[folder])
+    return dict(report, triton=report["triton"] or folder.name, seconds=time.perf_counter() - start)
 
 
 def main() -> int:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -147,6 +151,34 @@ def compile_all(cases=None) -> list[dict]:
                              shared=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]),
                              target=str(compiled.metadata.target.arch)))
     return rows
+
+
+# Run before the engine is imported: a Gluon without either name of the CTA barrier, as a
+# release that renamed it again would be (test_gluon_compiles.py, test_gluon_fallback_gpu.py).
+WITHOUT_CTA_BARRIER = ("from triton.experimental.gluon import language as gl\n"
+                       "for name in ('barrier', 'thread_barrier'):\n"
+                       "    if hasattr(gl, name):\n"
+                       "        delattr(gl, name)\n")
+
+
+def report_in_fresh_process(cases=(), prelude: str = "", path=()) -> dict:
+    """``main --json``'s report from a new process: the compiler on (not the interpreter), a
+    cold kernel cache, ``path`` (folders holding another ``triton``) first on the import path,
+    ``prelude`` run before anything is imported. A process that printed no report gives
+    ``rows`` [] and its last stderr lines as ``crash``."""
+    root = Path(__file__).resolve().parents[2]
+    code = prelude + ("import sys\nfrom tests.kernels import gluon_offline\n"
+                      f"sys.exit(gluon_offline.main(['--json', *{list(cases)!r}]))\n")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path), str(root)]),
+               "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=1800)
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if reports:
+        return json.loads(reports[-1])
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
+    return dict(triton=None, rows=[], crash=f"exit {proc.returncode}: " + " | ".join(tail))
 
 
 def main(argv=None) -> int:

@@ -10,31 +10,15 @@ fails with a message naming the call (on a GPU the engine then runs the Triton k
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from tests.kernels.gluon_offline import WITHOUT_CTA_BARRIER, report_in_fresh_process
 
-ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"hopper_linear_kernel", "hopper_attention_kernel", "combine_kernel"}
 
 
-def _compile_all(tmp_path, prelude: str = "") -> dict:
-    """gluon_offline's report, run in a fresh process with the compiler on (not the interpreter)
-    and a cold kernel cache."""
-    code = prelude + "import sys\nfrom tests.kernels import gluon_offline\nsys.exit(gluon_offline.main(['--json']))\n"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert reports, f"no report (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(reports[-1])
-
-
-def test_every_gluon_kernel_compiles_for_hopper_with_the_installed_triton(tmp_path):
-    report = _compile_all(tmp_path)
+def test_every_gluon_kernel_compiles_for_hopper_with_the_installed_triton():
+    report = report_in_fresh_process()
     rows = report["rows"]
+    assert rows, report
     failed = [f"{r['case']}/{r['kernel']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, f"Triton {report['triton']}:\n" + "\n".join(failed)
     assert {r["kernel"] for r in rows} == KERNELS
@@ -43,14 +27,12 @@ def test_every_gluon_kernel_compiles_for_hopper_with_the_installed_triton(tmp_pa
     assert all(r["cubin_bytes"] > 10_000 and r["target"] == "90" for r in rows), rows
 
 
-def test_a_release_without_a_call_fails_the_compile_not_the_import(tmp_path):
+def test_a_release_without_a_call_fails_the_compile_not_the_import():
     """Gluon with neither name of the CTA barrier (as a future release that renames it again):
     the modules import, and the kernels that use it fail to compile, naming the call."""
-    prelude = ("from triton.experimental.gluon import language as gl\n"
-               "for name in ('barrier', 'thread_barrier'):\n"
-               "    if hasattr(gl, name):\n"
-               "        delattr(gl, name)\n")
-    rows = _compile_all(tmp_path, prelude)["rows"]
+    report = report_in_fresh_process(prelude=WITHOUT_CTA_BARRIER)
+    rows = report["rows"]
+    assert rows, report
     broken = {r["kernel"] for r in rows if r["error"]}
     assert broken == KERNELS, rows  # every Gluon kernel waits at a CTA barrier somewhere
     assert all("none of barrier, thread_barrier" in r["error"] for r in rows if r["error"]), rows

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.kernels.gluon_offline import WITHOUT_CTA_BARRIER
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                                 reason="the Gluon kernels run on Hopper (sm_90) only")
 
@@ -24,10 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = r"""
 import json, sys, warnings
 sys.path.insert(0, "tests/kernels")
-from triton.experimental.gluon import language as gl
-for name in ("barrier", "thread_barrier"):
-    if hasattr(gl, name):
-        delattr(gl, name)
 import torch
 from local_backend.kernels import attention, matmul
 from kernel_checks import gpu_linear_operands
@@ -63,7 +61,7 @@ print(json.dumps(out))
 
 
 def test_without_a_gluon_call_the_engine_runs_the_triton_kernels_bits():
-    proc = subprocess.run([sys.executable, "-c", PROGRAM], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_CTA_BARRIER + PROGRAM], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                           os.environ.get("PYTHONPATH")]))})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
