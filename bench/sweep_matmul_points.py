@@ -77,11 +77,13 @@ def candidates(table, chunked: bool, chunk: int, K: int, M: int) -> list:
 
 def ws_candidates(table, chunked: bool) -> list:
     """matmul_hopper's tiles that fit: stages x (128 + BLOCK_N) x 64 x 2 bytes of ring, plus
-    the 128 x BLOCK_N output tile staged for its bulk store; K in chunks, 128 columns only."""
-    from local_backend.kernels import matmul_hopper
+    the 128 x BLOCK_N output tile staged for its bulk store; K in chunks, 128 columns only;
+    2-CTA programs sharing each weight chunk where this Triton builds them (3.7 on)."""
+    from local_backend.kernels import gluon_api, matmul_hopper
     from local_backend.kernels.matmul import Tiles
-    grid = [Tiles(128, bn, 64, 4, stages, GROUP_M=group, tma=True, ws=True)
-            for bn in ((128,) if chunked else (256, 128)) for stages in (3, 4, 5) for group in (8, 16)
+    grid = [Tiles(128, bn, 64, 4, stages, GROUP_M=group, tma=True, ws=True, cluster=cluster)
+            for cluster in ((2, 1) if gluon_api.MULTICAST else (1,))
+            for bn in ((128,) if chunked else (256, 128)) for stages in (3, 4, 5, 6) for group in (8, 16)
             if matmul_hopper.shared_bytes(bn, 64, stages) <= matmul_hopper.SM_SHARED_BYTES]
     return [table] + grid
 

@@ -13,12 +13,13 @@ every release named.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 from local_backend.kernels._triton import triton  # noqa: F401  (first: it sets the interpreter switch)
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.language.core import builtin
 
 
@@ -44,6 +45,29 @@ cta_barrier = _first(gl, "barrier", "thread_barrier")
 # and shared -> global (descriptor, coordinates, source); the same instructions in every release.
 tma_load = _first(tma, "async_load", "async_copy_global_to_shared")
 tma_store = _first(tma, "async_store", "async_copy_shared_to_global")
+
+
+def _with_multicast(load):
+    """``load`` with ``multicast=True`` (the copy that one CTA of a cluster issues for every CTA of
+    it: Triton 3.7's ``async_load``), or a stand-in that fails the compile naming what is missing."""
+    if "multicast" in inspect.signature(load).parameters:
+        @builtin
+        def multicast_load(desc, coord, barrier, result, _semantic=None):
+            return load(desc, coord, barrier, result, multicast=True, _semantic=_semantic)
+        return multicast_load
+
+    @builtin
+    def missing(*args, _semantic=None, **kwargs):
+        raise RuntimeError(f"Triton {triton.__version__}'s Gluon has no multicast bulk copy (from Triton 3.7)")
+    return missing
+
+
+# A bulk copy global -> shared into the same place of both CTAs of a 2-CTA cluster, issued by
+# the first (args as tma_load's); Triton 3.7 on.
+tma_multicast_load = _with_multicast(tma_load)
+MULTICAST = "multicast" in inspect.signature(tma_load).parameters
+# mbarriers for a cluster: one per CTA, or (two_ctas=True) one per pair, in its first CTA; Triton 3.7 on
+allocate_mbarrier = _first(mbarrier, "allocate_mbarrier")
 # A per-thread asynchronous copy global -> shared (cp.async; args: destination, pointers, mask=)
 cp_async_load = _first(async_copy, "async_load", "async_copy_global_to_shared")
 
@@ -68,13 +92,15 @@ def why(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-def refuse(family: str, error: Exception) -> None:
-    """Record that ``family``'s Gluon kernel does not compile here, and say so once."""
+def refuse(family: str, error: Exception, instead: str = "") -> None:
+    """Record that ``family``'s Gluon kernel does not compile here, and say so once (``instead``:
+    what runs in its place, by default the Triton kernel of that family)."""
     _refused[family] = reason = why(error)
     warnings.warn(f"Triton {triton.__version__} cannot compile the Gluon {family} kernel ({reason}); "
-                  f"running the Triton {family} kernel instead: the same bits, slower on Hopper. "
+                  f"running {instead or f'the Triton {family} kernel'} instead: the same bits, slower on Hopper. "
                   "Upgrade detaudit, or install the Triton release your torch was built with.",
                   RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["cp_async_load", "cta_barrier", "refuse", "refused", "tma_load", "tma_store", "why"]
+__all__ = ["allocate_mbarrier", "cp_async_load", "cta_barrier", "MULTICAST", "refuse", "refused", "tma_load", "tma_multicast_load", "tma_store",
+           "why"]

@@ -61,6 +61,9 @@ class Tiles:
     # would take TMA on sm_90, without partials, and (K in chunks) BLOCK_N <= 128 (a running
     # total beside the accumulator); else this entry's Triton kernel (same numbers)
     ws: bool = False
+    # ws only: programs of 2 CTAs on 256-row tiles, each weight chunk copied once for both
+    # (TMA multicast, Triton 3.7 on; else 1 CTA per program); the same numbers
+    cluster: int = 1
 
 
 @triton.jit
@@ -559,6 +562,7 @@ class _Launch:
     k_mid: int  # where the second half's chunks start (halves only)
     tma: bool
     ws: bool  # matmul_hopper's kernel
+    cluster: int  # its CTAs per program (1 or 2)
     grid: tuple[int, ...]
     sum_grid: tuple[int, ...]  # the summing kernel's (partials only)
     flags: dict  # the kernel's constexprs and launch options
@@ -606,6 +610,7 @@ def _plan_launch(dtype, device, M, N, K, x_stride, w_stride, aligned, tiles, chu
         tma=tma,
         ws=(t.ws and tma and not partials and not halves and t.BLOCK_M == 128 and (chunks == 1 or t.BLOCK_N <= 128)
             and matmul_hopper.supported(device)),
+        cluster=t.cluster if t.cluster > 1 and gluon_api.MULTICAST else 1,
         grid=(tiles_mn, chunks) if partials else (tiles_mn, 2) if halves else (tiles_mn,),
         sum_grid=(triton.cdiv(M * N, SUM_BLOCK),),
         flags=dict(CHUNKED=chunks > 1, PARTIALS=partials, NESTED=t.nested, HALVES=halves, BLOCK_M=t.BLOCK_M,
@@ -677,6 +682,26 @@ def clear_caches() -> None:
     _WEIGHT_DESCS.clear()
 
 
+def _hopper_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                   p: _Launch) -> torch.Tensor | None:
+    """matmul_hopper's kernel for launch ``p``: in 2-CTA programs where asked and this Triton
+    builds them, else in 1-CTA programs (the same bits); None where this Triton builds neither
+    (the caller runs the Triton kernel: the same bits again)."""
+    t = p.tiles
+    for cluster in ((p.cluster, 1) if p.cluster > 1 and not gluon_api.refused("matmul-cluster") else (1,)):
+        make = matmul_hopper.shared_descriptor if cluster > 1 else matmul_hopper.descriptor
+        w_desc = _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K), make)
+        try:
+            return matmul_hopper.linear(x2, w_desc, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
+                                        p.chunk, cluster=cluster)
+        except CompilationError as error:  # this Triton cannot build it
+            if cluster > 1:
+                gluon_api.refuse("matmul-cluster", error, instead="the 1-CTA Gluon matmul kernel")
+            else:
+                gluon_api.refuse("matmul", error)
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            tiles: Tiles | None = None, chunk_k: int | None = None, table: str | None = None) -> torch.Tensor:
     """x[..., K] @ weight[N, K]^T + bias[N] -> [..., N] in x's dtype.
@@ -704,12 +729,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     flags = _half_flags(x.device, p.grid[0]) if p.halves else out
     bias_arg = bias if bias is not None else out
     if p.ws and not gluon_api.refused("matmul"):
-        w_desc = _weight_desc(weight, (t.BLOCK_N, t.BLOCK_K), matmul_hopper.descriptor)
-        try:
-            return matmul_hopper.linear(x2, w_desc, bias, out, t.BLOCK_N, t.BLOCK_K, t.num_stages, t.GROUP_M,
-                                        p.chunk).reshape(*lead, N)
-        except CompilationError as error:  # this Triton cannot build it: the bulk-copy kernel below, the same bits
-            gluon_api.refuse("matmul", error)
+        done = _hopper_linear(x2, weight, bias, out, p)
+        if done is not None:
+            return done.reshape(*lead, N)
     if p.tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         out_desc = TensorDescriptor(out, out.shape, out.stride(), [t.BLOCK_M, t.BLOCK_N])

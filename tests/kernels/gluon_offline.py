@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -90,15 +91,16 @@ def compile_for_hopper(launch: Launch):
                           options=options.__dict__)
 
 
-def _matmul(M: int, N: int, K: int, chunk: int, bias: bool, block_n: int = 128):
-    """One ``matmul_hopper.linear`` (the table's warp-specialised rows), K summed in chunks of ``chunk``."""
+def _matmul(M: int, N: int, K: int, chunk: int, bias: bool, block_n: int = 128, cluster: int = 1):
+    """One ``matmul_hopper.linear`` (the table's warp-specialised rows), K summed in chunks of
+    ``chunk``; ``cluster`` 2: the 2-CTA launch."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=g).bfloat16()
     w = torch.randn(N, K, generator=g).bfloat16()
     out = torch.empty(M, N, dtype=torch.bfloat16)
     b = torch.randn(N, generator=g).bfloat16() if bias else None
-    w_desc = matmul_hopper.descriptor(w, (block_n, 64))
-    matmul_hopper.linear(x, w_desc, b, out, block_n, 64, 3, 8, chunk)
+    make = matmul_hopper.shared_descriptor if cluster > 1 else matmul_hopper.descriptor
+    matmul_hopper.linear(x, make(w, (block_n, 64)), b, out, block_n, 64, 3, 8, chunk, cluster=cluster)
 
 
 def _attention(lengths: list[int], decode: bool, split_kv: bool | None, hq: int = 32, hkv: int = 8, d: int = 128):
@@ -122,10 +124,16 @@ CASES = {
     "matmul": lambda: _matmul(256, 512, 1024, 1024, bias=False),
     "matmul-chunked-bias": lambda: _matmul(256, 512, 2048, 512, bias=True),
     "matmul-256": lambda: _matmul(256, 512, 1024, 1024, bias=False, block_n=256),
+    "matmul-cluster": lambda: _matmul(512, 512, 2048, 512, bias=True, cluster=2),
     "attention-prefill": lambda: _attention([600, 300], decode=False, split_kv=False),
     "attention-split-kv": lambda: _attention([600, 300], decode=False, split_kv=True),
     "attention-decode": lambda: _attention([599, 300], decode=True, split_kv=True),
 }
+
+
+# Cases that need a release with the multicast bulk copy (Triton 3.7 on); before it the engine
+# never launches them (matmul.linear runs the 1-CTA programs), so they are not compiled.
+NEEDS_MULTICAST = {"matmul-cluster"}
 
 
 def launches(case: str):
@@ -139,6 +147,9 @@ def compile_all(cases=None) -> list[dict]:
     """Each case's launches compiled for sm_90a: one row per launch (error: None if it compiled)."""
     rows = []
     for case in cases or CASES:
+        if case in NEEDS_MULTICAST and not gluon_api.MULTICAST:
+            rows.append(dict(case=case, kernel=None, error=None, skipped=f"Triton {triton.__version__}: no multicast"))
+            continue
         for launch in launches(case):
             name = launch.kernel.fn.__name__
             start = time.perf_counter()
@@ -149,6 +160,7 @@ def compile_all(cases=None) -> list[dict]:
                 continue
             rows.append(dict(case=case, kernel=name, error=None, seconds=round(time.perf_counter() - start, 2),
                              shared=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]),
+                             cubin_sha=hashlib.sha256(compiled.asm["cubin"]).hexdigest()[:16],
                              target=str(compiled.metadata.target.arch)))
     return rows
 
@@ -194,8 +206,8 @@ def main(argv=None) -> int:
     else:
         print(f"Triton {triton.__version__}")
         for r in rows:
-            status = "ok" if r["error"] is None else "FAILED " + r["error"]
-            print(f"  {r['case']:22s} {r['kernel']:24s} {status}")
+            status = r.get("skipped") or ("ok" if r["error"] is None else "FAILED " + r["error"])
+            print(f"  {r['case']:22s} {r['kernel'] or '-':24s} {status}")
     return 0 if all(r["error"] is None for r in rows) else 1
 
 

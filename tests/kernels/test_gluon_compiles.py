@@ -17,7 +17,7 @@ KERNELS = {"hopper_linear_kernel", "hopper_attention_kernel", "combine_kernel"}
 
 def test_every_gluon_kernel_compiles_for_hopper_with_the_installed_triton():
     report = report_in_fresh_process()
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if not r.get("skipped")]
     assert rows, report
     failed = [f"{r['case']}/{r['kernel']}: {r['error']}" for r in rows if r["error"]]
     assert not failed, f"Triton {report['triton']}:\n" + "\n".join(failed)
@@ -31,7 +31,7 @@ def test_a_release_without_a_call_fails_the_compile_not_the_import():
     """Gluon with neither name of the CTA barrier (as a future release that renames it again):
     the modules import, and the kernels that use it fail to compile, naming the call."""
     report = report_in_fresh_process(prelude=WITHOUT_CTA_BARRIER)
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if not r.get("skipped")]
     assert rows, report
     broken = {r["kernel"] for r in rows if r["error"]}
     assert broken == KERNELS, rows  # every Gluon kernel waits at a CTA barrier somewhere

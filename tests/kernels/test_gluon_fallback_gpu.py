@@ -47,6 +47,14 @@ with warnings.catch_warnings(record=True) as caught:
         again = attention.attention(qq, k, v, ss, pp, 0.088)
         triton_kernel = attention.attention(qq, k, v, ss, pp, 0.088, kernel="triton")
         out["attention_" + label] = bool(torch.equal(ours, triton_kernel) and torch.equal(again, ours))
+    # matmul in 2-CTA programs (Triton 3.7 on): its refusal gives way to the 1-CTA programs, whose
+    # refusal gives way to the bulk-copy kernel
+    x, w, b = gpu_linear_operands(512, 4096, 14336)
+    pair = matmul.Tiles(128, 128, 64, 4, 5, tma=True, ws=True, cluster=2)
+    ours = matmul.linear(x, w, b, tiles=pair)
+    plain = matmul.Tiles(128, 128, 64, 4, 3, tma=True, nested=True)
+    out["matmul_pair"] = bool(torch.equal(ours, matmul.linear(x, w, b, tiles=plain)))
+    out["multicast"] = matmul.gluon_api.MULTICAST
     # matmul: the table's warp-specialised tiles at 2048 rows, against the bulk-copy kernel's
     x, w, b = gpu_linear_operands(2048, 4096, 4096)
     ws = matmul.Tiles(128, 256, 64, 8, 3, GROUP_M=16, tma=True, ws=True)
@@ -67,7 +75,8 @@ def test_without_a_gluon_call_the_engine_runs_the_triton_kernels_bits():
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"exit {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(lines[-1])
-    assert result["attention_prefill"] and result["attention_decode"] and result["matmul"], result
+    assert all(result[key] for key in ("attention_prefill", "attention_decode", "matmul", "matmul_pair")), result
     gluon = [w for w in result["warnings"] if "cannot compile the Gluon" in w]
-    assert sorted(w.split("the Gluon ")[1].split(" ")[0] for w in gluon) == ["attention", "matmul"], gluon
+    families = ["attention", "matmul"] + (["matmul-cluster"] if result["multicast"] else [])
+    assert sorted(w.split("the Gluon ")[1].split(" ")[0] for w in gluon) == families, gluon
     assert all("none of barrier, thread_barrier" in w for w in gluon), gluon

@@ -65,3 +65,38 @@ def test_k_in_chunks_folds_as_the_triton_kernel_does(M):
     for nested in (True, False):
         expected = matmul.linear(x, w, b, tiles=matmul.Tiles(128, 128, 64, 4, 3, tma=True, nested=nested))
         assert torch.equal(matmul.linear(x, w, b, tiles=narrow), expected), f"nested={nested}"
+
+
+# Programs of two CTAs (a 256-row tile, each weight chunk copied once into both: Triton 3.7 on;
+# before it the launch runs 1-CTA programs, and these tests check that those give the bits)
+PAIR = matmul.Tiles(128, 128, 64, 4, 5, tma=True, ws=True, cluster=2)
+PAIR_CLUSTER = 2 if matmul.gluon_api.MULTICAST else 1
+
+
+@pytest.mark.parametrize("M,N,K", [(512, 4096, 14336), (300, 1000, 520), (2048, 4096, 4096), (1, 384, 64),
+                                   (257, 640, 4096)])
+def test_two_cta_programs_give_the_triton_kernels_bits(M, N, K):
+    """Ragged rows (a CTA whose rows all lie past M), ragged columns, K in one chunk or several."""
+    x, w, b = operands(M, N, K, seed=4)
+    launch = matmul._launch_for(x.dtype, x.device, M, N, K, x.stride(), w.stride(), True, PAIR, None, None)
+    assert launch.ws and launch.cluster == PAIR_CLUSTER
+    for bias in (None, b):
+        expected = matmul.linear(x, w, bias, tiles=matmul.Tiles(128, 128, 64, 4, 3, tma=True, nested=True))
+        ours = matmul.linear(x, w, bias, tiles=PAIR)
+        assert torch.equal(ours, expected), f"M={M} N={N} K={K} bias={bias is not None}"
+        assert torch.equal(matmul.linear(x, w, bias, tiles=PAIR), ours)
+
+
+def test_one_two_cta_program_takes_every_tile_in_turn(monkeypatch):
+    x, w, b = operands(1000, 1500, 2048, seed=5)
+    expected = matmul.linear(x, w, b, tiles=TRITON)
+    monkeypatch.setattr(matmul.matmul_hopper, "sm_count", lambda device: 2)
+    assert torch.equal(matmul.linear(x, w, b, tiles=PAIR), expected)
+
+
+def test_in_two_cta_programs_a_rows_result_does_not_depend_on_the_rows_beside_it():
+    """A row lands in either CTA of a pair, at any of its 256 places, as the rows before it vary."""
+    x, w, _ = operands(2048, 4096, 14336, seed=6)
+    full = matmul.linear(x, w, tiles=PAIR)
+    for rows in (slice(0, 1), slice(63, 64 + 128), slice(200, 712), slice(1025, 2048)):
+        assert torch.equal(matmul.linear(x[rows], w, tiles=PAIR), full[rows])
