@@ -3,7 +3,7 @@
 # user whose torch pulls in that release get kernels that build, give the same bits, and run
 # as fast? The release travels as a tarball of its `triton` package (see bench/NOTES.md,
 # "Issue 15, round 15", for how one was cut to fit the device's 64 MiB).
-#   bash bench/gpu_triton_release.sh TARBALL OUT_DIR [tests matmul attention]
+#   bash bench/gpu_triton_release.sh TARBALL OUT_DIR [tests matmul attention points]
 set -uo pipefail
 tarball=${1:?usage: bench/gpu_triton_release.sh TARBALL OUT_DIR [steps...]}
 out=${2:?usage: bench/gpu_triton_release.sh TARBALL OUT_DIR [steps...]}
@@ -23,6 +23,8 @@ for step in ${*:-tests}; do
              > "$out/tests.log" 2>&1; tail -5 "$out/tests.log" ;;
     matmul) timeout ${MATMUL_S:-120} python bench/bench_matmul.py ${MATMUL_ARGS:-} --json "$out/matmul.json" \
               > "$out/matmul.log" 2>&1; tail -22 "$out/matmul.log" ;;
+    points) timeout ${POINTS_S:-120} python bench/sweep_matmul_points.py ${POINTS_ARGS:-} --json "$out/points.json" \
+              > "$out/points.log" 2>&1; tail -12 "$out/points.log" ;;
     attention) timeout ${ATTN_S:-120} python bench/bench_attention.py ${ATTN_ARGS:-} --json "$out/attention.json" \
                  > "$out/attention.log" 2>&1; tail -14 "$out/attention.log" ;;
     *) echo "unknown step $step" ;;
