@@ -83,7 +83,7 @@ def ws_candidates(table, chunked: bool) -> list:
     from local_backend.kernels.matmul import Tiles
     grid = [Tiles(128, bn, 64, 4, stages, GROUP_M=group, tma=True, ws=True, cluster=cluster)
             for cluster in ((2, 1) if gluon_api.MULTICAST else (1,))
-            for bn in ((128,) if chunked else (256, 128)) for stages in (3, 4, 5, 6) for group in (8, 16)
+            for bn in ((128,) if chunked else (256, 128)) for stages in (5, 4, 6, 3) for group in (8, 16)
             if matmul_hopper.shared_bytes(bn, 64, stages) <= matmul_hopper.SM_SHARED_BYTES]
     return [table] + grid
 
