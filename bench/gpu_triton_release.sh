@@ -3,7 +3,7 @@
 # user whose torch pulls in that release get kernels that build, give the same bits, and run
 # as fast? The release travels as a tarball of its `triton` package (see bench/NOTES.md,
 # "Issue 15, round 15", for how one was cut to fit the device's 64 MiB).
-#   bash bench/gpu_triton_release.sh TARBALL OUT_DIR [tests matmul attention points]
+#   bash bench/gpu_triton_release.sh TARBALL OUT_DIR [tests matmul attention points bits]
 set -uo pipefail
 tarball=${1:?usage: bench/gpu_triton_release.sh TARBALL OUT_DIR [steps...]}
 out=${2:?usage: bench/gpu_triton_release.sh TARBALL OUT_DIR [steps...]}
@@ -29,6 +29,8 @@ for step in ${*:-tests}; do
               > "$out/points.log" 2>&1; clean "$out/points.log" | tail -12 ;;
     attention) timeout ${ATTN_S:-120} python bench/bench_attention.py ${ATTN_ARGS:-} --json "$out/attention.json" \
                  > "$out/attention.log" 2>&1; clean "$out/attention.log" | tail -14 ;;
+    bits) timeout ${BITS_S:-120} python bench/bits_digest.py --json "$out/bits.json" > "$out/bits.log" 2>&1
+          clean "$out/bits.log" | tail -3 ;;
     *) echo "unknown step $step" ;;
   esac
   echo "== $step: $((SECONDS - start)) s" | tee -a "$out/steps.txt"
