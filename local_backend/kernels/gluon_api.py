@@ -47,10 +47,15 @@ tma_load = _first(tma, "async_load", "async_copy_global_to_shared")
 tma_store = _first(tma, "async_store", "async_copy_shared_to_global")
 
 
+# Whether this Triton's bulk copy can multicast: one CTA of a cluster copies into every CTA of it
+# (Triton 3.7 on).
+MULTICAST = "multicast" in inspect.signature(tma_load).parameters
+
+
 def _with_multicast(load):
-    """``load`` with ``multicast=True`` (the copy that one CTA of a cluster issues for every CTA of
-    it: Triton 3.7's ``async_load``), or a stand-in that fails the compile naming what is missing."""
-    if "multicast" in inspect.signature(load).parameters:
+    """``load`` with ``multicast=True``, or where it cannot (``MULTICAST`` False) a stand-in
+    that fails the compile naming what is missing."""
+    if MULTICAST:
         @builtin
         def multicast_load(desc, coord, barrier, result, _semantic=None):
             return load(desc, coord, barrier, result, multicast=True, _semantic=_semantic)
@@ -63,9 +68,8 @@ def _with_multicast(load):
 
 
 # A bulk copy global -> shared into the same place of both CTAs of a 2-CTA cluster, issued by
-# the first (args as tma_load's); Triton 3.7 on.
+# the first (args as tma_load's).
 tma_multicast_load = _with_multicast(tma_load)
-MULTICAST = "multicast" in inspect.signature(tma_load).parameters
 # mbarriers for a cluster: one per CTA, or (two_ctas=True) one per pair, in its first CTA; Triton 3.7 on
 allocate_mbarrier = _first(mbarrier, "allocate_mbarrier")
 # A per-thread asynchronous copy global -> shared (cp.async; args: destination, pointers, mask=)
@@ -102,5 +106,5 @@ def refuse(family: str, error: Exception, instead: str = "") -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-__all__ = ["allocate_mbarrier", "cp_async_load", "cta_barrier", "MULTICAST", "refuse", "refused", "tma_load", "tma_multicast_load", "tma_store",
-           "why"]
+__all__ = ["MULTICAST", "allocate_mbarrier", "cp_async_load", "cta_barrier", "refuse", "refused", "tma_load",
+           "tma_multicast_load", "tma_store", "why"]

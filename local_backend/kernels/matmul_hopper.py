@@ -195,9 +195,7 @@ BROADCAST = ((0, 0),)
 @functools.lru_cache(maxsize=None)
 def _layout(rows: int, cols: int, dtype: torch.dtype, cga: tuple = ()):
     """The shared-memory layout of one [rows, cols] block (cached: every launch asks)."""
-    if not cga:
-        return gl.NVMMASharedLayout.get_default_for([rows, cols], _gl_dtype[dtype])
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], _gl_dtype[dtype], cga_layout=[list(b) for b in cga])
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _gl_dtype[dtype], cga_layout=[list(b) for b in cga] or None)
 
 
 def descriptor(t: torch.Tensor, block: tuple[int, int], cga: tuple = ()):
