@@ -32,10 +32,15 @@ def _first(module, *names):
         found = getattr(module, name, None)
         if found is not None:
             return found
+    return _missing(f"none of {', '.join(names)}")
 
+
+def _missing(what: str):
+    """A stand-in for a Gluon call this Triton lacks: it fails the compile of any kernel that
+    reaches it, saying ``what`` is missing (importing it, or a dead branch naming it, is fine)."""
     @builtin
     def missing(*args, _semantic=None, **kwargs):
-        raise RuntimeError(f"Triton {triton.__version__}'s Gluon has none of {', '.join(names)}")
+        raise RuntimeError(f"Triton {triton.__version__}'s Gluon has {what}")
     return missing
 
 
@@ -60,11 +65,7 @@ def _with_multicast(load):
         def multicast_load(desc, coord, barrier, result, _semantic=None):
             return load(desc, coord, barrier, result, multicast=True, _semantic=_semantic)
         return multicast_load
-
-    @builtin
-    def missing(*args, _semantic=None, **kwargs):
-        raise RuntimeError(f"Triton {triton.__version__}'s Gluon has no multicast bulk copy (from Triton 3.7)")
-    return missing
+    return _missing("no multicast bulk copy (from Triton 3.7)")
 
 
 # A bulk copy global -> shared into the same place of both CTAs of a 2-CTA cluster, issued by
